@@ -1,0 +1,86 @@
+"""The autograd Function over the Triton launchers, and the public attention()."""
+import torch
+
+from . import kernels
+from ._args import check_args
+
+
+def _check_device(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu":
+        if kernels.interpreter_active():
+            return
+        raise ValueError(
+            "fused_attn runs its Triton kernels on CUDA tensors; got CPU tensors. To run the same kernels on the "
+            "CPU, set TRITON_INTERPRET=1 in the environment before importing fused_attn (slow; for testing), "
+            "or use fused_attn.reference.attention for a plain PyTorch computation.")
+    raise ValueError(f"fused_attn supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got device {t.device}")
+
+
+class FusedAttentionFunction(torch.autograd.Function):
+    """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
+    lse (B, Hq, Sq) float32. Saves q, k, v, out, lse; backward runs the Triton backward kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd"):
+        B, Hq, Sq, _ = q.shape
+        Dv = v.shape[-1]
+        if layout == "bshd":  # the output in (B, S, H, D) memory order, like the inputs
+            out = q.new_empty(B, Sq, Hq, Dv).transpose(1, 2)
+        else:
+            out = q.new_empty(B, Hq, Sq, Dv)
+        lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
+        kernels.attention_forward(q, k, v, out, lse, scale, offset, left, right)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = (scale, offset, left, right)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty_like(lse)
+        kernels.attention_backward(dout, q, k, v, out, lse, dq, dk, dv, delta, *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False):
+    """Exact attention softmax(q k^T * scale + mask) v with FlashAttention-style Triton kernels.
+
+    Args:
+        q: (B, Hq, Sq, D) for layout "bhsd" (PyTorch SDPA's), (B, Sq, Hq, D) for "bshd" (FlashAttention's).
+        k: (B, Hkv, Sk, D) / (B, Sk, Hkv, D).  Hq must be a multiple of Hkv (MHA, GQA, MQA): query head h
+           reads key/value head h // (Hq // Hkv).
+        v: (B, Hkv, Sk, Dv) / (B, Sk, Hkv, Dv).
+           float16, bfloat16 or float32; D, Dv in 1..256; any strides (no copies are made).
+        causal: mask keys after the query's diagonal (window right = 0).
+        window_size: (left, right); -1 means unbounded on that side. Query row i sees key column j iff
+
+               i + Sk - Sq - left  <=  j  <=  i + Sk - Sq + right
+
+           (FlashAttention-2's bottom-right alignment). Sq = 5, Sk = 7 (x: visible):
+
+               causal=True         window_size=(2, 0)     window_size=(1, 1)
+               x x x . . . .       x x x . . . .          . x x x . . .
+               x x x x . . .       . x x x . . .          . . x x x . .
+               x x x x x . .       . . x x x . .          . . . x x x .
+               x x x x x x .       . . . x x x .          . . . . x x x
+               x x x x x x x       . . . . x x x          . . . . . x x
+
+           A Mistral / HF `sliding_window=W` is window_size=(W - 1, 0). When Sq > Sk, causal rows
+           i < Sq - Sk see no key: they return 0 (lse -inf) and get zero gradients.
+        scale: softmax scale, default 1 / sqrt(D).
+        layout: "bhsd" or "bshd" (out follows it; lse is (B, Hq, Sq) in both).
+        return_lse: also return the log-sum-exp of the scaled scores, float32, natural log.
+
+    Returns:
+        out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
+    """
+    a = check_args(q, k, v, causal, window_size, scale, layout)
+    _check_device(a.q)
+    out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out

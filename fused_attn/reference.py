@@ -1,0 +1,42 @@
+"""The naive PyTorch reference: same signature and semantics as fused_attn.attention, materializing the
+(Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
+import torch
+
+from ._args import check_args
+from .mask import visible_mask
+
+
+def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
+              upcast=torch.float32, return_probs=False, alignment="bottom_right"):
+    """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
+
+    Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
+    the probabilities (B, Hq, Sq, Sk) if return_probs), in that order. Differentiable. Rows that see no key
+    give out 0, lse -inf, probabilities 0 and zero gradients. alignment="top_left" gives SDPA's is_causal
+    diagonal instead of FlashAttention's bottom-right one.
+    """
+    a = check_args(q, k, v, causal, window_size, scale, layout, alignment)
+    dtype = a.q.dtype if upcast is None else upcast
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
+    qc, kc, vc = (t.to(dtype) for t in (a.q, a.k, a.v))
+    group = qc.shape[1] // kc.shape[1]
+    kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
+    Sq, Sk = qc.shape[2], kc.shape[2]
+
+    visible = visible_mask(Sq, Sk, a.left, a.right, a.offset, device=qc.device)
+    seen = visible.any(-1, keepdim=True)  # rows with at least one visible key
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * a.scale
+    # Rows with nothing visible get finite dummy scores (no NaN in forward or backward), then zeros.
+    scores = scores.masked_fill(~visible & seen, float("-inf")).masked_fill(~seen, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    out = torch.matmul(probs, vc)
+    if layout == "bshd":
+        out = out.transpose(1, 2)
+    result = [out]
+    if return_lse:
+        lse = torch.logsumexp(scores.to(torch.promote_types(dtype, torch.float32)), dim=-1)
+        result.append(lse.masked_fill(~seen.squeeze(-1), float("-inf")))
+    if return_probs:
+        result.append(probs)
+    return result[0] if len(result) == 1 else tuple(result)

@@ -1,0 +1,230 @@
+"""Backward kernels, FlashAttention-2's scheme without atomics (bitwise deterministic):
+
+1. delta = rowsum(dO * O)                                  one program per (query tile, batch * query head)
+2. dK, dV: K and V tiles stay resident; loop over the query heads of the GQA group and over the query tiles
+   that see the key tile                                    one program per (key tile, batch * kv head)
+3. dQ: Q, dO tiles stay resident; loop over the visible key tiles
+                                                            one program per (query tile, batch * query head)
+
+P is recomputed from the saved log-sum-exp: P = exp2(S * scale * log2(e) - lse * log2(e)).
+"""
+import triton
+import triton.language as tl
+
+from .common import _block_range, _dot, _visible
+from .configs import backward_config, head_block
+from .forward import LOG2E, fp32_dot, launches
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA,
+                                stride_ob, stride_oh, stride_os, stride_od,
+                                stride_dob, stride_doh, stride_dos, stride_dod,
+                                n_heads, seqlen_q,
+                                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
+                mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_dv[None, :] * stride_dod, mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
+                         stride_qs, stride_qd, stride_dos, stride_dod,
+                         offs_n, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+                         FP32_DOT: tl.constexpr):
+    """Query tiles [lo, hi) of one query head, accumulated into the key tile's dK, dV (transposed scores)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            q_ok = offs_m < seqlen_q
+        else:
+            q_ok = tl.full([BLOCK_M], 1, tl.int1)
+        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                    mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                     mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+        pt = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse[None, :])
+        if MASKED:  # also zeroes rows with lse = -inf (they see no key), whose exp2 is inf
+            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
+                                   HAS_LEFT, HAS_RIGHT), pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, FP32_DOT)
+        dst = pt * (_dot(v, tl.trans(do), FP32_DOT) - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, FP32_DOT)
+    return dk, dv
+
+
+@triton.heuristics({
+    "HAS_LEFT": lambda args: args["left"] >= 0,
+    "HAS_RIGHT": lambda args: args["right"] >= 0,
+})
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                          stride_qb, stride_qh, stride_qs, stride_qd,
+                          stride_kb, stride_kh, stride_ks, stride_kd,
+                          stride_vb, stride_vh, stride_vs, stride_vd,
+                          stride_dob, stride_doh, stride_dos, stride_dod,
+                          stride_dkb, stride_dkh, stride_dks, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+                          n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // n_kv_heads).to(tl.int64)
+    hk = (bhk % n_kv_heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n[:, None] < seqlen_k
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=n_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                mask=n_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # Query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right).
+    lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
+                                            BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
+        h = hk * group + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        row = (b * n_heads + h) * seqlen_q
+        for seg in tl.static_range(3):
+            seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
+            seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row,
+                                          stride_qs, stride_qd, stride_dos, stride_dod,
+                                          offs_n, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
+                                          qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
+                                          HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                       offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+                       FP32_DOT: tl.constexpr):
+    """Key tiles [lo, hi) accumulated into one query tile's dQ."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_ok = offs_n < seqlen_k
+        else:
+            kv_ok = tl.full([BLOCK_N], 1, tl.int1)
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=kv_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        p = tl.math.exp2(_dot(q, kt, FP32_DOT) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
+                                  HAS_LEFT, HAS_RIGHT), p, 0.0)
+        ds = p * (_dot(do, vt, FP32_DOT) - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), FP32_DOT)
+    return dq
+
+
+@triton.heuristics({
+    "HAS_LEFT": lambda args: args["left"] >= 0,
+    "HAS_RIGHT": lambda args: args["right"] >= 0,
+})
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                        stride_qb, stride_qh, stride_qs, stride_qd,
+                        stride_kb, stride_kh, stride_ks, stride_kd,
+                        stride_vb, stride_vh, stride_vs, stride_vd,
+                        stride_dob, stride_doh, stride_dos, stride_dod,
+                        stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+                        n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < seqlen_q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                 + offs_dv[None, :] * stride_dod, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    row = bh.to(tl.int64) * seqlen_q
+    lse = tl.load(LSE + row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    Kh = K + b * stride_kb + (h // group) * stride_kh
+    Vh = V + b * stride_vb + (h // group) * stride_vh
+    lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    for seg in tl.static_range(3):
+        seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
+        seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, Kh, Vh, stride_ks, stride_kd, stride_vs, stride_vd,
+                                offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                                HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def attention_backward(do, q, k, v, out, lse, dq, dk, dv, delta, scale: float, offset: int, left: int,
+                       right: int):
+    """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides); writes dq, dk, dv and
+    the float32 scratch delta (B, Hq, Sq)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = backward_config(D, Dv, q.dtype, q.device)
+    bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
+    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
+        out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
+        HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
+        BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
+        BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
+    launches["bwd"] += 1
+    return dq, dk, dv

@@ -1,0 +1,63 @@
+"""Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, and dot.
+
+Mask (DESIGN.md): query row i sees key column j iff
+
+    i + offset - left <= j <= i + offset + right,   0 <= i < seqlen_q,  0 <= j < seqlen_k
+
+offset = seqlen_k - seqlen_q for FlashAttention's bottom-right alignment, 0 for SDPA's top-left one; a side
+with window -1 is unbounded (HAS_LEFT / HAS_RIGHT false).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _visible(i, j, seqlen_q, seqlen_k, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """The mask for broadcastable row indices i and column indices j (either orientation)."""
+    ok = (i < seqlen_q) & (j < seqlen_k)
+    if HAS_LEFT:
+        ok = ok & (j >= i + offset - left)
+    if HAS_RIGHT:
+        ok = ok & (j <= i + offset + right)
+    return ok
+
+
+@triton.jit
+def _block_range(start, n_rows, n_cols, offset, left, right,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Column tiles that rows [start, start + BLOCK_ROWS) can see, as (lo, full_lo, full_hi, hi), multiples of
+    BLOCK_COLS: tiles in [full_lo, full_hi) are visible to every valid row and in range (no mask needed);
+    [lo, full_lo) and [full_hi, hi) need the mask; nothing outside [lo, hi) is visible.
+
+    Used for key tiles of a query tile, and, transposed (offset -> -offset, left <-> right), for the query tiles
+    that see a key tile."""
+    last = tl.minimum(start + BLOCK_ROWS, n_rows) - 1
+    lo = start * 0
+    hi = lo + n_cols
+    full_lo = lo
+    full_hi = hi
+    if HAS_LEFT:
+        lo = tl.maximum(start + offset - left, 0)
+        full_lo = tl.maximum(last + offset - left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(last + offset + right + 1, n_cols)
+        full_hi = tl.minimum(start + offset + right + 1, n_cols)
+    lo = tl.minimum(lo, n_cols)
+    hi = tl.maximum(hi, lo)
+    # Round outwards for the visible range, inwards for the fully visible one.
+    lo_t = lo // BLOCK_COLS * BLOCK_COLS
+    hi_t = tl.where(hi > lo, tl.cdiv(hi, BLOCK_COLS) * BLOCK_COLS, lo_t)
+    full_lo_t = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_COLS) * BLOCK_COLS, lo_t), hi_t)
+    full_hi_t = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_COLS * BLOCK_COLS, full_lo_t), hi_t)
+    return lo_t, full_lo_t, full_hi_t, hi_t
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    """tl.dot with fp32 inputs in IEEE precision (no TF32), or on fp32 copies of the operands where the
+    interpreter cannot multiply bf16 (it multiplies raw bit patterns)."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)

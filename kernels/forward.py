@@ -1,0 +1,129 @@
+"""Forward kernel: one program per (query tile, batch * query head), online softmax over the visible key tiles."""
+import math
+from collections import Counter
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import _block_range, _dot, _visible
+from .configs import forward_config, head_block, interpreter_active
+
+# Launches per kernel since import; tests read it to prove the Triton kernels ran.
+launches = Counter()
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                    offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
+                    FP32_DOT: tl.constexpr):
+    """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            kv_ok = offs_n < seqlen_k
+        else:
+            kv_ok = tl.full([BLOCK_N], 1, tl.int1)
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        s = _dot(q, kt, FP32_DOT) * qk_scale  # log2 units
+        if MASKED:
+            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
+                                  HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.heuristics({
+    "HAS_LEFT": lambda args: args["left"] >= 0,
+    "HAS_RIGHT": lambda args: args["right"] >= 0,
+})
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qs, stride_qd,
+                     stride_kb, stride_kh, stride_ks, stride_kd,
+                     stride_vb, stride_vh, stride_vs, stride_vd,
+                     stride_ob, stride_oh, stride_os, stride_od,
+                     n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // group) * stride_kh  # GQA: query head h reads kv head h // group
+    V += b * stride_vb + (h // group) * stride_vh
+    O += b * stride_ob + h * stride_oh
+    LSE += bh.to(tl.int64) * seqlen_q
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge.
+    for seg in tl.static_range(3):
+        seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
+        seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                                        offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
+                                        qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+
+    # Rows that saw no key: out 0, lse -inf.
+    empty = l_i == 0.0
+    l_i = tl.where(empty, 1.0, l_i)
+    out = acc / l_i[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    tl.store(O + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 inputs get IEEE dots; bf16 under the interpreter gets fp32 dots (see _dot)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
+
+
+def attention_forward(q, k, v, out, lse, scale: float, offset: int, left: int, right: int):
+    """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv) and
+    lse (B, Hq, Sq, float32, natural log)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = forward_config(D, Dv, q.dtype, q.device)
+    grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
+        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv), FP32_DOT=fp32_dot(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    launches["fwd"] += 1
+    return out, lse

@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="fused-attn",
+    version="0.1.0",
+    description="FlashAttention-style attention as hand-written Triton kernels for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ lives at the top level of the repo but installs as fused_attn.kernels, so no
+    # top-level module named "kernels" lands in site-packages.
+    packages=["fused_attn", "fused_attn.kernels"],
+    package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.1"],
+    extras_require={
+        "test": ["pytest>=7"],
+        "bench": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["fused-attn = fused_attn.__main__:main"]},
+)
