@@ -1,0 +1,175 @@
+"""Numerics cases and FlashAttention's tolerance rule, shared by the test suite and `python -m fused_attn check`.
+
+Rule: with ref = the reference in float64 and pt = the same naive computation in the input dtype,
+
+    max|fused - ref| <= factor * max|pt - ref| + floor,   factor 2 for out / lse, 3 for gradients,
+
+floor = 2 * max|(ref + 0.3 - 0.3) - ref| with the arithmetic in the input dtype (FlashAttention-3's rounding-noise
+term, relative to the magnitude of ref).
+
+One addition for dq and dk. FlashAttention's backward forms dS = P * (dP - delta) with delta = rowsum(dO * O) summed
+in fp32, while PyTorch's softmax backward uses rowsum(P * dP). Where a row sees a single key the two cancel exactly
+in PyTorch (pt error 0, ref 0) but only to fp32 rounding noise in the kernel. Their floor therefore adds that noise,
+carried through to the gradient: 2 * eps32 * scale * max_id c_i sum_j P_ij |k_jd| for dq and
+2 * eps32 * scale * max_jd sum_i P_ij c_i |q_id| for dk, with c_i = sum_d |dO_id O_id| (the magnitude of delta's
+terms; for GQA the sum over i runs over the group's query heads too).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels, reference
+from .function import attention
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seqlen_q: int
+    seqlen_k: int
+    head_dim: int
+    head_dim_v: int = None  # None: same as head_dim
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    window: tuple = (-1, -1)
+    layout: str = "bhsd"
+    strided: bool = False  # non-contiguous inputs (every other element of the head dim)
+    logit_scale: float = 1.0  # multiplies q: large values give large logits
+
+    @property
+    def dv(self):
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
+    def mask(self) -> str:
+        parts = ["causal"] if self.causal else []
+        if self.window != (-1, -1):
+            parts.append(f"win{self.window[0]},{self.window[1]}")
+        return "+".join(parts) or "none"
+
+    @property
+    def name(self) -> str:
+        s = (f"b{self.batch}h{self.heads_q}/{self.heads_kv}-q{self.seqlen_q}k{self.seqlen_k}-"
+             f"d{self.head_dim}" + (f"v{self.dv}" if self.dv != self.head_dim else "") +
+             f"-{DTYPE_NAMES[self.dtype]}-{self.mask}-{self.layout}")
+        return s + ("-strided" if self.strided else "") + (f"-x{self.logit_scale:g}" if self.logit_scale != 1 else "")
+
+
+def make_inputs(case: Case, device, seed: int = 0):
+    """q, k, v (in the case's layout and strides, requiring grad) and the output gradient do."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(heads, seqlen, dim, scale=1.0):
+        last = 2 * dim if case.strided else dim
+        shape = (case.batch, heads, seqlen, last) if case.layout == "bhsd" else (case.batch, seqlen, heads, last)
+        t = (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=case.dtype)
+        t = t[..., ::2] if case.strided else t
+        return t.requires_grad_()
+
+    q = rand(case.heads_q, case.seqlen_q, case.head_dim, case.logit_scale)
+    k = rand(case.heads_kv, case.seqlen_k, case.head_dim)
+    v = rand(case.heads_kv, case.seqlen_k, case.dv)
+    shape = list(q.shape[:-1]) + [case.dv]
+    do = torch.randn(shape, generator=gen).to(device=device, dtype=case.dtype)
+    return q, k, v, do
+
+
+def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    finite = ref[torch.isfinite(ref)]
+    if finite.numel() == 0:
+        return 0.0
+    return 2 * ((finite.to(dtype) + 0.3 - 0.3).double() - finite).abs().max().item()
+
+
+def _delta_noise(q, k, out, do, probs, scale) -> dict:
+    """fp32 rounding noise of delta carried into dq and dk (see the module docstring); (B, H, S, D) views."""
+    c = (do.abs() * out.abs()).sum(-1, keepdim=True)  # (B, Hq, Sq, 1)
+    B, Hkv, Sk, D = k.shape
+    group = q.shape[1] // Hkv
+    dq = c * (probs @ k.abs().repeat_interleave(group, dim=1))
+    dk = ((probs * c).transpose(-1, -2) @ q.abs()).reshape(B, Hkv, group, Sk, D).sum(2)
+    noise = 2 * torch.finfo(torch.float32).eps * scale
+    return {"dq": noise * dq.max().item(), "dk": noise * dk.max().item()}
+
+
+def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| over finite ref entries; inf if x is non-finite there or the infinities differ."""
+    x, ref = x.double(), ref.double()
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isinf(x) & (x < 0), torch.isinf(ref) & (ref < 0)) or not torch.isfinite(x[fin]).all():
+        return float("inf")
+    return (x[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
+
+
+@dataclass
+class Metric:
+    err: float  # max |fused - ref64|
+    pt_err: float  # max |pytorch same dtype - ref64|
+    floor: float
+    factor: float
+
+    @property
+    def budget(self) -> float:
+        return self.factor * self.pt_err + self.floor
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.budget
+
+    @property
+    def ratio(self) -> float:  # error relative to PyTorch's own same-dtype error
+        return self.err / self.pt_err if self.pt_err > 0 else (0.0 if self.err == 0 else float("inf"))
+
+
+@dataclass
+class Result:
+    case: Case
+    metrics: dict = field(default_factory=dict)
+    launches: dict = field(default_factory=dict)  # Triton launches this evaluation made, per kernel
+
+    @property
+    def ok(self) -> bool:
+        return all(m.ok for m in self.metrics.values())
+
+    def describe(self) -> str:
+        return self.case.name + ": " + ", ".join(
+            f"{n} err {m.err:.2e} (pt {m.pt_err:.2e}, budget {m.budget:.2e})" for n, m in self.metrics.items())
+
+
+def _run(fn, q, k, v, do, grad):
+    out, lse = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(out.dtype)) if grad else ()
+    return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)))
+
+
+def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
+    """Run fused_attn forward (and backward) on one case and measure it against the float64 reference."""
+    q, k, v, do = make_inputs(case, device, seed)
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, return_lse=True)
+    before = dict(kernels.launches)
+    got = _run(lambda *a: attention(*a, **kw), q, k, v, do, grad)
+    launched = {n: kernels.launches[n] - before.get(n, 0) for n in kernels.launches}
+    probs = []
+
+    def ref_fn(*a):
+        out, lse, p = reference.attention(*a, **kw, upcast=torch.float64, return_probs=True)
+        probs.append(p)
+        return out, lse
+    ref = _run(ref_fn, q, k, v, do, grad)
+    pt = _run(lambda *a: reference.attention(*a, **kw, upcast=None), q, k, v, do, grad)
+    extra = {}
+    if grad:
+        bhsd = (lambda t: t.transpose(1, 2)) if case.layout == "bshd" else (lambda t: t)
+        scale = case.head_dim ** -0.5
+        extra = _delta_noise(bhsd(q.double()), bhsd(k.double()), bhsd(ref["out"].detach()), bhsd(do.double()),
+                             probs[0].detach(), scale)
+    res = Result(case, launches=launched)
+    for name in got:
+        res.metrics[name] = Metric(_max_err(got[name], ref[name]), _max_err(pt[name], ref[name]),
+                                   rounding_floor(ref[name], case.dtype) + extra.get(name, 0.0), FACTORS[name])
+    return res
