@@ -38,10 +38,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = m_new
         if MASKED:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)

@@ -1,0 +1,20 @@
+"""Run the Triton kernels through the interpreter when there is no CUDA device. TRITON_INTERPRET must be set
+before any @triton.jit function is defined, so before fused_attn is imported anywhere in the session."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import fused_attn  # noqa: E402,F401  (imported once here, after the environment is settled)
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
