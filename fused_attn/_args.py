@@ -37,7 +37,7 @@ def _check_window(window_size):
 
 
 def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd",
-               alignment="bottom_right") -> Args:
+               alignment="bottom_right", dtypes=DTYPES) -> Args:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -49,8 +49,8 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D {dims} for layout {layout!r}, got shape {tuple(t.shape)}")
-        if t.dtype not in DTYPES:
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
         if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):

@@ -20,7 +20,7 @@ def _check_device(t: torch.Tensor):
 
 class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
-    lse (B, Hq, Sq) float32. Saves q, k, v, out, lse; backward runs the Triton backward kernels."""
+    lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; backward runs the Triton backward kernels."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd"):
@@ -31,18 +31,19 @@ class FusedAttentionFunction(torch.autograd.Function):
         else:
             out = q.new_empty(B, Hq, Sq, Dv)
         lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
-        kernels.attention_forward(q, k, v, out, lse, scale, offset, left, right)
-        ctx.save_for_backward(q, k, v, out, lse)
+        stats = torch.empty(B, Hq, Sq, 2, device=q.device, dtype=torch.float32)
+        kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.params = (scale, offset, left, right)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, stats = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty_like(lse)
-        kernels.attention_backward(dout, q, k, v, out, lse, dq, dk, dv, delta, *ctx.params)
+        delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
+        kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, *ctx.params)
         return dq, dk, dv, None, None, None, None, None
 
 

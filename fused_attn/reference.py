@@ -2,7 +2,7 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import check_args
+from ._args import DTYPES, check_args
 from .mask import visible_mask
 
 
@@ -15,7 +15,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     give out 0, lse -inf, probabilities 0 and zero gradients. alignment="top_left" gives SDPA's is_causal
     diagonal instead of FlashAttention's bottom-right one.
     """
-    a = check_args(q, k, v, causal, window_size, scale, layout, alignment)
+    a = check_args(q, k, v, causal, window_size, scale, layout, alignment, DTYPES + (torch.float64,))
     dtype = a.q.dtype if upcast is None else upcast
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")

@@ -6,7 +6,8 @@
 3. dQ: Q, dO tiles stay resident; loop over the visible key tiles
                                                             one program per (query tile, batch * query head)
 
-P is recomputed from the saved log-sum-exp: P = exp2(S * scale * log2(e) - lse * log2(e)).
+P is recomputed from the forward's per-row stats (max m and log2 l, log2 units): P = exp2((S * scale * log2(e) - m)
+- log2 l).
 """
 import triton
 import triton.language as tl
@@ -37,7 +38,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA,
                          stride_qs, stride_qd, stride_dos, stride_dod,
                          offs_n, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -57,10 +58,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
                     mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         do = tl.load(DO + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
                      mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+        m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
+        log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
-        pt = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse[None, :])
-        if MASKED:  # also zeroes rows with lse = -inf (they see no key), whose exp2 is inf
+        if FP32_DOT:  # q k^T as in the forward, so P matches its stats to the last bit (visible in fp32)
+            st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
+        else:
+            st = _dot(k, tl.trans(q), FP32_DOT)
+        pt = tl.math.exp2((st * qk_scale - m[None, :]) - log2_l[None, :])
+        if MASKED:
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
                                    HAS_LEFT, HAS_RIGHT), pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, FP32_DOT)
@@ -74,7 +80,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
 })
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                           stride_qb, stride_qh, stride_qs, stride_qd,
                           stride_kb, stride_kh, stride_ks, stride_kd,
                           stride_vb, stride_vh, stride_vs, stride_vd,
@@ -112,7 +118,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         for seg in tl.static_range(3):
             seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
             seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row,
                                           stride_qs, stride_qd, stride_dos, stride_dod,
                                           offs_n, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                           qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
@@ -125,7 +131,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -144,7 +150,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride
                      mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=kv_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        p = tl.math.exp2(_dot(q, kt, FP32_DOT) * qk_scale - lse[:, None])
+        p = tl.math.exp2((_dot(q, kt, FP32_DOT) * qk_scale - m[:, None]) - log2_l[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), p, 0.0)
@@ -158,7 +164,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride
     "HAS_RIGHT": lambda args: args["right"] >= 0,
 })
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -182,7 +188,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
                  + offs_dv[None, :] * stride_dod, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     row = bh.to(tl.int64) * seqlen_q
-    lse = tl.load(LSE + row + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
+    log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -193,7 +200,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, Kh, Vh, stride_ks, stride_kd, stride_vs, stride_vd,
+        dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, stride_ks, stride_kd, stride_vs, stride_vd,
                                 offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
@@ -202,10 +209,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
              (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-def attention_backward(do, q, k, v, out, lse, dq, dk, dv, delta, scale: float, offset: int, left: int,
+def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
                        right: int):
-    """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides); writes dq, dk, dv and
-    the float32 scratch delta (B, Hq, Sq)."""
+    """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
+    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = backward_config(D, Dv, q.dtype, q.device)
@@ -217,12 +224,12 @@ def attention_backward(do, q, k, v, out, lse, dq, dk, dv, delta, scale: float, o
         out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
         HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
     _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, stats, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
         BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
     _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, stats, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
         BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)

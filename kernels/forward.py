@@ -56,7 +56,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
     "HAS_RIGHT": lambda args: args["right"] >= 0,
 })
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
@@ -75,6 +75,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     V += b * stride_vb + (h // group) * stride_vh
     O += b * stride_ob + h * stride_oh
     LSE += bh.to(tl.int64) * seqlen_q
+    STATS += bh.to(tl.int64) * seqlen_q * 2
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -96,14 +97,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
 
-    # Rows that saw no key: out 0, lse -inf.
+    # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
     out = acc / l_i[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+    m_i = tl.where(empty, 0.0, m_i)
+    log2_l = tl.where(empty, float("inf"), tl.math.log2(l_i))
+    lse = (m_i + log2_l) * 0.6931471805599453
+    tl.store(STATS + offs_m * 2, m_i, mask=offs_m < seqlen_q)
+    tl.store(STATS + offs_m * 2 + 1, log2_l, mask=offs_m < seqlen_q)
     tl.store(O + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + offs_m, lse, mask=offs_m < seqlen_q)
+    tl.store(LSE + offs_m, tl.where(empty, float("-inf"), lse), mask=offs_m < seqlen_q)
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:
@@ -111,15 +116,18 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
 
 
-def attention_forward(q, k, v, out, lse, scale: float, offset: int, left: int, right: int):
-    """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv) and
-    lse (B, Hq, Sq, float32, natural log)."""
+def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int):
+    """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
+    lse (B, Hq, Sq, float32, natural log) and, for the backward, stats (B, Hq, Sq, 2, float32, contiguous):
+    the row max of the scaled scores in log2 units and log2 of the softmax denominator. Keeping the two apart
+    lets the backward form P = exp2((S - max) - log2 l) without the cancellation of two large numbers that
+    S - lse suffers at large logits."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = forward_config(D, Dv, q.dtype, q.device)
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
         HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -127,4 +135,4 @@ def attention_forward(q, k, v, out, lse, scale: float, offset: int, left: int, r
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launches["fwd"] += 1
-    return out, lse
+    return out, lse, stats

@@ -151,13 +151,14 @@ def test_every_element_written(case, device):
     nan = float("nan")
     out = torch.full((B, Hq, Sq, case.dv), nan, dtype=q.dtype, device=device)
     lse = torch.full((B, Hq, Sq), nan, device=device)
+    stats = torch.full((B, Hq, Sq, 2), nan, device=device)
     left, right = fused_attn.mask.window_bounds(case.causal, case.window)
     scale, offset = case.head_dim ** -0.5, k.shape[2] - Sq
-    kernels.attention_forward(q, k, v, out, lse, scale, offset, left, right)
+    kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right)
     dq, dk, dv = (torch.full_like(t, nan) for t in (q, k, v))
     delta = torch.full_like(lse, nan)
-    kernels.attention_backward(do, q, k, v, out, lse, dq, dk, dv, delta, scale, offset, left, right)
-    for t in (out, lse, dq, dk, dv, delta):
+    kernels.attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right)
+    for t in (out, lse, stats, dq, dk, dv, delta):
         assert not torch.isnan(t).any()
     qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
     ref = fused_attn.reference.attention(qr, kr, vr, causal=case.causal, window_size=case.window,
