@@ -1,0 +1,32 @@
+"""Command line: `python -m fused_attn check [...]` (also installed as `fused-attn`)."""
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fused-attn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="numerics report of the Triton kernels against the float64 reference")
+    size = check.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small sweep (default)")
+    size.add_argument("--full", action="store_true", help="a larger sweep: more shapes, masks and dtypes")
+    check.add_argument("--save-baseline", metavar="FILE", help="write the measured errors as JSON")
+    check.add_argument("--baseline", metavar="FILE", help="fail where an error grew more than 2x over this JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from fused_attn import kernels
+    if not torch.cuda.is_available() and not kernels.interpreter_active() and os.environ.get("TRITON_INTERPRET") != "1":
+        # No GPU: run the same kernels on the CPU through the Triton interpreter. TRITON_INTERPRET must be set
+        # before the kernels are defined, so start again with it (the library itself never sets it).
+        print("no CUDA GPU: running the kernels through the Triton interpreter (TRITON_INTERPRET=1)", flush=True)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "fused_attn", *argv], dict(os.environ, TRITON_INTERPRET="1"))
+    from fused_attn import check as check_mod
+    return check_mod.run(full=args.full, save_baseline=args.save_baseline, baseline=args.baseline)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
