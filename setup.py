@@ -11,7 +11,8 @@ setup(
     # top-level module named "kernels" lands in site-packages.
     packages=["fused_attn", "fused_attn.kernels"],
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.1"],
+    # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in.
+    install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
     extras_require={
         "test": ["pytest>=7"],
         "bench": ["matplotlib>=3.5"],
