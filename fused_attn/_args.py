@@ -63,8 +63,10 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
     if causal and right > 0:
         raise ValueError(f"causal=True means window right = 0, but window_size={tuple(window_size)}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a float or None, got {scale!r}")
+        if not (math.isfinite(scale) and scale > 0):  # the kernels take the row max of the unscaled scores
+            raise ValueError(f"scale must be a finite positive float, got {scale!r}")
 
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))

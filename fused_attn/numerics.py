@@ -40,6 +40,7 @@ class Case:
     layout: str = "bhsd"
     strided: bool = False  # non-contiguous inputs (every other element of the head dim)
     logit_scale: float = 1.0  # multiplies q: large values give large logits
+    scale: float = None  # softmax scale; None: 1 / sqrt(head_dim)
 
     @property
     def dv(self):
@@ -57,7 +58,8 @@ class Case:
         s = (f"b{self.batch}h{self.heads_q}/{self.heads_kv}-q{self.seqlen_q}k{self.seqlen_k}-"
              f"d{self.head_dim}" + (f"v{self.dv}" if self.dv != self.head_dim else "") +
              f"-{DTYPE_NAMES[self.dtype]}-{self.mask}-{self.layout}")
-        return s + ("-strided" if self.strided else "") + (f"-x{self.logit_scale:g}" if self.logit_scale != 1 else "")
+        s += ("-strided" if self.strided else "") + (f"-x{self.logit_scale:g}" if self.logit_scale != 1 else "")
+        return s + (f"-scale{self.scale:g}" if self.scale is not None else "")
 
 
 def make_inputs(case: Case, device, seed: int = 0):
@@ -150,7 +152,7 @@ def _run(fn, q, k, v, do, grad):
 def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
     """Run fused_attn forward (and backward) on one case and measure it against the float64 reference."""
     q, k, v, do = make_inputs(case, device, seed)
-    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, return_lse=True)
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True)
     before = dict(kernels.launches)
     got = _run(lambda *a: attention(*a, **kw), q, k, v, do, grad)
     launched = {n: kernels.launches[n] - before.get(n, 0) for n in kernels.launches}
@@ -165,7 +167,7 @@ def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
     extra = {}
     if grad:
         bhsd = (lambda t: t.transpose(1, 2)) if case.layout == "bshd" else (lambda t: t)
-        scale = case.head_dim ** -0.5
+        scale = case.head_dim ** -0.5 if case.scale is None else case.scale
         extra = _delta_noise(bhsd(q.double()), bhsd(k.double()), bhsd(ref["out"].detach()), bhsd(do.double()),
                              probs[0].detach(), scale)
     res = Result(case, launches=launched)

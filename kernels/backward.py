@@ -6,8 +6,8 @@
 3. dQ: Q, dO tiles stay resident; loop over the visible key tiles
                                                             one program per (query tile, batch * query head)
 
-P is recomputed from the forward's per-row stats (max m and log2 l, log2 units): P = exp2((S * scale * log2(e) - m)
-- log2 l).
+P is recomputed from the forward's per-row stats (max m of the unscaled scores, log2 l of the denominator):
+P = exp2((S - m) * scale * log2(e) - log2 l).
 """
 import triton
 import triton.language as tl
@@ -65,7 +65,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA,
             st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
         else:
             st = _dot(k, tl.trans(q), FP32_DOT)
-        pt = tl.math.exp2((st * qk_scale - m[None, :]) - log2_l[None, :])
+        pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
         if MASKED:
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
                                    HAS_LEFT, HAS_RIGHT), pt, 0.0)
@@ -150,7 +150,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, stride_kn, stride_kd, 
                      mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=kv_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
-        p = tl.math.exp2((_dot(q, kt, FP32_DOT) * qk_scale - m[:, None]) - log2_l[:, None])
+        p = tl.math.exp2((_dot(q, kt, FP32_DOT) - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), p, 0.0)

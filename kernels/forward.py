@@ -33,7 +33,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
             kv_ok = tl.full([BLOCK_N], 1, tl.int1)
         kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        s = _dot(q, kt, FP32_DOT) * qk_scale  # log2 units
+        s = _dot(q, kt, FP32_DOT)  # raw scores: the scale is applied after subtracting the max (one rounding less)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), s, float("-inf"))
@@ -41,8 +41,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
         m_sub = m_new
         if MASKED:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
+        p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
+        alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
@@ -103,7 +103,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
     out = acc / l_i[:, None]
     m_i = tl.where(empty, 0.0, m_i)
     log2_l = tl.where(empty, float("inf"), tl.math.log2(l_i))
-    lse = (m_i + log2_l) * 0.6931471805599453
+    lse = (m_i * qk_scale + log2_l) * 0.6931471805599453
     tl.store(STATS + offs_m * 2, m_i, mask=offs_m < seqlen_q)
     tl.store(STATS + offs_m * 2 + 1, log2_l, mask=offs_m < seqlen_q)
     tl.store(O + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
@@ -119,9 +119,9 @@ def fp32_dot(dtype: torch.dtype) -> bool:
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log) and, for the backward, stats (B, Hq, Sq, 2, float32, contiguous):
-    the row max of the scaled scores in log2 units and log2 of the softmax denominator. Keeping the two apart
-    lets the backward form P = exp2((S - max) - log2 l) without the cancellation of two large numbers that
-    S - lse suffers at large logits."""
+    the row max m of the unscaled scores and log2 l of the softmax denominator. Keeping the two apart lets the
+    backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
+    that S - lse suffers at large logits."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = forward_config(D, Dv, q.dtype, q.device)

@@ -87,6 +87,11 @@ def test_large_logits(mask, dtype, device):
     check(Case(1, 2, 1, 100, 140, 64, dtype=dtype, causal=mask[0], window=mask[1], logit_scale=20.0), device)
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0], ids=["scale0.05", "scale1"])
+def test_explicit_scale(scale, device):
+    check(Case(1, 2, 1, 70, 90, 48, dtype=F32, causal=True, scale=scale), device)
+
+
 @pytest.mark.parametrize("mask,n_empty", [
     pytest.param((True, (-1, -1)), 60, id="causal"),  # Sq = 100 > Sk = 40: rows i < 60 see no key
     pytest.param((False, (0, 0)), 60, id="diagonal-only"),

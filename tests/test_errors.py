@@ -39,6 +39,8 @@ Q, K, V = (1, 4, 16, 32), (1, 2, 20, 32), (1, 2, 20, 24)
                  id="causal-vs-right"),
     pytest.param((t(*Q), t(*K), t(*V)), {"layout": "sbhd"}, ValueError, "layout must be one of", id="layout"),
     pytest.param((t(*Q), t(*K), t(*V)), {"scale": "x"}, TypeError, "scale must be", id="scale"),
+    pytest.param((t(*Q), t(*K), t(*V)), {"scale": -0.5}, ValueError, "finite positive float, got -0.5",
+                 id="scale-negative"),
     pytest.param((t(*Q), t(*K), t(*V)), {"causal": 1}, TypeError, "causal must be a bool", id="causal-type"),
     pytest.param((t(*Q).numpy() if DEVICE == "cpu" else None, t(*K), t(*V)), {}, TypeError, "q must be a torch.Tensor",
                  id="not-tensor"),
