@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _visible
-from .configs import backward_config, head_block
+from .configs import backward_config, capability, head_block
 from .forward import LOG2E, fp32_dot, launches
 
 
@@ -215,7 +215,7 @@ def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float,
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = backward_config(D, Dv, q.dtype, q.device)
+    cfg = backward_config(D, Dv, q.dtype, capability(q.device))
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

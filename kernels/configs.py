@@ -42,13 +42,13 @@ def _stages(resident: int, per_stage: int, smem: int, most: int) -> int:
     return max(1, min(most, (smem - resident) // max(per_stage, 1)))
 
 
-def _smem_budget(device: torch.device) -> int:
-    cap = torch.cuda.get_device_capability(device)
-    return _SMEM.get(cap, _SMEM_DEFAULT)
+def capability(device: torch.device):
+    """(major, minor) of a CUDA device; None where the kernels run through the interpreter."""
+    return None if interpreter_active() else torch.cuda.get_device_capability(device)
 
 
-def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    if interpreter_active():
+def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
+    if cap is None:  # interpreter: small tiles, so small test shapes still cross several of them
         return KernelConfig(32, 32, 4, 1)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
     big = max(bd, bdv) > 128 or elt == 4
@@ -56,14 +56,14 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: t
     if max(bd, bdv) > 128 and elt == 4:
         block_n = 32
     warps = 8 if bd >= 128 or block_m == 128 and bd > 64 else 4
-    stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, _smem_budget(device), 4)
+    stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, _SMEM.get(cap, _SMEM_DEFAULT), 4)
     return KernelConfig(block_m, block_n, warps, stages)
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
     """One config for both backward kernels: dK/dV keeps block_n keys resident and loops over tiles of block_m
     queries; dQ keeps block_m queries resident and loops over tiles of block_n keys."""
-    if interpreter_active():
+    if cap is None:
         return KernelConfig(32, 32, 4, 1)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
     big = max(bd, bdv) > 128 or elt == 4
@@ -72,5 +72,5 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: 
         block_m, block_n = 16, 32
     warps = 8 if bd >= 128 else 4
     tile = max(block_m, block_n) * (bd + bdv) * elt
-    stages = _stages(tile, tile, _smem_budget(device), 3)
+    stages = _stages(tile, tile, _SMEM.get(cap, _SMEM_DEFAULT), 3)
     return KernelConfig(block_m, block_n, warps, stages)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _visible
-from .configs import forward_config, head_block, interpreter_active
+from .configs import capability, forward_config, head_block, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
 launches = Counter()
@@ -124,7 +124,7 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     that S - lse suffers at large logits."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = forward_config(D, Dv, q.dtype, q.device)
+    cfg = forward_config(D, Dv, q.dtype, capability(q.device))
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, stats,
