@@ -115,6 +115,11 @@ class Metric:
     floor: float
     factor: float
 
+    @classmethod
+    def measure(cls, got, ref, pt, dtype, factor, extra_floor=0.0):
+        """got and pt (PyTorch in the input dtype) against ref (float64)."""
+        return cls(_max_err(got, ref), _max_err(pt, ref), rounding_floor(ref, dtype) + extra_floor, factor)
+
     @property
     def budget(self) -> float:
         return self.factor * self.pt_err + self.floor
@@ -172,6 +177,6 @@ def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
                              probs[0].detach(), scale)
     res = Result(case, launches=launched)
     for name in got:
-        res.metrics[name] = Metric(_max_err(got[name], ref[name]), _max_err(pt[name], ref[name]),
-                                   rounding_floor(ref[name], case.dtype) + extra.get(name, 0.0), FACTORS[name])
+        res.metrics[name] = Metric.measure(got[name], ref[name], pt[name], case.dtype, FACTORS[name],
+                                           extra.get(name, 0.0))
     return res

@@ -1,0 +1,88 @@
+"""The attention implementations the benchmark times. Each provider turns (config, q, k, v) into a forward
+callable, or raises Unsupported with the reason (reported in the results, never dropped silently)."""
+import torch
+
+import fused_attn
+from fused_attn.mask import visible_mask
+
+REFERENCE_MAX_SEQLEN = 2048  # the naive reference materializes B * H * S^2 scores
+MATH_MAX_SEQLEN = 2048
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _fused(cfg, q, k, v):
+    return lambda: fused_attn.attention(q, k, v, causal=cfg.causal, window_size=cfg.window)
+
+
+def _reference(cfg, q, k, v):
+    if cfg.seqlen > REFERENCE_MAX_SEQLEN:
+        raise Unsupported(f"naive reference only up to S={REFERENCE_MAX_SEQLEN}")
+    return lambda: fused_attn.reference.attention(q, k, v, causal=cfg.causal, window_size=cfg.window,
+                                                  upcast=None)
+
+
+def _sdpa(backend_name):
+    def make(cfg, q, k, v):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, backend_name)
+        if backend_name == "MATH" and cfg.seqlen > MATH_MAX_SEQLEN:
+            raise Unsupported(f"math backend only up to S={MATH_MAX_SEQLEN}")
+        kwargs = dict(enable_gqa=cfg.gqa)
+        if cfg.mask.startswith("window"):
+            if backend_name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+                raise Unsupported("no sliding-window support (needs an arbitrary attn_mask)")
+            kwargs["attn_mask"] = visible_mask(cfg.seqlen, cfg.seqlen, *cfg.window, device=q.device)
+        else:
+            kwargs["is_causal"] = cfg.causal  # Sq == Sk: top-left and bottom-right alignment agree
+
+        def fn():
+            with sdpa_kernel([backend]):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+        try:
+            fn()
+        except RuntimeError as e:  # "No available kernel" and friends: this backend cannot take the case
+            raise Unsupported(str(e).splitlines()[0][:200]) from None
+        return fn
+    return make
+
+
+_flex_compiled = None
+
+
+def _flex(cfg, q, k, v):
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Unsupported(f"FlexAttention not in this torch: {e}") from None
+    if _flex_compiled is None:
+        import torch._dynamo
+        # One compiled kernel per shape and mask: raise the recompile limit so it never falls back to eager.
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 1000)
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    left = cfg.window[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = q_idx >= kv_idx
+        return ok & (q_idx - kv_idx <= left) if left >= 0 else ok
+
+    block_mask = None
+    if cfg.causal:
+        block_mask = create_block_mask(mask_mod, None, None, cfg.seqlen, cfg.seqlen, device=q.device)
+    return lambda: _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=cfg.gqa)
+
+
+PROVIDERS = {
+    "fused_attn": _fused,
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa-math": _sdpa("MATH"),
+    "flex": _flex,
+    "reference": _reference,
+}

@@ -1,0 +1,98 @@
+"""The CPU-side parts of bench/: sweep construction, FLOP counts, result files, plots, the CLI's no-GPU exit."""
+import csv
+import json
+
+import pytest
+import torch
+
+from bench import plot, run, sweep
+
+
+def test_sweep_fixes_tokens_and_hidden():
+    configs = sweep.build(seqlens=(512, 4096), head_dims=(64, 128), masks=("none", "causal", "window1024"),
+                          modes=("fwd",), gqa_ratio=8)
+    for c in configs:
+        assert c.batch * c.seqlen == 16384 and c.heads_q * c.head_dim == 2048
+        assert c.heads_kv in (c.heads_q, c.heads_q // 8)
+    # window1024 is skipped at S=512 (it would be the causal case); each case once with MHA and once with GQA.
+    assert not any(c.seqlen == 512 and c.mask == "window1024" for c in configs)
+    assert len(configs) == 2 * (2 + 3) * 2
+    assert {c.window for c in configs} == {(-1, -1), (-1, 0), (1023, 0)}
+
+
+def test_sweep_without_gqa_and_gqa_only():
+    assert all(not c.gqa for c in sweep.build(seqlens=(1024,), gqa_ratio=1))
+    assert all(c.gqa for c in sweep.build(seqlens=(1024,), gqa_only=True))
+
+
+@pytest.mark.parametrize("mask,pairs", [
+    ("none", 1024 * 1024),
+    ("causal", 1024 * 1025 // 2),
+    ("window256", 256 * 257 // 2 + (1024 - 256) * 256),  # rows i < 256 see i + 1 keys, the rest 256
+])
+def test_flops_count_visible_pairs_exactly(mask, pairs):
+    for mode, factor in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+        c = sweep.Config(1024, 64, mask, mode, batch=2, heads_q=8, heads_kv=2)
+        assert c.flops() == 4.0 * 2 * 8 * 64 * pairs * factor
+
+
+def _rows():
+    rows = []
+    for provider, speed in (("fused_attn", 1.0), ("sdpa-flash", 0.8)):
+        for s in (1024, 4096):
+            for mask in ("causal", "window256", "window1024"):
+                for mode in ("fwd", "fwd+bwd"):
+                    cfg = sweep.Config(s, 64, mask, mode, 16384 // s, 32, 32)
+                    ms = cfg.flops() / 1e12 / (300 * speed) * 1e3
+                    rows.append(dict(gpu="Synthetic GPU", torch="x", triton="y", commit="abc", provider=provider,
+                                     **cfg.as_dict(), status="ok", ms=ms, tflops=300 * speed, peak_mem_mb=1.0,
+                                     check_err=0.0, check_budget=1.0))
+    rows.append(dict(rows[0], provider="sdpa-cudnn", status="unsupported: no window", ms=None, tflops=None))
+    return rows
+
+
+def test_results_are_written_as_json_and_csv(tmp_path):
+    rows = _rows()
+    run.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["environment"]["gpu"] == "Synthetic GPU" and len(data["rows"]) == len(rows)
+    with open(tmp_path / "results.csv") as f:
+        back = list(csv.DictReader(f))
+    assert len(back) == len(rows) and back[0]["window"] == "-1 0" and back[-1]["status"].startswith("unsupported")
+    assert set(run.FIELDS) <= set(back[0])
+
+
+def test_plots_from_synthetic_results(tmp_path):
+    paths = plot.plot_all(_rows(), tmp_path)
+    names = sorted(p.name for p in paths)
+    assert names == ["throughput_d64_h32-32.png", "windows_d64.png"]
+    import matplotlib.image as mpimg
+    for p in paths:
+        img = mpimg.imread(p)
+        assert img.shape[0] > 200 and img.shape[1] > 400 and img[..., :3].std() > 0.01  # not blank
+
+
+def test_cli_dry_run_and_no_gpu_exit(capsys):
+    assert run.main(["--dry-run", "--seqlens", "2048", "--head-dims", "128", "--masks", "causal"]) == 0
+    out = capsys.readouterr().out
+    assert "S=  2048 D=128 B=  8 Hq= 16 Hkv= 16 causal" in out and "6 configurations x 7 providers" in out
+    if not torch.cuda.is_available():
+        assert run.main(["--seqlens", "2048"]) == 2
+        assert "needs an NVIDIA GPU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run.main(["--masks", "sliding"])
+
+
+def test_plot_only_redraws_from_a_results_file(tmp_path, capsys):
+    run.write(_rows(), {"gpu": "Synthetic GPU"}, tmp_path)
+    assert run.main(["--plot-only", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "plots" / "windows_d64.png").exists()
+
+
+@pytest.mark.parametrize("provider", ["fused_attn", "reference"])
+def test_providers_are_checked_against_the_reference(provider):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = sweep.Config(96, 64, "window32", "fwd", 1, 8, 2, dtype="fp16")
+    status, metric = run.check_provider(provider, cfg, device, {})
+    assert status == "ok", metric
+    assert metric.err <= metric.budget
