@@ -1,7 +1,7 @@
 """The autograd Function over the Triton launchers, and the public attention()."""
 import torch
 
-from . import kernels
+from . import kernels, ops
 from ._args import check_args
 
 
@@ -20,19 +20,12 @@ def _check_device(t: torch.Tensor):
 
 class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
-    lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; backward runs the Triton backward kernels."""
+    lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; forward and backward run the Triton
+    kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd"):
-        B, Hq, Sq, _ = q.shape
-        Dv = v.shape[-1]
-        if layout == "bshd":  # the output in (B, S, H, D) memory order, like the inputs
-            out = q.new_empty(B, Sq, Hq, Dv).transpose(1, 2)
-        else:
-            out = q.new_empty(B, Hq, Sq, Dv)
-        lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
-        stats = torch.empty(B, Hq, Sq, 2, device=q.device, dtype=torch.float32)
-        kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right)
+        out, lse, stats = ops.forward(q, k, v, scale, offset, left, right, layout)
         ctx.save_for_backward(q, k, v, out, stats)
         ctx.params = (scale, offset, left, right)
         ctx.mark_non_differentiable(lse)
@@ -41,9 +34,7 @@ class FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, stats = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
-        kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, *ctx.params)
+        dq, dk, dv = ops.backward(dout, q, k, v, out, stats, *ctx.params)
         return dq, dk, dv, None, None, None, None, None
 
 
