@@ -1,6 +1,16 @@
 """fused_attn: FlashAttention-style attention as hand-written Triton kernels for PyTorch."""
+import importlib
+
 from . import reference
-from .function import FusedAttentionFunction, attention
+from .dropin import explain, flash_attn_func, scaled_dot_product_attention, sdpa_override
+from .function import FusedAttentionFunction, attention, attention_probs
 
 __version__ = "0.1.0"
-__all__ = ["attention", "FusedAttentionFunction", "reference"]
+__all__ = ["attention", "attention_probs", "FusedAttentionFunction", "reference", "scaled_dot_product_attention",
+           "sdpa_override", "flash_attn_func", "explain"]
+
+
+def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers) load on first use
+    if name in ("viz", "integrations"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fused_attn' has no attribute {name!r}")

@@ -3,6 +3,7 @@ import torch
 
 from . import kernels, ops
 from ._args import check_args
+from .mask import visible_mask
 
 
 def _check_device(t: torch.Tensor):
@@ -76,3 +77,19 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,
+                    alignment="bottom_right"):
+    """The attention weights P = exp(q k^T * scale - lse), masked, rebuilt exactly from the kernel's lse for the
+    query rows `queries` (a slice or index tensor; default all): (B, Hq, n_queries, Sk), float32.
+    Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for."""
+    a = check_args(q, k, k, causal, window_size, scale, layout, alignment)
+    rows = torch.arange(a.q.shape[2], device=a.q.device)[queries if queries is not None else slice(None)]
+    group = a.q.shape[1] // a.k.shape[1]
+    kk = a.k.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(a.q[:, :, rows].float(), kk.transpose(-1, -2)) * a.scale
+    visible = visible_mask(a.q.shape[2], a.k.shape[2], a.left, a.right, a.offset, device=a.q.device)[rows]
+    lse_rows = lse[:, :, rows, None]
+    p = torch.exp(scores - torch.where(torch.isinf(lse_rows), 0.0, lse_rows))
+    return torch.where(visible & torch.isfinite(lse_rows), p, 0.0)

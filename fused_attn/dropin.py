@@ -1,0 +1,118 @@
+"""Drop-in replacements: PyTorch's scaled_dot_product_attention (and a scoped override of it) and
+FlashAttention-2's flash_attn_func."""
+import contextlib
+import logging
+import math
+import numbers
+
+import torch
+
+from . import kernels
+from ._args import DTYPES, MAX_HEAD_DIM
+from .function import FusedAttentionFunction, attention, attention_probs
+
+log = logging.getLogger("fused_attn")
+
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention  # the original, for the fallback
+
+
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """None if the Triton kernels compute this call exactly, else the reason torch's SDPA takes it."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
+        return "query, key, value are not all tensors"
+    if attn_mask is not None:
+        return "an explicit attn_mask tensor (the kernels take causal / window masks only)"
+    if dropout_p != 0.0:
+        return f"dropout_p={dropout_p} (the kernels have no dropout)"
+    if not (query.dim() == key.dim() == value.dim() >= 3):
+        return f"ranks {query.dim()}, {key.dim()}, {value.dim()} (need equal ranks >= 3)"
+    if query.dim() >= 4:
+        if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+            return "batch dims differ between query, key and value (broadcasting)"
+        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+        if hk != hv or (hq != hk and not (enable_gqa and hq % hk == 0)):
+            return f"heads {hq}, {hk}, {hv} (kernels: equal heads, or enable_gqa with Hq % Hkv == 0)"
+    elif not (query.shape[0] == key.shape[0] == value.shape[0]):
+        return "batch dims differ between query, key and value (broadcasting)"
+    if key.shape[-2] != value.shape[-2] or query.shape[-1] != key.shape[-1]:
+        return "mismatched shapes (torch reports the error)"
+    if 0 in query.shape or 0 in key.shape or 0 in value.shape:
+        return "an empty dimension"
+    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {max(query.shape[-1], value.shape[-1])} > {MAX_HEAD_DIM}"
+    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in DTYPES:
+        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (kernels: one of fp16, bf16, fp32)"
+    if not (query.device == key.device == value.device):
+        return "tensors on different devices"
+    if query.device.type != "cuda" and not (query.device.type == "cpu" and kernels.interpreter_active()):
+        return f"device {query.device} (kernels: CUDA, or CPU under TRITON_INTERPRET=1)"
+    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
+        return f"scale={scale!r} (kernels: a positive finite scale)"
+    return None
+
+
+def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> str:
+    """Which path fused_attn.scaled_dot_product_attention takes for these arguments, and why."""
+    reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is None:
+        return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "")
+    return f"torch scaled_dot_product_attention: {reason}"
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention with the same signature and semantics: (N, ..., Hq, L, E)
+    query, (N, ..., H, S, E) key, (N, ..., H, S, Ev) value -> (N, ..., Hq, L, Ev); is_causal is top-left aligned.
+    The Triton kernels run whenever they can compute the call (no attn_mask, no dropout, fp16/bf16/fp32 on CUDA,
+    ...); any other call goes to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG)
+    says which and why."""
+    reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is not None:
+        log.debug("scaled_dot_product_attention -> torch: %s", reason)
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+    log.debug("scaled_dot_product_attention -> fused_attn kernels")
+    lead = query.shape[:-3] if query.dim() >= 4 else query.shape[:1]
+
+    def as4d(t):  # (N, ..., H, S, E) -> (B, H, S, E); (N, S, E) -> (N, 1, S, E)
+        return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
+    q, k, v = as4d(query), as4d(key), as4d(value)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = FusedAttentionFunction.apply(q, k, v, scale, 0, -1, 0 if is_causal else -1, "bhsd")
+    return out.reshape(*lead, *out.shape[1:]) if query.dim() >= 4 else out.squeeze(1)
+
+
+@contextlib.contextmanager
+def sdpa_override():
+    """Route torch.nn.functional.scaled_dot_product_attention to fused_attn's inside the `with` block; the
+    original is restored on exit, exceptions included. (Code that imported the function object itself before,
+    `from torch.nn.functional import scaled_dot_product_attention`, keeps the original.)"""
+    previous = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = previous
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """FlashAttention-2's flash_attn_func: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) ->
+    out (B, Sq, Hq, Dv); bottom-right aligned causal / window_size as in flash_attn. As there, causal=True sets
+    the window's right side to 0. The backward is always deterministic (no atomics), so `deterministic` is
+    honoured either way. return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)),
+    the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes).
+    Not implemented (NotImplementedError): dropout_p > 0, softcap, alibi_slopes."""
+    missing = [name for name, off in (("dropout_p", dropout_p == 0.0), ("softcap", softcap == 0.0),
+                                      ("alibi_slopes", alibi_slopes is None)) if not off]
+    if missing:
+        raise NotImplementedError(f"fused_attn.flash_attn_func does not implement {', '.join(missing)} yet")
+    if causal and isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        window_size = (window_size[0], 0)
+    out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
+                         return_lse=True)
+    if not return_attn_probs:
+        return out
+    probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
+                            scale=softmax_scale, layout="bshd")
+    return out, lse, probs

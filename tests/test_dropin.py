@@ -1,0 +1,118 @@
+"""Drop-in routes: the SDPA replacement and its override, flash_attn_func."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fused_attn
+from fused_attn import kernels
+from fused_attn.numerics import FACTORS, Metric
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(sum(shape))
+    return torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_(grad)
+
+
+def launched(fn):
+    before = kernels.launches["fwd"]
+    result = fn()
+    return result, kernels.launches["fwd"] - before
+
+
+@pytest.mark.parametrize("shapes,kwargs", [
+    pytest.param(((2, 4, 33, 32), (2, 4, 47, 32), (2, 4, 47, 32)), {}, id="plain"),
+    pytest.param(((2, 4, 33, 32), (2, 4, 47, 32), (2, 4, 47, 24)), {"is_causal": True}, id="causal-L<S-Ev"),
+    pytest.param(((1, 2, 60, 16), (1, 2, 20, 16), (1, 2, 20, 16)), {"is_causal": True}, id="causal-L>S-topleft"),
+    pytest.param(((2, 8, 40, 64), (2, 2, 40, 64), (2, 2, 40, 64)), {"enable_gqa": True, "is_causal": True}, id="gqa"),
+    pytest.param(((2, 3, 2, 17, 16), (2, 3, 2, 29, 16), (2, 3, 2, 29, 16)), {"scale": 0.3}, id="extra-batch-dims"),
+    pytest.param(((3, 19, 16), (3, 23, 16), (3, 23, 8)), {"is_causal": True}, id="3d"),
+])
+def test_sdpa_matches_torch_and_runs_the_kernels(shapes, kwargs):
+    q, k, v = (rand(*s, grad=True) for s in shapes)
+    got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, **kwargs))
+    assert n == 1 and fused_attn.explain(q, k, v, **kwargs).startswith("fused_attn Triton kernels")
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), **kwargs)
+    pt = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert got.shape == pt.shape
+    m = Metric.measure(got, ref, pt, q.dtype, FACTORS["out"])
+    assert m.ok, m
+    do = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double())
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all() and (a.double() - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    pytest.param({"attn_mask": "bool"}, "explicit attn_mask", id="bool-mask"),
+    pytest.param({"attn_mask": "additive"}, "explicit attn_mask", id="additive-mask"),
+    pytest.param({"dropout_p": 0.5}, "dropout_p=0.5", id="dropout"),
+    pytest.param({"dtype": torch.float64}, "dtypes", id="float64"),
+    pytest.param({"scale": -1.0}, "scale=-1.0", id="negative-scale"),
+])
+def test_sdpa_falls_back_to_torch_and_says_why(kwargs, reason):
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", torch.float32)
+    q, k, v = rand(2, 2, 9, 16, dtype=dtype), rand(2, 2, 11, 16, dtype=dtype), rand(2, 2, 11, 16, dtype=dtype)
+    if kwargs.get("attn_mask") == "bool":
+        kwargs["attn_mask"] = rand(9, 11) > 0
+    elif kwargs.get("attn_mask") == "additive":
+        kwargs["attn_mask"] = rand(2, 1, 9, 11)
+    assert reason in fused_attn.explain(q, k, v, **kwargs)
+    torch.manual_seed(0)
+    got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, **kwargs))
+    torch.manual_seed(0)
+    assert n == 0 and torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+
+def test_sdpa_mask_with_is_causal_behaves_like_torch():
+    q = rand(1, 1, 4, 8)
+    mask = rand(4, 4) > 0
+
+    def outcome(fn):
+        try:
+            return fn(q, q, q, attn_mask=mask, is_causal=True)
+        except Exception as e:  # whatever torch does (raise or combine), the drop-in does the same
+            return (type(e), str(e))
+    ours, theirs = outcome(fused_attn.scaled_dot_product_attention), outcome(F.scaled_dot_product_attention)
+    assert ours == theirs if isinstance(theirs, tuple) else torch.equal(ours, theirs)
+
+
+def test_sdpa_override_is_scoped():
+    original = F.scaled_dot_product_attention
+    q = rand(1, 2, 16, 32)
+    with fused_attn.sdpa_override():
+        assert F.scaled_dot_product_attention is fused_attn.scaled_dot_product_attention
+        _, n = launched(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+        assert n == 1
+    assert F.scaled_dot_product_attention is original
+    with pytest.raises(ZeroDivisionError):
+        with fused_attn.sdpa_override():
+            1 / 0
+    assert F.scaled_dot_product_attention is original
+
+
+def test_flash_attn_func_layout_and_probs():
+    q, k, v = rand(2, 37, 4, 32, grad=True), rand(2, 50, 2, 32, grad=True), rand(2, 50, 2, 32, grad=True)
+    out, n = launched(lambda: fused_attn.flash_attn_func(q, k, v, causal=True, window_size=(9, 5)))
+    assert n == 1 and out.shape == (2, 37, 4, 32)
+    # causal=True sets the right side to 0, as in flash_attn.
+    want = fused_attn.attention(q, k, v, window_size=(9, 0), layout="bshd")
+    assert torch.equal(out, want)
+    out, lse, probs = fused_attn.flash_attn_func(q, k, v, window_size=(9, 5), return_attn_probs=True,
+                                                 deterministic=True)
+    _, ref_lse, ref_probs = fused_attn.reference.attention(q, k, v, window_size=(9, 5), layout="bshd",
+                                                           return_lse=True, return_probs=True,
+                                                           upcast=torch.float64)
+    assert lse.shape == (2, 4, 37) and probs.shape == (2, 4, 37, 50)
+    assert (probs.double() - ref_probs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": 30.0}, "softcap"),
+                                         ({"alibi_slopes": torch.ones(4)}, "alibi_slopes")])
+def test_flash_attn_func_rejects_what_it_does_not_implement(kwargs, name):
+    q = rand(1, 8, 4, 16)
+    with pytest.raises(NotImplementedError, match=name):
+        fused_attn.flash_attn_func(q, q, q, **kwargs)
