@@ -9,12 +9,13 @@ setup(
     python_requires=">=3.9",
     # kernels/ lives at the top level of the repo but installs as fused_attn.kernels, so no
     # top-level module named "kernels" lands in site-packages.
-    packages=["fused_attn", "fused_attn.kernels"],
+    packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations"],
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in.
     install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "transformers>=5.20", "matplotlib>=3.5"],
+        "hf": ["transformers>=5.20"],
         "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fused-attn = fused_attn.__main__:main"]},
