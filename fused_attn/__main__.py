@@ -1,4 +1,4 @@
-"""Command line: `python -m fused_attn check [...]` (also installed as `fused-attn`)."""
+"""Command line: `python -m fused_attn check [...]` / `plot-mask [...]` (also installed as `fused-attn`)."""
 import argparse
 import os
 import sys
@@ -13,7 +13,21 @@ def main(argv=None) -> int:
     size.add_argument("--full", action="store_true", help="a larger sweep: more shapes, masks and dtypes")
     check.add_argument("--save-baseline", metavar="FILE", help="write the measured errors as JSON")
     check.add_argument("--baseline", metavar="FILE", help="fail where an error grew more than 2x over this JSON")
+    pm = sub.add_parser("plot-mask", help="draw the attention mask and the tiles the kernels skip to a PNG")
+    pm.add_argument("--seqlen-q", type=int, required=True)
+    pm.add_argument("--seqlen-k", type=int, help="default: seqlen-q")
+    pm.add_argument("--causal", action="store_true")
+    pm.add_argument("--window", type=int, nargs=2, default=(-1, -1), metavar=("LEFT", "RIGHT"))
+    pm.add_argument("--alignment", choices=["bottom_right", "top_left"], default="bottom_right")
+    pm.add_argument("--block", type=int, nargs=2, default=(16, 16), metavar=("M", "N"), help="tile size drawn")
+    pm.add_argument("--out", default="mask.png")
     args = parser.parse_args(argv)
+    if args.command == "plot-mask":
+        from fused_attn import viz
+        viz.plot_mask(args.seqlen_q, args.seqlen_k or args.seqlen_q, args.causal, tuple(args.window),
+                      args.alignment, *args.block, path=args.out)
+        print(f"wrote {args.out}")
+        return 0
 
     import torch
 
