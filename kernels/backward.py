@@ -12,7 +12,7 @@ P = exp2((S - m) * scale * log2(e) - log2 l).
 import triton
 import triton.language as tl
 
-from .common import _block_range, _dot, _visible
+from .common import _block_range, _dot, _load_tile, _store_tile, _visible
 from .configs import backward_config, capability, head_block
 from .forward import LOG2E, fp32_dot, launches
 
@@ -28,11 +28,10 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
     h = (bh % n_heads).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
-                mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_dv[None, :] * stride_dod, mask=mask, other=0.0)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_dv, stride_os, stride_od, seqlen_q, HEAD_DIM_V,
+                   True, HEAD_DIM_V != BLOCK_DV)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q,
+                    HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
@@ -50,14 +49,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA,
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        if MASKED:
-            q_ok = offs_m < seqlen_q
-        else:
-            q_ok = tl.full([BLOCK_M], 1, tl.int1)
-        q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                    mask=q_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                     mask=q_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        q = _load_tile(Q, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D)
+        do = _load_tile(DO, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, MASKED,
+                        HEAD_DIM_V != BLOCK_DV)
+        q_ok = offs_m < seqlen_q
         m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
         log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
@@ -99,11 +94,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    n_ok = offs_n[:, None] < seqlen_k
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=n_ok & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-                mask=n_ok & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_ks, stride_kd, seqlen_k, HEAD_DIM,
+                   True, HEAD_DIM != BLOCK_D)
+    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vs, stride_vd, seqlen_k, HEAD_DIM_V,
+                   True, HEAD_DIM_V != BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -124,10 +118,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                                           qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                                           HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
 
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_dv[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(DK + b * stride_dkb + hk * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd, seqlen_k,
+                HEAD_DIM, HEAD_DIM != BLOCK_D)
+    _store_tile(DV + b * stride_dvb + hk * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd, seqlen_k,
+                HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
 
 
 @triton.jit
@@ -142,14 +136,9 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, stride_kn, stride_kd, 
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_ok = offs_n < seqlen_k
-        else:
-            kv_ok = tl.full([BLOCK_N], 1, tl.int1)
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=kv_ok[None, :] & (offs_dv[:, None] < HEAD_DIM_V), other=0.0)
+        kt = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k, HEAD_DIM != BLOCK_D, MASKED)
+        vt = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, seqlen_k, HEAD_DIM_V != BLOCK_DV,
+                        MASKED)
         p = tl.math.exp2((_dot(q, kt, FP32_DOT) - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
@@ -183,10 +172,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < seqlen_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
-                 + offs_dv[None, :] * stride_dod, mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM,
+                   True, HEAD_DIM != BLOCK_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q,
+                    HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     row = bh.to(tl.int64) * seqlen_q
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
     log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
@@ -205,8 +194,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
 
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqs, stride_dqd, seqlen_q,
+                HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,

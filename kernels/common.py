@@ -61,3 +61,32 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols,
+               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """ptr[rows, cols] for 1-D offsets rows and cols, zero outside [0, n_rows) x [0, n_cols). A side known to be
+    in bounds (a fully visible tile, a power-of-two head dim) is loaded without its check."""
+    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, cols, stride_r, stride_c, n_rows, n_cols, CHECK_COLS: tl.constexpr):
+    """ptr[rows, cols] = x inside [0, n_rows) x [0, n_cols), cast to ptr's element type."""
+    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if CHECK_COLS:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+    else:
+        tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=rows[:, None] < n_rows)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range, _dot, _visible
+from .common import _block_range, _dot, _load_tile, _store_tile, _visible
 from .configs import capability, forward_config, head_block, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -27,12 +27,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            kv_ok = offs_n < seqlen_k
-        else:
-            kv_ok = tl.full([BLOCK_N], 1, tl.int1)
-        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=kv_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        kt = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k, HEAD_DIM != BLOCK_D, MASKED)
         s = _dot(q, kt, FP32_DOT)  # raw scores: the scale is applied after subtracting the max (one rounding less)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
@@ -44,8 +39,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=kv_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, MASKED,
+                       HEAD_DIM_V != BLOCK_DV)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -80,8 +75,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = _load_tile(Q, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -106,8 +100,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
     lse = (m_i * qk_scale + log2_l) * 0.6931471805599453
     tl.store(STATS + offs_m * 2, m_i, mask=offs_m < seqlen_q)
     tl.store(STATS + offs_m * 2 + 1, log2_l, mask=offs_m < seqlen_q)
-    tl.store(O + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_tile(O, out, offs_m, offs_dv, stride_os, stride_od, seqlen_q, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
     tl.store(LSE + offs_m, tl.where(empty, float("-inf"), lse), mask=offs_m < seqlen_q)
 
 
