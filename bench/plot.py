@@ -12,96 +12,67 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def _mask_order(mask):
-    return (0, 0) if mask == "none" else (1, 0) if mask == "causal" else (2, int(mask[len("window"):]))
+    return (0, 0) if mask == "none" else (1, 0) if mask == "causal" else (2, _window(mask))
+
+
+def _window(mask):
+    return int(mask[len("window"):])
 
 
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok" and r.get("tflops")]
 
 
-def _title(rows):
+def _grid(rows, panel_rows, panel_key, x, y, xlabel, ylabel, title, path):
+    """Panels (one row per value of panel_key, one column per mode), a line per provider of y against x."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(len(panel_rows), len(modes), figsize=(4.2 * len(modes), 3.2 * len(panel_rows)),
+                             squeeze=False)
+    for i, value in enumerate(panel_rows):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            lines = defaultdict(list)
+            for r in rows:
+                if panel_key(r) == value and r["mode"] == mode:
+                    lines[r["provider"]].append((x(r), y(r)))
+            for provider, pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{value}, {mode}", fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if lines:
+                ax.legend(fontsize=7)
     r = rows[0]
-    return f"{r.get('gpu', '?')}, torch {r.get('torch', '?')}, triton {r.get('triton', '?')}, commit {r.get('commit', '?')}"
+    fig.suptitle(f"{title} -- {r.get('gpu', '?')}, torch {r.get('torch', '?')}, triton {r.get('triton', '?')}, "
+                 f"commit {r.get('commit', '?')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
-def plot_throughput(rows, folder: Path):
-    """One PNG per (head dim, heads): panels mask x mode, TF/s vs sequence length, a line per provider."""
-    groups = defaultdict(list)
-    for r in _ok(rows):
-        groups[(r["head_dim"], r["heads_q"], r["heads_kv"])].append(r)
-    paths = []
-    for (d, hq, hkv), rs in sorted(groups.items()):
-        masks = sorted({r["mask"] for r in rs}, key=_mask_order)
-        modes = [m for m in MODES if any(r["mode"] == m for r in rs)]
-        fig, axes = plt.subplots(len(masks), len(modes), figsize=(4.2 * len(modes), 3.2 * len(masks)),
-                                 squeeze=False, sharex=True)
-        for i, mask in enumerate(masks):
-            for j, mode in enumerate(modes):
-                ax = axes[i][j]
-                lines = defaultdict(list)
-                for r in rs:
-                    if r["mask"] == mask and r["mode"] == mode:
-                        lines[r["provider"]].append((r["seqlen"], r["tflops"]))
-                for provider, pts in sorted(lines.items()):
-                    pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"{mask}, {mode}", fontsize=10)
-                ax.set_ylim(bottom=0)
-                ax.grid(alpha=0.3)
-                if j == 0:
-                    ax.set_ylabel("TF/s")
-                if i == len(masks) - 1:
-                    ax.set_xlabel("sequence length")
-                if lines:
-                    ax.legend(fontsize=7)
-        fig.suptitle(f"D={d}, Hq={hq}, Hkv={hkv} -- {_title(rs)}", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"throughput_d{d}_h{hq}-{hkv}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_windows(rows, folder: Path):
-    """Time vs window size (causal sliding windows), per head dim, one panel per (sequence length, mode)."""
-    rs = [r for r in _ok(rows) if r["mask"].startswith("window") and r["heads_q"] == r["heads_kv"]]
-    paths = []
-    for d in sorted({r["head_dim"] for r in rs}):
-        sub = [r for r in rs if r["head_dim"] == d]
-        seqlens = sorted({r["seqlen"] for r in sub})
-        modes = [m for m in MODES if any(r["mode"] == m for r in sub)]
-        fig, axes = plt.subplots(len(seqlens), len(modes), figsize=(4.2 * len(modes), 3.2 * len(seqlens)),
-                                 squeeze=False)
-        for i, s in enumerate(seqlens):
-            for j, mode in enumerate(modes):
-                ax = axes[i][j]
-                lines = defaultdict(list)
-                for r in sub:
-                    if r["seqlen"] == s and r["mode"] == mode:
-                        lines[r["provider"]].append((int(r["mask"][len("window"):]), r["ms"]))
-                for provider, pts in sorted(lines.items()):
-                    pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"S={s}, {mode}", fontsize=10)
-                ax.set_xlabel("window (keys)")
-                ax.set_ylim(bottom=0)
-                ax.set_ylabel("ms")
-                ax.grid(alpha=0.3)
-                if lines:
-                    ax.legend(fontsize=7)
-        fig.suptitle(f"sliding window, D={d} -- {_title(sub)}", fontsize=10)
-        fig.tight_layout()
-        path = folder / f"windows_d{d}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_all(rows, folder: Path):
+def plot_all(rows, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return plot_throughput(rows, folder) + plot_windows(rows, folder)
+    rows = _ok(rows)
+    paths = []
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["head_dim"], r["heads_q"], r["heads_kv"])].append(r)
+    for (d, hq, hkv), rs in sorted(groups.items()):
+        masks = sorted({r["mask"] for r in rs}, key=_mask_order)
+        paths.append(_grid(rs, masks, lambda r: r["mask"], lambda r: r["seqlen"], lambda r: r["tflops"],
+                           "sequence length", "TF/s", f"D={d}, Hq={hq}, Hkv={hkv}",
+                           folder / f"throughput_d{d}_h{hq}-{hkv}.png"))
+    windows = [r for r in rows if r["mask"].startswith("window") and r["heads_q"] == r["heads_kv"]]
+    for d in sorted({r["head_dim"] for r in windows}):
+        rs = [r for r in windows if r["head_dim"] == d]
+        seqlens = sorted({r["seqlen"] for r in rs})
+        paths.append(_grid(rs, [f"S={s}" for s in seqlens], lambda r: f"S={r['seqlen']}",
+                           lambda r: _window(r["mask"]), lambda r: r["ms"], "window (keys)", "ms",
+                           f"sliding window, D={d}", folder / f"windows_d{d}.png"))
+    return paths
