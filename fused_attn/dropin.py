@@ -9,11 +9,16 @@ import torch
 
 from . import kernels
 from ._args import DTYPES, MAX_HEAD_DIM
-from .function import FusedAttentionFunction, attention, attention_probs
+from .function import FusedAttentionFunction, _check_offsets, attention, attention_probs
 
 log = logging.getLogger("fused_attn")
 
 _torch_sdpa = torch.nn.functional.scaled_dot_product_attention  # the original, for the fallback
+
+
+def _as4d(t):
+    """(N, ..., H, S, E) -> (B, H, S, E) (a view where the strides allow); (N, S, E) -> (N, 1, S, E)."""
+    return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
@@ -48,6 +53,10 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable
         return f"device {query.device} (kernels: CUDA, or CPU under TRITON_INTERPRET=1)"
     if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
         return f"scale={scale!r} (kernels: a positive finite scale)"
+    try:
+        _check_offsets(_as4d(query), _as4d(key), _as4d(value), "bhsd")
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -73,10 +82,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            scale=scale, enable_gqa=enable_gqa)
     log.debug("scaled_dot_product_attention -> fused_attn kernels")
     lead = query.shape[:-3] if query.dim() >= 4 else query.shape[:1]
-
-    def as4d(t):  # (N, ..., H, S, E) -> (B, H, S, E); (N, S, E) -> (N, 1, S, E)
-        return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
-    q, k, v = as4d(query), as4d(key), as4d(value)
+    q, k, v = _as4d(query), _as4d(key), _as4d(value)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = FusedAttentionFunction.apply(q, k, v, scale, 0, -1, 0 if is_causal else -1, "bhsd")
     return out.reshape(*lead, *out.shape[1:]) if query.dim() >= 4 else out.squeeze(1)

@@ -19,6 +19,20 @@ def _check_device(t: torch.Tensor):
     raise ValueError(f"fused_attn supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got device {t.device}")
 
 
+MAX_OFFSET = 2**31 - 1  # the kernels address within one (batch, head) slice with 32-bit offsets
+
+
+def _check_offsets(q, k, v, layout):
+    """Within a (batch, head) slice the kernels use int32 offsets: refuse slices that would overflow them."""
+    Hq, Sq, Dv = q.shape[1], q.shape[2], v.shape[-1]
+    out_extent = (Sq - 1) * (Hq * Dv if layout == "bshd" else Dv) + Dv - 1
+    for name, extent in [(n, (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3))
+                         for n, t in (("q", q), ("k", k), ("v", v))] + [("out", out_extent)]:
+        if extent > MAX_OFFSET:
+            raise ValueError(f"{name} spans {extent} elements within one (batch, head) slice, more than the "
+                             f"{MAX_OFFSET} the kernels address with 32-bit offsets; split the sequence")
+
+
 class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
     lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; forward and backward run the Triton
@@ -73,6 +87,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     """
     a = check_args(q, k, v, causal, window_size, scale, layout)
     _check_device(a.q)
+    _check_offsets(a.q, a.k, a.v, layout)
     out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
     if layout == "bshd":
         out = out.transpose(1, 2)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _load_tile, _store_tile, _visible
+from . import configs
 from .configs import backward_config, capability, head_block
 from .forward import LOG2E, fp32_dot, launches
 
@@ -21,9 +22,9 @@ from .forward import LOG2E, fp32_dot, launches
 def _attn_bwd_preprocess_kernel(O, DO, DELTA,
                                 stride_ob, stride_oh, stride_os, stride_od,
                                 stride_dob, stride_doh, stride_dos, stride_dod,
-                                n_heads, seqlen_q,
+                                head_start, n_heads, seqlen_q,
                                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,13 +83,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                           stride_dob, stride_doh, stride_dos, stride_dod,
                           stride_dkb, stride_dkh, stride_dks, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-                          n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
+                          head_start, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
+                          qk_scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    bhk = tl.program_id(1) + head_start
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = (bhk % n_kv_heads).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -159,13 +161,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_dob, stride_doh, stride_dos, stride_dod,
                         stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-                        n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
+                        head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -209,18 +211,21 @@ def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float,
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
-        out, do, delta, *out.stride(), *do.stride(), Hq, Sq,
-        HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), B * Hkv)](
-        q, k, v, do, stats, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-        BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), B * Hq)](
-        q, k, v, do, stats, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-        BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
+    for start, count in configs.head_chunks(B * Hq):
+        _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
+            out, do, delta, *out.stride(), *do.stride(), start, Hq, Sq,
+            HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
+    for start, count in configs.head_chunks(B * Hkv):
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), count)](
+            q, k, v, do, stats, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
+            BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
+    for start, count in configs.head_chunks(B * Hq):
+        _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
+            q, k, v, do, stats, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
+            BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
     launches["bwd"] += 1
     return dq, dk, dv

@@ -33,6 +33,14 @@ _SMEM = {(9, 0): 200_000, (8, 0): 150_000, (8, 7): 150_000, (10, 0): 200_000}
 _SMEM_DEFAULT = 90_000
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the (batch * head) index goes
+
+
+def head_chunks(n_heads_total: int):
+    """(start, count) launches covering batch * heads within the grid-axis-1 limit (one launch in practice)."""
+    return [(s, min(MAX_GRID_Y, n_heads_total - s)) for s in range(0, n_heads_total, MAX_GRID_Y)]
+
+
 def head_block(d: int) -> int:
     """Head dims are padded to the next power of two (>= 16, tl.dot's minimum) by masked loads."""
     return max(16, triton.next_power_of_2(d))

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _load_tile, _store_tile, _visible
+from . import configs
 from .configs import capability, forward_config, head_block, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -56,13 +57,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
-                     n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                     head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     Q += b * stride_qb + h * stride_qh
@@ -118,14 +119,14 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = forward_config(D, Dv, q.dtype, capability(q.device))
-    grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, stats,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
-        HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv), FP32_DOT=fp32_dot(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for start, count in configs.head_chunks(B * Hq):
+        _attn_fwd_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
+            q, k, v, out, lse, stats,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
+            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv), FP32_DOT=fp32_dot(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     launches["fwd"] += 1
     return out, lse, stats

@@ -190,3 +190,18 @@ def test_output_layout_follows_input(device):
     assert out.shape == (2, 30, 4, 32) and out.is_contiguous()
     out = fused_attn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     assert out.shape == (2, 4, 30, 32)
+
+
+def test_heads_beyond_the_grid_limit_are_launched_in_chunks(device, monkeypatch):
+    """B * H above CUDA's grid-axis-1 limit (65535) is split over several launches; shrink the limit to see it."""
+    from fused_attn.kernels import configs
+    q, k, v, do = make_inputs(Case(3, 4, 2, 40, 50, 32, causal=True), device)
+
+    def run():
+        out = fused_attn.attention(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+    whole = run()
+    monkeypatch.setattr(configs, "MAX_GRID_Y", 5)  # 12 query heads -> 3 launches, 6 kv heads -> 2
+    assert configs.head_chunks(12) == [(0, 5), (5, 5), (10, 2)]
+    for a, b in zip(whole, run()):
+        assert torch.equal(a, b)

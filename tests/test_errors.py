@@ -74,3 +74,11 @@ def test_cpu_without_interpreter_says_how_to_proceed():
             "except ValueError as e:\n    print('ValueError:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "ValueError:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_slices_beyond_32_bit_offsets_are_refused(monkeypatch):
+    import fused_attn.function as function
+    q = t(1, 2, 64, 32, device=DEVICE)
+    monkeypatch.setattr(function, "MAX_OFFSET", 64 * 32 - 2)  # stands in for 2**31 - 1
+    with pytest.raises(ValueError, match=r"q spans 2047 elements .* 32-bit offsets"):
+        fused_attn.attention(q, q, q)
