@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _load_tile, _store_tile, _visible
-from . import configs
-from .configs import backward_config, capability, head_block
+from .configs import backward_config, capability, head_block, head_chunks
 from .forward import LOG2E, fp32_dot, launches
 
 
@@ -211,17 +210,17 @@ def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float,
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    for start, count in configs.head_chunks(B * Hq):
+    for start, count in head_chunks(B * Hq):
         _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
             out, do, delta, *out.stride(), *do.stride(), start, Hq, Sq,
             HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
-    for start, count in configs.head_chunks(B * Hkv):
+    for start, count in head_chunks(B * Hkv):
         _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), count)](
             q, k, v, do, stats, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
             BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
-    for start, count in configs.head_chunks(B * Hq):
+    for start, count in head_chunks(B * Hq):
         _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
             q, k, v, do, stats, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

@@ -7,8 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _dot, _load_tile, _store_tile, _visible
-from . import configs
-from .configs import capability, forward_config, head_block, interpreter_active
+from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
 launches = Counter()
@@ -119,7 +118,7 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = forward_config(D, Dv, q.dtype, capability(q.device))
-    for start, count in configs.head_chunks(B * Hq):
+    for start, count in head_chunks(B * Hq):
         _attn_fwd_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
             q, k, v, out, lse, stats,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
