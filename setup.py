@@ -12,7 +12,7 @@ setup(
     packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations"],
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in.
-    install_requires=["torch>=2.4", "triton>=3.1", "numpy"],
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         "test": ["pytest>=7", "transformers>=5.20", "matplotlib>=3.5"],
         "hf": ["transformers>=5.20"],
