@@ -200,12 +200,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int):
+                       right: int, config=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
-    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq)."""
+    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq). `config` overrides configs.py."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = backward_config(D, Dv, q.dtype, capability(q.device))
+    cfg = config or backward_config(D, Dv, q.dtype, capability(q.device))
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)

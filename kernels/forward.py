@@ -109,15 +109,15 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
 
 
-def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int):
+def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log) and, for the backward, stats (B, Hq, Sq, 2, float32, contiguous):
     the row max m of the unscaled scores and log2 l of the softmax denominator. Keeping the two apart lets the
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
-    that S - lse suffers at large logits."""
+    that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = forward_config(D, Dv, q.dtype, capability(q.device))
+    cfg = config or forward_config(D, Dv, q.dtype, capability(q.device))
     for start, count in head_chunks(B * Hq):
         _attn_fwd_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
             q, k, v, out, lse, stats,
