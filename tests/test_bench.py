@@ -96,3 +96,14 @@ def test_providers_are_checked_against_the_reference(provider):
     status, metric = run.check_provider(provider, cfg, device, {})
     assert status == "ok", metric
     assert metric.err <= metric.budget
+
+
+def test_tune_candidates_and_cli(capsys):
+    from bench import tune
+    assert tune.main(["--dry-run", "--head-dims", "64", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "D=64 fwd: 36 candidates" in out and "D=256 bwd:" in out
+    assert all(c.block_m * c.block_n <= 64 * 64 for c in tune.candidates("bwd", 256, 0))
+    if not torch.cuda.is_available():
+        assert tune.main(["--head-dims", "64"]) == 2
+        assert "needs an NVIDIA GPU" in capsys.readouterr().out
