@@ -14,8 +14,8 @@ setup(
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in.
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "transformers>=5.20", "matplotlib>=3.5"],
-        "hf": ["transformers>=5.20"],
+        "test": ["pytest>=7", "transformers>=5.20,<6", "matplotlib>=3.5"],
+        "hf": ["transformers>=5.20,<6"],
         "bench": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fused-attn = fused_attn.__main__:main"]},
