@@ -31,8 +31,12 @@ def sweep(full: bool, gpu: bool):
     return cases
 
 
+def _on_gpu() -> bool:
+    return torch.cuda.is_available() and not kernels.interpreter_active()
+
+
 def environment() -> dict:
-    gpu = torch.cuda.is_available() and not kernels.interpreter_active()
+    gpu = _on_gpu()
     return {
         "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}), "
                                                            "Triton interpreter",
@@ -45,7 +49,7 @@ def _fmt(m) -> str:
 
 
 def run(full=False, save_baseline=None, baseline=None, out=print) -> int:
-    gpu = torch.cuda.is_available() and not kernels.interpreter_active()
+    gpu = _on_gpu()
     if not gpu and not kernels.interpreter_active():
         out("No CUDA GPU and TRITON_INTERPRET is not set: nothing to run the kernels on.")
         return 2
@@ -57,10 +61,11 @@ def run(full=False, save_baseline=None, baseline=None, out=print) -> int:
         "PASS: err <= 2x (out, lse) / 3x (grads) PyTorch's error + rounding floor")
     base = json.load(open(baseline))["cases"] if baseline else {}
     names = ("out", "lse", "dq", "dk", "dv")
-    width = max(len(c.name) for c in sweep(full, gpu))
+    cases = sweep(full, gpu)
+    width = max(len(c.name) for c in cases)
     out(f"{'case':<{width}}  " + "  ".join(f"{n:<15}" for n in names) + "  result")
     results, failures = {}, 0
-    for case in sweep(full, gpu):
+    for case in cases:
         res = evaluate(case, device)
         status = "PASS" if res.ok else "FAIL"
         grown = [n for n, m in res.metrics.items()
