@@ -51,13 +51,15 @@ def tune_case(d, mask, seqlen, tokens, hidden, dtype, limit, out=print):
             try:
                 if kind == "fwd":
                     o, lse, st = buf()
-                    fn = lambda: attention_forward(q, k, v, o, lse, st, *args, config=cfg)  # noqa: E731
+                    fn = lambda o=o, lse=lse, st=st, cfg=cfg: attention_forward(q, k, v, o, lse, st, *args,  # noqa
+                                                                       config=cfg)
                     fn()
                     ok = torch.allclose(o, o0, atol=2e-2, rtol=2e-2)
                 else:
                     g = [torch.empty_like(t) for t in (q, k, v)]
                     delta = torch.empty_like(lse0)
-                    fn = lambda: attention_backward(do, q, k, v, o0, st0, *g, delta, *args, config=cfg)  # noqa
+                    fn = lambda g=g, delta=delta, cfg=cfg: attention_backward(do, q, k, v, o0, st0, *g, delta,  # noqa
+                                                                              *args, config=cfg)
                     fn()
                     ok = all(torch.allclose(a, b, atol=5e-2, rtol=2e-2) for a, b in zip(g, g0))
                 if not ok:

@@ -72,7 +72,7 @@ def compile_one(job):
 def main():
     with ProcessPoolExecutor(2) as pool:
         results = list(pool.map(compile_one, list(jobs())))
-    for ok, line in results:
+    for _, line in results:
         print(line)
     return 0 if all(ok for ok, _ in results) else 1
 

@@ -5,7 +5,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import fused_attn  # noqa: E402
 from fused_attn import kernels  # noqa: E402
 from fused_attn.integrations.transformers import register  # noqa: E402
 from fused_attn.numerics import Metric  # noqa: E402
