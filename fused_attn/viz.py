@@ -3,14 +3,12 @@ exactly from the kernel's log-sum-exp. Needs matplotlib."""
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.pyplot as plt  # the user's backend is left alone (headless machines get Agg by default)
+import numpy as np
+import torch
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from .function import attention, attention_probs  # noqa: E402
-from .mask import diagonal_offset, visible_mask, window_bounds  # noqa: E402
+from .function import attention, attention_probs
+from .mask import diagonal_offset, visible_mask, window_bounds
 
 SKIPPED, MASKED_TILE, FULL_TILE = 0, 1, 2
 
