@@ -2,14 +2,10 @@
 FlashAttention-2's flash_attn_func."""
 import contextlib
 import logging
-import math
-import numbers
 
 import torch
 
-from . import kernels
-from ._args import DTYPES, MAX_HEAD_DIM
-from .function import FusedAttentionFunction, _check_offsets, attention, attention_probs
+from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
 
 log = logging.getLogger("fused_attn")
 
@@ -21,48 +17,31 @@ def _as4d(t):
     return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
 
 
-def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """None if the Triton kernels compute this call exactly, else the reason torch's SDPA takes it."""
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
+    """(Args, None) if the Triton kernels compute this call exactly, else (None, the reason torch's SDPA takes
+    it). Beyond SDPA's own arguments the policy is fused_attn.attention's: check_args, device, offsets."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
-        return "query, key, value are not all tensors"
+        return None, "query, key, value are not all tensors"
     if attn_mask is not None:
-        return "an explicit attn_mask tensor (the kernels take causal / window masks only)"
+        return None, "an explicit attn_mask tensor (the kernels take causal / window masks only)"
     if dropout_p != 0.0:
-        return f"dropout_p={dropout_p} (the kernels have no dropout)"
+        return None, f"dropout_p={dropout_p} (the kernels have no dropout)"
     if not (query.dim() == key.dim() == value.dim() >= 3):
-        return f"ranks {query.dim()}, {key.dim()}, {value.dim()} (need equal ranks >= 3)"
-    if query.dim() >= 4:
-        if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
-            return "batch dims differ between query, key and value (broadcasting)"
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
-        if hk != hv or (hq != hk and not (enable_gqa and hq % hk == 0)):
-            return f"heads {hq}, {hk}, {hv} (kernels: equal heads, or enable_gqa with Hq % Hkv == 0)"
-    elif not (query.shape[0] == key.shape[0] == value.shape[0]):
-        return "batch dims differ between query, key and value (broadcasting)"
-    if key.shape[-2] != value.shape[-2] or query.shape[-1] != key.shape[-1]:
-        return "mismatched shapes (torch reports the error)"
-    if 0 in query.shape or 0 in key.shape or 0 in value.shape:
-        return "an empty dimension"
-    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {max(query.shape[-1], value.shape[-1])} > {MAX_HEAD_DIM}"
-    if not (query.dtype == key.dtype == value.dtype) or query.dtype not in DTYPES:
-        return f"dtypes {query.dtype}, {key.dtype}, {value.dtype} (kernels: one of fp16, bf16, fp32)"
-    if not (query.device == key.device == value.device):
-        return "tensors on different devices"
-    if query.device.type != "cuda" and not (query.device.type == "cpu" and kernels.interpreter_active()):
-        return f"device {query.device} (kernels: CUDA, or CPU under TRITON_INTERPRET=1)"
-    if scale is not None and not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
-        return f"scale={scale!r} (kernels: a positive finite scale)"
+        return None, f"ranks {query.dim()}, {key.dim()}, {value.dim()} (need equal ranks >= 3)"
+    batch_dims = slice(0, -3) if query.dim() >= 4 else slice(0, 1)
+    if not (query.shape[batch_dims] == key.shape[batch_dims] == value.shape[batch_dims]):
+        return None, "batch dims differ between query, key and value (broadcasting)"
+    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        return None, f"heads {query.shape[-3]} vs {key.shape[-3]} without enable_gqa"
     try:
-        _check_offsets(_as4d(query), _as4d(key), _as4d(value), "bhsd")
-    except ValueError as e:
-        return str(e)
-    return None
+        return kernel_args(_as4d(query), _as4d(key), _as4d(value), scale=scale), None
+    except (ValueError, TypeError) as e:
+        return None, f"the kernels refuse it: {e}"
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> str:
     """Which path fused_attn.scaled_dot_product_attention takes for these arguments, and why."""
-    reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is None:
         return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "")
     return f"torch scaled_dot_product_attention: {reason}"
@@ -75,17 +54,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     The Triton kernels run whenever they can compute the call (no attn_mask, no dropout, fp16/bf16/fp32 on CUDA,
     ...); any other call goes to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG)
     says which and why."""
-    reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    a, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     log.debug("scaled_dot_product_attention -> fused_attn kernels")
-    lead = query.shape[:-3] if query.dim() >= 4 else query.shape[:1]
-    q, k, v = _as4d(query), _as4d(key), _as4d(value)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = FusedAttentionFunction.apply(q, k, v, scale, 0, -1, 0 if is_causal else -1, "bhsd")
-    return out.reshape(*lead, *out.shape[1:]) if query.dim() >= 4 else out.squeeze(1)
+    # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
+    out, _ = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, -1, 0 if is_causal else -1, "bhsd")
+    if query.dim() == 3:
+        return out.squeeze(1)
+    return out.reshape(*query.shape[:-3], *out.shape[1:])
 
 
 @contextlib.contextmanager

@@ -33,6 +33,14 @@ def _check_offsets(q, k, v, layout):
                              f"{MAX_OFFSET} the kernels address with 32-bit offsets; split the sequence")
 
 
+def kernel_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
+    """check_args plus what the kernels themselves need (device, 32-bit offsets); raises on anything else."""
+    a = check_args(q, k, v, causal, window_size, scale, layout)
+    _check_device(a.q)
+    _check_offsets(a.q, a.k, a.v, layout)
+    return a
+
+
 class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
     lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; forward and backward run the Triton
@@ -85,9 +93,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
     """
-    a = check_args(q, k, v, causal, window_size, scale, layout)
-    _check_device(a.q)
-    _check_offsets(a.q, a.k, a.v, layout)
+    a = kernel_args(q, k, v, causal, window_size, scale, layout)
     out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
     if layout == "bshd":
         out = out.transpose(1, 2)

@@ -49,8 +49,8 @@ def test_sdpa_matches_torch_and_runs_the_kernels(shapes, kwargs):
     pytest.param({"attn_mask": "bool"}, "explicit attn_mask", id="bool-mask"),
     pytest.param({"attn_mask": "additive"}, "explicit attn_mask", id="additive-mask"),
     pytest.param({"dropout_p": 0.5}, "dropout_p=0.5", id="dropout"),
-    pytest.param({"dtype": torch.float64}, "dtypes", id="float64"),
-    pytest.param({"scale": -1.0}, "scale=-1.0", id="negative-scale"),
+    pytest.param({"dtype": torch.float64}, "unsupported dtype torch.float64", id="float64"),
+    pytest.param({"scale": -1.0}, "finite positive float, got -1.0", id="negative-scale"),
 ])
 def test_sdpa_falls_back_to_torch_and_says_why(kwargs, reason):
     kwargs = dict(kwargs)
