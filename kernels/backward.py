@@ -12,9 +12,9 @@ P = exp2((S - m) * scale * log2(e) - log2 l).
 import triton
 import triton.language as tl
 
-from .common import _block_range, _dot, _load_tile, _store_tile, _visible
-from .configs import backward_config, capability, head_block, head_chunks
-from .forward import LOG2E, fp32_dot, launches
+from .common import _at_head, _block_range, _dot, _load_block, _load_tile, _store_tile, _tile_id, _visible
+from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
+from .forward import LOG2E, fp32_dot, reverse_tiles, run, tile_source, tma_ok
 
 
 @triton.jit
@@ -37,21 +37,20 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          stride_qs, stride_qd, stride_dos, stride_dod,
                          offs_n, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                         FP32_DOT: tl.constexpr):
-    """Query tiles [lo, hi) of one query head, accumulated into the key tile's dK, dV (transposed scores)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+                         FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK, dV (transposed scores)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM, MASKED, HEAD_DIM != BLOCK_D)
-        do = _load_tile(DO, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, MASKED,
-                        HEAD_DIM_V != BLOCK_DV)
+        q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
+                        MASKED, HEAD_DIM != BLOCK_D, TMA)
+        do = _load_block(DO, b, h, start_m, stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
+                         MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
         q_ok = offs_m < seqlen_q
         m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
         log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
@@ -87,18 +86,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
+                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
+                          TMA: tl.constexpr, REVERSE: tl.constexpr):
+    start_n = _tile_id(REVERSE) * BLOCK_N
     bhk = tl.program_id(1) + head_start
-    b = (bhk // n_kv_heads).to(tl.int64)
-    hk = (bhk % n_kv_heads).to(tl.int64)
+    b = bhk // n_kv_heads
+    hk = bhk % n_kv_heads
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_ks, stride_kd, seqlen_k, HEAD_DIM,
-                   True, HEAD_DIM != BLOCK_D)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_dv, stride_vs, stride_vd, seqlen_k, HEAD_DIM_V,
-                   True, HEAD_DIM_V != BLOCK_DV)
+    k = _load_block(_at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA), b, hk, start_n, stride_ks, stride_kd,
+                    seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
+    v = _load_block(_at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA), b, hk, start_n, stride_vs, stride_vd,
+                    seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -107,45 +108,45 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                                             BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_dob + h * stride_doh
-        row = (b * n_heads + h) * seqlen_q
+        h64 = h.to(tl.int64)
+        Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA)
+        DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh, TMA)
+        row = (b64 * n_heads + h64) * seqlen_q
         for seg in tl.static_range(3):
             seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
             seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row,
+            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
                                           stride_qs, stride_qd, stride_dos, stride_dod,
                                           offs_n, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                           qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                          HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+                                          HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
 
-    _store_tile(DK + b * stride_dkb + hk * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd, seqlen_k,
-                HEAD_DIM, HEAD_DIM != BLOCK_D)
-    _store_tile(DV + b * stride_dvb + hk * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd, seqlen_k,
+    _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd,
+                seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
+    _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd, seqlen_k,
                 HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                       FP32_DOT: tl.constexpr):
+                       FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k, HEAD_DIM != BLOCK_D, MASKED)
-        vt = _load_tile(V, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, seqlen_k, HEAD_DIM_V != BLOCK_DV,
-                        MASKED)
-        p = tl.math.exp2((_dot(q, kt, FP32_DOT) - m[:, None]) * qk_scale - log2_l[:, None])
+        k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
+                        MASKED, HEAD_DIM != BLOCK_D, TMA)
+        v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
+                        MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
+        p = tl.math.exp2((_dot(q, tl.trans(k), FP32_DOT) - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), p, 0.0)
-        ds = p * (_dot(do, vt, FP32_DOT) - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), FP32_DOT)
+        ds = p * (_dot(do, tl.trans(v), FP32_DOT) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
 
@@ -164,67 +165,90 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
+                        TMA: tl.constexpr, REVERSE: tl.constexpr):
+    start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < seqlen_q
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM,
-                   True, HEAD_DIM != BLOCK_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q,
-                    HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
+    q = _load_block(_at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA), b, h, start_m, stride_qs, stride_qd,
+                    seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
+    do = _load_block(_at_head(DO, b64 * stride_dob + h64 * stride_doh, TMA), b, h, start_m, stride_dos, stride_dod,
+                     seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
     row = bh.to(tl.int64) * seqlen_q
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
     log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    Kh = K + b * stride_kb + (h // group) * stride_kh
-    Vh = V + b * stride_vb + (h // group) * stride_vh
+    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA)
+    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA)
     lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-        dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, stride_ks, stride_kd, stride_vs, stride_vd,
-                                offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+        dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
+                                stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
 
-    _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqs, stride_dqd, seqlen_q,
-                HEAD_DIM, HEAD_DIM != BLOCK_D)
+    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh, dq * scale, offs_m, offs_d, stride_dqs, stride_dqd,
+                seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
+
+
+def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
+                      right: int, cfgs):
+    """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
+    attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
+    c_kv, c_q = cfgs
+    launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(Sq, c_q.block_m), count),
+                    (out, do, delta, *out.stride(), *do.stride(), start, Hq, Sq),
+                    dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
+                   for start, count in head_chunks(B * Hq)]
+    shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32)
+
+    tma = c_kv.tma and tma_ok(q, k, v, do)
+    src = (tile_source(q, tma, c_kv.block_m, bd), tile_source(k, tma, c_kv.block_n, bd),
+           tile_source(v, tma, c_kv.block_n, bdv), tile_source(do, tma, c_kv.block_m, bdv))
+    kwargs = dict(shape, BLOCK_M=c_kv.block_m, BLOCK_N=c_kv.block_n, TMA=tma,
+                  REVERSE=c_kv.longest_first and reverse_tiles(right, left),  # key tiles: the mask transposed
+                  num_warps=c_kv.num_warps, num_stages=c_kv.num_stages)
+    launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
+                     (*src, stats, delta, dk, dv,
+                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                      start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E), kwargs)
+                    for start, count in head_chunks(B * Hkv)]
+
+    tma = c_q.tma and tma_ok(q, k, v, do)
+    src = (tile_source(q, tma, c_q.block_m, bd), tile_source(k, tma, c_q.block_n, bd),
+           tile_source(v, tma, c_q.block_n, bdv), tile_source(do, tma, c_q.block_m, bdv))
+    kwargs = dict(shape, BLOCK_M=c_q.block_m, BLOCK_N=c_q.block_n, TMA=tma,
+                  REVERSE=c_q.longest_first and reverse_tiles(left, right),
+                  num_warps=c_q.num_warps, num_stages=c_q.num_stages)
+    launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
+                     (*src, stats, delta, dq,
+                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E), kwargs)
+                    for start, count in head_chunks(B * Hq)]
+    return launch_list
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
                        right: int, config=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
-    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq). `config` overrides configs.py."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or backward_config(D, Dv, q.dtype, capability(q.device))
-    bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
-    common = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_D=bd, BLOCK_DV=bdv,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    for start, count in head_chunks(B * Hq):
-        _attn_bwd_preprocess_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
-            out, do, delta, *out.stride(), *do.stride(), start, Hq, Sq,
-            HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_DV=bdv)
-    for start, count in head_chunks(B * Hkv):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg.block_n), count)](
-            q, k, v, do, stats, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-            BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
-    for start, count in head_chunks(B * Hq):
-        _attn_bwd_dq_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
-            q, k, v, do, stats, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-            BLOCK_N=cfg.block_n, FP32_DOT=f32, **common)
-    launches["bwd"] += 1
+    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq). `config` overrides configs.py: one KernelConfig
+    for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ)."""
+    if config is None:
+        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device))
+    cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
+    run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs), "bwd")
     return dq, dk, dv

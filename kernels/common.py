@@ -1,4 +1,5 @@
-"""Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, and dot.
+"""Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, tile
+loads (pointer or TMA), the tile order, and dot.
 
 Mask (DESIGN.md): query row i sees key column j iff
 
@@ -90,3 +91,36 @@ def _store_tile(ptr, x, rows, cols, stride_r, stride_c, n_rows, n_cols, CHECK_CO
         tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
     else:
         tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=rows[:, None] < n_rows)
+
+
+@triton.jit
+def _at_head(X, offset, TMA: tl.constexpr):
+    """X advanced to one (batch, head) slice. A tensor descriptor stays as it is: _load_block indexes it by (b, h)."""
+    if TMA:
+        return X
+    else:
+        return X + offset
+
+
+@triton.jit
+def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK_R), columns [0, BLOCK_C) of head (b, h), zero outside n_rows x n_cols. TMA: X is a
+    (B, H, S, D) tensor descriptor, whose copy engine zero-fills out of bounds; else X is a pointer already at
+    (b, h) (see _at_head) and the loads are masked where CHECK_ROWS / CHECK_COLS say a side can run out."""
+    if TMA:
+        return X.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_C)
+    else:
+        return _load_tile(X, start + tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C), stride_r, stride_c, n_rows, n_cols,
+                          CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
+def _tile_id(REVERSE: tl.constexpr):
+    """This program's tile along grid axis 0; REVERSE hands out the last tiles first (longest-first when the last
+    tiles see the most keys, e.g. causal queries)."""
+    if REVERSE:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        return tl.program_id(0)

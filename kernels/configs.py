@@ -1,8 +1,13 @@
-"""Block sizes, warps and stages for every kernel, in one place.
+"""Block sizes, warps, stages, load path and tile order for every kernel, in one place.
 
-Chosen by heuristics keyed by head dim, dtype and GPU generation. Sequence lengths never enter a config
-(and are never constexpr), so one compiled kernel serves every length.
+Chosen by heuristics keyed by head dim, dtype and GPU generation, and checked by the compile-time gate
+(tests/aot_compile.py: wgmma / mma.sync, pipelined asynchronous loads, no spills, shared memory within the
+target's limit). Sequence lengths never enter a config (and are never constexpr), so one compiled kernel serves
+every length.
 """
+import contextlib
+import contextvars
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +31,18 @@ class KernelConfig:
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
+    tma: bool = False  # load q, k, v, dO through TMA tensor descriptors where the inputs qualify (sm_90+)
+    longest_first: bool = False  # hand out the tiles that see the most keys first (causal, one-sided windows)
 
 
-# Usable shared memory per SM, by compute-capability major.minor (bytes, with ~10% headroom for the compiler).
-_SMEM = {(9, 0): 200_000, (8, 0): 150_000, (8, 7): 150_000, (10, 0): 200_000}
-_SMEM_DEFAULT = 90_000
+# Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability. Consumer and
+# workstation GPUs (sm_86 RTX 3090 / A6000, sm_89 RTX 4090 / L40, sm_120 RTX 5090) and unknown ones: 99 KB.
+SMEM_PER_BLOCK = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 232_448, (10, 3): 232_448}
+SMEM_DEFAULT = 101_376
+
+
+def smem_limit(cap) -> int:
+    return SMEM_PER_BLOCK.get(tuple(cap), SMEM_DEFAULT)
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the (batch * head) index goes
@@ -46,33 +58,74 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _stages(resident: int, per_stage: int, smem: int, most: int) -> int:
-    return max(1, min(most, (smem - resident) // max(per_stage, 1)))
-
-
 def capability(device: torch.device):
     """(major, minor) of a CUDA device; None where the kernels run through the interpreter."""
     return None if interpreter_active() else torch.cuda.get_device_capability(device)
 
 
+def tma_capable(cap) -> bool:
+    """TMA tensor descriptors: Hopper and newer, and the interpreter (which runs them on the CPU)."""
+    return cap is None or cap[0] >= 9
+
+
+# Scoped overrides of the defaults below, for benchmarks and tuning (`use`); never set at import.
+_override = contextvars.ContextVar("fused_attn_config_override", default={})
+
+
+@contextlib.contextmanager
+def use(*, tma=None, longest_first=None):
+    """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load
+    path and the given tile order; None keeps configs.py's choice. An explicit `config=` passed to a launcher wins.
+
+        with fused_attn.kernels.configs.use(tma=True):
+            out = fused_attn.attention(q, k, v, causal=True)
+    """
+    for name, value in (("tma", tma), ("longest_first", longest_first)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True, False or None, got {value!r}")
+    token = _override.set({**_override.get(), **{k: v for k, v in (("tma", tma), ("longest_first", longest_first))
+                                                    if v is not None}})
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _finish(cfg: KernelConfig, cap) -> KernelConfig:
+    cfg = dataclasses.replace(cfg, **_override.get())
+    if cfg.tma and not tma_capable(cap):
+        raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cap}")
+    return cfg
+
+
+def _stages(resident: int, per_stage: int, cap, most: int) -> int:
+    """Pipeline depth that fits the target's shared memory, keeping ~12% for the compiler's own buffers."""
+    return max(1, min(most, (smem_limit(cap) * 7 // 8 - resident) // max(per_stage, 1)))
+
+
+# The interpreter's tiles: small, so small test shapes still cross several of them.
+INTERPRETER = KernelConfig(32, 32, 4, 1)
+
+
 def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
-    if cap is None:  # interpreter: small tiles, so small test shapes still cross several of them
-        return KernelConfig(32, 32, 4, 1)
+    """One program per query tile: q resident, k and v tiles streamed (num_stages deep)."""
+    if cap is None:
+        return _finish(INTERPRETER, cap)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
     big = max(bd, bdv) > 128 or elt == 4
     block_m, block_n = (64, 64) if big else (128, 64)
     if max(bd, bdv) > 128 and elt == 4:
         block_n = 32
     warps = 8 if bd >= 128 or block_m == 128 and bd > 64 else 4
-    stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, _SMEM.get(cap, _SMEM_DEFAULT), 4)
-    return KernelConfig(block_m, block_n, warps, stages)
+    stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, cap, 4)
+    return _finish(KernelConfig(block_m, block_n, warps, stages), cap)
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
-    """One config for both backward kernels: dK/dV keeps block_n keys resident and loops over tiles of block_m
-    queries; dQ keeps block_m queries resident and loops over tiles of block_n keys."""
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
+    """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
+    dQ keeps block_m queries resident and streams tiles of block_n keys (and values)."""
     if cap is None:
-        return KernelConfig(32, 32, 4, 1)
+        return _finish(INTERPRETER, cap), _finish(INTERPRETER, cap)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
     big = max(bd, bdv) > 128 or elt == 4
     block_m, block_n = (32, 64) if big else (64, 64)
@@ -80,5 +133,6 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> 
         block_m, block_n = 16, 32
     warps = 8 if bd >= 128 else 4
     tile = max(block_m, block_n) * (bd + bdv) * elt
-    stages = _stages(tile, tile, _SMEM.get(cap, _SMEM_DEFAULT), 3)
-    return KernelConfig(block_m, block_n, warps, stages)
+    stages = _stages(tile, tile, cap, 3)
+    cfg = KernelConfig(block_m, block_n, warps, stages)
+    return _finish(cfg, cap), _finish(cfg, cap)

@@ -5,8 +5,9 @@ from collections import Counter
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import _block_range, _dot, _load_tile, _store_tile, _visible
+from .common import _at_head, _block_range, _dot, _load_block, _store_tile, _tile_id, _visible
 from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -16,19 +17,18 @@ LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
                     offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                    FP32_DOT: tl.constexpr):
+                    FP32_DOT: tl.constexpr, TMA: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_tile(K, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, seqlen_k, HEAD_DIM != BLOCK_D, MASKED)
-        s = _dot(q, kt, FP32_DOT)  # raw scores: the scale is applied after subtracting the max (one rounding less)
+        k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
+                        MASKED, HEAD_DIM != BLOCK_D, TMA)
+        s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), s, float("-inf"))
@@ -39,8 +39,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, str
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, offs_n, offs_dv, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, MASKED,
-                       HEAD_DIM_V != BLOCK_DV)
+        v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
+                        MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -60,22 +60,25 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
+                     TMA: tl.constexpr, REVERSE: tl.constexpr):
+    start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + (h // group) * stride_kh  # GQA: query head h reads kv head h // group
-    V += b * stride_vb + (h // group) * stride_vh
-    O += b * stride_ob + h * stride_oh
+    b = bh // n_heads
+    h = bh % n_heads
+    hk = h // group  # GQA: query head h reads kv head h // group
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA)
+    K = _at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA)
+    V = _at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA)
+    O += b64 * stride_ob + h64 * stride_oh
     LSE += bh.to(tl.int64) * seqlen_q
     STATS += bh.to(tl.int64) * seqlen_q * 2
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q, offs_m, offs_d, stride_qs, stride_qd, seqlen_q, HEAD_DIM, True, HEAD_DIM != BLOCK_D)
+    q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
+                    True, HEAD_DIM != BLOCK_D, TMA)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -86,10 +89,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
                                         offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT)
+                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
@@ -109,23 +112,58 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
 
 
+def tma_ok(*tensors) -> bool:
+    """TMA can load these (B, H, S, D)-indexed views: last dim contiguous, base and other strides 16-byte aligned."""
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                                                    for s in t.stride()[:3]) for t in tensors)
+
+
+def tile_source(t, cfg_tma: bool, block_rows: int, block_cols: int):
+    """What a kernel's loads read t through: a (B, H, S, D) tensor descriptor of [block_rows, block_cols] boxes
+    (TMA) or t itself (pointer loads)."""
+    if cfg_tma:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
+    return t
+
+
+def reverse_tiles(left: int, right: int) -> bool:
+    """Query tiles see more keys the later they are when only the window's right side is bounded (causal)."""
+    return right >= 0 > left
+
+
+def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg):
+    """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
+    compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    bd, bdv = head_block(D), head_block(Dv)
+    tma = cfg.tma and tma_ok(q, k, v)
+    src = (tile_source(q, tma, cfg.block_m, bd), tile_source(k, tma, cfg.block_n, bd),
+           tile_source(v, tma, cfg.block_n, bdv))
+    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bdv,
+                  FP32_DOT=fp32_dot(q.dtype), TMA=tma, REVERSE=cfg.longest_first and reverse_tiles(left, right),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
+             (*src, out, lse, stats, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+              start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E), kwargs)
+            for start, count in head_chunks(B * Hq)]
+
+
+def run(launch_list, name: str):
+    """Launch each (kernel, grid, args, kwargs); count the call under `name` and its load path."""
+    for kernel, grid, args, kwargs in launch_list:
+        kernel[grid](*args, **kwargs)
+    launches[name] += 1
+    launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
+
+
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log) and, for the backward, stats (B, Hq, Sq, 2, float32, contiguous):
     the row max m of the unscaled scores and log2 l of the softmax denominator. Keeping the two apart lets the
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
-    that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config or forward_config(D, Dv, q.dtype, capability(q.device))
-    for start, count in head_chunks(B * Hq):
-        _attn_fwd_kernel[(triton.cdiv(Sq, cfg.block_m), count)](
-            q, k, v, out, lse, stats,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
-            HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv), FP32_DOT=fp32_dot(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    launches["fwd"] += 1
+    that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
+    its TMA path is taken where the inputs qualify (tma_ok), else the pointer path."""
+    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device))
+    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg), "fwd")
     return out, lse, stats
