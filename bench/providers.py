@@ -3,6 +3,7 @@ callable, or raises Unsupported with the reason (reported in the results, never 
 import torch
 
 import fused_attn
+from fused_attn.kernels import configs
 from fused_attn.mask import visible_mask
 
 REFERENCE_MAX_SEQLEN = 2048  # the naive reference materializes B * H * S^2 scores
@@ -15,6 +16,30 @@ class Unsupported(Exception):
 
 def _fused(cfg, q, k, v):
     return lambda: fused_attn.attention(q, k, v, causal=cfg.causal, window_size=cfg.window)
+
+
+# fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike.
+VARIANTS = {"fused_attn-ptr": dict(tma=False, longest_first=False), "fused_attn-tma": dict(tma=True),
+            "fused_attn-lf": dict(tma=False, longest_first=True), "fused_attn-tma-lf": dict(tma=True, longest_first=True)}
+
+
+def _fused_variant(name):
+    def make(cfg, q, k, v):
+        if VARIANTS[name].get("tma") and not configs.tma_capable(configs.capability(q.device)):
+            raise Unsupported("TMA needs compute capability 9.0+")
+        return _fused(cfg, q, k, v)
+    return make
+
+
+def scoped(name, fn):
+    """fn (a forward, or a forward + backward) run under the provider's kernel choice; other providers as they are."""
+    if name not in VARIANTS:
+        return fn
+
+    def run():
+        with configs.use(**VARIANTS[name]):
+            return fn()
+    return run
 
 
 def _reference(cfg, q, k, v):
@@ -79,6 +104,7 @@ def _flex(cfg, q, k, v):
 
 PROVIDERS = {
     "fused_attn": _fused,
+    **{name: _fused_variant(name) for name in VARIANTS},
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),

@@ -12,7 +12,7 @@ import fused_attn
 from fused_attn.numerics import FACTORS, Metric
 
 from . import plot, sweep
-from .providers import PROVIDERS, Unsupported
+from .providers import PROVIDERS, Unsupported, scoped
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ["gpu", "torch", "triton", "commit", "provider", "mode", "dtype", "seqlen", "head_dim", "mask", "window",
@@ -75,7 +75,7 @@ def check_provider(name, cfg, device, cache):
                              cfg.dtype)
         q, k, v = _inputs(small, device, False)
         try:
-            out = PROVIDERS[name](small, q, k, v)()
+            out = scoped(name, PROVIDERS[name](small, q, k, v))()
         except Unsupported as e:
             cache[key] = ("unsupported: " + str(e), None)
             return cache[key]
@@ -99,10 +99,11 @@ def measure(name, cfg, device):
     if cfg.mode == "fwd":
         fn = fwd
     elif cfg.mode == "bwd":
-        out = fwd()
+        out = scoped(name, fwd)()
         fn = lambda: out.backward(do, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: fwd().backward(do)  # noqa: E731
+    fn = scoped(name, fn)
     try:
         fn()  # warm-up / compile
         torch.cuda.synchronize()

@@ -1,8 +1,9 @@
-"""`python -m bench.tune`: time fused_attn's kernels over candidate tile configs on a GPU and print the fastest per
-(head dim, mask, pass), to be copied into kernels/configs.py. Each candidate is checked against the default
-config's output before it is timed.
+"""`python -m bench.tune`: time fused_attn's kernels over candidate configs on a GPU -- tiles, warps, stages, the
+load path (pointer or TMA) and the tile order (natural or longest-first) -- and print the fastest per (head dim,
+mask, kernel), to be copied into kernels/configs.py. Each candidate is checked against the default config's output
+before it is timed; the backward's two kernels are tuned one at a time, the other keeping its default config.
 
-    python -m bench.tune --head-dims 64 128 --masks none causal --seqlen 16384 [--dry-run]
+    python -m bench.tune --head-dims 64 128 --masks none causal --seqlen 16384 [--paths ptr tma] [--dry-run]
 """
 import argparse
 import dataclasses
@@ -13,18 +14,20 @@ import sys
 import torch
 
 from fused_attn.kernels import attention_backward, attention_forward
-from fused_attn.kernels.configs import KernelConfig
+from fused_attn.kernels.configs import KernelConfig, backward_config
 
-FWD = [KernelConfig(m, n, w, s) for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
-BWD = [KernelConfig(m, n, w, s) for m, n, w, s in itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8),
-                                                                      (1, 2, 3))]
+TILES_FWD = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+TILES_BWD = list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)))
+KINDS = ("fwd", "dkdv", "dq")
 
 
-def candidates(kind: str, head_dim: int, limit: int):
-    """Candidates for one pass; big tiles are dropped for D = 256 (they cannot fit shared memory)."""
-    pool = FWD if kind == "fwd" else BWD
+def candidates(kind: str, head_dim: int, limit: int, paths=("ptr", "tma"), orders=("natural", "longest")):
+    """Candidates for one kernel; big tiles are dropped for D = 256 (they cannot fit shared memory)."""
+    tiles = TILES_FWD if kind == "fwd" else TILES_BWD
     if head_dim > 128:
-        pool = [c for c in pool if c.block_m * c.block_n <= 64 * 64]
+        tiles = [t for t in tiles if t[0] * t[1] <= 64 * 64]
+    pool = [KernelConfig(*t, tma=path == "tma", longest_first=order == "longest")
+            for path in paths for order in orders for t in tiles]
     return pool[:limit] if limit else pool
 
 
@@ -33,7 +36,7 @@ def _time(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def tune_case(d, mask, seqlen, tokens, hidden, dtype, limit, out=print):
+def tune_case(d, mask, seqlen, tokens, hidden, dtype, limit, paths, orders, out=print):
     B, H = max(1, tokens // seqlen), hidden // d
     q, k, v, do = (torch.randn(B, H, seqlen, d, device="cuda", dtype=dtype) for _ in range(4))
     left, right = {"none": (-1, -1), "causal": (-1, 0)}.get(mask) or (int(mask[len("window"):]) - 1, 0)
@@ -44,10 +47,11 @@ def tune_case(d, mask, seqlen, tokens, hidden, dtype, limit, out=print):
     attention_forward(q, k, v, o0, lse0, st0, *args)
     g0 = [torch.empty_like(t) for t in (q, k, v)]
     attention_backward(do, q, k, v, o0, st0, *g0, torch.empty_like(lse0), *args)
+    defaults = backward_config(d, d, dtype, torch.cuda.get_device_capability())
     best = {}
-    for kind in ("fwd", "bwd"):
+    for kind in KINDS:
         results = []
-        for cfg in candidates(kind, d, limit):
+        for cfg in candidates(kind, d, limit, paths, orders):
             try:
                 if kind == "fwd":
                     o, lse, st = buf()
@@ -58,8 +62,9 @@ def tune_case(d, mask, seqlen, tokens, hidden, dtype, limit, out=print):
                 else:
                     g = [torch.empty_like(t) for t in (q, k, v)]
                     delta = torch.empty_like(lse0)
-                    fn = lambda g=g, delta=delta, cfg=cfg: attention_backward(do, q, k, v, o0, st0, *g, delta,  # noqa
-                                                                              *args, config=cfg)
+                    pair = (cfg, defaults[1]) if kind == "dkdv" else (defaults[0], cfg)
+                    fn = lambda g=g, delta=delta, pair=pair: attention_backward(do, q, k, v, o0, st0, *g, delta,  # noqa
+                                                                                *args, config=pair)
                     fn()
                     ok = all(torch.allclose(a, b, atol=5e-2, rtol=2e-2) for a, b in zip(g, g0))
                 if not ok:
@@ -84,21 +89,26 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    p.add_argument("--limit", type=int, default=0, help="at most this many candidates per pass (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many candidates per kernel (0: all)")
+    p.add_argument("--paths", nargs="+", default=["ptr", "tma"], choices=["ptr", "tma"],
+                   help="load paths to try (tma: compute capability 9.0+)")
+    p.add_argument("--orders", nargs="+", default=["natural", "longest"], choices=["natural", "longest"],
+                   help="tile orders to try")
     p.add_argument("--out", help="write the best configs as JSON")
     p.add_argument("--dry-run", action="store_true", help="list the candidates and exit")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.dry_run:
         for d in args.head_dims:
-            for kind in ("fwd", "bwd"):
-                print(f"D={d} {kind}: {len(candidates(kind, d, args.limit))} candidates")
+            for kind in KINDS:
+                print(f"D={d} {kind}: {len(candidates(kind, d, args.limit, args.paths, args.orders))} candidates")
         return 0
     if not torch.cuda.is_available():
         print("python -m bench.tune needs an NVIDIA GPU (CUDA); none is visible here (try --dry-run).")
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    best = {f"d{d}-{m}": tune_case(d, m, args.seqlen, args.tokens, args.hidden, dtype, args.limit)
+    paths = [p for p in args.paths if p == "ptr" or torch.cuda.get_device_capability()[0] >= 9]
+    best = {f"d{d}-{m}": tune_case(d, m, args.seqlen, args.tokens, args.hidden, dtype, args.limit, paths, args.orders)
             for d in args.head_dims for m in args.masks}
     if args.out:
         with open(args.out, "w") as f:

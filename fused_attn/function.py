@@ -1,9 +1,25 @@
 """The autograd Function over the Triton launchers, and the public attention()."""
+import re
+
+import numpy
 import torch
+import triton
 
 from . import kernels, ops
 from ._args import check_args
 from .mask import visible_mask
+
+
+def _version(module) -> tuple:
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", module.__version__).groups())
+
+
+def _check_interpreter():
+    """Triton < 3.7's interpreter turns 1-element arrays into loop bounds with int(), which NumPy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop."""
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy "
+                           f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7' to run them on the CPU")
 
 
 def _check_device(t: torch.Tensor):
@@ -11,6 +27,7 @@ def _check_device(t: torch.Tensor):
         return
     if t.device.type == "cpu":
         if kernels.interpreter_active():
+            _check_interpreter()
             return
         raise ValueError(
             "fused_attn runs its Triton kernels on CUDA tensors; got CPU tensors. To run the same kernels on the "

@@ -39,18 +39,20 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          stride_qs, stride_qd, stride_dos, stride_dod,
-                         offs_n, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                         offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                         FP32_DOT: tl.constexpr, TMA: tl.constexpr):
-    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK, dV (transposed scores)."""
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
+                         TMA: tl.constexpr):
+    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK, dV (transposed scores). One loop
+    for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time. (Three
+    loops, as in the forward, keep more registers live across them: the GQA dK/dV spilled that way on sm_90.)"""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
-                        MASKED, HEAD_DIM != BLOCK_D, TMA)
+                        True, HEAD_DIM != BLOCK_D, TMA)
         do = _load_block(DO, b, h, start_m, stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                         MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
+                         True, HEAD_DIM_V != BLOCK_DV, TMA)
         q_ok = offs_m < seqlen_q
         m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
         log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
@@ -60,7 +62,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         else:
             st = _dot(k, tl.trans(q), FP32_DOT)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
-        if MASKED:
+        if (start_m < full_lo) | (start_m >= full_hi):
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
                                    HAS_LEFT, HAS_RIGHT), pt, 0.0)
         dv += _dot(pt.to(do.dtype), do, FP32_DOT)
@@ -112,14 +114,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
         Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA)
         DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh, TMA)
         row = (b64 * n_heads + h64) * seqlen_q
-        for seg in tl.static_range(3):
-            seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
-            seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
-            dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
-                                          stride_qs, stride_qd, stride_dos, stride_dod,
-                                          offs_n, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
-                                          qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                          HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
+                                      stride_qs, stride_qd, stride_dos, stride_dod,
+                                      offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
+                                      qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
+                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA)
 
     _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd,
                 seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)

@@ -91,11 +91,13 @@ def use(*, tma=None, longest_first=None):
         _override.reset(token)
 
 
-def _finish(cfg: KernelConfig, cap) -> KernelConfig:
-    cfg = dataclasses.replace(cfg, **_override.get())
-    if cfg.tma and not tma_capable(cap):
+def _choice(cap) -> dict:
+    """Load path and tile order: configs.py's defaults (pointer path, natural order -- until a GPU run has measured
+    the alternatives), or what `use` set."""
+    choice = {"tma": False, "longest_first": False, **_override.get()}
+    if choice["tma"] and not tma_capable(cap):
         raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cap}")
-    return cfg
+    return choice
 
 
 def _stages(resident: int, per_stage: int, cap, most: int) -> int:
@@ -104,35 +106,57 @@ def _stages(resident: int, per_stage: int, cap, most: int) -> int:
 
 
 # The interpreter's tiles: small, so small test shapes still cross several of them.
-INTERPRETER = KernelConfig(32, 32, 4, 1)
+INTERPRETER = (32, 32, 4, 1)
+
+# sm_90 fp16 / bf16, by padded head dim (64 also serves 16 and 32): (block_m, block_n, warps, stages). Each is the
+# largest tile the compile-time gate finds clean (every dot a wgmma, pipelined loads, no spills) with triton 3.6
+# and 3.9; the pointer path needs more registers for addresses than TMA, so it gets fewer stages or smaller tiles.
+# Not yet timed on a GPU (bench.tune does that).
+HOPPER_FWD = {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
+              ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)}
+HOPPER_DKDV = {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
+HOPPER_DQ = {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)}
+
+
+def _hopper(cap, dtype) -> bool:
+    return cap[0] in (9, 10) and dtype.itemsize == 2
 
 
 def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
     """One program per query tile: q resident, k and v tiles streamed (num_stages deep)."""
+    choice = _choice(cap)
     if cap is None:
-        return _finish(INTERPRETER, cap)
+        return KernelConfig(*INTERPRETER, **choice)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
+    if _hopper(cap, dtype):
+        return KernelConfig(*HOPPER_FWD["tma" if choice["tma"] else "ptr", max(64, bd, bdv)], **choice)
     big = max(bd, bdv) > 128 or elt == 4
     block_m, block_n = (64, 64) if big else (128, 64)
-    if max(bd, bdv) > 128 and elt == 4:
+    if max(bd, bdv) > 128 and (elt == 4 or smem_limit(cap) < 120_000):
         block_n = 32
     warps = 8 if bd >= 128 or block_m == 128 and bd > 64 else 4
     stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, cap, 4)
-    return _finish(KernelConfig(block_m, block_n, warps, stages), cap)
+    return KernelConfig(block_m, block_n, warps, stages, **choice)
 
 
 def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values)."""
+    choice = _choice(cap)
     if cap is None:
-        return _finish(INTERPRETER, cap), _finish(INTERPRETER, cap)
+        return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
+    if _hopper(cap, dtype):
+        d = max(64, bd, bdv)
+        return KernelConfig(*HOPPER_DKDV[d], **choice), KernelConfig(*HOPPER_DQ[d], **choice)
     big = max(bd, bdv) > 128 or elt == 4
     block_m, block_n = (32, 64) if big else (64, 64)
     if max(bd, bdv) > 128 and elt == 4:
         block_m, block_n = 16, 32
+    small = smem_limit(cap) < 120_000  # 99 KB GPUs: the resident tile must leave room for the streamed ones
+    if small and (big and max(bd, bdv) > 128 or elt == 4 and max(bd, bdv) > 64):
+        block_m, block_n = 16, 32
     warps = 8 if bd >= 128 else 4
     tile = max(block_m, block_n) * (bd + bdv) * elt
-    stages = _stages(tile, tile, cap, 3)
-    cfg = KernelConfig(block_m, block_n, warps, stages)
-    return _finish(cfg, cap), _finish(cfg, cap)
+    cfg = KernelConfig(block_m, block_n, warps, _stages(tile, tile, cap, 3), **choice)
+    return cfg, cfg

@@ -1,24 +1,199 @@
-"""Compile every kernel ahead of time for NVIDIA targets (sm_80, sm_90) with the configs the launchers pick, on
-a machine without a GPU, and check the shared memory each needs fits the target. Run by test_compile.py in a
-fresh process (the test session itself runs the kernels through the interpreter).
+"""The compile-time gate: compile every kernel for NVIDIA targets on a machine without a GPU, exactly as the JIT
+would compile it for the benchmark shapes, and assert on the code Triton generates.
 
-    python tests/aot_compile.py
+The launches are the launchers' own (forward_launches / backward_launches) on meta tensors with the benchmark's
+shapes and strides (16k tokens, hidden 2048, S = 16384, contiguous "bhsd" and "bshd"), compiled through the JIT's
+warmup under a driver that names the target and owns no device. So the JIT's specializations apply as on a GPU:
+unit strides become constants, 16-divisible pointers / strides / lengths are marked, group = 1 is a constant.
+
+Asserted per kernel (forward, dK/dV, dQ; pointer and TMA paths):
+  sm_90, fp16 / bf16: every dot a wgmma (no mma.sync), the tile loads inside the loops asynchronous (cp.async or
+      TMA) and multi-buffered (pipelined), no synchronous tile load left in a loop, 0 bytes of spill stores;
+  sm_80, fp16 / bf16: mma.sync, cp.async, the same pipelining, no spills;
+  every target and dtype (fp32 included): shared memory within the target's per-block limit (99 KB on sm_86,
+      sm_89, sm_120). fp32 kernels may spill; the table shows how much.
+A few bare-signature compiles (every stride and length an opaque i32) run as a smoke test only.
+
+    python tests/aot_compile.py [--quick]     one line per kernel; exit status 1 if an assertion fails
 """
+import argparse
+import contextlib
+import io
+import os
+import re
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime import driver
 
 from fused_attn.kernels import backward, configs, forward
 
-SMEM_LIMIT = {80: 166_912, 90: 232_448}  # max dynamic shared memory per block
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (1023, 0)}  # window: Mistral sliding_window=1024
+SEQLEN, TOKENS, HIDDEN = 16384, 16384, 2048
+DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
-def _signature(jit, dtype, constexprs):
+class TargetOnly:
+    """A driver that names a GPU target for the JIT and owns no device: warmup compiles, nothing launches.
+    The device id is the arch, so the JIT's per-device caches never mix targets."""
+
+    def __init__(self, arch: int):
+        self.arch, self.target = arch, GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def is_active(self):
+        return True
+
+
+def jobs(quick: bool):
+    """(arch, dtype, D, mask, group, tma, longest_first) per launch set; layouts are compiled inside each job.
+    sm_90 bf16: causal MHA and GQA 8 on both paths at every D, masks none and window (GQA 8) at D = 128; fp16
+    generates the same code with another element type: D = 128. sm_80 and the 99 KB GPUs: shared memory per dtype
+    (sm_89 compiles as sm_86 does, so only its largest tiles, D = 256)."""
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    out = []
+    for d in (128,) if quick else (64, 128, 256):
+        for tma in (False, True):
+            out += [(90, bf16, d, "causal", group, tma, False) for group in (1, 8)]
+            if d == 128:
+                out += [(90, bf16, d, m, 8, tma, False) for m in ("none", "window")]
+                out.append((90, fp16, d, "causal", 1, tma, False))
+        out.append((90, bf16, d, "causal", 1, False, True))  # longest-first tile order: fwd and dQ reversed
+        out.append((90, fp32, d, "causal", 1, False, False))
+        out.append((80, bf16, d, "causal", 8, False, False))
+        out += [(arch, dt, d, "causal", 1, False, False) for arch in (86, 120) for dt in (bf16, fp32)]
+    out += [(arch, dt, 256, "causal", 1, False, False) for arch, dt in ((80, fp32), (89, bf16), (89, fp32))]
+    return out
+
+
+def _meta(shape_bhsd, dtype, layout):
+    B, H, S, D = shape_bhsd
+    if layout == "bshd":
+        return torch.empty(B, S, H, D, dtype=dtype, device="meta").transpose(1, 2)
+    return torch.empty(B, H, S, D, dtype=dtype, device="meta")
+
+
+def launch_list(arch, dtype, d, mask, group, tma, longest_first, layout):
+    """The launchers' launches for the benchmark shape, on meta tensors."""
+    cap = (arch // 10, arch % 10)
+    B, Hq = TOKENS // SEQLEN, HIDDEN // d
+    Hkv = Hq // group
+    q, o, do, dq = (_meta((B, Hq, SEQLEN, d), dtype, layout) for _ in range(4))
+    k, v, dk, dv = (_meta((B, Hkv, SEQLEN, d), dtype, layout) for _ in range(4))
+    lse, delta = (torch.empty(B, Hq, SEQLEN, device="meta") for _ in range(2))
+    stats = torch.empty(B, Hq, SEQLEN, 2, device="meta")
+    left, right = MASKS[mask]
+    with configs.use(tma=tma, longest_first=longest_first):
+        fc = configs.forward_config(d, d, dtype, cap)
+        bc = configs.backward_config(d, d, dtype, cap)
+    args = (d ** -0.5, 0, left, right)
+    return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc)
+            + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc))
+
+
+def _loop_tile_loads(ttgir: str) -> int:
+    """Synchronous loads of 2-D tiles inside scf.for loops (a tile load the pipeliner did not make async)."""
+    stack, count = [], 0
+    for line in ttgir.splitlines():
+        s = line.strip()
+        if s.startswith("}"):
+            if stack:
+                stack.pop()
+        if "tt.load" in s and re.search(r"tensor<\d+x\d+x", s) and "for" in stack:
+            count += 1
+        if s.endswith("{"):
+            stack.append("for" if "scf.for" in s else "other")
+    return count
+
+
+def inspect(compiled, log: str) -> dict:
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    spill = re.search(r"(\d+) bytes spill stores", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    buffers = [int(n) for n in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    return dict(
+        wgmma=ptx.count("wgmma.mma_async"), mma=len(re.findall(r"\bmma\.sync", ptx)),
+        cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)), tma=ptx.count("cp.async.bulk.tensor"),
+        stages=max(buffers, default=1), sync_loads=_loop_tile_loads(ttgir),
+        spill=int(spill.group(1)) if spill else -1, regs=int(regs.group(1)) if regs else -1,
+        smem=compiled.metadata.shared)
+
+
+def verdict(arch, dtype, name, r) -> list:
+    """What fails for this kernel (empty: clean)."""
+    bad = []
+    if r["smem"] > configs.smem_limit((arch // 10, arch % 10)):
+        bad.append("shared memory over the limit")
+    if r["spill"] < 0:
+        bad.append("no ptxas report")
+    if dtype == torch.float32 or name not in DOT_KERNELS or arch not in (80, 90):
+        return bad
+    if arch == 90 and (r["wgmma"] == 0 or r["mma"]):
+        bad.append("mma.sync instead of wgmma")
+    if arch == 80 and r["mma"] == 0:
+        bad.append("no mma.sync")
+    if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
+        bad.append("synchronous tile loads in a loop")
+    if r["stages"] < 2:
+        bad.append("loads not pipelined")
+    if r["spill"]:
+        bad.append("spills")
+    return bad
+
+
+_ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
+
+
+def compile_job(job):
+    arch, dtype, d, mask, group, tma, longest_first = job
+    driver.set_active(TargetOnly(arch))
+    knobs.nvidia.dump_ptxas_log = True
+    seen, rows = {}, []
+    for layout in ("bhsd", "bshd"):
+        for kernel, grid, args, kwargs in launch_list(*job, layout):
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                compiled = kernel.warmup(*args, grid=grid, **kwargs)
+            if id(compiled) in seen:  # the JIT's cache: this layout specializes exactly as the other did
+                seen[id(compiled)]["layouts"] += "+" + layout
+                continue
+            r = inspect(compiled, _ptxas_logs.setdefault(id(compiled), log.getvalue()))
+            r.update(name=compiled.name, layouts=layout, tiles=(kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")),
+                     warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                     tma_path=bool(kwargs.get("TMA")))
+            r["bad"] = verdict(arch, dtype, r["name"], r)
+            seen[id(compiled)] = r
+            rows.append(r)
+    return job, rows
+
+
+def fmt(job, r) -> str:
+    arch, dtype, d, mask, group, tma, longest_first = job
+    kname = r["name"].replace("_attn_", "").replace("_kernel", "").replace("bwd_", "")
+    path = ("tma" if r["tma_path"] else "ptr") + ("+lf" if longest_first else "")
+    return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:10} {r['layouts']:9} "
+            f"tile={r['tiles'][0]}x{r['tiles'][1]} w={r['warps']} s={r['num_stages']} | wgmma={r['wgmma']:<3} "
+            f"mma.sync={r['mma']:<3} cp.async={r['cp_async']:<3} tma={r['tma']:<2} buffers={r['stages']} "
+            f"sync-loop-loads={r['sync_loads']} | regs={r['regs']:<3} spill={r['spill']:<5} smem={r['smem']:6} "
+            f"| {'ok' if not r['bad'] else 'FAIL: ' + ', '.join(r['bad'])}")
+
+
+def _bare_signature(jit, dtype, constexprs):
     sig = {}
     for name in jit.arg_names:
         if name in constexprs:
@@ -34,47 +209,55 @@ def _signature(jit, dtype, constexprs):
     return sig
 
 
-def jobs():
-    combos = [(90, torch.bfloat16, d, m) for d in (64, 128, 256) for m in ((False, False), (True, True))]
-    combos += [(90, torch.float16, 80, (True, False)), (90, torch.float32, 256, (True, True)),
-               (80, torch.float16, 128, (False, True)), (80, torch.float32, 256, (True, True))]
-    for arch, dtype, d, (has_left, has_right) in combos:
-        bd = configs.head_block(d)
-        mask = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right)
-        fc = configs.forward_config(d, d, dtype, (arch // 10, arch % 10))
-        bc = configs.backward_config(d, d, dtype, (arch // 10, arch % 10))
-        shared = dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=bd, BLOCK_DV=bd, FP32_DOT=dtype == torch.float32)
-        yield (arch, dtype, "fwd", dict(shared, BLOCK_M=fc.block_m, BLOCK_N=fc.block_n, **mask), fc)
-        yield (arch, dtype, "dkdv", dict(shared, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n, **mask), bc)
-        yield (arch, dtype, "dq", dict(shared, BLOCK_M=bc.block_m, BLOCK_N=bc.block_n, **mask), bc)
-        if has_left:
-            yield (arch, dtype, "pre", dict(HEAD_DIM_V=d, BLOCK_M=bc.block_m, BLOCK_DV=bd), bc)
+def smoke(_=None):
+    """Bare-signature compiles (nothing specialized): they must compile, their code is not judged."""
+    lines = []
+    for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, "bhsd"):
+        jit = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # under @triton.heuristics
+        names = set(jit.arg_names)
+        constexprs = {k: v for k, v in kwargs.items() if k in names}
+        if "HAS_LEFT" in names:
+            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True)
+        src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))
+        lines.append(f"smoke sm_90 bf16 D=80 bare signature {c.name}: compiled, smem={c.metadata.shared}")
+    return lines
 
 
-KERNELS = {"fwd": forward._attn_fwd_kernel, "dkdv": backward._attn_bwd_dkdv_kernel,
-           "dq": backward._attn_bwd_dq_kernel, "pre": backward._attn_bwd_preprocess_kernel}
+def _selected(job, only) -> bool:
+    arch, dtype, d, mask, group, tma, longest_first = job
+    fields = dict(arch=arch, dtype=TYPES[dtype], d=d, mask=mask, group=group, tma=int(tma), lf=int(longest_first))
+    return all(str(fields[k]) == v for k, v in (o.split("=", 1) for o in only))
 
 
-def compile_one(job):
-    arch, dtype, name, constexprs, cfg = job
-    kernel = KERNELS[name]
-    jit = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # under @triton.heuristics
-    src = ASTSource(jit, _signature(jit, dtype, constexprs), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    smem = compiled.metadata.shared
-    ok = smem <= SMEM_LIMIT[arch]
-    return ok, (f"sm_{arch} {TYPES[dtype]} {name:4} D={constexprs.get('HEAD_DIM', constexprs['HEAD_DIM_V']):3} "
-                f"M={constexprs['BLOCK_M']:3} N={constexprs.get('BLOCK_N', '-'):>3} warps={cfg.num_warps} "
-                f"stages={cfg.num_stages} smem={smem:6} {'ok' if ok else 'EXCEEDS ' + str(SMEM_LIMIT[arch])}")
+def _worker_init(cache_root):
+    # A cache of its own per process: every first compile runs ptxas (whose -v report we read).
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=cache_root)
 
 
-def main():
-    with ProcessPoolExecutor(2) as pool:
-        results = list(pool.map(compile_one, list(jobs())))
-    for _, line in results:
-        print(line)
-    return 0 if all(ok for ok, _ in results) else 1
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="compile-time gate of the fused_attn kernels")
+    p.add_argument("--quick", action="store_true", help="D = 128 and the causal mask only")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal")
+    a = p.parse_args(argv)
+    print(f"triton {triton.__version__}, torch {torch.__version__}; S={SEQLEN}, {TOKENS} tokens, hidden {HIDDEN}")
+    with tempfile.TemporaryDirectory(prefix="fused_attn_gate_") as cache_root, \
+            ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(cache_root,)) as pool:
+        smoke_lines = pool.submit(smoke)
+        results = list(pool.map(compile_job, [j for j in jobs(a.quick) if _selected(j, a.only)]))
+        smoke_lines = smoke_lines.result()
+    n_bad = n = 0
+    for job, rows in results:
+        for r in rows:
+            print(fmt(job, r))
+            n += 1
+            n_bad += bool(r["bad"])
+    print("\n".join(smoke_lines))
+    print(f"{n - n_bad} of {n} kernels clean")
+    return 1 if n_bad else 0
 
 
 if __name__ == "__main__":

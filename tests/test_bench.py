@@ -75,7 +75,7 @@ def test_plots_from_synthetic_results(tmp_path):
 def test_cli_dry_run_and_no_gpu_exit(capsys):
     assert run.main(["--dry-run", "--seqlens", "2048", "--head-dims", "128", "--masks", "causal"]) == 0
     out = capsys.readouterr().out
-    assert "S=  2048 D=128 B=  8 Hq= 16 Hkv= 16 causal" in out and "6 configurations x 7 providers" in out
+    assert "S=  2048 D=128 B=  8 Hq= 16 Hkv= 16 causal" in out and "6 configurations x 11 providers" in out
     if not torch.cuda.is_available():
         assert run.main(["--seqlens", "2048"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().out
@@ -89,21 +89,30 @@ def test_plot_only_redraws_from_a_results_file(tmp_path, capsys):
     assert (tmp_path / "plots" / "windows_d64.png").exists()
 
 
-@pytest.mark.parametrize("provider", ["fused_attn", "reference"])
-def test_providers_are_checked_against_the_reference(provider):
+@pytest.mark.parametrize("provider,path", [("fused_attn", "ptr"), ("fused_attn-tma-lf", "tma"),
+                                           ("fused_attn-lf", "ptr"), ("reference", None)])
+def test_providers_are_checked_against_the_reference(provider, path):
+    from fused_attn import kernels
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if path == "tma" and device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0+")
     cfg = sweep.Config(96, 64, "window32", "fwd", 1, 8, 2, dtype="fp16")
+    before = kernels.launches.copy()
     status, metric = run.check_provider(provider, cfg, device, {})
     assert status == "ok", metric
     assert metric.err <= metric.budget
+    if path:  # the variant's path really ran
+        assert kernels.launches[f"fwd:{path}"] == before[f"fwd:{path}"] + 1
 
 
 def test_tune_candidates_and_cli(capsys):
     from bench import tune
     assert tune.main(["--dry-run", "--head-dims", "64", "256"]) == 0
     out = capsys.readouterr().out
-    assert "D=64 fwd: 36 candidates" in out and "D=256 bwd:" in out
-    assert all(c.block_m * c.block_n <= 64 * 64 for c in tune.candidates("bwd", 256, 0))
+    assert "D=64 fwd: 144 candidates" in out and "D=256 dkdv:" in out and "D=256 dq:" in out
+    assert all(c.block_m * c.block_n <= 64 * 64 for c in tune.candidates("dkdv", 256, 0))
+    assert {(c.tma, c.longest_first) for c in tune.candidates("fwd", 64, 0)} == {(False, False), (False, True),
+                                                                                 (True, False), (True, True)}
     if not torch.cuda.is_available():
         assert tune.main(["--head-dims", "64"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().out

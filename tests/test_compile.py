@@ -1,5 +1,6 @@
-"""Every kernel compiles for sm_80 and sm_90 (Triton's own NVIDIA backend, no GPU needed) with the configs the
-launchers choose, and fits the target's shared memory. The CPU suite otherwise only runs the interpreter."""
+"""The compile-time gate (tests/aot_compile.py) in the suite: every kernel compiled for sm_90, sm_80 and the 99 KB
+GPUs with the JIT's specializations of the benchmark shapes, and judged (wgmma, pipelined async loads, spills,
+shared memory). Plus the gate's own judges on hand-written inputs, so a broken judge cannot pass silently."""
 import os
 import subprocess
 import sys
@@ -8,12 +9,47 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import aot_compile as gate  # noqa: E402
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite compiles and runs the kernels itself")
-def test_kernels_compile_for_nvidia_targets():
+def test_kernels_pass_the_compile_time_gate():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default every release so far; silences 3.9's notice
-    script = Path(__file__).with_name("aot_compile.py")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, str(Path(gate.__file__))], env=env, capture_output=True, text=True,
+                         timeout=1800)
+    print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count(" ok") >= 30, out.stdout
+    assert out.stdout.count("sm_90 ") >= 60 and out.stdout.count(" smoke ") == 0, out.stdout
+
+
+def test_loop_tile_loads_are_found():
+    ttgir = """
+    %q = tt.load %p : tensor<64x128x!tt.ptr<bf16>, #blocked>
+    %r = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (tensor<64x64xf32>) : i32 {
+      %m = tt.load %s : tensor<64x!tt.ptr<f32>, #blocked>
+      %x = scf.if %c -> (tensor<64x64xf32>) {
+        %k = tt.load %kp : tensor<64x128x!tt.ptr<bf16>, #blocked>
+        scf.yield %k
+      } else {
+        scf.yield %a
+      }
+    }
+    %v = tt.load %vp : tensor<64x128x!tt.ptr<bf16>, #blocked>
+    """
+    assert gate._loop_tile_loads(ttgir) == 1  # only %k: %q and %v are outside the loop, %m is 1-D
+
+
+def test_verdicts():
+    clean = dict(wgmma=12, mma=0, cp_async=40, tma=0, stages=3, sync_loads=0, spill=0, regs=200, smem=100_000)
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", clean) == []
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, spill=8)) == ["spills"]
+    assert "mma.sync instead of wgmma" in gate.verdict(90, torch.float16, "_attn_bwd_dq_kernel",
+                                                       dict(clean, mma=4))
+    assert "loads not pipelined" in gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, stages=1))
+    assert "synchronous tile loads in a loop" in gate.verdict(80, torch.bfloat16, "_attn_fwd_kernel",
+                                                              dict(clean, mma=8, sync_loads=2))
+    assert gate.verdict(86, torch.float32, "_attn_bwd_dkdv_kernel", dict(clean, smem=102_400)) == [
+        "shared memory over the limit"]  # 99 KB on sm_86
+    assert gate.verdict(90, torch.float32, "_attn_fwd_kernel", dict(clean, spill=9000)) == []  # fp32: printed

@@ -1,0 +1,91 @@
+"""The kernel paths beside the default: TMA tensor-descriptor loads and the longest-first tile order, through the
+interpreter (or compiled on a GPU of compute capability 9.0+), against the float64 reference; the choice rules."""
+import pytest
+import torch
+
+from fused_attn import function, kernels
+from fused_attn.kernels import configs, forward
+from fused_attn.numerics import Case, evaluate
+
+ON_GPU = torch.cuda.is_available()
+TMA_HERE = not ON_GPU or torch.cuda.get_device_capability()[0] >= 9
+
+CASES = [
+    pytest.param(Case(1, 4, 2, 113, 203, 64, causal=True), id="gqa-causal-q113-k203-d64"),
+    pytest.param(Case(1, 2, 1, 97, 64, 80, 40, window=(10, 3), layout="bshd"), id="mqa-win10-3-d80-dv40-bshd"),
+    pytest.param(Case(2, 2, 2, 77, 60, 64, window=(5, -1)), id="mha-left5-q77-k60"),
+    pytest.param(Case(1, 2, 2, 40, 17, 40, causal=True), id="mha-causal-q40-k17-d40-empty-rows"),
+]
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="TMA needs compute capability 9.0+")
+@pytest.mark.parametrize("longest_first", [False, True], ids=["natural", "longest-first"])
+@pytest.mark.parametrize("case", CASES)
+def test_tma_path(case, longest_first, device):
+    with configs.use(tma=True, longest_first=longest_first):
+        res = evaluate(case, device)
+    assert res.launches.get("fwd:tma") == 1 and res.launches.get("bwd:tma") == 1, res.launches
+    assert res.ok, res.describe()
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[2:3])
+def test_longest_first_pointer_path(case, device):
+    with configs.use(longest_first=True):
+        res = evaluate(case, device)
+    assert res.launches.get("fwd:ptr") == 1 and res.launches.get("bwd:ptr") == 1, res.launches
+    assert res.ok, res.describe()
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="TMA needs compute capability 9.0+")
+def test_unaligned_inputs_take_the_pointer_path(device):
+    """D = 111 in fp16 gives 222-byte rows, not 16-byte aligned: TMA cannot describe them."""
+    with configs.use(tma=True):
+        res = evaluate(Case(1, 2, 1, 33, 47, 111, 40, causal=True), device)
+    assert res.launches.get("fwd:ptr") == 1 and res.launches.get("fwd:tma", 0) == 0, res.launches
+    assert res.ok, res.describe()
+
+
+def test_tile_order_rule():
+    """Reversed where the last query tiles see the most keys: only the right side bounded (causal)."""
+    assert forward.reverse_tiles(-1, 0) and forward.reverse_tiles(-1, 5)
+    assert not forward.reverse_tiles(-1, -1) and not forward.reverse_tiles(7, 0) and not forward.reverse_tiles(7, -1)
+    q = torch.empty(1, 2, 300, 64, device="meta", dtype=torch.float16)
+    stats = torch.empty(1, 2, 300, 2, device="meta")
+    cfg = configs.KernelConfig(64, 64, 4, 2, longest_first=True)
+    fwd = forward.forward_launches(q, q, q, q, stats[..., 0], stats, 0.1, 0, -1, 0, cfg)
+    bwd = kernels.backward.backward_launches(q, q, q, q, q, stats, q, q, q, stats[..., 0], 0.1, 0, -1, 0,
+                                             (cfg, cfg))
+    reverse = {k.fn.__name__: kw["REVERSE"] for k, _, _, kw in fwd + bwd if "REVERSE" in kw}
+    # causal: query tiles reversed (last sees most), key tiles in natural order (first is seen by most queries)
+    assert reverse == {"_attn_fwd_kernel": True, "_attn_bwd_dkdv_kernel": False, "_attn_bwd_dq_kernel": True}
+
+
+def test_use_overrides_and_restores():
+    default = configs.forward_config(64, 64, torch.float16, None)
+    assert not default.tma and not default.longest_first
+    with configs.use(tma=True):
+        with configs.use(longest_first=True):
+            c = configs.forward_config(64, 64, torch.float16, None)
+            assert c.tma and c.longest_first
+        assert configs.backward_config(64, 64, torch.float16, None)[0].tma
+    assert configs.forward_config(64, 64, torch.float16, None) == default
+    with pytest.raises(ValueError, match="TMA load path needs compute capability 9.0"), configs.use(tma=True):
+        configs.forward_config(64, 64, torch.float16, (8, 0))
+    with pytest.raises(TypeError, match="tma must be True, False or None"), configs.use(tma="yes"):
+        pass
+
+
+def test_interpreter_version_check(monkeypatch):
+    """Triton < 3.7's interpreter with NumPy >= 2.4 fails inside every kernel: say so before launching."""
+    class V:
+        def __init__(self, v):
+            self.__version__ = v
+    monkeypatch.setattr(function, "triton", V("3.6.0"))
+    monkeypatch.setattr(function, "numpy", V("2.4.1"))
+    with pytest.raises(RuntimeError, match=r"install 'numpy<2.4' or 'triton>=3.7'"):
+        function._check_interpreter()
+    monkeypatch.setattr(function, "numpy", V("2.3.5"))
+    function._check_interpreter()
+    monkeypatch.setattr(function, "triton", V("3.7.0"))
+    monkeypatch.setattr(function, "numpy", V("2.4.1"))
+    function._check_interpreter()
