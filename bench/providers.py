@@ -20,7 +20,8 @@ def _fused(cfg, q, k, v):
 
 # fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike.
 VARIANTS = {"fused_attn-ptr": dict(tma=False, longest_first=False), "fused_attn-tma": dict(tma=True),
-            "fused_attn-lf": dict(tma=False, longest_first=True), "fused_attn-tma-lf": dict(tma=True, longest_first=True)}
+            "fused_attn-lf": dict(tma=False, longest_first=True),
+            "fused_attn-tma-lf": dict(tma=True, longest_first=True)}
 
 
 def _fused_variant(name):

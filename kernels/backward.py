@@ -43,10 +43,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                         TMA: tl.constexpr):
-    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK, dV (transposed scores). One loop
-    for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time. (Three
-    loops, as in the forward, keep more registers live across them: the GQA dK/dV spilled that way on sm_90.)"""
+                         TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
+    One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
+    (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
+    sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.)"""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
@@ -56,7 +57,6 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         q_ok = offs_m < seqlen_q
         m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
         log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
         if FP32_DOT:  # q k^T as in the forward, so P matches its stats to the last bit (visible in fp32)
             st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
         else:
@@ -65,9 +65,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         if (start_m < full_lo) | (start_m >= full_hi):
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
                                    HAS_LEFT, HAS_RIGHT), pt, 0.0)
-        dv += _dot(pt.to(do.dtype), do, FP32_DOT)
-        dst = pt * (_dot(v, tl.trans(do), FP32_DOT) - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, FP32_DOT)
+        if WITH_DV:
+            dv += _dot(pt.to(do.dtype), do, FP32_DOT)
+        if WITH_DK:
+            delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+            dst = pt * (_dot(v, tl.trans(do), FP32_DOT) - delta[None, :])
+            dk += _dot(dst.to(q.dtype), q, FP32_DOT)
     return dk, dv
 
 
@@ -89,7 +92,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                          TMA: tl.constexpr, REVERSE: tl.constexpr):
+                          TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+    """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
+    accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
     start_n = _tile_id(REVERSE) * BLOCK_N
     bhk = tl.program_id(1) + head_start
     b = bhk // n_kv_heads
@@ -100,8 +105,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
     offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_block(_at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA), b, hk, start_n, stride_ks, stride_kd,
                     seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
-    v = _load_block(_at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA), b, hk, start_n, stride_vs, stride_vd,
-                    seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
+    v = k  # not read where WITH_DK is off: the dV pass needs no v
+    if WITH_DK:
+        v = _load_block(_at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA), b, hk, start_n, stride_vs,
+                        stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -118,12 +125,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                                       stride_qs, stride_qd, stride_dos, stride_dod,
                                       offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
                                       qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA)
+                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV)
 
-    _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd,
-                seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
-    _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd, seqlen_k,
-                HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
+    if WITH_DK:
+        _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd,
+                    seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
+    if WITH_DV:
+        _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd,
+                    seqlen_k, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
 
 
 @triton.jit
@@ -221,11 +230,14 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     kwargs = dict(shape, BLOCK_M=c_kv.block_m, BLOCK_N=c_kv.block_n, TMA=tma,
                   REVERSE=c_kv.longest_first and reverse_tiles(right, left),  # key tiles: the mask transposed
                   num_warps=c_kv.num_warps, num_stages=c_kv.num_stages)
+    passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
+        dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
                      (*src, stats, delta, dk, dv,
                       *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                      start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E), kwargs)
-                    for start, count in head_chunks(B * Hkv)]
+                      start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E),
+                     dict(kwargs, **which))
+                    for which in passes for start, count in head_chunks(B * Hkv)]
 
     tma = c_q.tma and tma_ok(q, k, v, do)
     src = (tile_source(q, tma, c_q.block_m, bd), tile_source(k, tma, c_q.block_n, bd),

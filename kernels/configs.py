@@ -33,6 +33,7 @@ class KernelConfig:
     num_stages: int
     tma: bool = False  # load q, k, v, dO through TMA tensor descriptors where the inputs qualify (sm_90+)
     longest_first: bool = False  # hand out the tiles that see the most keys first (causal, one-sided windows)
+    split_dkdv: bool = False  # dK/dV kernel only: dV and dK in two launches, one accumulator each (large head dims)
 
 
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability. Consumer and
@@ -108,18 +109,34 @@ def _stages(resident: int, per_stage: int, cap, most: int) -> int:
 # The interpreter's tiles: small, so small test shapes still cross several of them.
 INTERPRETER = (32, 32, 4, 1)
 
-# sm_90 fp16 / bf16, by padded head dim (64 also serves 16 and 32): (block_m, block_n, warps, stages). Each is the
-# largest tile the compile-time gate finds clean (every dot a wgmma, pipelined loads, no spills) with triton 3.6
-# and 3.9; the pointer path needs more registers for addresses than TMA, so it gets fewer stages or smaller tiles.
-# Not yet timed on a GPU (bench.tune does that).
-HOPPER_FWD = {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
-              ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)}
-HOPPER_DKDV = {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)}
-HOPPER_DQ = {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)}
+# fp16 / bf16 tiles by GPU class and padded head dim (64 also serves 16 and 32): (block_m, block_n, warps, stages).
+# Each is the largest tile the compile-time gate (tests/aot_compile.py) finds clean -- every dot a wgmma (sm_90)
+# or mma.sync (sm_80), pipelined asynchronous loads, no spills -- with triton 3.6 and 3.9. The pointer path needs
+# registers for addresses that TMA does not, so on Hopper it gets fewer stages or smaller tiles. None of these has
+# been timed on a GPU yet: `python -m bench.tune` does that.
+HOPPER = {
+    "fwd": {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
+            ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)},
+    "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+}
+AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stages to get double buffers
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 3)},
+    "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 3)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
+}
+SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared memory per block
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
+    "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 1)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
+}
 
 
-def _hopper(cap, dtype) -> bool:
-    return cap[0] in (9, 10) and dtype.itemsize == 2
+def _tiles(kind: str, cap, head_dim: int, head_dim_v: int, tma: bool):
+    d = max(64, head_block(head_dim), head_block(head_dim_v))
+    if cap[0] in (9, 10):
+        return HOPPER[kind][("tma" if tma else "ptr", d) if kind == "fwd" else d]
+    return (AMPERE if smem_limit(cap) > SMEM_DEFAULT else SMALL)[kind][d]
 
 
 def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
@@ -127,36 +144,32 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> K
     choice = _choice(cap)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice)
-    bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
-    if _hopper(cap, dtype):
-        return KernelConfig(*HOPPER_FWD["tma" if choice["tma"] else "ptr", max(64, bd, bdv)], **choice)
-    big = max(bd, bdv) > 128 or elt == 4
-    block_m, block_n = (64, 64) if big else (128, 64)
-    if max(bd, bdv) > 128 and (elt == 4 or smem_limit(cap) < 120_000):
-        block_n = 32
-    warps = 8 if bd >= 128 or block_m == 128 and bd > 64 else 4
-    stages = _stages(block_m * bd * elt, block_n * (bd + bdv) * elt, cap, 4)
-    return KernelConfig(block_m, block_n, warps, stages, **choice)
+    if dtype.itemsize == 2:
+        return KernelConfig(*_tiles("fwd", cap, head_dim, head_dim_v, choice["tma"]), **choice)
+    # fp32 (IEEE dots, no tensor cores): tiles that fit shared memory; the gate prints their spills.
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
+    block_m, block_n = 64, 64 if max(bd, bdv) <= 128 else 32
+    if max(bd, bdv) > 128 and smem_limit(cap) <= SMEM_DEFAULT:
+        block_m = 32
+    stages = _stages(block_m * bd * 4, block_n * (bd + bdv) * 4, cap, 3)
+    return KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, stages, **choice)
 
 
 def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
-    dQ keeps block_m queries resident and streams tiles of block_n keys (and values)."""
+    dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
+    kernel runs as two launches (dV, then dK), one accumulator each: both spill."""
     choice = _choice(cap)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
-    bd, bdv, elt = head_block(head_dim), head_block(head_dim_v), dtype.itemsize
-    if _hopper(cap, dtype):
-        d = max(64, bd, bdv)
-        return KernelConfig(*HOPPER_DKDV[d], **choice), KernelConfig(*HOPPER_DQ[d], **choice)
-    big = max(bd, bdv) > 128 or elt == 4
-    block_m, block_n = (32, 64) if big else (64, 64)
-    if max(bd, bdv) > 128 and elt == 4:
-        block_m, block_n = 16, 32
-    small = smem_limit(cap) < 120_000  # 99 KB GPUs: the resident tile must leave room for the streamed ones
-    if small and (big and max(bd, bdv) > 128 or elt == 4 and max(bd, bdv) > 64):
-        block_m, block_n = 16, 32
-    warps = 8 if bd >= 128 else 4
-    tile = max(block_m, block_n) * (bd + bdv) * elt
-    cfg = KernelConfig(block_m, block_n, warps, _stages(tile, tile, cap, 3), **choice)
-    return cfg, cfg
+    split = max(head_block(head_dim), head_block(head_dim_v)) > 128
+    if dtype.itemsize == 2:
+        return (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"]), split_dkdv=split, **choice),
+                KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"]), **choice))
+    bd, bdv = head_block(head_dim), head_block(head_dim_v)
+    block_m, block_n = (32, 64) if max(bd, bdv) <= 64 else (16, 32)
+    if split and smem_limit(cap) <= SMEM_DEFAULT:
+        block_n = 16
+    tile = max(block_m, block_n) * (bd + bdv) * 4
+    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cap, 3), **choice)
+    return dataclasses.replace(cfg, split_dkdv=split), cfg

@@ -89,3 +89,27 @@ def test_interpreter_version_check(monkeypatch):
     monkeypatch.setattr(function, "triton", V("3.7.0"))
     monkeypatch.setattr(function, "numpy", V("2.4.1"))
     function._check_interpreter()
+
+
+def test_split_dkdv_is_bitwise_the_one_pass_backward(device):
+    """Large head dims run dV and dK as two launches of the dK/dV kernel: the same arithmetic per accumulator."""
+    from fused_attn.numerics import make_inputs
+    case = Case(1, 4, 2, 70, 90, 40, 24, causal=True)
+    q, k, v, do = (t.detach() for t in make_inputs(case, device))
+    B, Hq, Sq, _ = q.shape
+    out = torch.empty(B, Hq, Sq, v.shape[3], device=device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Sq, device=device)
+    stats = torch.empty(B, Hq, Sq, 2, device=device)
+    kernels.attention_forward(q, k, v, out, lse, stats, 0.2, 20, -1, 0)
+    grads = []
+    for split in (False, True):
+        cfg = configs.KernelConfig(32, 32, 4, 1, split_dkdv=split)
+        grad_bufs = [torch.empty_like(t) for t in (q, k, v)]
+        launches = kernels.backward.backward_launches(do, q, k, v, out, stats, *grad_bufs, torch.empty_like(lse),
+                                                      0.2, 20, -1, 0, (cfg, cfg))
+        assert sum(kernel.fn.__name__ == "_attn_bwd_dkdv_kernel" for kernel, *_ in launches) == 1 + split
+        g = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        kernels.attention_backward(do, q, k, v, out, stats, *g, torch.empty_like(lse), 0.2, 20, -1, 0, config=cfg)
+        grads.append(g)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
