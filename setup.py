@@ -11,7 +11,8 @@ setup(
     # top-level module named "kernels" lands in site-packages.
     packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations"],
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
-    # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in.
+    # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in. Triton 3.6's
+    # interpreter also needs numpy < 2.4 (fused_attn says so at run time); triton >= 3.7 runs with any.
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
         "test": ["pytest>=7", "transformers>=5.20,<6", "matplotlib>=3.5"],

@@ -118,10 +118,10 @@ def tma_ok(*tensors) -> bool:
                                                                     for s in t.stride()[:3]) for t in tensors)
 
 
-def tile_source(t, cfg_tma: bool, block_rows: int, block_cols: int):
+def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     """What a kernel's loads read t through: a (B, H, S, D) tensor descriptor of [block_rows, block_cols] boxes
     (TMA) or t itself (pointer loads)."""
-    if cfg_tma:
+    if tma:
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
     return t
 

@@ -21,7 +21,7 @@ def test_kernels_pass_the_compile_time_gate():
                          timeout=1800)
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("sm_90 ") >= 60 and out.stdout.count(" smoke ") == 0, out.stdout
+    assert out.stdout.count("sm_90 ") >= 150 and out.stdout.count("smoke sm_90") == 4, out.stdout
 
 
 def test_loop_tile_loads_are_found():
@@ -53,3 +53,6 @@ def test_verdicts():
     assert gate.verdict(86, torch.float32, "_attn_bwd_dkdv_kernel", dict(clean, smem=102_400)) == [
         "shared memory over the limit"]  # 99 KB on sm_86
     assert gate.verdict(90, torch.float32, "_attn_fwd_kernel", dict(clean, spill=9000)) == []  # fp32: printed
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, tma_path=True)) == [
+        "TMA path without cp.async.bulk.tensor"]
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, cp_async=0, tma=8, tma_path=True)) == []
