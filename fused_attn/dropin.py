@@ -2,6 +2,7 @@
 FlashAttention-2's flash_attn_func."""
 import contextlib
 import logging
+import operator
 
 import torch
 
@@ -80,6 +81,30 @@ def sdpa_override():
         torch.nn.functional.scaled_dot_product_attention = previous
 
 
+def flash_attn_window(window_size):
+    """FlashAttention-2's window_size as (left, right) ints: any pair of integers -- a tuple or list, a 2-element
+    tensor or array, numpy or 0-d tensor integers; a negative side is unbounded (-1), as in flash_attn."""
+    try:
+        pair = list(window_size)
+    except TypeError:
+        raise TypeError(f"window_size must be a pair (left, right) of integers, got {window_size!r}") from None
+    if len(pair) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of integers, got {len(pair)} values: "
+                        f"{window_size!r}")
+    sides = []
+    for name, w in zip(("left", "right"), pair):
+        if isinstance(w, torch.Tensor) and (w.dim() != 0 or w.dtype.is_floating_point or w.dtype == torch.bool):
+            raise TypeError(f"window_size {name} must be an integer, got {w!r}")
+        if isinstance(w, bool):
+            raise TypeError(f"window_size {name} must be an integer, got {w!r}")
+        try:
+            value = operator.index(w)
+        except TypeError:
+            raise TypeError(f"window_size {name} must be an integer, got {w!r} ({type(w).__name__})") from None
+        sides.append(max(value, -1))
+    return tuple(sides)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """FlashAttention-2's flash_attn_func: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) ->
@@ -92,7 +117,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                       ("alibi_slopes", alibi_slopes is None)) if not off]
     if missing:
         raise NotImplementedError(f"fused_attn.flash_attn_func does not implement {', '.join(missing)} yet")
-    if causal and isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+    window_size = flash_attn_window(window_size)
+    if causal:
         window_size = (window_size[0], 0)
     out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
                          return_lse=True)

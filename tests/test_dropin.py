@@ -116,3 +116,27 @@ def test_flash_attn_func_rejects_what_it_does_not_implement(kwargs, name):
     q = rand(1, 8, 4, 16)
     with pytest.raises(NotImplementedError, match=name):
         fused_attn.flash_attn_func(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("window", [torch.tensor([12, 7]), torch.tensor([12, 7], dtype=torch.int32),
+                                    (torch.tensor(12), torch.tensor(7)), __import__("numpy").array([12, 7]),
+                                    [__import__("numpy").int64(12), 7]],
+                         ids=["tensor", "int32-tensor", "0d-tensors", "ndarray", "numpy-ints"])
+def test_flash_attn_func_takes_any_pair_of_integers(window):
+    """FlashAttention-2 takes window_size as any pair of integers (a 2-element tensor too), negative = unbounded."""
+    q, k, v = rand(1, 23, 2, 16), rand(1, 30, 2, 16), rand(1, 30, 2, 16)
+    want = fused_attn.attention(q, k, v, window_size=(12, 7), layout="bshd")
+    out, n = launched(lambda: fused_attn.flash_attn_func(q, k, v, window_size=window))
+    assert n == 1 and torch.equal(out, want)
+    assert torch.equal(fused_attn.flash_attn_func(q, k, v, window_size=(-5, 7)),
+                       fused_attn.attention(q, k, v, window_size=(-1, 7), layout="bshd"))
+
+
+@pytest.mark.parametrize("window,match", [((1.5, 2), "left must be an integer"),
+                                          (torch.tensor([1.0, 2.0]), "left must be an integer"),
+                                          ((3, True), "right must be an integer"),
+                                          (4, "a pair"), ((1, 2, 3), "3 values")])
+def test_flash_attn_func_window_errors_name_the_value(window, match):
+    q = rand(1, 8, 2, 16)
+    with pytest.raises(TypeError, match=match):
+        fused_attn.flash_attn_func(q, q, q, window_size=window)
