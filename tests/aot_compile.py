@@ -157,6 +157,13 @@ def verdict(arch, dtype, name, r) -> list:
     return bad
 
 
+def _part(kwargs) -> str:
+    """Which launch of a split dK/dV this is ("" for a kernel that does all its work in one launch)."""
+    if kwargs.get("WITH_DK", True) and kwargs.get("WITH_DV", True):
+        return ""
+    return ":dk" if kwargs["WITH_DK"] else ":dv"
+
+
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
 
 
@@ -176,7 +183,7 @@ def compile_job(job):
             r = inspect(compiled, _ptxas_logs.setdefault(id(compiled), log.getvalue()))
             r.update(name=compiled.name, layouts=layout, tiles=(kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")),
                      warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                     tma_path=bool(kwargs.get("TMA")))
+                     tma_path=bool(kwargs.get("TMA")), part=_part(kwargs))
             r["bad"] = verdict(arch, dtype, r["name"], r)
             seen[id(compiled)] = r
             rows.append(r)
@@ -185,9 +192,9 @@ def compile_job(job):
 
 def fmt(job, r) -> str:
     arch, dtype, d, mask, group, tma, longest_first = job
-    kname = r["name"].replace("_attn_", "").replace("_kernel", "").replace("bwd_", "")
+    kname = r["name"].replace("_attn_", "").replace("_kernel", "").replace("bwd_", "") + r.get("part", "")
     path = ("tma" if r["tma_path"] else "ptr") + ("+lf" if longest_first else "")
-    return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:10} {r['layouts']:9} "
+    return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:13} {r['layouts']:9} "
             f"tile={r['tiles'][0]}x{r['tiles'][1]} w={r['warps']} s={r['num_stages']} | wgmma={r['wgmma']:<3} "
             f"mma.sync={r['mma']:<3} cp.async={r['cp_async']:<3} tma={r['tma']:<2} buffers={r['stages']} "
             f"sync-loop-loads={r['sync_loads']} | regs={r['regs']:<3} spill={r['spill']:<5} smem={r['smem']:6} "
