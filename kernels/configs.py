@@ -110,10 +110,11 @@ def _stages(resident: int, per_stage: int, cap, most: int) -> int:
 INTERPRETER = (32, 32, 4, 1)
 
 # fp16 / bf16 tiles by GPU class and padded head dim (64 also serves 16 and 32): (block_m, block_n, warps, stages).
-# Each is the largest tile the compile-time gate (tests/aot_compile.py) finds clean -- every dot a wgmma (sm_90)
-# or mma.sync (sm_80), pipelined asynchronous loads, no spills -- with triton 3.6 and 3.9. The pointer path needs
-# registers for addresses that TMA does not, so on Hopper it gets fewer stages or smaller tiles. None of these has
-# been timed on a GPU yet: `python -m bench.tune` does that.
+# The Hopper and sm_80 entries are tiles the compile-time gate (tests/aot_compile.py) finds clean with triton 3.6
+# and 3.9 -- every dot a wgmma (sm_90) or mma.sync (sm_80), pipelined asynchronous loads, no spills -- picked from
+# a few candidates each, the largest clean one; the 99 KB entries are checked for shared memory only. The pointer
+# path needs registers for addresses that TMA does not, so on Hopper it gets fewer stages or smaller tiles.
+# sm_100 takes the Hopper entries unchecked. None has been timed on a GPU yet: `python -m bench.tune` does that.
 HOPPER = {
     "fwd": {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
             ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)},
