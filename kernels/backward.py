@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .common import _at_head, _block_range, _dot, _load_block, _load_tile, _store_tile, _tile_id, _visible
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .forward import LOG2E, fp32_dot, reverse_tiles, run, tile_source, tma_ok
+from .forward import LOG2E, fp32_dot, reverse_tiles, run, tile_args
 
 
 @triton.jit
@@ -224,12 +224,8 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                    for start, count in head_chunks(B * Hq)]
     shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32)
 
-    tma = c_kv.tma and tma_ok(q, k, v, do)
-    src = (tile_source(q, tma, c_kv.block_m, bd), tile_source(k, tma, c_kv.block_n, bd),
-           tile_source(v, tma, c_kv.block_n, bdv), tile_source(do, tma, c_kv.block_m, bdv))
-    kwargs = dict(shape, BLOCK_M=c_kv.block_m, BLOCK_N=c_kv.block_n, TMA=tma,
-                  REVERSE=c_kv.longest_first and reverse_tiles(right, left),  # key tiles: the mask transposed
-                  num_warps=c_kv.num_warps, num_stages=c_kv.num_stages)
+    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do)  # key tiles: the mask transposed
+    kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
@@ -239,12 +235,8 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                      dict(kwargs, **which))
                     for which in passes for start, count in head_chunks(B * Hkv)]
 
-    tma = c_q.tma and tma_ok(q, k, v, do)
-    src = (tile_source(q, tma, c_q.block_m, bd), tile_source(k, tma, c_q.block_n, bd),
-           tile_source(v, tma, c_q.block_n, bdv), tile_source(do, tma, c_q.block_m, bdv))
-    kwargs = dict(shape, BLOCK_M=c_q.block_m, BLOCK_N=c_q.block_n, TMA=tma,
-                  REVERSE=c_q.longest_first and reverse_tiles(left, right),
-                  num_warps=c_q.num_warps, num_stages=c_q.num_stages)
+    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do)
+    kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
                      (*src, stats, delta, dq,
                       *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

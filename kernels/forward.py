@@ -126,6 +126,18 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     return t
 
 
+def tile_args(cfg, reverse: bool, q, k, v, do=None):
+    """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
+    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok), else as pointers; the tile
+    order reversed where cfg asks for longest-first and `reverse` says the last tiles are the heaviest."""
+    tensors = (q, k, v) if do is None else (q, k, v, do)
+    tma = cfg.tma and tma_ok(*tensors)
+    rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
+    src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
+    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, REVERSE=cfg.longest_first and reverse,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def reverse_tiles(left: int, right: int) -> bool:
     """Query tiles see more keys the later they are when only the window's right side is bounded (causal)."""
     return right >= 0 > left
@@ -136,13 +148,9 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    bd, bdv = head_block(D), head_block(Dv)
-    tma = cfg.tma and tma_ok(q, k, v)
-    src = (tile_source(q, tma, cfg.block_m, bd), tile_source(k, tma, cfg.block_n, bd),
-           tile_source(v, tma, cfg.block_n, bdv))
-    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_DV=bdv,
-                  FP32_DOT=fp32_dot(q.dtype), TMA=tma, REVERSE=cfg.longest_first and reverse_tiles(left, right),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v)
+    kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
+                  FP32_DOT=fp32_dot(q.dtype))
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
              (*src, out, lse, stats, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
               start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E), kwargs)
