@@ -14,7 +14,7 @@ import sys
 import torch
 
 from fused_attn.kernels import attention_backward, attention_forward
-from fused_attn.kernels.configs import KernelConfig, backward_config
+from fused_attn.kernels.configs import KernelConfig, backward_config, split_dkdv, tma_capable
 
 TILES_FWD = list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
 TILES_BWD = list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1, 2, 3)))
@@ -26,7 +26,8 @@ def candidates(kind: str, head_dim: int, limit: int, paths=("ptr", "tma"), order
     tiles = TILES_FWD if kind == "fwd" else TILES_BWD
     if head_dim > 128:
         tiles = [t for t in tiles if t[0] * t[1] <= 64 * 64]
-    pool = [KernelConfig(*t, tma=path == "tma", longest_first=order == "longest")
+    split = kind == "dkdv" and split_dkdv(head_dim, head_dim)  # as the default config does
+    pool = [KernelConfig(*t, tma=path == "tma", longest_first=order == "longest", split_dkdv=split)
             for path in paths for order in orders for t in tiles]
     return pool[:limit] if limit else pool
 
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    paths = [p for p in args.paths if p == "ptr" or torch.cuda.get_device_capability()[0] >= 9]
+    paths = [p for p in args.paths if p == "ptr" or tma_capable(torch.cuda.get_device_capability())]
     best = {f"d{d}-{m}": tune_case(d, m, args.seqlen, args.tokens, args.hidden, dtype, args.limit, paths, args.orders)
             for d in args.head_dims for m in args.masks}
     if args.out:

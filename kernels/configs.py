@@ -156,6 +156,11 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> K
     return KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, stages, **choice)
 
 
+def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
+    """dK and dV in two launches above D = 128: both accumulators in one program spill (compile-time gate)."""
+    return max(head_block(head_dim), head_block(head_dim_v)) > 128
+
+
 def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
@@ -163,7 +168,7 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
     choice = _choice(cap)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
-    split = max(head_block(head_dim), head_block(head_dim_v)) > 128
+    split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
         return (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"]), split_dkdv=split, **choice),
                 KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"]), **choice))

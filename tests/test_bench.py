@@ -110,7 +110,8 @@ def test_tune_candidates_and_cli(capsys):
     assert tune.main(["--dry-run", "--head-dims", "64", "256"]) == 0
     out = capsys.readouterr().out
     assert "D=64 fwd: 144 candidates" in out and "D=256 dkdv:" in out and "D=256 dq:" in out
-    assert all(c.block_m * c.block_n <= 64 * 64 for c in tune.candidates("dkdv", 256, 0))
+    assert all(c.block_m * c.block_n <= 64 * 64 and c.split_dkdv for c in tune.candidates("dkdv", 256, 0))
+    assert not any(c.split_dkdv for c in tune.candidates("dkdv", 128, 0) + tune.candidates("dq", 256, 0))
     assert {(c.tma, c.longest_first) for c in tune.candidates("fwd", 64, 0)} == {(False, False), (False, True),
                                                                                  (True, False), (True, True)}
     if not torch.cuda.is_available():
