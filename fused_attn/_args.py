@@ -86,3 +86,73 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
     left, right = window_bounds(causal, (left, right))
     return Args(q, k, v, 1.0 / math.sqrt(D) if scale is None else float(scale), left, right,
                 diagonal_offset(Sq, Sk, alignment), layout)
+
+
+def _check_length(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_cu_seqlens(name, cu, device):
+    """What cu_seqlens is, checked without reading its values: an int32 (B + 1,) tensor on the tensors' device."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 2:
+        raise ValueError(f"{name} must be 1-D (batch + 1,) with at least 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, the tensors on {device}")
+
+
+def check_cu_values(name, cu, total, max_seqlen, tensor_name):
+    """The values of cu_seqlens: start 0, non-decreasing, end <= total rows, every length <= max_seqlen."""
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {c[0]}")
+    lengths = [b - a for a, b in zip(c, c[1:])]
+    for i, n in enumerate(lengths):
+        if n < 0:
+            raise ValueError(f"{name} must be non-decreasing: {name}[{i + 1}] = {c[i + 1]} < {name}[{i}] = {c[i]}")
+    if c[-1] > total:
+        raise ValueError(f"{name}[-1] = {c[-1]} is beyond the {total} rows of {tensor_name}")
+    if max_seqlen is not None and max(lengths) > max_seqlen:
+        i = lengths.index(max(lengths))
+        raise ValueError(f"sequence {i} has {lengths[i]} rows by {name}, more than max_seqlen {max_seqlen} "
+                         f"(the grid covers max_seqlen rows per sequence)")
+    return lengths
+
+
+@dataclass
+class VarlenArgs:
+    a: Args  # (1, H, total, D) views of the packed tensors
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                      window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None) -> VarlenArgs:
+    """check_args for packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens
+    int32 (B + 1,). The cu_seqlens values are read (check_cu_values) when values is True, or when None and they
+    are on the CPU (reading them from a GPU would synchronize it). max_seqlen None: no bound to check."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D) for packed sequences, got shape {tuple(t.shape)}")
+    a = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)), causal, window_size,
+                   scale, "bshd", dtypes=dtypes)
+    lengths = [m if m is None else _check_length(name, m)
+               for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_cu_seqlens(name, cu, q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    if values or (values is None and cu_seqlens_q.device.type == "cpu"):
+        check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], lengths[0], "q")
+        check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
+    return VarlenArgs(a, cu_seqlens_q, cu_seqlens_k, *lengths)

@@ -39,43 +39,54 @@ def _check_device(t: torch.Tensor):
 MAX_OFFSET = 2**31 - 1  # the kernels address within one (batch, head) slice with 32-bit offsets
 
 
-def _check_offsets(q, k, v, layout):
-    """Within a (batch, head) slice the kernels use int32 offsets: refuse slices that would overflow them."""
-    Hq, Sq, Dv = q.shape[1], q.shape[2], v.shape[-1]
+def _check_offsets(q, k, v, layout, seqlens=None):
+    """Within a (batch, head) slice -- a sequence, when packed -- the kernels use int32 offsets: refuse slices that
+    would overflow them. seqlens: (Sq, Sk) rows per slice, default the tensors' own."""
+    Sq, Sk = seqlens or (q.shape[2], k.shape[2])
+    Hq, Dv = q.shape[1], v.shape[-1]
     out_extent = (Sq - 1) * (Hq * Dv if layout == "bshd" else Dv) + Dv - 1
-    for name, extent in [(n, (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3))
-                         for n, t in (("q", q), ("k", k), ("v", v))] + [("out", out_extent)]:
+    for name, extent in [(n, (s - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3))
+                         for n, t, s in (("q", q, Sq), ("k", k, Sk), ("v", v, Sk))] + [("out", out_extent)]:
         if extent > MAX_OFFSET:
             raise ValueError(f"{name} spans {extent} elements within one (batch, head) slice, more than the "
                              f"{MAX_OFFSET} the kernels address with 32-bit offsets; split the sequence")
 
 
-def kernel_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
-    """check_args plus what the kernels themselves need (device, 32-bit offsets); raises on anything else."""
-    a = check_args(q, k, v, causal, window_size, scale, layout)
+def check_kernel_inputs(a, layout, seqlens=None):
+    """What the kernels themselves need of checked Args (device, 32-bit offsets); raises on anything else."""
     _check_device(a.q)
-    _check_offsets(a.q, a.k, a.v, layout)
+    _check_offsets(a.q, a.k, a.v, layout, seqlens)
+
+
+def kernel_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
+    """check_args plus check_kernel_inputs."""
+    a = check_args(q, k, v, causal, window_size, scale, layout)
+    check_kernel_inputs(a, layout)
     return a
 
 
 class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
     lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; forward and backward run the Triton
-    kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py)."""
+    kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). Packed
+    sequences (fused_attn.attention_varlen) add cu_seqlens_q / cu_seqlens_k and the max lengths."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd"):
-        out, lse, stats = ops.forward(q, k, v, scale, offset, left, right, layout)
-        ctx.save_for_backward(q, k, v, out, stats)
+    def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd",
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+        packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        out, lse, stats = ops.forward(q, k, v, scale, offset, left, right, layout, *packed)
+        ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k)
         ctx.params = (scale, offset, left, right)
+        ctx.lengths = (max_seqlen_q, max_seqlen_k)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, stats = ctx.saved_tensors
-        dq, dk, dv = ops.backward(dout, q, k, v, out, stats, *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = ops.backward(dout, q, k, v, out, stats, *ctx.params, cu_seqlens_q, cu_seqlens_k, *ctx.lengths)
+        return dq, dk, dv, *[None] * 9
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False):

@@ -1,49 +1,73 @@
 """The Triton launchers as torch.library custom ops, so torch.compile(fullgraph=True) traces through
-fused_attn (the compiler sees opaque ops with fake implementations, not Triton launches)."""
-from typing import Tuple
+fused_attn (the compiler sees opaque ops with fake implementations, not Triton launches).
+
+Dense batches pass no cu_seqlens. Packed sequences (attention_varlen) pass (1, H, total, D) views and
+cu_seqlens_q / cu_seqlens_k with the max lengths; rows past the last sequence are read by no kernel, so their
+buffers start as out 0, lse -inf and gradients 0."""
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import kernels
+from .kernels.forward import Packed
 
 
-def _forward_buffers(q, v, layout):
+def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _forward_buffers(q, v, layout, packed: bool):
     B, Hq, Sq, _ = q.shape
     Dv = v.shape[-1]
+    new = q.new_zeros if packed else q.new_empty
     if layout == "bshd":  # the output in (B, S, H, D) memory order, like the inputs
-        out = q.new_empty(B, Sq, Hq, Dv).transpose(1, 2)
+        out = new(B, Sq, Hq, Dv).transpose(1, 2)
     else:
-        out = q.new_empty(B, Hq, Sq, Dv)
-    lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32)
-    stats = torch.empty(B, Hq, Sq, 2, device=q.device, dtype=torch.float32)
+        out = new(B, Hq, Sq, Dv)
+    lse = q.new_empty(B, Hq, Sq, dtype=torch.float32)
+    if packed:
+        lse.fill_(float("-inf"))
+    stats = q.new_empty(B, Hq, Sq, 2, dtype=torch.float32)
     return out, lse, stats
 
 
 @torch.library.custom_op("fused_attn::forward", mutates_args=())
-def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int,
-            layout: str) -> Tuple[Tensor, Tensor, Tensor]:
+def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int, layout: str,
+            cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+            max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward)."""
-    out, lse, stats = _forward_buffers(q, v, layout)
-    kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right)
+    out, lse, stats = _forward_buffers(q, v, layout, cu_seqlens_q is not None)
+    kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right,
+                              packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return out, lse, stats
 
 
 @forward.register_fake
-def _(q, k, v, scale, offset, left, right, layout):
-    return _forward_buffers(q, v, layout)
+def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+      max_seqlen_k=0):
+    return _forward_buffers(q, v, layout, cu_seqlens_q is not None)
+
+
+def _grad_buffers(q, k, v, packed: bool):
+    new = torch.zeros_like if packed else torch.empty_like
+    return new(q), new(k), new(v)
 
 
 @torch.library.custom_op("fused_attn::backward", mutates_args=())
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, scale: float,
-             offset: int, left: int, right: int) -> Tuple[Tensor, Tensor, Tensor]:
+             offset: int, left: int, right: int, cu_seqlens_q: Optional[Tensor] = None,
+             cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
+             max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (kernels.attention_backward)."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _grad_buffers(q, k, v, cu_seqlens_q is not None)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
-    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right)
+    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right,
+                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return dq, dk, dv
 
 
 @backward.register_fake
-def _(dout, q, k, v, out, stats, scale, offset, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+      max_seqlen_k=0):
+    return _grad_buffers(q, k, v, cu_seqlens_q is not None)

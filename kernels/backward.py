@@ -12,9 +12,10 @@ P = exp2((S - m) * scale * log2(e) - log2 l).
 import triton
 import triton.language as tl
 
-from .common import _at_head, _block_range, _dot, _load_block, _load_tile, _store_tile, _tile_id, _visible
+from .common import (_at_head, _block_range, _dot, _load_block, _load_tile, _sequence, _store_tile, _tile_id,
+                     _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .forward import LOG2E, fp32_dot, reverse_tiles, run, tile_args
+from .forward import LOG2E, fp32_dot, grid_dims, reverse_tiles, run, tile_args
 
 
 @triton.jit
@@ -77,38 +78,47 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
 @triton.heuristics({
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
+    "VARLEN": lambda args: args["CU_Q"] is not None,
 })
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K,
                           stride_qb, stride_qh, stride_qs, stride_qd,
                           stride_kb, stride_kh, stride_ks, stride_kd,
                           stride_vb, stride_vh, stride_vs, stride_vd,
                           stride_dob, stride_doh, stride_dos, stride_dod,
                           stride_dkb, stride_dkh, stride_dks, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+                          stride_lb, stride_lh,
                           head_start, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
                           qk_scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                          TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+                          TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+                          VARLEN: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
     accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
     start_n = _tile_id(REVERSE) * BLOCK_N
     bhk = tl.program_id(1) + head_start
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
+    q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
+    if VARLEN:
+        if start_n >= seqlen_k:
+            return
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_block(_at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA), b, hk, start_n, stride_ks, stride_kd,
-                    seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
+    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
+    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    k = _load_block(Kh, b, hk, start_n, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
+                    True, HEAD_DIM != BLOCK_D, TMA)
     v = k  # not read where WITH_DK is off: the dV pass needs no v
     if WITH_DK:
-        v = _load_block(_at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA), b, hk, start_n, stride_vs,
-                        stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
+        v = _load_block(Vh, b, hk, start_n, stride_vs, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
+                        True, HEAD_DIM_V != BLOCK_DV, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -118,9 +128,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g
         h64 = h.to(tl.int64)
-        Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA)
-        DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh, TMA)
-        row = (b64 * n_heads + h64) * seqlen_q
+        Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
+        DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA)
+        row = b64 * stride_lb + h64 * stride_lh + q0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
                                       stride_qs, stride_qd, stride_dos, stride_dod,
                                       offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
@@ -128,11 +138,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV,
                                       HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV)
 
     if WITH_DK:
-        _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh, dk * scale, offs_n, offs_d, stride_dks, stride_dkd,
-                    seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
+        _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
+                    stride_dks, stride_dkd, seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
     if WITH_DV:
-        _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh, dv, offs_n, offs_dv, stride_dvs, stride_dvd,
-                    seqlen_k, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
+        _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvs, dv, offs_n, offs_dv,
+                    stride_dvs, stride_dvd, seqlen_k, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
 
 
 @triton.jit
@@ -161,41 +171,47 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
 @triton.heuristics({
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
+    "VARLEN": lambda args: args["CU_Q"] is not None,
 })
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_dob, stride_doh, stride_dos, stride_dod,
                         stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+                        stride_lb, stride_lh,
                         head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                        TMA: tl.constexpr, REVERSE: tl.constexpr):
+                        TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr):
     start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
     b = bh // n_heads
     h = bh % n_heads
     hk = h // group
+    q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
+    if VARLEN:
+        if start_m >= seqlen_q:
+            return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen_q
-    q = _load_block(_at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA), b, h, start_m, stride_qs, stride_qd,
-                    seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
-    do = _load_block(_at_head(DO, b64 * stride_dob + h64 * stride_doh, TMA), b, h, start_m, stride_dos, stride_dod,
-                     seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
-    row = bh.to(tl.int64) * seqlen_q
+    q = _load_block(_at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA), b, h, start_m, stride_qs,
+                    stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
+    do = _load_block(_at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA), b, h, start_m,
+                     stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
+    row = b64 * stride_lb + h64 * stride_lh + q0
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
     log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA)
-    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA)
+    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
+    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
     lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for seg in tl.static_range(3):
@@ -206,52 +222,56 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
 
-    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh, dq * scale, offs_m, offs_d, stride_dqs, stride_dqd,
-                seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
+    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
+                stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs):
+                      right: int, cfgs, packed=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
     attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
+    Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     c_kv, c_q = cfgs
-    launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(Sq, c_q.block_m), count),
-                    (out, do, delta, *out.stride(), *do.stride(), start, Hq, Sq),
+    # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
+    launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(q.shape[2], c_q.block_m), count),
+                    (out, do, delta, *out.stride(), *do.stride(), start, Hq, q.shape[2]),
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
-                   for start, count in head_chunks(B * Hq)]
+                   for start, count in head_chunks(q.shape[0] * Hq)]
     shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32)
+    rows = strides(delta)[:2]
 
-    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do)  # key tiles: the mask transposed
+    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)  # the mask transposed
     kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
-                     (*src, stats, delta, dk, dv,
-                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                     (*src, stats, delta, dk, dv, *cu,
+                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
                       start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E),
                      dict(kwargs, **which))
-                    for which in passes for start, count in head_chunks(B * Hkv)]
+                    for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
-    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do)
+    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
-                     (*src, stats, delta, dq,
-                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                     (*src, stats, delta, dq, *cu,
+                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows,
                       start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E), kwargs)
-                    for start, count in head_chunks(B * Hq)]
+                    for start, count in head_chunks(B * Hq) if Sq > 0]
     return launch_list
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None):
+                       right: int, config=None, packed=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
-    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq). `config` overrides configs.py: one KernelConfig
-    for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ)."""
+    writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
+    attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
+    KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ)."""
     if config is None:
-        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device))
+        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), tma=packed is None)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
-    run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs), "bwd")
+    run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed),
+        "bwd")
     return dq, dk, dv

@@ -1,5 +1,5 @@
-"""Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, tile
-loads (pointer or TMA), the tile order, and dot.
+"""Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, the
+packed-sequence prologue, tile loads (pointer or TMA), the tile order, and dot.
 
 Mask (DESIGN.md): query row i sees key column j iff
 
@@ -52,6 +52,23 @@ def _block_range(start, n_rows, n_cols, offset, left, right,
     full_lo_t = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_COLS) * BLOCK_COLS, lo_t), hi_t)
     full_hi_t = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_COLS * BLOCK_COLS, full_lo_t), hi_t)
     return lo_t, full_lo_t, full_hi_t, hi_t
+
+
+@triton.jit
+def _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN: tl.constexpr):
+    """(q0, k0, seqlen_q, seqlen_k, offset) of batch row b: its first query and key rows (int64), lengths and
+    diagonal offset. Packed (VARLEN): sequence b holds query rows [cu_q[b], cu_q[b + 1]) and key rows
+    [cu_k[b], cu_k[b + 1]) of one (1, H, total, D) view, its mask bottom-right aligned within the pair; dense: row
+    0 of b's own slice and the launch's lengths."""
+    q0 = tl.zeros([], tl.int64)
+    k0 = tl.zeros([], tl.int64)
+    if VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        seqlen_k = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+        offset = seqlen_k - seqlen_q
+    return q0, k0, seqlen_q, seqlen_k, offset
 
 
 @triton.jit

@@ -92,10 +92,11 @@ def use(*, tma=None, longest_first=None):
         _override.reset(token)
 
 
-def _choice(cap) -> dict:
+def _choice(cap, tma: bool = True) -> dict:
     """Load path and tile order: configs.py's defaults (pointer path, natural order -- until a GPU run has measured
-    the alternatives), or what `use` set."""
+    the alternatives), or what `use` set; tma=False where the caller cannot take the TMA path (packed sequences)."""
     choice = {"tma": False, "longest_first": False, **_override.get()}
+    choice["tma"] = choice["tma"] and tma
     if choice["tma"] and not tma_capable(cap):
         raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cap}")
     return choice
@@ -140,9 +141,10 @@ def _tiles(kind: str, cap, head_dim: int, head_dim_v: int, tma: bool):
     return (AMPERE if smem_limit(cap) > SMEM_DEFAULT else SMALL)[kind][d]
 
 
-def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap) -> KernelConfig:
-    """One program per query tile: q resident, k and v tiles streamed (num_stages deep)."""
-    choice = _choice(cap)
+def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, tma: bool = True) -> KernelConfig:
+    """One program per query tile: q resident, k and v tiles streamed (num_stages deep). tma=False: the pointer
+    path's tiles whatever `use` asks (packed sequences)."""
+    choice = _choice(cap, tma)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice)
     if dtype.itemsize == 2:
@@ -161,11 +163,11 @@ def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
     return max(head_block(head_dim), head_block(head_dim_v)) > 128
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap):
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, tma: bool = True):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
-    kernel runs as two launches (dV, then dK), one accumulator each: both spill."""
-    choice = _choice(cap)
+    kernel runs as two launches (dV, then dK), one accumulator each: both spill. tma as in forward_config."""
+    choice = _choice(cap, tma)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)

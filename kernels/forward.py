@@ -1,13 +1,14 @@
 """Forward kernel: one program per (query tile, batch * query head), online softmax over the visible key tiles."""
 import math
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import _at_head, _block_range, _dot, _load_block, _store_tile, _tile_id, _visible
+from .common import _at_head, _block_range, _dot, _load_block, _sequence, _store_tile, _tile_id, _visible
 from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -49,31 +50,38 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
 @triton.heuristics({
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
+    "VARLEN": lambda args: args["CU_Q"] is not None,
 })
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
+                     stride_lb, stride_lh,
                      head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                     TMA: tl.constexpr, REVERSE: tl.constexpr):
+                     TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr):
     start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
     b = bh // n_heads
     h = bh % n_heads
     hk = h // group  # GQA: query head h reads kv head h // group
+    q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
+    if VARLEN:
+        if start_m >= seqlen_q:  # the grid covers the longest sequence
+            return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh, TMA)
-    K = _at_head(K, b64 * stride_kb + hk64 * stride_kh, TMA)
-    V = _at_head(V, b64 * stride_vb + hk64 * stride_vh, TMA)
-    O += b64 * stride_ob + h64 * stride_oh
-    LSE += bh.to(tl.int64) * seqlen_q
-    STATS += bh.to(tl.int64) * seqlen_q * 2
+    Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
+    K = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
+    V = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    O += b64 * stride_ob + h64 * stride_oh + q0 * stride_os
+    row = b64 * stride_lb + h64 * stride_lh + q0  # lse, stats: one float (two) per query row
+    LSE += row
+    STATS += row * 2
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -126,12 +134,13 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     return t
 
 
-def tile_args(cfg, reverse: bool, q, k, v, do=None):
+def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
-    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok), else as pointers; the tile
-    order reversed where cfg asks for longest-first and `reverse` says the last tiles are the heaviest."""
+    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
+    path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
+    longest-first and `reverse` says the last tiles are the heaviest."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
-    tma = cfg.tma and tma_ok(*tensors)
+    tma = cfg.tma and not packed and tma_ok(*tensors)
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
     return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, REVERSE=cfg.longest_first and reverse,
@@ -143,18 +152,36 @@ def reverse_tiles(left: int, right: int) -> bool:
     return right >= 0 > left
 
 
-def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg):
+class Packed(NamedTuple):
+    """Packed sequences: q rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) attend to k rows [cu_seqlens_k[b],
+    cu_seqlens_k[b + 1]) of (1, H, total, D) views; the max lengths size the grid."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def grid_dims(q, k, packed):
+    """(batch, Sq, Sk) the grid covers, the cu_seqlens pointers and a function giving each tensor's
+    (batch, head, row, col) strides: packed sequences are rows of one batch slice, so their batch stride is 0."""
+    if packed is None:
+        return (q.shape[0], q.shape[2], k.shape[2]), (None, None), lambda t: tuple(t.stride())
+    return ((packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q, packed.max_seqlen_k),
+            (packed.cu_seqlens_q, packed.cu_seqlens_k), lambda t: (0, *t.stride()[1:]))
+
+
+def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
     compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v)
+    (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
+    Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
+    src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype))
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+             (*src, out, lse, stats, *cu, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2],
               start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E), kwargs)
-            for start, count in head_chunks(B * Hq)]
+            for start, count in head_chunks(B * Hq) if Sq > 0]
 
 
 def run(launch_list, name: str):
@@ -165,13 +192,16 @@ def run(launch_list, name: str):
     launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
 
 
-def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None):
+def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None,
+                      packed=None):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
-    lse (B, Hq, Sq, float32, natural log) and, for the backward, stats (B, Hq, Sq, 2, float32, contiguous):
-    the row max m of the unscaled scores and log2 l of the softmax denominator. Keeping the two apart lets the
+    lse (B, Hq, Sq, float32, natural log, contiguous) and, for the backward, stats (B, Hq, Sq, 2, float32,
+    contiguous). Packed sequences (`packed`, a Packed): B = 1, S = total rows, and the mask and offset are each
+    sequence's own; rows no sequence covers are not written. stats holds the row max m of the unscaled scores
+    and log2 l of the softmax denominator. Keeping the two apart lets the
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
     that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
     its TMA path is taken where the inputs qualify (tma_ok), else the pointer path."""
-    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device))
-    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg), "fwd")
+    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), tma=packed is None)
+    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed), "fwd")
     return out, lse, stats

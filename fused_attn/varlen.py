@@ -1,0 +1,53 @@
+"""Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen."""
+from ._args import check_varlen_args
+from .function import FusedAttentionFunction, check_kernel_inputs
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
+                     window_size=(-1, -1), scale=None, return_lse=False):
+    """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
+    kernels of `attention` (forward and deterministic backward); no padding is computed.
+
+    Args:
+        q: (total_q, Hq, D); sequence b's queries are rows cu_seqlens_q[b] : cu_seqlens_q[b + 1].
+        k: (total_k, Hkv, D), v: (total_k, Hkv, Dv); sequence b's keys are rows cu_seqlens_k[b] : cu_seqlens_k[b + 1].
+           dtypes, head dims, GQA (Hq % Hkv == 0) and strides as in `attention`.
+        cu_seqlens_q, cu_seqlens_k: int32 (B + 1,) on the tensors' device: 0, then the running sum of the
+           lengths (non-decreasing; the last entry <= total_q / total_k, later rows are not read). Sequences of
+           length 0 are allowed.
+        max_seqlen_q, max_seqlen_k: ints >= the longest query / key sequence; they size the grid.
+        causal, window_size, scale: as in `attention`, applied within each sequence, bottom-right aligned to the
+           pair (Sq_b, Sk_b): query row i of sequence b sees its key j iff
+
+               i + Sk_b - Sq_b - left  <=  j  <=  i + Sk_b - Sq_b + right
+
+           e.g. two sequences (Sq, Sk) = (3, 3) and (2, 4), causal (x: visible):
+
+               x . . | . . . .
+               x x . | . . . .
+               x x x | . . . .
+               ------+--------
+               . . . | x x x .
+               . . . | x x x x
+
+        return_lse: also return the log-sum-exp, (Hq, total_q) float32, natural log (FlashAttention's varlen
+           convention).
+
+    Returns:
+        out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
+        no key (e.g. a sequence with Sk_b = 0) get out 0 and lse -inf; keys past cu_seqlens_k[-1] get zero
+        gradients.
+
+    Checked on every device: ranks, dtypes, devices, head dims, Hq % Hkv, the window, cu_seqlens' dtype, shape and
+    device. The cu_seqlens values (0 first, non-decreasing, last entry <= total, each length <= max_seqlen) are
+    checked only when they are on the CPU (interpreter); on a GPU, as in FlashAttention, they are trusted, since
+    reading them would synchronize the device -- wrong values there give wrong results, not an error.
+    """
+    va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
+                           scale)
+    a = va.a
+    check_kernel_inputs(a, "bshd", (va.max_seqlen_q, va.max_seqlen_k))
+    out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, a.left, a.right, "bshd", va.cu_seqlens_q,
+                                            va.cu_seqlens_k, va.max_seqlen_q, va.max_seqlen_k)
+    out = out.transpose(1, 2)[0]
+    return (out, lse[0]) if return_lse else out
