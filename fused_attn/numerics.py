@@ -154,13 +154,11 @@ def _run(fn, q, k, v, do, grad):
     return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)))
 
 
-def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
-    """Run fused_attn forward (and backward) on one case and measure it against the float64 reference."""
-    q, k, v, do = make_inputs(case, device, seed)
+def _measure(case: Case, got: dict, q, k, v, do, grad: bool, launched=None) -> Result:
+    """Metrics of the kernels' results `got` for inputs q, k, v (and output gradient do) of `case` against the
+    float64 reference, with PyTorch in the input dtype as the yardstick."""
     kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True)
-    before = dict(kernels.launches)
-    got = _run(lambda *a: attention(*a, **kw), q, k, v, do, grad)
-    launched = {n: kernels.launches[n] - before.get(n, 0) for n in kernels.launches}
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     probs = []
 
     def ref_fn(*a):
@@ -175,8 +173,124 @@ def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
         scale = case.head_dim ** -0.5 if case.scale is None else case.scale
         extra = _delta_noise(bhsd(q.double()), bhsd(k.double()), bhsd(ref["out"].detach()), bhsd(do.double()),
                              probs[0].detach(), scale)
-    res = Result(case, launches=launched)
+    res = Result(case, launches=launched or {})
     for name in got:
         res.metrics[name] = Metric.measure(got[name], ref[name], pt[name], case.dtype, FACTORS[name],
                                            extra.get(name, 0.0))
     return res
+
+
+def _launched(before: dict) -> dict:
+    return {n: kernels.launches[n] - before.get(n, 0) for n in kernels.launches}
+
+
+def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
+    """Run fused_attn forward (and backward) on one case and measure it against the float64 reference."""
+    q, k, v, do = make_inputs(case, device, seed)
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True)
+    before = dict(kernels.launches)
+    got = _run(lambda *a: attention(*a, **kw), q, k, v, do, grad)
+    return _measure(case, got, q, k, v, do, grad, _launched(before))
+
+
+@dataclass(frozen=True)
+class VarlenCase:
+    """Packed sequences: sequence b has seqlens_q[b] queries and seqlens_k[b] keys; `tail` spare rows follow the
+    last sequence in q and k (rows no sequence covers)."""
+    seqlens_q: tuple
+    seqlens_k: tuple
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int = None
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    window: tuple = (-1, -1)
+    strided: bool = False
+    tail: int = 0
+    scale: float = None
+
+    def sequence(self, b: int) -> Case:
+        """Sequence b as a dense case (batch 1, layout bshd: the packed rows of one sequence)."""
+        return Case(1, self.heads_q, self.heads_kv, self.seqlens_q[b], self.seqlens_k[b], self.head_dim,
+                    self.head_dim_v, self.dtype, self.causal, self.window, "bshd", self.strided, scale=self.scale)
+
+
+def cu_seqlens(lengths, device) -> torch.Tensor:
+    """int32 (B + 1,): 0, then the running sum of the lengths."""
+    return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def make_varlen_inputs(case: VarlenCase, device, seed: int = 0):
+    """Packed q, k, v (requiring grad; every other element of the head dim if strided), do, cu_seqlens_q / _k."""
+    gen = torch.Generator().manual_seed(seed)
+    dv = case.head_dim if case.head_dim_v is None else case.head_dim_v
+
+    def rand(rows, heads, dim, grad=True):
+        last = 2 * dim if case.strided else dim
+        t = torch.randn(rows + case.tail, heads, last, generator=gen).to(device=device, dtype=case.dtype)
+        t = t[..., ::2] if case.strided else t
+        return t.requires_grad_(grad)
+
+    total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
+    q, k, v = rand(total_q, case.heads_q, case.head_dim), rand(total_k, case.heads_kv, case.head_dim), rand(
+        total_k, case.heads_kv, dv)
+    do = rand(total_q, case.heads_q, dv, grad=False)
+    return q, k, v, do, cu_seqlens(case.seqlens_q, device), cu_seqlens(case.seqlens_k, device)
+
+
+@dataclass
+class VarlenResult:
+    case: VarlenCase
+    sequences: list  # a Result per sequence with queries, in order
+    zeros: dict  # rows nothing reaches (past the last sequence; keys of a sequence without queries): max |x|, must be 0
+    launches: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.sequences) and not any(self.zeros.values())
+
+    def describe(self) -> str:
+        bad = [r.describe() for r in self.sequences if not r.ok]
+        return "; ".join(bad + [f"{n}: {x}" for n, x in self.zeros.items() if x]) or "ok"
+
+
+def _unreached(x: torch.Tensor) -> float:
+    """max |x| (0 for no rows); for an lse, where it is not -inf."""
+    return x.float().abs().max().item() if x.numel() else 0.0
+
+
+def evaluate_varlen(case: VarlenCase, device, grad: bool = True, seed: int = 0) -> VarlenResult:
+    """attention_varlen forward (and backward) on packed sequences, each sequence's slice of the results measured
+    against the float64 reference on that sequence alone (a sequence without keys: exactly out 0, lse -inf,
+    dq 0); rows nothing reaches must hold out 0, lse -inf and zero gradients."""
+    from .varlen import attention_varlen
+    q, k, v, do, cu_q, cu_k = make_varlen_inputs(case, device, seed)
+    before = dict(kernels.launches)
+    got = _run(lambda *a: attention_varlen(*a, cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k),
+                                           causal=case.causal, window_size=case.window, scale=case.scale,
+                                           return_lse=True), q, k, v, do, grad)
+    launched = _launched(before)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    sequences, zeros = [], {}
+    for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
+        if q1 == q0:  # its keys, if any, get no gradient
+            zeros.update({f"{n}[seq {b}]": _unreached(got[n][k0:k1]) for n in ("dk", "dv") if n in got})
+            continue
+        part = {n: (t[:, q0:q1] if n == "lse" else t[q0:q1] if n in ("out", "dq") else t[k0:k1])[None]
+                for n, t in got.items()}
+        seq = case.sequence(b)
+        if k1 > k0:
+            sequences.append(_measure(seq, part, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], do[None, q0:q1],
+                                      grad))
+            continue
+        res = Result(seq)  # no key: nothing visible
+        for n in ("out", "lse", "dq"):
+            if n in part:
+                ref = torch.full_like(part[n], float("-inf")) if n == "lse" else torch.zeros_like(part[n])
+                res.metrics[n] = Metric.measure(part[n], ref, ref, case.dtype, FACTORS[n])
+        sequences.append(res)
+    zeros.update({f"{n}[tail]": _unreached(got[n][cq[-1]:]) for n in ("out", "dq") if n in got})
+    zeros.update({f"{n}[tail]": _unreached(got[n][ck[-1]:]) for n in ("dk", "dv") if n in got})
+    zeros["lse[tail] not -inf"] = int((~torch.isneginf(got["lse"][:, cq[-1]:])).sum())
+    return VarlenResult(case, sequences, zeros, launched)

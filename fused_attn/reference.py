@@ -2,7 +2,7 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import DTYPES, check_args
+from ._args import DTYPES, check_args, check_varlen_args
 from .mask import visible_mask
 
 
@@ -40,3 +40,33 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     if return_probs:
         result.append(probs)
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
+                     window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32):
+    """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
+    the compute dtype (and lse (Hq, total_q)). The cu_seqlens values are always checked (this reads them, on any
+    device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf."""
+    va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
+                           scale, DTYPES + (torch.float64,), values=True)
+    dtype = q.dtype if upcast is None else upcast
+    cq, ck = va.cu_seqlens_q.tolist(), va.cu_seqlens_k.tolist()
+    Hq, Dv = q.shape[1], v.shape[2]
+    outs, lses = [], []
+    for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:]):
+        if q1 == q0:
+            continue
+        if k1 == k0:  # no keys: nothing visible
+            outs.append(q.new_zeros(q1 - q0, Hq, Dv, dtype=dtype))
+            lses.append(torch.full((Hq, q1 - q0), float("-inf"), device=q.device))
+            continue
+        out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, window_size=window_size,
+                             scale=va.a.scale, layout="bshd", return_lse=True, upcast=upcast)
+        outs.append(out[0])
+        lses.append(lse[0])
+    tail = q.shape[0] - cq[-1]  # rows of no sequence
+    outs.append(q.new_zeros(tail, Hq, Dv, dtype=dtype))
+    lses.append(torch.full((Hq, tail), float("-inf"), device=q.device))
+    lse_dtype = torch.promote_types(dtype, torch.float32)
+    out = torch.cat(outs)
+    return (out, torch.cat([x.to(lse_dtype) for x in lses], dim=1)) if return_lse else out
