@@ -139,7 +139,8 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None) -> VarlenArgs:
     """check_args for packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens
     int32 (B + 1,). The cu_seqlens values are read (check_cu_values) when values is True, or when None and they
-    are on the CPU (reading them from a GPU would synchronize it). max_seqlen None: no bound to check."""
+    are on the CPU (reading them from a GPU would synchronize it) outside torch.compile (which cannot trace a
+    check of data). max_seqlen None: no bound to check."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total, H, D) for packed sequences, got shape {tuple(t.shape)}")
@@ -152,7 +153,7 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    if values or (values is None and cu_seqlens_q.device.type == "cpu"):
+    if values or (values is None and cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], lengths[0], "q")
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
     return VarlenArgs(a, cu_seqlens_q, cu_seqlens_k, *lengths)

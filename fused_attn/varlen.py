@@ -40,8 +40,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     Checked on every device: ranks, dtypes, devices, head dims, Hq % Hkv, the window, cu_seqlens' dtype, shape and
     device. The cu_seqlens values (0 first, non-decreasing, last entry <= total, each length <= max_seqlen) are
-    checked only when they are on the CPU (interpreter); on a GPU, as in FlashAttention, they are trusted, since
-    reading them would synchronize the device -- wrong values there give wrong results, not an error.
+    checked only when they are on the CPU (interpreter) and not under torch.compile; on a GPU, as in
+    FlashAttention, they are trusted, since reading them would synchronize the device -- wrong values there give
+    wrong results, not an error (`fused_attn.reference.attention_varlen` checks them anywhere).
     """
     va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
                            scale)
