@@ -1,5 +1,5 @@
 """Drop-in replacements: PyTorch's scaled_dot_product_attention (and a scoped override of it) and
-FlashAttention-2's flash_attn_func."""
+FlashAttention-2's flash_attn_func and flash_attn_varlen_func."""
 import contextlib
 import logging
 import operator
@@ -7,6 +7,7 @@ import operator
 import torch
 
 from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
+from .varlen import attention_varlen
 
 log = logging.getLogger("fused_attn")
 
@@ -105,6 +106,21 @@ def flash_attn_window(window_size):
     return tuple(sides)
 
 
+def _not_implemented(fn: str, dropout_p, softcap, alibi_slopes, **others):
+    """NotImplementedError naming every FlashAttention-2 argument given that the kernels do not implement yet."""
+    missing = [name for name, off in (("dropout_p", dropout_p == 0.0), ("softcap", softcap == 0.0),
+                                      ("alibi_slopes", alibi_slopes is None)) if not off]
+    missing += [name for name, value in others.items() if value is not None]
+    if missing:
+        raise NotImplementedError(f"fused_attn.{fn} does not implement {', '.join(missing)} yet")
+
+
+def _fa_window(causal, window_size):
+    """flash_attn's window: any pair of integers; causal=True sets the right side to 0."""
+    left, right = flash_attn_window(window_size)
+    return (left, 0) if causal else (left, right)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """FlashAttention-2's flash_attn_func: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) ->
@@ -113,17 +129,38 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     honoured either way. return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)),
     the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes).
     Not implemented (NotImplementedError): dropout_p > 0, softcap, alibi_slopes."""
-    missing = [name for name, off in (("dropout_p", dropout_p == 0.0), ("softcap", softcap == 0.0),
-                                      ("alibi_slopes", alibi_slopes is None)) if not off]
-    if missing:
-        raise NotImplementedError(f"fused_attn.flash_attn_func does not implement {', '.join(missing)} yet")
-    window_size = flash_attn_window(window_size)
-    if causal:
-        window_size = (window_size[0], 0)
+    _not_implemented("flash_attn_func", dropout_p, softcap, alibi_slopes)
+    window_size = _fa_window(causal, window_size)
     out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
                          return_lse=True)
     if not return_attn_probs:
         return out
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
                             scale=softmax_scale, layout="bshd")
+    return out, lse, probs
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """FlashAttention-2's flash_attn_varlen_func: packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv,
+    Dv) with int32 cu_seqlens_q / cu_seqlens_k (B + 1,) -> out (total_q, Hq, Dv) (fused_attn.attention_varlen).
+    causal / window_size bottom-right aligned within each sequence, causal=True setting the window's right side
+    to 0; deterministic as in flash_attn_func. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
+    probs (B, Hq, max_seqlen_q, max_seqlen_k)), each sequence's probabilities rebuilt exactly from the lse in the
+    top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes).
+    Not implemented (NotImplementedError): dropout_p > 0, softcap, alibi_slopes, block_table."""
+    _not_implemented("flash_attn_varlen_func", dropout_p, softcap, alibi_slopes, block_table=block_table)
+    window_size = _fa_window(causal, window_size)
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                window_size=window_size, scale=softmax_scale, return_lse=True)
+    if not return_attn_probs:
+        return out
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    probs = lse.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+    for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
+        if q1 > q0 and k1 > k0:
+            probs[b, :, :q1 - q0, :k1 - k0] = attention_probs(
+                q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
+                window_size=window_size, scale=softmax_scale, layout="bshd")[0]
     return out, lse, probs

@@ -1,4 +1,4 @@
-"""Drop-in routes: the SDPA replacement and its override, flash_attn_func."""
+"""Drop-in routes: the SDPA replacement and its override, flash_attn_func, flash_attn_varlen_func."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +140,33 @@ def test_flash_attn_func_window_errors_name_the_value(window, match):
     q = rand(1, 8, 2, 16)
     with pytest.raises(TypeError, match=match):
         fused_attn.flash_attn_func(q, q, q, window_size=window)
+
+
+def test_flash_attn_varlen_func_layout_and_probs():
+    cu_q = torch.tensor([0, 20, 20, 45], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 30, 41, 60], dtype=torch.int32, device=DEVICE)
+    q, k, v = rand(45, 4, 32, grad=True), rand(60, 2, 32, grad=True), rand(60, 2, 24, grad=True)
+    out, n = launched(lambda: fused_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 25, 30, causal=True,
+                                                                window_size=torch.tensor([9, 5])))
+    assert n == 1 and out.shape == (45, 4, 24)
+    assert torch.equal(out, fused_attn.attention_varlen(q, k, v, cu_q, cu_k, 25, 30, window_size=(9, 0)))
+    out, lse, probs = fused_attn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 25, 30, window_size=(9, 5),
+                                                        return_attn_probs=True, deterministic=True)
+    assert lse.shape == (4, 45) and probs.shape == (3, 4, 25, 30)
+    for b, (q0, q1, k0, k1) in enumerate([(0, 20, 0, 30), (20, 45, 41, 60)]):
+        b = 2 * b  # sequence 1 is empty
+        _, ref_probs = fused_attn.reference.attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                                      window_size=(9, 5), layout="bshd", return_probs=True,
+                                                      upcast=torch.float64)
+        assert (probs[b, :, :q1 - q0, :k1 - k0].double() - ref_probs[0]).abs().max() < 1e-5
+        assert probs[b, :, q1 - q0:].abs().sum() == 0 and probs[b, :, :, k1 - k0:].abs().sum() == 0
+    assert probs[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": 30.0}, "softcap"),
+                                         ({"alibi_slopes": torch.ones(4)}, "alibi_slopes"),
+                                         ({"block_table": torch.zeros(2, 1, dtype=torch.int32)}, "block_table")])
+def test_flash_attn_varlen_func_rejects_what_it_does_not_implement(kwargs, name):
+    q, cu = rand(8, 4, 16), torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=name):
+        fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, **kwargs)
