@@ -242,7 +242,8 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32)
     rows = strides(delta)[:2]
 
-    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)  # the mask transposed
+    # Key tiles: the mask transposed.
+    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)
     kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
@@ -270,7 +271,7 @@ def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float,
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ)."""
     if config is None:
-        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), tma=packed is None)
+        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed),
         "bwd")

@@ -92,11 +92,11 @@ def use(*, tma=None, longest_first=None):
         _override.reset(token)
 
 
-def _choice(cap, tma: bool = True) -> dict:
+def _choice(cap, packed: bool = False) -> dict:
     """Load path and tile order: configs.py's defaults (pointer path, natural order -- until a GPU run has measured
-    the alternatives), or what `use` set; tma=False where the caller cannot take the TMA path (packed sequences)."""
+    the alternatives), or what `use` set; packed sequences always take the pointer path."""
     choice = {"tma": False, "longest_first": False, **_override.get()}
-    choice["tma"] = choice["tma"] and tma
+    choice["tma"] = choice["tma"] and not packed
     if choice["tma"] and not tma_capable(cap):
         raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cap}")
     return choice
@@ -120,7 +120,8 @@ HOPPER = {
     "fwd": {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
             ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)},
     "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)},
-    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
+           ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
 AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stages to get double buffers
     "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 3)},
@@ -134,21 +135,23 @@ SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared 
 }
 
 
-def _tiles(kind: str, cap, head_dim: int, head_dim_v: int, tma: bool):
+def _tiles(kind: str, cap, head_dim: int, head_dim_v: int, tma: bool, packed: bool):
     d = max(64, head_block(head_dim), head_block(head_dim_v))
-    if cap[0] in (9, 10):
-        return HOPPER[kind][("tma" if tma else "ptr", d) if kind == "fwd" else d]
+    if cap[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
+        table = HOPPER[kind]
+        path = "packed" if packed else "tma" if tma else "ptr"
+        return table.get((path, d)) or table.get(("tma" if tma else "ptr", d)) or table[d]
     return (AMPERE if smem_limit(cap) > SMEM_DEFAULT else SMALL)[kind][d]
 
 
-def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, tma: bool = True) -> KernelConfig:
-    """One program per query tile: q resident, k and v tiles streamed (num_stages deep). tma=False: the pointer
-    path's tiles whatever `use` asks (packed sequences)."""
-    choice = _choice(cap, tma)
+def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False) -> KernelConfig:
+    """One program per query tile: q resident, k and v tiles streamed (num_stages deep). packed: for packed
+    sequences (pointer path, whatever `use` asks)."""
+    choice = _choice(cap, packed)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice)
     if dtype.itemsize == 2:
-        return KernelConfig(*_tiles("fwd", cap, head_dim, head_dim_v, choice["tma"]), **choice)
+        return KernelConfig(*_tiles("fwd", cap, head_dim, head_dim_v, choice["tma"], packed), **choice)
     # fp32 (IEEE dots, no tensor cores): tiles that fit shared memory; the gate prints their spills.
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = 64, 64 if max(bd, bdv) <= 128 else 32
@@ -163,17 +166,18 @@ def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
     return max(head_block(head_dim), head_block(head_dim_v)) > 128
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, tma: bool = True):
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
-    kernel runs as two launches (dV, then dK), one accumulator each: both spill. tma as in forward_config."""
-    choice = _choice(cap, tma)
+    kernel runs as two launches (dV, then dK), one accumulator each: both spill. packed as in forward_config."""
+    choice = _choice(cap, packed)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
-        return (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"]), split_dkdv=split, **choice),
-                KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"]), **choice))
+        return (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
+                             **choice),
+                KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"], packed), **choice))
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = (32, 64) if max(bd, bdv) <= 64 else (16, 32)
     if split and smem_limit(cap) <= SMEM_DEFAULT:

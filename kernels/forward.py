@@ -202,6 +202,6 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
     that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
     its TMA path is taken where the inputs qualify (tma_ok), else the pointer path."""
-    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), tma=packed is None)
+    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
     run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed), "fwd")
     return out, lse, stats

@@ -2,7 +2,8 @@
 would compile it for the benchmark shapes, and assert on the code Triton generates.
 
 The launches are the launchers' own (forward_launches / backward_launches) on meta tensors with the benchmark's
-shapes and strides (16k tokens, hidden 2048, S = 16384, contiguous "bhsd" and "bshd"), compiled through the JIT's
+shapes and strides (16k tokens, hidden 2048, S = 16384, contiguous "bhsd" and "bshd"; packed: 16k tokens in
+8 sequences of at most 4096), compiled through the JIT's
 warmup under a driver that names the target and owns no device. So the JIT's specializations apply as on a GPU:
 unit strides become constants, 16-divisible pointers / strides / lengths are marked, group = 1 is a constant.
 
@@ -37,6 +38,7 @@ from fused_attn.kernels import backward, configs, forward
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (1023, 0)}  # window: Mistral sliding_window=1024
 SEQLEN, TOKENS, HIDDEN = 16384, 16384, 2048
+PACKED_SEQS = 8  # packed jobs: TOKENS in 8 sequences of at most 2 * TOKENS / 8
 DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 
@@ -61,10 +63,12 @@ class TargetOnly:
 
 
 def jobs(quick: bool):
-    """(arch, dtype, D, mask, group, tma, longest_first) per launch set; layouts are compiled inside each job.
-    sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
-    with another element type: causal MHA at every D on both paths. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs:
-    bf16 and fp32 (sm_89 compiles as sm_86 does, so only its largest tiles, D = 256)."""
+    """(arch, dtype, D, mask, group, tma, longest_first, packed) per launch set; layouts are compiled inside each
+    job (packed: the packed layout only). sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load
+    paths; fp16 generates the same code with another element type: causal MHA at every D on both paths. Packed
+    sequences (the VARLEN kernels, pointer path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16.
+    sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86 does, so only its largest
+    tiles, D = 256)."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     masks = ("causal",) if quick else tuple(MASKS)
     out = []
@@ -76,8 +80,10 @@ def jobs(quick: bool):
         out.append((90, fp32, d, "causal", 1, False, False))
         out.append((80, bf16, d, "causal", 8, False, False))
         out += [(arch, dt, d, "causal", 1, False, False) for arch in (86, 120) for dt in (bf16, fp32)]
+        out.append((90, bf16, d, "causal", 1, False, False, True))
     out += [(arch, dt, 256, "causal", 1, False, False) for arch, dt in ((80, fp32), (89, bf16), (89, fp32))]
-    return out
+    out += [(90, bf16, 128, "window", 8, False, False, True), (80, bf16, 128, "causal", 8, False, False, True)]
+    return [j + (False,) * (8 - len(j)) for j in out]
 
 
 def _meta(shape_bhsd, dtype, layout):
@@ -87,22 +93,25 @@ def _meta(shape_bhsd, dtype, layout):
     return torch.empty(B, H, S, D, dtype=dtype, device="meta")
 
 
-def launch_list(arch, dtype, d, mask, group, tma, longest_first, layout):
-    """The launchers' launches for the benchmark shape, on meta tensors."""
+def launch_list(arch, dtype, d, mask, group, tma, longest_first, packed, layout):
+    """The launchers' launches for the benchmark shape, on meta tensors (layout "packed": the varlen views)."""
     cap = (arch // 10, arch % 10)
-    B, Hq = TOKENS // SEQLEN, HIDDEN // d
+    B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
     Hkv = Hq // group
-    q, o, do, dq = (_meta((B, Hq, SEQLEN, d), dtype, layout) for _ in range(4))
-    k, v, dk, dv = (_meta((B, Hkv, SEQLEN, d), dtype, layout) for _ in range(4))
-    lse, delta = (torch.empty(B, Hq, SEQLEN, device="meta") for _ in range(2))
-    stats = torch.empty(B, Hq, SEQLEN, 2, device="meta")
+    layout = "bshd" if packed else layout
+    q, o, do, dq = (_meta((B, Hq, S, d), dtype, layout) for _ in range(4))
+    k, v, dk, dv = (_meta((B, Hkv, S, d), dtype, layout) for _ in range(4))
+    lse, delta = (torch.empty(B, Hq, S, device="meta") for _ in range(2))
+    stats = torch.empty(B, Hq, S, 2, device="meta")
     left, right = MASKS[mask]
     with configs.use(tma=tma, longest_first=longest_first):
-        fc = configs.forward_config(d, d, dtype, cap)
-        bc = configs.backward_config(d, d, dtype, cap)
+        fc = configs.forward_config(d, d, dtype, cap, packed=packed)
+        bc = configs.backward_config(d, d, dtype, cap, packed=packed)
     args = (d ** -0.5, 0, left, right)
-    return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc)
-            + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc))
+    cu = torch.empty(PACKED_SEQS + 1, dtype=torch.int32, device="meta")
+    pk = forward.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
+    return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk)
+            + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk))
 
 
 def _loop_tile_loads(ttgir: str) -> int:
@@ -168,11 +177,11 @@ _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again 
 
 
 def compile_job(job):
-    arch, dtype, d, mask, group, tma, longest_first = job
+    arch, dtype, d, mask, group, tma, longest_first, packed = job
     driver.set_active(TargetOnly(arch))
     knobs.nvidia.dump_ptxas_log = True
     seen, rows = {}, []
-    for layout in ("bhsd", "bshd"):
+    for layout in ("packed",) if packed else ("bhsd", "bshd"):
         for kernel, grid, args, kwargs in launch_list(*job, layout):
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
@@ -191,7 +200,7 @@ def compile_job(job):
 
 
 def fmt(job, r) -> str:
-    arch, dtype, d, mask, group, tma, longest_first = job
+    arch, dtype, d, mask, group, tma, longest_first, packed = job
     kname = r["name"].replace("_attn_", "").replace("_kernel", "").replace("bwd_", "") + r.get("part", "")
     path = ("tma" if r["tma_path"] else "ptr") + ("+lf" if longest_first else "")
     return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:13} {r['layouts']:9} "
@@ -208,6 +217,8 @@ def _bare_signature(jit, dtype, constexprs):
             sig[name] = "constexpr"
         elif name in ("LSE", "STATS", "DELTA"):
             sig[name] = "*fp32"
+        elif name in ("CU_Q", "CU_K"):
+            sig[name] = "*i32"
         elif name.isupper():
             sig[name] = "*" + TYPES[dtype]
         elif name in ("qk_scale", "scale"):
@@ -220,12 +231,12 @@ def _bare_signature(jit, dtype, constexprs):
 def smoke(_=None):
     """Bare-signature compiles (nothing specialized): they must compile, their code is not judged."""
     lines = []
-    for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, "bhsd"):
+    for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, False, "bhsd"):
         jit = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # under @triton.heuristics
         names = set(jit.arg_names)
         constexprs = {k: v for k, v in kwargs.items() if k in names}
         if "HAS_LEFT" in names:
-            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True)
+            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False)
         src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))
@@ -234,8 +245,9 @@ def smoke(_=None):
 
 
 def _selected(job, only) -> bool:
-    arch, dtype, d, mask, group, tma, longest_first = job
-    fields = dict(arch=arch, dtype=TYPES[dtype], d=d, mask=mask, group=group, tma=int(tma), lf=int(longest_first))
+    arch, dtype, d, mask, group, tma, longest_first, packed = job
+    fields = dict(arch=arch, dtype=TYPES[dtype], d=d, mask=mask, group=group, tma=int(tma), lf=int(longest_first),
+                  packed=int(packed))
     return all(str(fields[k]) == v for k, v in (o.split("=", 1) for o in only))
 
 
@@ -249,7 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="D = 128 and the causal mask only")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal")
+                   help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal packed=1")
     a = p.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}; S={SEQLEN}, {TOKENS} tokens, hidden {HIDDEN}")
     with tempfile.TemporaryDirectory(prefix="fused_attn_gate_") as cache_root, \
