@@ -69,21 +69,110 @@ def test_greedy_generation_with_kv_cache_matches_eager(kind):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_masks_use_the_documented_fallback(side, caplog):
-    eager, fused, ref = models("mistral")
-    ids = torch.randint(1, 96, (2, 14), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+def padded(side, rows=2, length=14, seed=3):
+    ids = torch.randint(1, 96, (rows, length), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
     mask = torch.ones_like(ids)
     if side == "left":
         mask[0, :5] = 0
     else:
         mask[0, -5:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_padded_batches_run_on_the_kernels(kind, side, caplog):
+    """Padding: unpadded into the packed layout, attention_varlen, padded back; logits of the real tokens and
+    every gradient (loss over real tokens) against eager."""
+    eager, fused, ref = models(kind)
+    ids, mask = padded(side)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run(model):
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters()}
+    before = kernels.launches.copy()
+    with caplog.at_level("DEBUG", logger="fused_attn"):
+        got, got_g = run(fused)
+    assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
+    assert "transformers SDPA" not in caplog.text
+    (pt, pt_g), (want, want_g) = run(eager), run(ref)
+    keep = mask.bool()
+    m = Metric.measure(got[keep], want[keep], pt[keep], DTYPE, 2.0)
+    assert m.ok, m
+    for name in want_g:
+        m = Metric.measure(got_g[name], want_g[name], pt_g[name], DTYPE, 3.0)
+        assert m.ok, (name, m)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_greedy_generation_of_a_padded_batch_matches_eager(kind):
+    eager, fused, _ = models(kind, torch.float32)
+    ids, mask = padded("left", length=10, seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    before = kernels.launches["fwd"]
+    with torch.no_grad():
+        got = fused.generate(ids, **kw)
+        want = eager.generate(ids, **kw)
+    assert kernels.launches["fwd"] - before == 2 * 5  # prefill + 4 decoding steps, 2 layers each
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_packed_batch_equals_sequences_one_by_one(kind, how, caplog):
+    """Padding-free packing: one row of sequences whose position_ids restart (or the flattened-batch keyword
+    arguments) runs attention_varlen; each sequence's logits equal the sequence run alone."""
+    eager, fused, ref = models(kind)
+    lengths = (5, 13, 9)
+    ids = torch.randint(1, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
+    extra = {}
+    if how == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 18, 27], dtype=torch.int32, device=DEVICE)
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=13, max_length_k=13)
+    before = kernels.launches.copy()
+    with caplog.at_level("DEBUG", logger="fused_attn"):
+        got = fused(input_ids=ids, position_ids=pos, use_cache=False, **extra).logits
+        got.sum().backward()
+    assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
+    assert "transformers SDPA" not in caplog.text
+    start = 0
+    with torch.no_grad():
+        for n in lengths:
+            one = ids[:, start:start + n]
+            m = Metric.measure(got[0, start:start + n].detach(), ref(input_ids=one).logits[0],
+                               eager(input_ids=one).logits[0], DTYPE, 2.0)
+            assert m.ok, (n, m)
+            start += n
+
+
+def test_packed_detection_refuses_other_masks():
+    """A 4-D mask that is not causal-within-sequences stays a 4-D mask (the SDPA fallback)."""
+    from fused_attn.integrations.transformers import _sequence_ids
+    i = torch.arange(6)
+    causal = (i[:, None] >= i[None, :])
+    ids = torch.tensor([0, 0, 1, 1, 1, 2])
+    packed = causal & (ids[:, None] == ids[None, :])
+    assert torch.equal(_sequence_ids(packed[None, None], None), ids[None])
+    bidirectional_block = packed.clone()
+    bidirectional_block[2, 3] = True  # a prefix-LM style deviation inside sequence 1
+    assert _sequence_ids(bidirectional_block[None, None], None) is None
+    assert _sequence_ids(torch.ones(1, 1, 6, 6, dtype=torch.bool), None) is None
+
+
+def test_padding_with_holes_uses_the_documented_fallback(caplog):
+    eager, fused, ref = models("mistral")
+    ids, mask = padded("left")
+    mask[1, 6] = 0  # a hole: not left or right padding
     before = kernels.launches["fwd"]
     with torch.no_grad(), caplog.at_level("DEBUG", logger="fused_attn"):
         got = fused(input_ids=ids, attention_mask=mask).logits
         pt = eager(input_ids=ids, attention_mask=mask).logits
         want = ref(input_ids=ids, attention_mask=mask).logits
-    assert kernels.launches["fwd"] == before  # padding goes to transformers' SDPA path
+    assert kernels.launches["fwd"] == before  # goes to transformers' SDPA path
     assert "transformers SDPA" in caplog.text
     keep = mask.bool()
     m = Metric.measure(got[keep], want[keep], pt[keep], DTYPE, 2.0)

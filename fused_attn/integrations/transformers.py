@@ -6,50 +6,149 @@
 runs the Triton kernels for causal (bottom-right aligned, so decoding with a KV cache is exact too), GQA
 (k / v are not repeated) and Mistral-style sliding windows (HF's sliding_window=W is window_size=(W - 1, 0)).
 
-What goes to the kernels and what does not: the registered mask function returns no mask when the keys carry
-no padding and the queries are the last positions of the keys (training, prefill, decoding with a dynamic
-cache); the attention function then runs fused_attn. Any other case gets transformers' SDPA mask (4-D boolean,
-e.g. left / right padding, packed sequences, static caches) and is computed by transformers' own SDPA attention
-(`sdpa_attention_forward`) with that mask -- the documented fallback, logged on the "fused_attn" logger at DEBUG.
-Training with attention dropout also falls back; softcap is refused (NotImplementedError).
+What the registered mask function hands the attention function, and what then runs:
+- None: no padding, the queries are the last positions of the keys (training, prefill, decoding with a dynamic
+  cache) -> `fused_attn.attention` on the batch as it is.
+- the (B, kv_length) boolean padding mask, where each row's tokens are one contiguous run (left or right
+  padding) -> the tokens are unpadded into the packed layout, `attention_varlen` runs, the output is padded back
+  (padded query positions get 0).
+- a (B, S) int64 tensor of sequence ids, for padding-free packed batches (position_ids that restart per sequence),
+  after checking that transformers' own mask is exactly "causal (and the config's sliding window) within each
+  sequence" -> `attention_varlen` over the sequences. The `cu_seq_lens_q / cu_seq_lens_k / max_length_q /
+  max_length_k` keyword arguments of flattened batches (DataCollatorWithFlattening) are used as given, as
+  FlashAttention does.
+- anything else (custom / chunked masks, holes in the padding, static caches): transformers' 4-D SDPA mask,
+  computed by transformers' own SDPA attention (`sdpa_attention_forward`) -- the documented fallback, logged on the
+  "fused_attn" logger at DEBUG. Training with attention dropout also falls back; softcap is refused
+  (NotImplementedError).
 """
 import logging
 
 import torch
 
 from ..function import attention
+from ..varlen import attention_varlen
 
 NAME = "fused_attn"
 log = logging.getLogger("fused_attn")
 
 
-def fused_attn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
-                    allow_is_causal_skip=True, **kwargs):
-    """transformers mask function: None where the kernels' own causal / window mask is exact, else sdpa_mask."""
-    from transformers.masking_utils import sdpa_mask
-    padding_free = attention_mask is None or bool(attention_mask[:, kv_offset:kv_offset + kv_length].all())
-    aligned = not isinstance(q_offset, torch.Tensor) and q_offset + q_length == kv_offset + kv_length
-    if allow_is_causal_skip and padding_free and aligned:
+def _contiguous_rows(padding: torch.Tensor) -> bool:
+    """Each row's kept tokens form one run (left or right padding, no holes)."""
+    kept = padding.sum(-1, keepdim=True)
+    first = padding.int().argmax(-1, keepdim=True)
+    cols = torch.arange(padding.shape[-1], device=padding.device)
+    return bool(((cols >= first) & (cols < first + kept)).eq(padding).all())
+
+
+def _sequence_ids(mask: torch.Tensor, config):
+    """(B, S) int64 sequence ids if the 4-D boolean mask (B, 1, S, S) is exactly causal within runs of rows (and
+    the config's sliding window, if that is what the mask has), else None."""
+    if mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
         return None
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
-                     allow_is_causal_skip=False, **kwargs)
+    m = mask[:, 0]
+    S = m.shape[-1]
+    i = torch.arange(S, device=m.device)
+    # A row starts a sequence where it cannot see the key just before it.
+    starts = torch.ones(m.shape[:2], dtype=torch.bool, device=m.device)
+    starts[:, 1:] = ~m[:, i[1:], i[1:] - 1]
+    ids = starts.long().cumsum(-1) - 1
+    same = ids[:, :, None] == ids[:, None, :]
+    causal = same & (i[None, :, None] >= i[None, None, :])
+    if torch.equal(m, causal):
+        return ids
+    window = getattr(config, "sliding_window", None)
+    if window and torch.equal(m, causal & (i[None, :, None] - i[None, None, :] < window)):
+        return ids
+    return None
+
+
+def fused_attn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
+                    allow_is_causal_skip=True, local_size=None, **kwargs):
+    """transformers mask function: None, a 2-D padding mask, (B, S) sequence ids, or sdpa_mask (module docstring)."""
+    from transformers.masking_utils import sdpa_mask
+    aligned = not isinstance(q_offset, torch.Tensor) and q_offset + q_length == kv_offset + kv_length
+    # Chunked attention (Llama 4) passes its chunk size as local_size, sliding windows their window.
+    chunk = getattr(kwargs.get("config"), "attention_chunk_size", None)
+    chunked = chunk is not None and local_size == chunk and kv_offset + kv_length > chunk
+    padding = None if attention_mask is None else attention_mask[:, kv_offset:kv_offset + kv_length].bool()
+    if allow_is_causal_skip and aligned and not chunked:
+        if padding is None or padding.all():
+            return None
+        if padding.shape[-1] == kv_length and _contiguous_rows(padding):
+            return padding
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                     allow_is_causal_skip=False, local_size=local_size, **kwargs)
+    packed = attention_mask is None and aligned and not chunked and q_offset == 0 and q_length == kv_length
+    ids = _sequence_ids(mask, kwargs.get("config")) if packed and isinstance(mask, torch.Tensor) else None
+    return mask if ids is None else ids
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _varlen(query, key, value, rows_q, rows_k, cu_q, cu_k, max_q, max_k, **kw):
+    """attention_varlen on the (B, S, H, D) tokens selected by the flat row indices; out padded back to
+    (B, Sq, Hq, Dv) with zeros where no query was selected."""
+    B, Sq = query.shape[:2]
+    pack = (lambda t, rows: t.reshape(-1, *t.shape[2:]).index_select(0, rows))
+    out = attention_varlen(pack(query, rows_q), pack(key, rows_k), pack(value, rows_k), cu_q, cu_k, max_q, max_k,
+                           **kw)
+    full = out.new_zeros(B * Sq, *out.shape[1:]).index_copy(0, rows_q, out)
+    return full.view(B, Sq, *out.shape[1:])
+
+
+def _padded(query, key, value, padding, **kw):
+    """Left / right padded batch: keys are the kept tokens of each row, queries the last Sq positions' kept ones."""
+    Sq, Sk = query.shape[1], key.shape[1]
+    keep_q = padding[:, Sk - Sq:]
+    rows = [m.flatten().nonzero().flatten() for m in (keep_q, padding)]
+    lengths = [m.sum(-1) for m in (keep_q, padding)]
+    return _varlen(query, key, value, *rows, *map(_cu_seqlens, lengths), *(int(n.max()) for n in lengths), **kw)
+
+
+def _packed(query, key, value, cu_q, cu_k, max_q, max_k, **kw):
+    """Padding-free packed tokens: every row of (B, S) is one run of sequences, flattened."""
+    rows_q = torch.arange(query.shape[0] * query.shape[1], device=query.device)
+    rows_k = torch.arange(key.shape[0] * key.shape[1], device=key.device)
+    return _varlen(query, key, value, rows_q, rows_k, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q),
+                   int(max_k), **kw)
+
+
+def _from_ids(ids: torch.Tensor):
+    """cu_seqlens and max length of the sequences given as (B, S) ids, rows flattened one after the other."""
+    flat = ids + (ids.amax(-1, keepdim=True) + 1).cumsum(0) - ids.amax(-1, keepdim=True) - 1
+    lengths = torch.unique_consecutive(flat.flatten(), return_counts=True)[1]
+    return _cu_seqlens(lengths), int(lengths.max())
 
 
 def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                       sliding_window=None, softcap=None, **kwargs):
+                       sliding_window=None, softcap=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                       max_length_k=None, **kwargs):
     """transformers attention function: (B, Hq, S, D) query, (B, Hkv, S, D) key / value -> ((B, S, Hq, Dv), None)."""
     if softcap is not None:
         raise NotImplementedError("fused_attn does not implement attention softcap yet")
-    if attention_mask is not None or dropout > 0.0:
+    runs = attention_mask is None or (attention_mask.dim() == 2 and (
+        attention_mask.dtype == torch.bool or attention_mask.dtype == torch.int64))
+    if not runs or dropout > 0.0:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         log.debug("transformers attention -> transformers SDPA: %s",
-                  "a padding / custom mask" if attention_mask is not None else f"dropout={dropout}")
+                  "a custom mask" if not runs else f"dropout={dropout}")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    left = sliding_window - 1 if sliding_window else -1
-    out = attention(query, key, value, causal=causal, window_size=(left, 0 if causal else -1), scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    kw = dict(causal=causal, window_size=(sliding_window - 1 if sliding_window else -1, 0 if causal else -1),
+              scale=scaling)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        return _padded(q, k, v, attention_mask, **kw), None
+    if attention_mask is not None:  # sequence ids of a packed batch
+        cu, longest = _from_ids(attention_mask)
+        return _packed(q, k, v, cu, cu, longest, longest, **kw), None
+    if all(x is not None for x in (cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k)):
+        return _packed(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, **kw), None
+    return attention(q, k, v, layout="bshd", **kw).contiguous(), None
 
 
 def register(name: str = NAME) -> str:
