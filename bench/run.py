@@ -11,7 +11,7 @@ import torch
 import fused_attn
 from fused_attn.numerics import FACTORS, Metric
 
-from . import plot, sweep
+from . import plot, sweep, varlen
 from .providers import PROVIDERS, Unsupported, scoped
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,7 +40,11 @@ def parse_args(argv):
     p.add_argument("--masks", nargs="+", default=list(sweep.MASKS),
                    help="none, causal, window<W> (causal sliding window of W keys)")
     p.add_argument("--modes", nargs="+", default=list(sweep.MODES), choices=sweep.MODES)
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    p.add_argument("--providers", nargs="+", choices=list(PROVIDERS) + list(varlen.PROVIDERS),
+                   help="default: every provider of the sweep (or of --varlen)")
+    p.add_argument("--varlen", action="store_true",
+                   help="the packed-batch case instead of the sweep: 16k tokens in sequences of mixed lengths "
+                        "(bench/varlen.py); takes --head-dims, --masks none/causal, --modes, --hidden, --dtype")
     p.add_argument("--gqa-ratio", type=int, default=8, help="also run Hkv = Hq / ratio (1: MHA only)")
     p.add_argument("--gqa-only", action="store_true", help="only the GQA configurations")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
@@ -89,21 +93,27 @@ def check_provider(name, cfg, device, cache):
 
 def measure(name, cfg, device):
     """(status, ms, peak extra MiB) for one provider on one config."""
-    import triton
     q, k, v = _inputs(cfg, device, cfg.mode != "fwd")
     try:
         fwd = PROVIDERS[name](cfg, q, k, v)
     except Unsupported as e:
         return "unsupported: " + str(e), None, None
     do = torch.randn(cfg.batch, cfg.heads_q, cfg.seqlen, cfg.head_dim, device=device, dtype=q.dtype)
-    if cfg.mode == "fwd":
+    return time_call(scoped(name, fwd), cfg.mode, do, [q, k, v], lambda fn: scoped(name, fn))
+
+
+def time_call(fwd, mode, do, inputs, wrap=lambda fn: fn):
+    """(status, ms, peak extra MiB) of fwd (mode "fwd"), the backward of one fwd output ("bwd") or both
+    ("fwd+bwd"): a warm-up (compiles), one run for the peak memory, then triton's do_bench median."""
+    import triton
+    if mode == "fwd":
         fn = fwd
-    elif cfg.mode == "bwd":
-        out = scoped(name, fwd)()
+    elif mode == "bwd":
+        out = fwd()
         fn = lambda: out.backward(do, retain_graph=True)  # noqa: E731
     else:
         fn = lambda: fwd().backward(do)  # noqa: E731
-    fn = scoped(name, fn)
+    fn = wrap(fn)
     try:
         fn()  # warm-up / compile
         torch.cuda.synchronize()
@@ -112,7 +122,7 @@ def measure(name, cfg, device):
         fn()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=inputs, return_mode="median")
     except torch.cuda.OutOfMemoryError:
         return "oom", None, None
     finally:
@@ -139,6 +149,9 @@ def main(argv=None) -> int:
         for path in plot.plot_all(data["rows"], out / "plots"):
             print("wrote", path)
         return 0
+    if args.varlen:
+        return varlen.main(args)
+    args.providers = args.providers or list(PROVIDERS)
     configs = sweep.build(args.seqlens, args.head_dims, args.masks, args.modes, args.gqa_ratio, args.tokens,
                           args.hidden, args.dtype, args.gqa_only)
     if args.dry_run:

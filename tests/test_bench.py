@@ -117,3 +117,31 @@ def test_tune_candidates_and_cli(capsys):
     if not torch.cuda.is_available():
         assert tune.main(["--head-dims", "64"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().out
+
+
+def test_varlen_case_counts_real_pairs():
+    from bench import varlen
+    assert sum(varlen.LENGTHS) == 16384 and min(varlen.LENGTHS) >= 128 and max(varlen.LENGTHS) <= 4096
+    c = varlen.Case(64, "causal", "fwd", heads=32, lengths=(3, 5))
+    assert c.flops() == 4.0 * 32 * 64 * (6 + 15)
+    assert c.flops(padded=True) == 4.0 * 32 * 64 * 2 * 15
+    assert varlen.Case(64, "none", "fwd+bwd", 32, lengths=(3, 5)).flops() == 4.0 * 32 * 64 * (9 + 25) * 3.5
+
+
+def test_varlen_pad_and_unpad_are_inverse():
+    from bench import varlen
+    x = torch.randn(12, 2, 4)
+    p = varlen.pad(x, (5, 0, 7))
+    assert p.shape == (3, 2, 7, 4) and p[1].abs().sum() == 0 and p[0, :, 5:].abs().sum() == 0
+    assert torch.equal(varlen.unpad(p, (5, 0, 7)), x)
+
+
+@pytest.mark.parametrize("name", ["fused_attn-varlen", "fused_attn-dense-padded", "sdpa-math-padded"])
+def test_varlen_providers_pass_their_check(name, monkeypatch):
+    """The providers compute what they claim on the CPU too (kernels through the interpreter, SDPA's math backend
+    standing in for the GPU backends: the same padding mask)."""
+    from bench import varlen
+    monkeypatch.setitem(varlen.PROVIDERS, "sdpa-math-padded", varlen._sdpa_padded("MATH"))
+    monkeypatch.setitem(varlen.DTYPES, "fp32", torch.float32)
+    status, metric = varlen.check(name, varlen.Case(32, "causal", "fwd", 2, dtype="fp32"), "cpu", {})
+    assert status == "ok", (status, metric)

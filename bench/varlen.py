@@ -1,0 +1,216 @@
+"""The packed-batch case (`python -m bench --varlen`): 16k tokens in sequences of mixed lengths, fused_attn's
+varlen kernels beside what a user would otherwise run -- SDPA on the padded batch with a key-padding mask,
+FlexAttention with a document mask on the packed tokens -- and the dense kernel on the padded batch (its raw
+throughput at the same sequences, padding computed). TF/s count the real (unpadded, visible) pairs, except for
+"fused_attn-dense-padded", which counts the pairs it computes."""
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fused_attn
+from fused_attn.mask import visible_pairs
+from fused_attn.numerics import FACTORS, Metric, cu_seqlens
+
+from .providers import Unsupported
+from .sweep import MODE_FLOP_FACTOR
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# A fixed draw from 128..4096 summing to 16384 tokens.
+LENGTHS = (3001, 187, 1290, 4096, 644, 2210, 128, 1555, 903, 2370)
+
+
+@dataclass(frozen=True)
+class Case:
+    head_dim: int
+    mask: str  # "none" or "causal"
+    mode: str
+    heads: int
+    lengths: tuple = LENGTHS
+    dtype: str = "bf16"
+
+    @property
+    def causal(self) -> bool:
+        return self.mask == "causal"
+
+    def flops(self, padded: bool = False) -> float:
+        """4 * Hq * D * visible pairs summed over the sequences (padded: over the padded batch), x mode factor."""
+        right = 0 if self.causal else -1
+        seqs = [max(self.lengths)] * len(self.lengths) if padded else self.lengths
+        pairs = sum(visible_pairs(n, n, -1, right) for n in seqs)
+        return 4.0 * self.heads * self.head_dim * pairs * MODE_FLOP_FACTOR[self.mode]
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), lengths=list(self.lengths), seqlen=sum(self.lengths), batch=len(self.lengths),
+                    heads_q=self.heads, heads_kv=self.heads, window=[-1, 0 if self.causal else -1])
+
+
+def build(head_dims, masks, modes, hidden=2048, dtype="bf16"):
+    return [Case(d, m, mode, hidden // d, dtype=dtype) for d in head_dims for m in masks if m in ("none", "causal")
+            for mode in modes]
+
+
+def packed_inputs(case: Case, device, dtype, requires_grad=False, seed=0):
+    """q, k, v (total, H, D) and cu_seqlens for the case's lengths."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    total = sum(case.lengths)
+    q, k, v = (torch.randn(total, case.heads, case.head_dim, device=device, dtype=dtype, generator=g)
+               .requires_grad_(requires_grad) for _ in range(3))
+    return q, k, v, cu_seqlens(case.lengths, device)
+
+
+def pad(x, lengths):
+    """(total, H, D) packed -> (B, H, max_len, D) zero-padded (a differentiable copy)."""
+    parts = x.split(list(lengths))
+    return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True).transpose(1, 2)
+
+
+def unpad(x, lengths):
+    """(B, H, max_len, D) -> (total, H, D), the inverse of pad."""
+    return torch.cat([x[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])
+
+
+def _varlen(case, q, k, v, cu):
+    n = max(case.lengths)
+    return lambda: fused_attn.attention_varlen(q, k, v, cu, cu, n, n, causal=case.causal)
+
+
+def _dense_padded(case, q, k, v, cu):
+    """The dense kernel on the padded batch: no key-padding mask, so padded keys are attended -- a throughput
+    yardstick only (its rows of the real tokens are not the varlen result)."""
+    qp, kp, vp = (pad(t, case.lengths) for t in (q, k, v))
+    return lambda: unpad(fused_attn.attention(qp, kp, vp, causal=case.causal), case.lengths)
+
+
+def _sdpa_padded(backend_name):
+    def make(case, q, k, v, cu):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        lengths = torch.tensor(case.lengths, device=q.device)
+        n = max(case.lengths)
+        j = torch.arange(n, device=q.device)
+        keep = j[None, None, None, :] < lengths[:, None, None, None]  # (B, 1, 1, S) key padding
+        if case.causal:
+            keep = keep & (j[None, None, :, None] >= j[None, None, None, :])
+        # Padded query rows see key 0 (they are dropped anyway), so no row is empty and nothing is NaN.
+        keep = keep | (j[None, None, None, :] == 0)
+        backend = getattr(SDPBackend, backend_name)
+
+        def fn():
+            qp, kp, vp = (pad(t, case.lengths) for t in (q, k, v))
+            with sdpa_kernel([backend]):
+                out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep)
+            return unpad(out, case.lengths)
+        try:
+            fn()
+        except RuntimeError as e:
+            raise Unsupported(str(e).splitlines()[0][:200]) from None
+        return fn
+    return make
+
+
+_flex_compiled = None
+
+
+def _flex_document(case, q, k, v, cu):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Unsupported(f"FlexAttention not in this torch: {e}") from None
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    total = sum(case.lengths)
+    doc = torch.repeat_interleave(torch.arange(len(case.lengths), device=q.device),
+                                  torch.tensor(case.lengths, device=q.device))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = doc[q_idx] == doc[kv_idx]
+        return same & (q_idx >= kv_idx) if case.causal else same
+
+    block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device)
+    view = (lambda t: t.transpose(0, 1)[None])  # (1, H, total, D)
+    return lambda: _flex_compiled(view(q), view(k), view(v), block_mask=block_mask)[0].transpose(0, 1)
+
+
+PROVIDERS = {
+    "fused_attn-varlen": _varlen,
+    "fused_attn-dense-padded": _dense_padded,
+    "sdpa-efficient-padded": _sdpa_padded("EFFICIENT_ATTENTION"),
+    "sdpa-cudnn-padded": _sdpa_padded("CUDNN_ATTENTION"),
+    "sdpa-flash-padded": _sdpa_padded("FLASH_ATTENTION"),
+    "flex-document": _flex_document,
+}
+
+
+def check(name, case, device, cache):
+    """The provider on a small packed batch of the same kind against the float64 reference run sequence by
+    sequence (FlashAttention's forward rule); the padded dense yardstick on the rows of its longest sequence
+    only (the others attend padding). Cached per (provider, head dim, mask)."""
+    key = (name, case.head_dim, case.mask)
+    if key not in cache:
+        small = Case(case.head_dim, case.mask, "fwd", 2, lengths=(150, 37, 200, 1), dtype=case.dtype)
+        dtype = DTYPES[case.dtype]
+        q, k, v, cu = packed_inputs(small, device, dtype)
+        try:
+            out = PROVIDERS[name](small, q, k, v, cu)()
+        except Unsupported as e:
+            cache[key] = ("unsupported: " + str(e), None)
+            return cache[key]
+        kw = dict(causal=small.causal)
+        ref = fused_attn.reference.attention_varlen(q, k, v, cu, cu, upcast=torch.float64, **kw)
+        pt = fused_attn.reference.attention_varlen(q, k, v, cu, cu, upcast=None, **kw)
+        rows = slice(None)
+        if name == "fused_attn-dense-padded":
+            b = small.lengths.index(max(small.lengths))
+            rows = slice(sum(small.lengths[:b]), sum(small.lengths[:b + 1]))
+        m = Metric.measure(out[rows], ref[rows], pt[rows], dtype, FACTORS["out"])
+        cache[key] = ("ok" if m.ok else "failed check", m)
+    return cache[key]
+
+
+def measure(name, case, device):
+    from .run import time_call
+    q, k, v, cu = packed_inputs(case, device, DTYPES[case.dtype], requires_grad=case.mode != "fwd")
+    try:
+        fwd = PROVIDERS[name](case, q, k, v, cu)
+    except Unsupported as e:
+        return "unsupported: " + str(e), None, None
+    return time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    from .run import environment, write
+    providers = args.providers or list(PROVIDERS)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"--varlen providers are {', '.join(PROVIDERS)}; got {', '.join(unknown)}")
+    cases = build(args.head_dims, args.masks, args.modes, args.hidden, args.dtype)
+    if args.dry_run:
+        for c in cases:
+            print(f"varlen {len(c.lengths)} seqs {sum(c.lengths)} tokens D={c.head_dim:3} H={c.heads:3} {c.mask:6} "
+                  f"{c.mode:8} {c.flops() / 1e12:9.3f} TFLOP real pairs  x {len(providers)} providers")
+        print(f"{len(cases)} varlen cases (lengths {list(LENGTHS)}) x {len(providers)} providers: "
+              f"{', '.join(providers)}")
+        return 0
+    if not torch.cuda.is_available():
+        print("python -m bench --varlen needs an NVIDIA GPU (CUDA); none is visible here. Use --dry-run.")
+        return 2
+    env = environment()
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  varlen", flush=True)
+    rows, checks = [], {}
+    for case in cases:
+        for name in providers:
+            status, metric = check(name, case, "cuda", checks)
+            ms = peak = None
+            if status == "ok":
+                status, ms, peak = measure(name, case, "cuda")
+            tflops = case.flops(padded=name == "fused_attn-dense-padded") / (ms * 1e-3) / 1e12 if ms else None
+            rows.append(dict(env, provider=name, **case.as_dict(), status=status, ms=ms, tflops=tflops,
+                             peak_mem_mb=peak, check_err=metric.err if metric else None,
+                             check_budget=metric.budget if metric else None))
+            shown = f"{ms:8.3f} ms {tflops:6.1f} TF/s {peak:8.1f} MiB" if ms else status
+            print(f"varlen D={case.head_dim:3} H={case.heads} {case.mask:6} {case.mode:8} {name:24} {shown}",
+                  flush=True)
+        write(rows, env, Path(args.out) / "varlen")
+    return 0
