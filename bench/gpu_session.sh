@@ -23,4 +23,6 @@ if [ $# -eq 0 ]; then
     set -- --seqlens 1024 4096 16384 --head-dims 64 128 --masks none causal window1024 --gqa-ratio 1
 fi
 python -m bench --out "$OUT/bench" "$@" > "$OUT/bench.txt" 2>&1; echo "bench rc=$?" >> "$OUT/bench.txt"
-tail -n 3 "$OUT/pytest.txt" "$OUT/check.txt" "$OUT/bench.txt"
+python -m bench --varlen --head-dims 64 128 --masks none causal --modes fwd fwd+bwd --out "$OUT/bench" \
+    > "$OUT/bench_varlen.txt" 2>&1; echo "bench --varlen rc=$?" >> "$OUT/bench_varlen.txt"
+tail -n 3 "$OUT/pytest.txt" "$OUT/check.txt" "$OUT/bench.txt" "$OUT/bench_varlen.txt"
