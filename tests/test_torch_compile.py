@@ -21,14 +21,10 @@ def test_opcheck(layout):
     torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, 10, 0))
 
 
-def test_fullgraph_compile_of_forward_and_backward():
-    """fullgraph=True fails on any graph break; AOTAutograd compiles the backward graph (our backward op) too."""
+def check_fullgraph(loss_fn, q, k, v, do):
+    """loss_fn compiled with fullgraph=True (any graph break fails) runs one forward and one backward launch
+    (AOTAutograd compiles the backward graph, our backward op, too) and gives eager's gradients exactly."""
     torch._dynamo.reset()
-    q, k, v, do = make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE)
-
-    def loss_fn(q, k, v, do):
-        out = fused_attn.attention(q, k, v, window_size=(20, 0)) * 2.0
-        return (out * do).sum()
 
     def grads(fn):
         for t in (q, k, v):
@@ -41,9 +37,15 @@ def test_fullgraph_compile_of_forward_and_backward():
     before = kernels.launches.copy()
     got = grads(compiled)
     assert kernels.launches["fwd"] == before["fwd"] + 1 and kernels.launches["bwd"] == before["bwd"] + 1
-    want = grads(loss_fn)
-    for a, b in zip(got, want):
+    for a, b in zip(got, grads(loss_fn)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fullgraph_compile_of_forward_and_backward():
+    def loss_fn(q, k, v, do):
+        out = fused_attn.attention(q, k, v, window_size=(20, 0)) * 2.0
+        return (out * do).sum()
+    check_fullgraph(loss_fn, *make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE))
 
 
 def _packed_inputs():
@@ -64,23 +66,9 @@ def test_opcheck_packed():
 
 
 def test_fullgraph_compile_of_packed_forward_and_backward():
-    torch._dynamo.reset()
     q, k, v, do, cu_q, cu_k = _packed_inputs()
 
     def loss_fn(q, k, v, do):
         out = fused_attn.attention_varlen(q, k, v, cu_q, cu_k, 33, 30, causal=True)
         return (out * do).sum()
-
-    def grads(fn):
-        for t in (q, k, v):
-            t.grad = None
-        fn(q, k, v, do).backward()
-        return [t.grad.clone() for t in (q, k, v)]
-
-    backend = "inductor" if torch.cuda.is_available() else "aot_eager"
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
-    before = kernels.launches.copy()
-    got = grads(compiled)
-    assert kernels.launches["fwd"] == before["fwd"] + 1 and kernels.launches["bwd"] == before["bwd"] + 1
-    for a, b in zip(got, grads(loss_fn)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_fullgraph(loss_fn, q, k, v, do)
