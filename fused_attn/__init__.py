@@ -2,14 +2,16 @@
 import importlib
 
 from . import reference
-from .decode import merge_attention
-from .dropin import explain, flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention, sdpa_override
+from .decode import attention_with_kvcache, merge_attention
+from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                     scaled_dot_product_attention, sdpa_override)
 from .function import FusedAttentionFunction, attention, attention_probs
 from .varlen import attention_varlen
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_probs", "FusedAttentionFunction", "reference",
-           "scaled_dot_product_attention", "sdpa_override", "flash_attn_func", "flash_attn_varlen_func", "explain", "merge_attention"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "merge_attention",
+           "FusedAttentionFunction", "reference", "scaled_dot_product_attention", "sdpa_override", "explain",
+           "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers) load on first use

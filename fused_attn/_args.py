@@ -157,3 +157,78 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], lengths[0], "q")
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
     return VarlenArgs(a, cu_seqlens_q, cu_seqlens_k, *lengths)
+
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True):
+    """Shapes, dtypes and devices of attention_with_kvcache's arguments (beyond check_args'); returns
+    (cache_seqlens as int32 (B,), capacity of a row in keys, page size or 0)."""
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if inference_only and isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"attention_with_kvcache is inference only: {name} requires grad (use torch.no_grad() "
+                             f"or .detach())")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    B = q.shape[0]
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: chosen automatically), got {num_splits!r}")
+    if block_table is None:
+        if k_cache.shape[0] != B or v_cache.shape[0] != B:
+            raise ValueError(f"k_cache / v_cache must be (B, S_cache, Hkv, D) with B = {B} (q's batch), got "
+                             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        capacity, page = k_cache.shape[1], 0
+    else:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be int32 (B={B}, max_pages), got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
+        page = k_cache.shape[1]
+        if page % 16:
+            raise ValueError(f"the page size (k_cache.shape[1]) must be a multiple of 16, got {page}")
+        capacity = block_table.shape[1] * page
+    if k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"k_cache and v_cache must agree but for the head dim: {tuple(k_cache.shape)} vs "
+                         f"{tuple(v_cache.shape)}")
+    if k is not None:
+        want_k = (B, k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], k_cache.shape[3])
+        for name, t, want in (("k", k, want_k), ("v", v, want_k[:3] + (v_cache.shape[3],))):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 4 or tuple(t.shape) != want:
+                raise ValueError(f"{name} must be (B, S_new, Hkv, D) = {want} to match q and the cache, got "
+                                 f"{tuple(t.shape)}")
+            if t.dtype != k_cache.dtype or t.device != k_cache.device:
+                raise TypeError(f"{name} must have the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
+                                f"got {t.dtype}, {t.device}")
+    if cache_seqlens is None:
+        cache_seqlens = capacity - (0 if k is None else k.shape[1])
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int or an int32 (B,) tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be int32 of shape ({B},), got {cache_seqlens.dtype} "
+                         f"{tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    return cache_seqlens, capacity, page
+
+
+def check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, n_pages):
+    """What can only be read from the values: lengths within the cache, pages that exist (CPU tensors only)."""
+    lengths = cache_seqlens.tolist()
+    for b, n in enumerate(lengths):
+        if n < 0 or n + s_new > capacity:
+            raise ValueError(f"row {b}: cache_seqlens {n} + {s_new} new keys must lie in [0, {capacity}] (the cache "
+                             f"holds {capacity} keys per row)")
+        if block_table is not None:
+            used = block_table[b, :-(-(n + s_new) // page)].tolist() if n + s_new else []
+            bad = [p for p in used if not 0 <= p < n_pages]
+            if bad:
+                raise ValueError(f"row {b}: block_table names page {bad[0]}, but the cache has pages 0..{n_pages - 1}")

@@ -1,5 +1,5 @@
 """Drop-in replacements: PyTorch's scaled_dot_product_attention (and a scoped override of it) and
-FlashAttention-2's flash_attn_func and flash_attn_varlen_func."""
+FlashAttention-2's flash_attn_func, flash_attn_varlen_func and flash_attn_with_kvcache."""
 import contextlib
 import logging
 import operator
@@ -7,6 +7,7 @@ import operator
 import torch
 
 from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
+from .decode import attention_with_kvcache
 from .varlen import attention_varlen
 
 log = logging.getLogger("fused_attn")
@@ -164,3 +165,21 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                 q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
                 window_size=window_size, scale=softmax_scale, layout="bshd")[0]
     return out, lse, probs
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """FlashAttention-2's flash_attn_with_kvcache (fused_attn.attention_with_kvcache): q (B, Sq, Hq, D) against a
+    contiguous (B, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) + block_table cache, k / v appended in
+    place at cache_seqlens first; causal / window_size bottom-right aligned per row. Returns out (B, Sq, Hq, Dv),
+    or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse. Not implemented (NotImplementedError): rotary_cos /
+    rotary_sin, cache_batch_idx, cache_leftpad, softcap, alibi_slopes (rotary_interleaved only matters with
+    rotary)."""
+    _not_implemented("flash_attn_with_kvcache", 0.0, softcap, alibi_slopes, rotary_cos=rotary_cos,
+                     rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+                                      causal=causal, window_size=_fa_window(causal, window_size),
+                                      scale=softmax_scale, num_splits=num_splits, return_lse=True)
+    return (out, lse) if return_softmax_lse else out

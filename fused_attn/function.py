@@ -122,7 +122,13 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
     """
     a = kernel_args(q, k, v, causal, window_size, scale, layout)
-    out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
+    B, Hq, Sq = a.q.shape[:3]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not grad and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device):
+        # A decode step: split the keys over programs (the regular grid would leave SMs idle); no stats to save.
+        out, lse = ops.decode(a.q, a.k, a.v, None, None, 0, a.k.shape[2], a.scale, a.left, a.right, 0, layout)
+    else:
+        out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

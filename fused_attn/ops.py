@@ -71,3 +71,25 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0):
     return _grad_buffers(q, k, v, cu_seqlens_q is not None)
+
+
+def _decode_buffers(q, v, layout):
+    out, lse, _ = _forward_buffers(q, v, layout, packed=False)
+    return out, lse
+
+
+@torch.library.custom_op("fused_attn::decode", mutates_args=())
+def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
+           page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
+           layout: str) -> Tuple[Tensor, Tensor]:
+    """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
+    k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
+    out, lse = _decode_buffers(q, v, layout)
+    kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
+                             num_splits)
+    return out, lse
+
+
+@decode.register_fake
+def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout):
+    return _decode_buffers(q, v, layout)

@@ -2,7 +2,7 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import DTYPES, check_args, check_varlen_args
+from ._args import DTYPES, check_args, check_kvcache, check_kvcache_values, check_varlen_args
 from .mask import visible_mask
 
 
@@ -70,3 +70,34 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lse_dtype = torch.promote_types(dtype, torch.float32)
     out = torch.cat(outs)
     return (out, torch.cat([x.to(lse_dtype) for x in lses], dim=1)) if return_lse else out
+
+
+def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
+                           causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32):
+    """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to its first
+    cache_seqlens[b] cached keys followed by its new ones, run row by row through `attention`. Returns out
+    (B, Sq, Hq, Dv) in the compute dtype (and lse (B, Hq, Sq)); rows that see no key: out 0, lse -inf."""
+    cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 0,
+                                                  inference_only=False)
+    dtype = q.dtype if upcast is None else upcast
+    s_new = 0 if k is None else k.shape[1]
+    check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
+    outs, lses = [], []
+    for b, n in enumerate(cache_seqlens.tolist()):
+        if block_table is None:
+            keys, values = k_cache[b, :n], v_cache[b, :n]
+        else:
+            pages = block_table[b].long()[:-(-n // page)] if n else block_table[b, :0].long()
+            keys, values = (c[pages].flatten(0, 1)[:n] for c in (k_cache, v_cache))
+        if k is not None:
+            keys, values = torch.cat([keys, k[b]]), torch.cat([values, v[b]])
+        if keys.shape[0] == 0:
+            outs.append(q.new_zeros(q.shape[1], q.shape[2], v_cache.shape[3], dtype=dtype))
+            lses.append(torch.full((q.shape[2], q.shape[1]), float("-inf"), device=q.device))
+            continue
+        out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal, window_size=window_size,
+                             scale=scale, layout="bshd", return_lse=True, upcast=upcast)
+        outs.append(out[0])
+        lses.append(lse[0])
+    out = torch.stack(outs)
+    return (out, torch.stack([x.to(torch.promote_types(dtype, torch.float32)) for x in lses])) if return_lse else out

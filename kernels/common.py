@@ -134,6 +134,24 @@ def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
 
 
 @triton.jit
+def _load_kv(X, PAGES, b, h, start, stride_r, stride_c, stride_page, page_size, n_rows, n_cols,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
+             TMA: tl.constexpr, PAGED: tl.constexpr):
+    """Key / value rows [start, start + BLOCK_R): _load_block, or (PAGED) through a block table: row j lives in page
+    PAGES[j // page_size] at slot j % page_size (X at the head, stride_page apart), so any page size works."""
+    if PAGED:
+        rows = start + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        ok = rows < n_rows
+        page = tl.load(PAGES + rows // page_size, mask=ok, other=0).to(tl.int64)
+        ptrs = X + page[:, None] * stride_page + (rows % page_size)[:, None] * stride_r + cols[None, :] * stride_c
+        return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+    else:
+        return _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols, BLOCK_R, BLOCK_C, CHECK_ROWS,
+                           CHECK_COLS, TMA)
+
+
+@triton.jit
 def _tile_id(REVERSE: tl.constexpr):
     """This program's tile along grid axis 0; REVERSE hands out the last tiles first (longest-first when the last
     tiles see the most keys, e.g. causal queries)."""

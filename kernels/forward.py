@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import _at_head, _block_range, _dot, _load_block, _sequence, _store_tile, _tile_id, _visible
+from .common import _at_head, _block_range, _dot, _load_block, _load_kv, _sequence, _store_tile, _tile_id, _visible
 from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -23,12 +23,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                    FP32_DOT: tl.constexpr, TMA: tl.constexpr):
-    """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither."""
+                    FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+                    PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr):
+    """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
+    K and V are read through the block table PAGES (kernels/decode.py)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
-                        MASKED, HEAD_DIM != BLOCK_D, TMA)
+        k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
+                     BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
@@ -40,8 +42,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
-                        MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
+        v = _load_kv(V, PAGES, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
+                     BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -100,7 +102,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K,
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
                                         offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
+                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0

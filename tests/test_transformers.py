@@ -15,7 +15,7 @@ DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 def config(kind):
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
+                  num_key_value_heads=2, max_position_embeddings=512)
     if kind == "llama":
         return transformers.LlamaConfig(**common)
     return transformers.MistralConfig(**common, sliding_window=8)  # shorter than the sequences below
@@ -57,6 +57,21 @@ def test_logits_and_gradients_match_eager(kind):
     got, got_g = logits_and_grads(fused, ids)
     assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
     assert_matches((got, got_g), logits_and_grads(eager, ids), logits_and_grads(ref, ids))
+
+
+def test_long_prompt_decodes_on_the_split_kv_kernels():
+    """Decode steps against a cache of 260+ keys (no gradient, few query rows) run the split-KV path. (Llama:
+    the Mistral model's sliding-window cache keeps only 8 keys, too few to split.)"""
+    eager, fused, _ = models("llama", torch.float32)
+    ids = torch.randint(1, 96, (1, 260), generator=torch.Generator().manual_seed(6)).to(DEVICE)  # 0 = padding
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    before = kernels.launches.copy()
+    with torch.no_grad():
+        got = fused.generate(ids, **kw)
+        want = eager.generate(ids, **kw)
+    assert kernels.launches["fwd"] - before["fwd"] == 2  # the prefill, 2 layers
+    assert kernels.launches["decode"] - before["decode"] == 2 * 3  # 3 decoding steps
+    assert torch.equal(got, want)
 
 
 def padded(side, rows=2, length=14, seed=3):

@@ -1,0 +1,166 @@
+"""KV-cache decoding (attention_with_kvcache, flash_attn_with_kvcache, the split-KV path of attention): against
+the reference over each row's valid cache, in-place append, paged == contiguous, every split count, errors."""
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import kernels
+from fused_attn.numerics import FACTORS, Metric
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def make(B, Sq, Hq, Hkv, D, S_cache, S_new, dtype, page=0, seed=0, dv=None):
+    """q, caches (contiguous, or paged with a shuffled block table), new k / v."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or D
+    rand = (lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype))
+    q = rand(B, Sq, Hq, D)
+    k_new, v_new = (rand(B, S_new, Hkv, d) for d in (D, dv)) if S_new else (None, None)
+    if not page:
+        return q, rand(B, S_cache, Hkv, D), rand(B, S_cache, Hkv, dv), None, k_new, v_new
+    per_row = -(-S_cache // page)
+    n_pages = B * per_row + 3  # a few pages no row uses
+    table = torch.randperm(n_pages, generator=g)[:B * per_row].view(B, per_row).to(DEVICE, torch.int32)
+    return q, rand(n_pages, page, Hkv, D), rand(n_pages, page, Hkv, dv), table, k_new, v_new
+
+
+def check(q, kc, vc, table, k, v, seqlens, num_splits=0, **kw):
+    """The kernels against the float64 reference (PyTorch in the input dtype as the yardstick); returns out."""
+    ref_kw = dict(cache_seqlens=seqlens, block_table=table, return_lse=True, **kw)
+    want, want_lse = fused_attn.reference.attention_with_kvcache(q, kc, vc, k, v, upcast=torch.float64, **ref_kw)
+    pt, pt_lse = fused_attn.reference.attention_with_kvcache(q, kc, vc, k, v, upcast=None, **ref_kw)
+    before = kernels.launches["decode"]
+    out, lse = fused_attn.attention_with_kvcache(q, kc, vc, k, v, num_splits=num_splits, **ref_kw)
+    assert kernels.launches["decode"] == before + 1
+    for name, got, ref, p in (("out", out, want, pt), ("lse", lse, want_lse, pt_lse)):
+        m = Metric.measure(got, ref, p, q.dtype, FACTORS[name])
+        assert m.ok, (name, m)
+    return out, lse
+
+
+# (B, Sq, Hq, Hkv, D, S_cache, S_new, cache_seqlens)
+SHAPES = [
+    pytest.param((3, 1, 16, 2, 64, 150, 0, [0, 37, 150]), id="sq1-gqa8-d64-ragged"),
+    pytest.param((2, 4, 4, 1, 128, 96, 3, [5, 93]), id="sq4-mqa-d128-append3"),
+    pytest.param((2, 16, 8, 2, 256, 80, 16, [0, 64]), id="sq16-gqa4-d256-append16"),
+]
+MASKS = [pytest.param((False, (-1, -1)), id="full"), pytest.param((True, (-1, -1)), id="causal"),
+         pytest.param((True, (20, -1)), id="causal-win20")]
+
+
+@pytest.mark.parametrize("paged", [0, 16], ids=["contiguous", "page16"])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_against_reference(shape, mask, paged):
+    B, Sq, Hq, Hkv, D, S, S_new, lens = shape
+    causal, window = mask
+    q, kc, vc, table, k, v = make(B, Sq, Hq, Hkv, D, S, S_new, F16, paged)
+    check(q, kc.clone(), vc.clone(), table, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
+          causal=causal, window_size=window)
+
+
+@pytest.mark.parametrize("dtype", [F32] + ([BF16] if ON_GPU else []))
+def test_dtypes(dtype):
+    q, kc, vc, table, k, v = make(2, 2, 4, 2, 40, 70, 2, dtype, dv=24)
+    check(q, kc, vc, table, k, v, torch.tensor([3, 60], dtype=torch.int32, device=DEVICE), causal=True)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 0])
+def test_every_split_count(num_splits):
+    q, kc, vc, table, k, v = make(2, 3, 8, 2, 64, 200, 1, F32)
+    check(q, kc, vc, table, k, v, torch.tensor([199, 41], dtype=torch.int32, device=DEVICE), num_splits,
+          causal=True)
+
+
+def test_paged_equals_contiguous():
+    """The same keys in a contiguous cache and scattered over pages of 32 give bitwise the same result."""
+    q, kc, vc, table, k, v = make(2, 2, 4, 2, 32, 96, 2, F32, page=32)
+    lens = torch.tensor([50, 94], dtype=torch.int32, device=DEVICE)
+    contiguous = [c[table.long()].flatten(1, 2) for c in (kc, vc)]  # row b's pages in order
+    paged = fused_attn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, num_splits=2)
+    dense = fused_attn.attention_with_kvcache(q, *contiguous, k, v, cache_seqlens=lens, num_splits=2)
+    assert torch.equal(paged, dense)
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_append_writes_only_its_slots(page):
+    """Sentinels everywhere else: the new keys land at cache_seqlens[b] .. + S_new - 1, nothing else changes, and
+    cache_seqlens is not modified."""
+    q, kc, vc, table, k, v = make(3, 2, 4, 2, 16, 48, 2, F32, page)
+    kc.fill_(7.0)
+    vc.fill_(-7.0)
+    before_k, before_v = kc.clone(), vc.clone()
+    lens = torch.tensor([0, 13, 46], dtype=torch.int32, device=DEVICE)
+    lens_before = lens.clone()
+    fused_attn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table)
+    assert torch.equal(lens, lens_before)
+    for b, n in enumerate(lens.tolist()):
+        for i in range(2):
+            row = n + i
+            if page:
+                slot = (table[b, row // page].long(), row % page)
+                assert torch.equal(kc[slot], k[b, i]) and torch.equal(vc[slot], v[b, i])
+                before_k[slot], before_v[slot] = k[b, i], v[b, i]
+            else:
+                assert torch.equal(kc[b, row], k[b, i]) and torch.equal(vc[b, row], v[b, i])
+                before_k[b, row], before_v[b, row] = k[b, i], v[b, i]
+    assert torch.equal(kc, before_k) and torch.equal(vc, before_v)
+
+
+def test_dense_attention_takes_the_split_path_for_decode_steps():
+    """attention() with few query rows and no gradient to compute runs the split-KV kernels (same results)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, s, 64, generator=g).to(DEVICE) for h, s in ((4, 1), (2, 300), (2, 300)))
+    want = fused_attn.reference.attention(q, k, v, causal=True, upcast=torch.float64)
+    pt = fused_attn.reference.attention(q, k, v, causal=True, upcast=None)
+    before = dict(kernels.launches)
+    with torch.no_grad():
+        out = fused_attn.attention(q, k, v, causal=True)
+    assert kernels.launches["decode"] == before.get("decode", 0) + 1 and kernels.launches["fwd"] == before.get("fwd", 0)
+    m = Metric.measure(out, want, pt, F32, FACTORS["out"])
+    assert m.ok, m
+    q.requires_grad_()
+    out = fused_attn.attention(q, k, v, causal=True)  # a gradient to come: the regular forward, which saves stats
+    assert kernels.launches["fwd"] == before.get("fwd", 0) + 1
+
+
+def t(*shape, dtype=F16):
+    return torch.randn(*shape).to(DEVICE, dtype)
+
+
+Q, KC = (2, 1, 4, 32), (2, 40, 2, 32)
+TABLE = torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)
+TRUSTED_ON_GPU = pytest.mark.skipif(ON_GPU, reason="cache_seqlens / block_table values are trusted on a GPU")
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", [
+    pytest.param((t(2, 4, 32), t(*KC), t(*KC)), {}, ValueError, r"q must be 4-D", id="rank"),
+    pytest.param((t(*Q), t(3, 40, 2, 32), t(3, 40, 2, 32)), {}, ValueError, r"B = 2", id="cache-batch"),
+    pytest.param((t(*Q), t(*KC), t(2, 41, 2, 32)), {}, ValueError, "must agree", id="kv-cache-shapes"),
+    pytest.param((t(*Q), t(*KC), t(*KC), t(2, 1, 2, 32)), {}, ValueError, "given together", id="k-without-v"),
+    pytest.param((t(*Q), t(*KC), t(*KC), t(2, 1, 3, 32), t(2, 1, 3, 32)), {}, ValueError, r"\(B, S_new, Hkv, D\)",
+                 id="new-heads"),
+    pytest.param((t(*Q), t(*KC, dtype=F32), t(*KC, dtype=F32)), {}, TypeError, "share one dtype", id="dtype"),
+    pytest.param((t(1, 1, 3, 32), t(1, 40, 2, 32), t(1, 40, 2, 32)), {}, ValueError, r"multiple of key/value heads",
+                 id="gqa"),
+    pytest.param((t(*Q), t(*KC), t(*KC)), {"cache_seqlens": torch.tensor([1, 2])}, ValueError, "int32", id="seqlens"),
+    pytest.param((t(*Q), t(*KC), t(*KC)), {"cache_seqlens": 41}, ValueError, r"row 0: cache_seqlens 41 \+ 0",
+                 marks=TRUSTED_ON_GPU, id="seqlens-too-long"),
+    pytest.param((t(*Q), t(4, 24, 2, 32), t(4, 24, 2, 32)), {"block_table": TABLE}, ValueError,
+                 "multiple of 16, got 24", id="page-size"),
+    pytest.param((t(*Q), t(4, 16, 2, 32), t(4, 16, 2, 32)), {"block_table": TABLE + 4, "cache_seqlens": 3},
+                 ValueError, "names page 4", marks=TRUSTED_ON_GPU, id="page-missing"),
+    pytest.param((t(*Q), t(4, 16, 2, 32), t(4, 16, 2, 32)), {"block_table": TABLE.long()}, ValueError,
+                 "int32", id="table-dtype"),
+    pytest.param((t(*Q), t(*KC), t(*KC)), {"num_splits": -1}, ValueError, "num_splits", id="splits"),
+    pytest.param((t(*Q).requires_grad_(), t(*KC), t(*KC)), {}, ValueError, "inference only: q requires grad",
+                 id="requires-grad"),
+    pytest.param((t(*Q), t(*KC), t(*KC)), {"window_size": (-3, 0)}, ValueError, "left must be >= -1", id="window"),
+])
+def test_invalid_inputs(args, kwargs, exc, match):
+    if not ON_GPU or "seqlens-too-long" not in match:
+        with pytest.raises(exc, match=match):
+            fused_attn.attention_with_kvcache(*args, **kwargs)
