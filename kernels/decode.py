@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range
-from .configs import head_block, head_chunks, interpreter_active
+from .configs import capability, head_block, head_chunks, interpreter_active, smem_limit
 from .forward import LOG2E, _attn_fwd_inner, fp32_dot, run
 
 
@@ -168,7 +168,7 @@ def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) 
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                    left: int, right: int, num_splits: int = 0):
+                    left: int, right: int, num_splits: int = 0, cap=None):
     """The split-KV launches as (kernel, grid, args, kwargs), and the scratch they need allocated.
 
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. k, v: (B, Hkv, S, D)-indexed
@@ -190,8 +190,14 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         o_lse = torch.empty(splits, B, Hq, Sq, device=q.device, dtype=torch.float32)
         o_strides, l_strides = o.stride(), o_lse.stride()[:3]
     paged = block_table is not None
-    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_block(D),
-                  BLOCK_DV=head_block(Dv), PACK=pack, FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=2)
+    cap = capability(q.device) if cap is None and q.device.type != "meta" else cap
+    bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
+    # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
+    # gate), keeping ~12% for the compiler's own buffers.
+    room = 0 if cap is None else smem_limit(cap) * 7 // 8 - block_m * bd * size
+    stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
+    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, PACK=pack,
+                  FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=stages)
     launch_list = [(_attn_fwd_split_kernel, (grid0, count, splits),
                     (q, k, v, o, o_lse, seqlens_k, block_table, *q.stride(), *k.stride(), *v.stride(), *o_strides,
                      *l_strides, block_table.stride(0) if paged else 0, page_size if paged else 0, start, Hq, group,

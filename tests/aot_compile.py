@@ -3,7 +3,8 @@ would compile it for the benchmark shapes, and assert on the code Triton generat
 
 The launches are the launchers' own (forward_launches / backward_launches) on meta tensors with the benchmark's
 shapes and strides (16k tokens, hidden 2048, S = 16384, contiguous "bhsd" and "bshd"; packed: 16k tokens in
-8 sequences of at most 4096), compiled through the JIT's
+8 sequences of at most 4096; decode: B = 8, one query row, Hq / Hkv = 32 / 8, a 32k cache, contiguous or in pages
+of 256), compiled through the JIT's
 warmup under a driver that names the target and owns no device. So the JIT's specializations apply as on a GPU:
 unit strides become constants, 16-divisible pointers / strides / lengths are marked, group = 1 is a constant.
 
@@ -33,13 +34,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime import driver
 
-from fused_attn.kernels import backward, configs, forward
+from fused_attn.kernels import backward, configs, decode, forward
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (1023, 0)}  # window: Mistral sliding_window=1024
 SEQLEN, TOKENS, HIDDEN = 16384, 16384, 2048
 PACKED_SEQS = 8  # packed jobs: TOKENS in 8 sequences of at most 2 * TOKENS / 8
 DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+DECODE_KERNELS = ("_attn_fwd_split_kernel",)  # memory-bound (one query row): judged on its loads and spills
 
 
 class TargetOnly:
@@ -63,12 +65,13 @@ class TargetOnly:
 
 
 def jobs(quick: bool):
-    """(arch, dtype, D, mask, group, tma, longest_first, packed) per launch set; layouts are compiled inside each
-    job (packed: the packed layout only). sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load
-    paths; fp16 generates the same code with another element type: causal MHA at every D on both paths. Packed
-    sequences (the VARLEN kernels, pointer path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16.
-    sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86 does, so only its largest
-    tiles, D = 256)."""
+    """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "packed" (varlen),
+    "decode" or "paged" (split-KV over a contiguous / paged cache); the dense layouts are compiled inside each job.
+    sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
+    with another element type: causal MHA at every D on both paths. Packed sequences (the VARLEN kernels, pointer
+    path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16. Decoding: sm_90 and sm_80 bf16 at every
+    D, contiguous and paged. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86
+    does, so only its largest tiles, D = 256)."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     masks = ("causal",) if quick else tuple(MASKS)
     out = []
@@ -80,10 +83,13 @@ def jobs(quick: bool):
         out.append((90, fp32, d, "causal", 1, False, False))
         out.append((80, bf16, d, "causal", 8, False, False))
         out += [(arch, dt, d, "causal", 1, False, False) for arch in (86, 120) for dt in (bf16, fp32)]
-        out.append((90, bf16, d, "causal", 1, False, False, True))
+        out.append((90, bf16, d, "causal", 1, False, False, "packed"))
     out += [(arch, dt, 256, "causal", 1, False, False) for arch, dt in ((80, fp32), (89, bf16), (89, fp32))]
-    out += [(90, bf16, 128, "window", 8, False, False, True), (80, bf16, 128, "causal", 8, False, False, True)]
-    return [j + (False,) * (8 - len(j)) for j in out]
+    out += [(90, bf16, 128, "window", 8, False, False, "packed"), (80, bf16, 128, "causal", 8, False, False, "packed")]
+    out += [(arch, bf16, d, "causal", 4, False, False, kind) for arch in (80, 90) for d in (64, 128, 256)
+            for kind in ("decode", "paged")]
+    out += [(86, bf16, 256, "causal", 4, False, False, kind) for kind in ("decode", "paged")]
+    return [j + ("dense",) * (8 - len(j)) for j in out]
 
 
 def _meta(shape_bhsd, dtype, layout):
@@ -93,8 +99,11 @@ def _meta(shape_bhsd, dtype, layout):
     return torch.empty(B, H, S, D, dtype=dtype, device="meta")
 
 
-def launch_list(arch, dtype, d, mask, group, tma, longest_first, packed, layout):
+def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     """The launchers' launches for the benchmark shape, on meta tensors (layout "packed": the varlen views)."""
+    if kind in ("decode", "paged"):
+        return decode_launch_list(arch, dtype, d, mask, group, kind == "paged")
+    packed = kind == "packed"
     cap = (arch // 10, arch % 10)
     B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
     Hkv = Hq // group
@@ -112,6 +121,22 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, packed, layout)
     pk = forward.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
     return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk)
             + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk))
+
+
+DECODE = dict(batch=8, heads=32, cache=32768, page=256, splits=8)
+
+
+def decode_launch_list(arch, dtype, d, mask, group, paged):
+    """Split-KV launches (8 splits, so the combine kernel too) for one query row against the decode cache."""
+    B, Hq, S, P = DECODE["batch"], DECODE["heads"], DECODE["cache"], DECODE["page"]
+    q, o = (_meta((B, Hq, 1, d), dtype, "bshd") for _ in range(2))
+    shape = (B * S // P, Hq // group, P, d) if paged else (B, Hq // group, S, d)
+    k, v = (_meta(shape, dtype, "bshd") for _ in range(2))
+    lse = torch.empty(B, Hq, 1, device="meta")
+    seqlens = torch.empty(B, dtype=torch.int32, device="meta")
+    table = torch.empty(B, S // P, dtype=torch.int32, device="meta") if paged else None
+    return decode.decode_launches(q, k, v, o, lse, seqlens, table, P if paged else 0, S, d ** -0.5, *MASKS[mask],
+                                  DECODE["splits"], (arch // 10, arch % 10))
 
 
 def _loop_tile_loads(ttgir: str) -> int:
@@ -149,7 +174,15 @@ def verdict(arch, dtype, name, r) -> list:
         bad.append("shared memory over the limit")
     if r["spill"] < 0:
         bad.append("no ptxas report")
-    if dtype == torch.float32 or name not in DOT_KERNELS or arch not in (80, 90):
+    if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or arch not in (80, 90):
+        return bad
+    if name in DECODE_KERNELS:  # mma.sync for its 16-row tiles; K / V streamed asynchronously, without spills
+        if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
+            bad.append("synchronous tile loads in a loop")
+        if r["stages"] < 2 and r.get("layouts") != "paged":  # the block-table gather is not multi-buffered yet
+            bad.append("loads not pipelined")
+        if r["spill"]:
+            bad.append("spills")
         return bad
     if arch == 90 and (r["wgmma"] == 0 or r["mma"]):
         bad.append("mma.sync instead of wgmma")
@@ -177,11 +210,11 @@ _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again 
 
 
 def compile_job(job):
-    arch, dtype, d, mask, group, tma, longest_first, packed = job
+    arch, dtype, d, mask, group, tma, longest_first, kind = job
     driver.set_active(TargetOnly(arch))
     knobs.nvidia.dump_ptxas_log = True
     seen, rows = {}, []
-    for layout in ("packed",) if packed else ("bhsd", "bshd"):
+    for layout in ("bhsd", "bshd") if kind == "dense" else (kind,):
         for kernel, grid, args, kwargs in launch_list(*job, layout):
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
@@ -200,7 +233,7 @@ def compile_job(job):
 
 
 def fmt(job, r) -> str:
-    arch, dtype, d, mask, group, tma, longest_first, packed = job
+    arch, dtype, d, mask, group, tma, longest_first, kind = job
     kname = r["name"].replace("_attn_", "").replace("_kernel", "").replace("bwd_", "") + r.get("part", "")
     path = ("tma" if r["tma_path"] else "ptr") + ("+lf" if longest_first else "")
     return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:13} {r['layouts']:9} "
@@ -231,7 +264,7 @@ def _bare_signature(jit, dtype, constexprs):
 def smoke(_=None):
     """Bare-signature compiles (nothing specialized): they must compile, their code is not judged."""
     lines = []
-    for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, False, "bhsd"):
+    for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, "dense", "bhsd"):
         jit = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # under @triton.heuristics
         names = set(jit.arg_names)
         constexprs = {k: v for k, v in kwargs.items() if k in names}
@@ -245,9 +278,9 @@ def smoke(_=None):
 
 
 def _selected(job, only) -> bool:
-    arch, dtype, d, mask, group, tma, longest_first, packed = job
+    arch, dtype, d, mask, group, tma, longest_first, kind = job
     fields = dict(arch=arch, dtype=TYPES[dtype], d=d, mask=mask, group=group, tma=int(tma), lf=int(longest_first),
-                  packed=int(packed))
+                  kind=kind)
     return all(str(fields[k]) == v for k, v in (o.split("=", 1) for o in only))
 
 
@@ -261,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="D = 128 and the causal mask only")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal packed=1")
+                   help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal kind=packed")
     a = p.parse_args(argv)
     print(f"triton {triton.__version__}, torch {torch.__version__}; S={SEQLEN}, {TOKENS} tokens, hidden {HIDDEN}")
     with tempfile.TemporaryDirectory(prefix="fused_attn_gate_") as cache_root, \
