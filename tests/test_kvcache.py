@@ -164,3 +164,43 @@ def test_invalid_inputs(args, kwargs, exc, match):
     if not ON_GPU or "seqlens-too-long" not in match:
         with pytest.raises(exc, match=match):
             fused_attn.attention_with_kvcache(*args, **kwargs)
+
+
+def test_flash_attn_with_kvcache_dropin():
+    q, kc, vc, table, k, v = make(2, 1, 4, 2, 32, 64, 1, F32, page=16)
+    lens = torch.tensor([10, 62], dtype=torch.int32, device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = fused_attn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True,
+                                                  window_size=torch.tensor([7, 3]), return_softmax_lse=True)
+    want, want_lse = fused_attn.attention_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=lens, block_table=table,
+                                                       causal=True, window_size=(7, 0), return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(kc, kc2)
+    for name, value in (("rotary_cos", torch.ones(1)), ("cache_batch_idx", lens), ("cache_leftpad", lens),
+                        ("softcap", 5.0), ("alibi_slopes", torch.ones(4))):
+        with pytest.raises(NotImplementedError, match=name):
+            fused_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, **{name: value})
+
+
+def test_opcheck_decode():
+    from fused_attn import ops
+    q, kc, vc, table, _, _ = make(2, 2, 4, 2, 32, 64, 0, F32, page=16)
+    lens = torch.tensor([10, 62], dtype=torch.int32, device=DEVICE)
+    kv = (lambda t: t.transpose(1, 2))
+    torch.library.opcheck(ops.decode, (kv(q), kv(kc), kv(vc), lens, table, 16, 64, 0.2, -1, 0, 2, "bshd"))
+
+
+def test_combine_kernel_agrees_with_merge_attention():
+    """The split kernels' combine step and merge_attention are the same formula: a split run equals merging the
+    unsplit results over the same key ranges (within fp32 rounding)."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, s, 32, generator=g).to(DEVICE) for s in (3, 128, 128))
+    lens = None
+    out = torch.empty(1, 2, 3, 32, device=DEVICE)
+    lse = torch.empty(1, 2, 3, device=DEVICE)
+    kernels.attention_decode(q, k, v, out, lse, lens, None, 0, 128, 32 ** -0.5, -1, -1, 4)
+    block = 128 // 4
+    parts = [fused_attn.attention(q, k[:, :, i:i + block], v[:, :, i:i + block], return_lse=True)
+             for i in range(0, 128, block)]
+    m_out, m_lse = fused_attn.merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(out, m_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, m_lse, rtol=1e-5, atol=1e-6)
