@@ -256,7 +256,7 @@ class VarlenResult:
 
 
 def _unreached(x: torch.Tensor) -> float:
-    """max |x| (0 for no rows); for an lse, where it is not -inf."""
+    """max |x| over rows nothing should reach (0 for no rows)."""
     return x.float().abs().max().item() if x.numel() else 0.0
 
 
