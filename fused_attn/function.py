@@ -120,6 +120,9 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
+
+    Decode steps (at most 16 query rows, fewer batch x heads than SMs, enough keys, no gradient to compute) run the
+    split-KV kernels of `attention_with_kvcache` instead of the one-program-per-query-tile grid.
     """
     a = kernel_args(q, k, v, causal, window_size, scale, layout)
     B, Hq, Sq = a.q.shape[:3]
