@@ -11,7 +11,7 @@ import torch
 import fused_attn
 from fused_attn.numerics import FACTORS, Metric
 
-from . import plot, sweep, varlen
+from . import decode, plot, sweep, varlen
 from .providers import PROVIDERS, Unsupported, scoped
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,11 +40,15 @@ def parse_args(argv):
     p.add_argument("--masks", nargs="+", default=list(sweep.MASKS),
                    help="none, causal, window<W> (causal sliding window of W keys)")
     p.add_argument("--modes", nargs="+", default=list(sweep.MODES), choices=sweep.MODES)
-    p.add_argument("--providers", nargs="+", choices=list(PROVIDERS) + list(varlen.PROVIDERS),
+    p.add_argument("--providers", nargs="+",
+                   choices=sorted(set(PROVIDERS) | set(varlen.PROVIDERS) | set(decode.PROVIDERS)),
                    help="default: every provider of the sweep (or of --varlen)")
     p.add_argument("--varlen", action="store_true",
                    help="the packed-batch case instead of the sweep: 16k tokens in sequences of mixed lengths "
                         "(bench/varlen.py); takes --head-dims, --masks none/causal, --modes, --hidden, --dtype")
+    p.add_argument("--decode", action="store_true",
+                   help="the decode sweep instead (bench/decode.py): Sq 1 / 4 against 1k..128k cached tokens, "
+                        "contiguous and paged caches; reports us, GB/s of K/V read and the bandwidth fraction")
     p.add_argument("--gqa-ratio", type=int, default=8, help="also run Hkv = Hq / ratio (1: MHA only)")
     p.add_argument("--gqa-only", action="store_true", help="only the GQA configurations")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
@@ -151,6 +155,8 @@ def main(argv=None) -> int:
         return 0
     if args.varlen:
         return varlen.main(args)
+    if args.decode:
+        return decode.main(args)
     args.providers = args.providers or list(PROVIDERS)
     configs = sweep.build(args.seqlens, args.head_dims, args.masks, args.modes, args.gqa_ratio, args.tokens,
                           args.hidden, args.dtype, args.gqa_only)

@@ -145,3 +145,19 @@ def test_varlen_providers_pass_their_check(name, monkeypatch):
     monkeypatch.setitem(varlen.DTYPES, "fp32", torch.float32)
     status, metric = varlen.check(name, varlen.Case(32, "causal", "fwd", 2, dtype="fp32"), "cpu", {})
     assert status == "ok", (status, metric)
+
+
+def test_decode_sweep_and_bytes():
+    from bench import decode
+    cases = decode.build()
+    assert len(cases) == 3 * 4 * 2 * 3 and {c.page for c in cases} == {0, 16, 256}
+    c = decode.Case(8, 32768, 1, 16)
+    assert c.kv_bytes() == 2 * 8 * 32768 * 8 * 128 * 2
+    assert run.main(["--decode", "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("page", [0, 16])
+def test_decode_provider_passes_its_check(page):
+    from bench import decode
+    status, metric = decode.check("fused_attn-kvcache", decode.Case(1, 1, 4, page, dtype="fp32"), "cpu", {})
+    assert status == "ok", (status, metric)

@@ -1,0 +1,201 @@
+"""The decode sweep (`python -m bench --decode`): Sq = 1 or 4 new query rows against a KV cache of 1k..128k tokens
+per row, Hq / Hkv = 32 / 8, D = 128, contiguous or paged (pages of 16 or 256): fused_attn's split-KV kernels beside
+SDPA on the cache (flash / efficient / cuDNN) and FlexAttention (compiled; its decoding path for small Sq). Reported:
+time, K/V bytes read per second, and that as a fraction of the GPU's memory bandwidth. Every row's cache holds
+`cache` tokens; the peers read a contiguous cache (paged rows: unsupported)."""
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fused_attn
+from fused_attn.numerics import FACTORS, Metric
+
+from .providers import Unsupported
+
+BATCHES = (1, 8, 32)
+CACHES = (1024, 8192, 32768, 131072)
+SQS = (1, 4)
+PAGES = (0, 16, 256)  # 0: contiguous
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    cache: int
+    sq: int
+    page: int  # 0: contiguous
+    heads_q: int = 32
+    heads_kv: int = 8
+    head_dim: int = 128
+    dtype: str = "bf16"
+
+    def kv_bytes(self) -> int:
+        """Bytes of K and V a call must read."""
+        return 2 * self.batch * self.cache * self.heads_kv * self.head_dim * torch.finfo(DTYPES[self.dtype]).bits // 8
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), seqlen=self.cache, mask="causal", mode="decode")
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build(batches=BATCHES, caches=CACHES, sqs=SQS, pages=PAGES, dtype="bf16"):
+    return [Case(b, c, s, p, dtype=dtype) for b in batches for c in caches for s in sqs for p in pages]
+
+
+def inputs(case: Case, device, seed=0):
+    """q (B, Sq, Hq, D); the cache contiguous (B, S, Hkv, D), or paged with a shuffled block table; lengths."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    rand = (lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g))
+    q = rand(case.batch, case.sq, case.heads_q, case.head_dim)
+    lens = torch.full((case.batch,), case.cache, dtype=torch.int32, device=device)
+    if not case.page:
+        return q, rand(case.batch, case.cache, case.heads_kv, case.head_dim), rand(
+            case.batch, case.cache, case.heads_kv, case.head_dim), None, lens
+    per_row = -(-case.cache // case.page)
+    pages = case.batch * per_row
+    table = torch.randperm(pages, device=device, generator=g).view(case.batch, per_row).to(torch.int32)
+    shape = (pages, case.page, case.heads_kv, case.head_dim)
+    return q, rand(*shape), rand(*shape), table, lens
+
+
+def _fused(case, q, kc, vc, table, lens):
+    return lambda: fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, causal=True)
+
+
+def _contiguous_only(case):
+    if case.page:
+        raise Unsupported("reads a contiguous cache only")
+
+
+def _sdpa(backend_name):
+    def make(case, q, kc, vc, table, lens):
+        _contiguous_only(case)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, kc, vc))
+        # Bottom-right causal for Sq > 1: query i sees keys j <= S - Sq + i.
+        mask = None
+        if case.sq > 1:
+            j = torch.arange(case.cache, device=q.device)
+            mask = j[None, :] <= case.cache - case.sq + torch.arange(case.sq, device=q.device)[:, None]
+
+        def fn():
+            with sdpa_kernel([getattr(SDPBackend, backend_name)]):
+                out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+            return out.transpose(1, 2)
+        try:
+            fn()
+        except RuntimeError as e:
+            raise Unsupported(str(e).splitlines()[0][:200]) from None
+        return fn
+    return make
+
+
+_flex_compiled = None
+
+
+def _flex(case, q, kc, vc, table, lens):
+    _contiguous_only(case)
+    global _flex_compiled
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        raise Unsupported(f"FlexAttention not in this torch: {e}") from None
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    shift = case.cache - case.sq
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + shift
+
+    block_mask = create_block_mask(mask_mod, None, None, case.sq, case.cache, device=q.device)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, kc, vc))
+    return lambda: _flex_compiled(qh, kh, vh, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+
+
+PROVIDERS = {
+    "fused_attn-kvcache": _fused,
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "flex": _flex,
+}
+
+
+def check(name, case, device, cache):
+    """The provider on a small case of the same kind (paging, Sq) against the float64 reference. Cached."""
+    key = (name, case.sq, bool(case.page))
+    if key not in cache:
+        small = Case(2, 300, case.sq, 16 if case.page else 0, 4, 2, 64, case.dtype)
+        q, kc, vc, table, lens = inputs(small, device)
+        try:
+            out = PROVIDERS[name](small, q, kc, vc, table, lens)()
+        except Unsupported as e:
+            cache[key] = ("unsupported: " + str(e), None)
+            return cache[key]
+        kw = dict(cache_seqlens=lens, block_table=table, causal=True)
+        ref = fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=torch.float64, **kw)
+        pt = fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=None, **kw)
+        m = Metric.measure(out, ref, pt, q.dtype, FACTORS["out"])
+        cache[key] = ("ok" if m.ok else "failed check", m)
+    return cache[key]
+
+
+def peak_bandwidth(device) -> float:
+    """Bytes per second of the GPU's memory (2 transfers per clock), or None where torch does not say."""
+    props = torch.cuda.get_device_properties(device)
+    clock, width = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock * 1e3 * width / 8 if clock and width else None
+
+
+def main(args) -> int:
+    from pathlib import Path
+
+    import triton
+
+    from .run import environment, write
+    providers = args.providers or list(PROVIDERS)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"--decode providers are {', '.join(PROVIDERS)}; got {', '.join(unknown)}")
+    cases = build(dtype=args.dtype)
+    if args.dry_run:
+        for c in cases:
+            print(f"decode B={c.batch:3} cache={c.cache:7} Sq={c.sq} page={c.page or '-':>4} "
+                  f"{c.kv_bytes() / 2**20:9.1f} MiB of K/V  x {len(providers)} providers")
+        print(f"{len(cases)} decode cases x {len(providers)} providers: {', '.join(providers)}")
+        return 0
+    if not torch.cuda.is_available():
+        print("python -m bench --decode needs an NVIDIA GPU (CUDA); none is visible here. Use --dry-run.")
+        return 2
+    env = environment()
+    peak = peak_bandwidth("cuda")
+    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  decode, "
+          f"peak {peak / 1e12 if peak else float('nan'):.2f} TB/s", flush=True)
+    rows, checks = [], {}
+    for case in cases:
+        for name in providers:
+            status, metric = check(name, case, "cuda", checks)
+            us = gbs = None
+            if status == "ok":
+                try:
+                    fn = PROVIDERS[name](case, *inputs(case, "cuda"))
+                    us = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+                    gbs = case.kv_bytes() / (us * 1e-6) / 1e9
+                except Unsupported as e:
+                    status = "unsupported: " + str(e)
+                except torch.cuda.OutOfMemoryError:
+                    status = "oom"
+                finally:
+                    torch.cuda.empty_cache()
+            rows.append(dict(env, provider=name, **case.as_dict(), status=status, ms=us and us / 1e3,
+                             kv_gb_per_s=gbs, bandwidth_fraction=gbs * 1e9 / peak if gbs and peak else None,
+                             check_err=metric.err if metric else None,
+                             check_budget=metric.budget if metric else None))
+            shown = f"{us:9.1f} us {gbs:7.0f} GB/s" if us else status
+            print(f"decode B={case.batch:3} cache={case.cache:7} Sq={case.sq} page={case.page or '-':>4} "
+                  f"{name:20} {shown}", flush=True)
+        write(rows, env, Path(args.out) / "decode")
+    return 0
