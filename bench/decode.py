@@ -10,7 +10,7 @@ import torch
 import fused_attn
 from fused_attn.numerics import FACTORS, Metric
 
-from .providers import Unsupported
+from .providers import Unsupported, flex, probe
 
 BATCHES = (1, 8, 32)
 CACHES = (1024, 8192, 32768, 131072)
@@ -85,26 +85,13 @@ def _sdpa(backend_name):
             with sdpa_kernel([getattr(SDPBackend, backend_name)]):
                 out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
             return out.transpose(1, 2)
-        try:
-            fn()
-        except RuntimeError as e:
-            raise Unsupported(str(e).splitlines()[0][:200]) from None
-        return fn
+        return probe(fn)
     return make
-
-
-_flex_compiled = None
 
 
 def _flex(case, q, kc, vc, table, lens):
     _contiguous_only(case)
-    global _flex_compiled
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:
-        raise Unsupported(f"FlexAttention not in this torch: {e}") from None
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    flex_attention, create_block_mask = flex()
     shift = case.cache - case.sq
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -112,7 +99,7 @@ def _flex(case, q, kc, vc, table, lens):
 
     block_mask = create_block_mask(mask_mod, None, None, case.sq, case.cache, device=q.device)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, kc, vc))
-    return lambda: _flex_compiled(qh, kh, vh, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+    return lambda: flex_attention(qh, kh, vh, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
 
 PROVIDERS = {

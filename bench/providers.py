@@ -67,18 +67,27 @@ def _sdpa(backend_name):
         def fn():
             with sdpa_kernel([backend]):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
-        try:
-            fn()
-        except RuntimeError as e:  # "No available kernel" and friends: this backend cannot take the case
-            raise Unsupported(str(e).splitlines()[0][:200]) from None
-        return fn
+        return probe(fn)
     return make
+
+
+def probe(fn):
+    """fn, after one call: a RuntimeError ("No available kernel" and friends) means the backend cannot take the
+    case, reported as Unsupported."""
+    try:
+        fn()
+    except RuntimeError as e:
+        raise Unsupported(str(e).splitlines()[0][:200]) from None
+    return fn
 
 
 _flex_compiled = None
 
 
-def _flex(cfg, q, k, v):
+def flex():
+    """(compiled flex_attention, create_block_mask), one compiled function for every bench; Unsupported without
+    FlexAttention. One compiled kernel per shape and mask: the recompile limit is raised so it never falls back to
+    eager."""
     global _flex_compiled
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -86,11 +95,15 @@ def _flex(cfg, q, k, v):
         raise Unsupported(f"FlexAttention not in this torch: {e}") from None
     if _flex_compiled is None:
         import torch._dynamo
-        # One compiled kernel per shape and mask: raise the recompile limit so it never falls back to eager.
         for knob in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 1000)
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled, create_block_mask
+
+
+def _flex(cfg, q, k, v):
+    flex_attention, create_block_mask = flex()
     left = cfg.window[0]
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -100,7 +113,7 @@ def _flex(cfg, q, k, v):
     block_mask = None
     if cfg.causal:
         block_mask = create_block_mask(mask_mod, None, None, cfg.seqlen, cfg.seqlen, device=q.device)
-    return lambda: _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=cfg.gqa)
+    return lambda: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=cfg.gqa)
 
 
 PROVIDERS = {

@@ -11,7 +11,7 @@ import fused_attn
 from fused_attn.mask import visible_pairs
 from fused_attn.numerics import FACTORS, Metric, cu_seqlens
 
-from .providers import Unsupported
+from .providers import Unsupported, flex, probe
 from .sweep import MODE_FLOP_FACTOR
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,25 +99,12 @@ def _sdpa_padded(backend_name):
             with sdpa_kernel([backend]):
                 out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep)
             return unpad(out, case.lengths)
-        try:
-            fn()
-        except RuntimeError as e:
-            raise Unsupported(str(e).splitlines()[0][:200]) from None
-        return fn
+        return probe(fn)
     return make
 
 
-_flex_compiled = None
-
-
 def _flex_document(case, q, k, v, cu):
-    try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError as e:
-        raise Unsupported(f"FlexAttention not in this torch: {e}") from None
-    global _flex_compiled
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    flex_attention, create_block_mask = flex()
     total = sum(case.lengths)
     doc = torch.repeat_interleave(torch.arange(len(case.lengths), device=q.device),
                                   torch.tensor(case.lengths, device=q.device))
@@ -128,7 +115,7 @@ def _flex_document(case, q, k, v, cu):
 
     block_mask = create_block_mask(mask_mod, None, None, total, total, device=q.device)
     view = (lambda t: t.transpose(0, 1)[None])  # (1, H, total, D)
-    return lambda: _flex_compiled(view(q), view(k), view(v), block_mask=block_mask)[0].transpose(0, 1)
+    return lambda: flex_attention(view(q), view(k), view(v), block_mask=block_mask)[0].transpose(0, 1)
 
 
 PROVIDERS = {
