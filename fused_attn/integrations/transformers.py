@@ -109,11 +109,12 @@ def _padded(query, key, value, padding, **kw):
 
 
 def _packed(query, key, value, cu_q, cu_k, max_q, max_k, **kw):
-    """Padding-free packed tokens: every row of (B, S) is one run of sequences, flattened."""
-    rows_q = torch.arange(query.shape[0] * query.shape[1], device=query.device)
-    rows_k = torch.arange(key.shape[0] * key.shape[1], device=key.device)
-    return _varlen(query, key, value, rows_q, rows_k, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q),
-                   int(max_k), **kw)
+    """Padding-free packed tokens: every row of (B, S) is one run of sequences; the rows, flattened, are the packed
+    layout already (views where the strides allow, nothing selected or scattered)."""
+    flat = (lambda t: t.reshape(-1, *t.shape[2:]))
+    out = attention_varlen(flat(query), flat(key), flat(value), cu_q.to(torch.int32), cu_k.to(torch.int32),
+                           int(max_q), int(max_k), **kw)
+    return out.view(*query.shape[:2], *out.shape[1:])
 
 
 def _from_ids(ids: torch.Tensor):
