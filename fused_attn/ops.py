@@ -17,19 +17,26 @@ def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
-def _forward_buffers(q, v, layout, packed: bool):
+def _out_lse(q, v, layout, packed: bool = False):
+    """out in `layout`'s memory order (like the inputs) and the float32 lse; packed: out 0, lse -inf on rows no
+    kernel writes."""
     B, Hq, Sq, _ = q.shape
     Dv = v.shape[-1]
     new = q.new_zeros if packed else q.new_empty
-    if layout == "bshd":  # the output in (B, S, H, D) memory order, like the inputs
+    if layout == "bshd":
         out = new(B, Sq, Hq, Dv).transpose(1, 2)
     else:
         out = new(B, Hq, Sq, Dv)
     lse = q.new_empty(B, Hq, Sq, dtype=torch.float32)
-    stats = new(B, Hq, Sq, 2, dtype=torch.float32)  # packed: defined on rows no kernel writes, like every output
     if packed:
         lse.fill_(float("-inf"))
-    return out, lse, stats
+    return out, lse
+
+
+def _forward_buffers(q, v, layout, packed: bool):
+    new = q.new_zeros if packed else q.new_empty
+    stats = new(*q.shape[:3], 2, dtype=torch.float32)  # packed: defined on rows no kernel writes, like every output
+    return (*_out_lse(q, v, layout, packed), stats)
 
 
 @torch.library.custom_op("fused_attn::forward", mutates_args=())
@@ -73,18 +80,13 @@ def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, 
     return _grad_buffers(q, k, v, cu_seqlens_q is not None)
 
 
-def _decode_buffers(q, v, layout):
-    out, lse, _ = _forward_buffers(q, v, layout, packed=False)
-    return out, lse
-
-
 @torch.library.custom_op("fused_attn::decode", mutates_args=())
 def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
            layout: str) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
-    out, lse = _decode_buffers(q, v, layout)
+    out, lse = _out_lse(q, v, layout)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
                              num_splits)
     return out, lse
@@ -92,4 +94,4 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_t
 
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout):
-    return _decode_buffers(q, v, layout)
+    return _out_lse(q, v, layout)
