@@ -5,11 +5,11 @@ from . import reference
 from .decode import attention_with_kvcache, merge_attention
 from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                      scaled_dot_product_attention, sdpa_override)
-from .function import FusedAttentionFunction, attention, attention_probs
+from .function import FusedAttentionFunction, attention, attention_probs, dropout_mask
 from .varlen import attention_varlen
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "merge_attention",
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask", "merge_attention",
            "FusedAttentionFunction", "reference", "scaled_dot_product_attention", "sdpa_override", "explain",
            "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 

@@ -88,6 +88,29 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
                 diagonal_offset(Sq, Sk, alignment), layout)
 
 
+def check_modifiers(batch, heads_q, device, softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+    """softcap (finite, >= 0; 0 = off), alibi_slopes (None, or float32 (Hq,) / (B, Hq) on the tensors' device) and
+    dropout_p (in [0, 1)); returns them as (float, tensor or None, float)."""
+    for name, x in (("softcap", softcap), ("dropout_p", dropout_p)):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise TypeError(f"{name} must be a float, got {x!r} ({type(x).__name__})")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: no softcap), got {softcap!r}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+            raise ValueError(f"alibi_slopes must be (Hq,) = ({heads_q},) or (B, Hq) = ({batch}, {heads_q}), got "
+                             f"shape {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, the tensors on {device}")
+    return float(softcap), alibi_slopes, float(dropout_p)
+
+
 def _check_length(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")

@@ -3,7 +3,7 @@ which combines results computed over disjoint key sets (split-KV, context parall
 import torch
 
 from . import ops
-from ._args import check_args, check_kvcache, check_kvcache_values
+from ._args import check_args, check_kvcache, check_kvcache_values, check_modifiers
 from .function import _check_device
 
 
@@ -72,7 +72,8 @@ def _append(cache, new, cache_seqlens, block_table, page):
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
-                           causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False):
+                           causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False, softcap=0.0,
+                           alibi_slopes=None):
     """Attention of new queries against a KV cache, optionally appending new keys and values to it first
     (FlashAttention-2's flash_attn_with_kvcache; inference only). Split-KV kernels: the keys of each row are cut
     into ranges run by separate programs and merged by their log-sum-exps (deterministic).
@@ -91,6 +92,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             with Sq > 1 -- speculative decoding, chunked prefill -- is exact).
         num_splits: key ranges per query tile; 0 picks from the batch, heads, cache length and SM count; 1: none.
         return_lse: also return the log-sum-exp (B, Hq, Sq) float32.
+        softcap, alibi_slopes: as in `attention` (ALiBi's distance |i + Sk_b - Sq - j| per row).
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse). Rows that see no key get out 0, lse -inf.
@@ -103,6 +105,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     a = check_args(q, *(c if block_table is None else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
                    causal, window_size, scale, "bshd")
     s_new = 0 if k is None else k.shape[1]
+    softcap, alibi_slopes, _ = check_modifiers(q.shape[0], q.shape[2], q.device, softcap, alibi_slopes)
     _check_device(a.q)
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
@@ -112,6 +115,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             _append(v_cache, v, cache_seqlens, block_table, page)
         kv = (lambda t: t.transpose(1, 2))  # (B, S, H, D) and (pages, page_size, H, D) alike
         out, lse = ops.decode(a.q, kv(k_cache), kv(v_cache), cache_seqlens + s_new, block_table, page, capacity,
-                              a.scale, a.left, a.right, num_splits, "bshd")
+                              a.scale, a.left, a.right, num_splits, "bshd", softcap, alibi_slopes)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -1,4 +1,5 @@
 """The autograd Function over the Triton launchers, and the public attention()."""
+import numbers
 import re
 
 import numpy
@@ -6,8 +7,9 @@ import torch
 import triton
 
 from . import kernels, ops
-from ._args import check_args
-from .mask import visible_mask
+from ._args import _check_length, check_args, check_modifiers
+from .kernels.forward import dropout_keep_mask
+from .reference import modified_scores
 
 
 def _version(module) -> tuple:
@@ -69,27 +71,35 @@ class FusedAttentionFunction(torch.autograd.Function):
     """Takes (B, H, S, D)-indexed views of any strides; returns out (B, Hq, Sq, Dv) laid out as `layout` and
     lse (B, Hq, Sq) float32. Saves q, k, v, out and the softmax stats; forward and backward run the Triton
     kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). Packed
-    sequences (fused_attn.attention_varlen) add cu_seqlens_q / cu_seqlens_k and the max lengths."""
+    sequences (fused_attn.attention_varlen) add cu_seqlens_q / cu_seqlens_k and the max lengths; softcap,
+    alibi_slopes and dropout_p are checked values (check_modifiers). Dropout's [seed, offset] is saved, not its
+    mask: the backward draws the same mask again."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, offset: int, left: int, right: int, layout: str = "bhsd",
-                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0):
+                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+                softcap: float = 0.0, alibi_slopes=None, dropout_p: float = 0.0):
         packed = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        out, lse, stats = ops.forward(q, k, v, scale, offset, left, right, layout, *packed)
-        ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k)
+        out, lse, stats, rng = ops.forward(q, k, v, scale, offset, left, right, layout, *packed, softcap,
+                                           alibi_slopes, dropout_p)
+        ctx.save_for_backward(q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng)
         ctx.params = (scale, offset, left, right)
         ctx.lengths = (max_seqlen_q, max_seqlen_k)
+        ctx.mods = (softcap, dropout_p)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dq, dk, dv = ops.backward(dout, q, k, v, out, stats, *ctx.params, cu_seqlens_q, cu_seqlens_k, *ctx.lengths)
-        return dq, dk, dv, *[None] * 9
+        q, k, v, out, stats, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng = ctx.saved_tensors
+        softcap, dropout_p = ctx.mods
+        dq, dk, dv = ops.backward(dout, q, k, v, out, stats, *ctx.params, cu_seqlens_q, cu_seqlens_k, *ctx.lengths,
+                                  softcap, alibi_slopes, dropout_p, rng)
+        return dq, dk, dv, *[None] * 12
 
 
-def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False):
+def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0):
     """Exact attention softmax(q k^T * scale + mask) v with FlashAttention-style Triton kernels.
 
     Args:
@@ -116,7 +126,18 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            i < Sq - Sk see no key: they return 0 (lse -inf) and get zero gradients.
         scale: softmax scale, default 1 / sqrt(D).
         layout: "bhsd" or "bshd" (out follows it; lse is (B, Hq, Sq) in both).
-        return_lse: also return the log-sum-exp of the scaled scores, float32, natural log.
+        return_lse: also return the log-sum-exp of the scores (after softcap and ALiBi, before dropout), float32,
+           natural log.
+        softcap: > 0 caps the scaled scores smoothly (Gemma 2): score = softcap * tanh(scale * q.k / softcap);
+           0 = off.
+        alibi_slopes: float32 (Hq,) or (B, Hq), or None: ALiBi adds -slope * |i + Sk - Sq - j| to the score of
+           query row i and key column j (after the scale and the softcap); no gradient flows to the slopes.
+        dropout_p: in [0, 1): after the softmax each probability is dropped with probability dropout_p and the kept
+           ones are scaled by 1 / (1 - dropout_p) (always, whatever the module's training mode: pass 0 to turn it
+           off). The random bits come from Philox in the kernels, seeded by a [seed, offset] drawn from torch's
+           default generator of the tensors' device, which every call advances: torch.manual_seed /
+           torch.set_rng_state reproduce a call, and `fused_attn.dropout_mask` returns its keep-mask. The backward
+           regenerates the mask (nothing of size Sq x Sk is stored); dropout_p = 0 is exactly no dropout.
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
@@ -126,28 +147,59 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     """
     a = kernel_args(q, k, v, causal, window_size, scale, layout)
     B, Hq, Sq = a.q.shape[:3]
+    softcap, alibi_slopes, dropout_p = check_modifiers(B, Hq, a.q.device, softcap, alibi_slopes, dropout_p)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not grad and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device):
+    if not grad and dropout_p == 0 and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device):
         # A decode step: split the keys over programs (the regular grid would leave SMs idle); no stats to save.
-        out, lse = ops.decode(a.q, a.k, a.v, None, None, 0, a.k.shape[2], a.scale, a.left, a.right, 0, layout)
+        out, lse = ops.decode(a.q, a.k, a.v, None, None, 0, a.k.shape[2], a.scale, a.left, a.right, 0, layout,
+                              softcap, alibi_slopes)
     else:
-        out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout)
+        out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.offset, a.left, a.right, layout, None,
+                                                None, 0, 0, softcap, alibi_slopes, dropout_p)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
 
 def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,
-                    alignment="bottom_right"):
-    """The attention weights P = exp(q k^T * scale - lse), masked, rebuilt exactly from the kernel's lse for the
-    query rows `queries` (a slice or index tensor; default all): (B, Hq, n_queries, Sk), float32.
+                    alignment="bottom_right", softcap=0.0, alibi_slopes=None):
+    """The attention weights P = exp(score - lse), masked, rebuilt exactly from the kernel's lse for the
+    query rows `queries` (a slice or index tensor; default all): (B, Hq, n_queries, Sk), float32; score = q k^T *
+    scale with `attention`'s softcap and ALiBi (the probabilities before any dropout).
     Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for."""
     a = check_args(q, k, k, causal, window_size, scale, layout, alignment)
+    softcap, alibi_slopes, _ = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
     rows = torch.arange(a.q.shape[2], device=a.q.device)[queries if queries is not None else slice(None)]
     group = a.q.shape[1] // a.k.shape[1]
     kk = a.k.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(a.q[:, :, rows].float(), kk.transpose(-1, -2)) * a.scale
-    visible = visible_mask(a.q.shape[2], a.k.shape[2], a.left, a.right, a.offset, device=a.q.device)[rows]
+    scores, visible = modified_scores(a.q.float(), kk, a, softcap, alibi_slopes, rows)
     lse_rows = lse[:, :, rows, None]
     p = torch.exp(scores - torch.where(torch.isinf(lse_rows), 0.0, lse_rows))
     return torch.where(visible & torch.isfinite(lse_rows), p, 0.0)
+
+
+def dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, *, seed=None, offset=None, device=None):
+    """The boolean keep-mask (batch, heads, seqlen_q, seqlen_k) that the kernels apply for dropout_p (True: kept,
+    then scaled by 1 / (1 - dropout_p)), for query head h of batch row b at query row i, key column j.
+
+    seed=None (and offset=None) draws [seed, offset] from torch's default generator of `device` exactly as a kernel
+    call with dropout does, so after torch.set_rng_state(s) (torch.cuda.set_rng_state on a GPU) this returns the
+    mask of the call made from state s; given explicitly, seed in [0, 2^63) and offset in [0, 2^31). The mask of
+    an element depends on neither the head dim nor the layout; packed sequences (attention_varlen) use sequence b's
+    own row and column indices, so its mask is dropout_mask(B, Hq, max_seqlen_q, max_seqlen_k)[b, :, :Sq_b, :Sk_b].
+    dropout_p = 0 keeps everything (and draws nothing). device: default CUDA if present, else the CPU (which runs the
+    Triton kernel through the interpreter)."""
+    sizes = [_check_length(n, x) for n, x in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q),
+                                               ("seqlen_k", seqlen_k))]
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    _, _, dropout_p = check_modifiers(1, 1, device, 0.0, None, dropout_p)
+    if (seed is None) != (offset is None):
+        raise ValueError("seed and offset must be given together, or both be None (drawn from torch's generator)")
+    for name, x, hi in (("seed", seed, 2 ** 63), ("offset", offset, 2 ** 31)):
+        if x is not None and (isinstance(x, bool) or not isinstance(x, numbers.Integral) or not 0 <= x < hi):
+            raise ValueError(f"{name} must be an int in [0, {hi}), got {x!r}")
+    if dropout_p == 0:
+        return torch.ones(sizes, dtype=torch.bool, device=device)
+    _check_device(torch.empty(0, device=device))
+    rng = ops.draw_rng(device) if seed is None else torch.tensor([seed, offset], dtype=torch.int64, device=device)
+    return dropout_keep_mask(rng, *sizes, dropout_p)

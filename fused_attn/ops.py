@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels.forward import Packed
+from .kernels.forward import Modifiers, Packed
+
+
+def draw_rng(device) -> Tensor:
+    """A dropout call's int64 [seed, offset] on `device`, drawn from torch's default generator of that device (so
+    each call advances it, and torch.manual_seed / set_rng_state reproduce a call); seed in [0, 2^63), offset in
+    [0, 2^31). No host synchronization: the kernels read it from the device."""
+    seed = torch.randint(0, 2 ** 63 - 1, (1,), device=device, dtype=torch.int64)
+    return torch.cat([seed, torch.randint(0, 2 ** 31, (1,), device=device, dtype=torch.int64)])
 
 
 def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -39,21 +47,30 @@ def _forward_buffers(q, v, layout, packed: bool):
     return (*_out_lse(q, v, layout, packed), stats)
 
 
+def _rng_buffer(q, dropout_p):
+    """The [seed, offset] of a dropout call; an empty tensor without dropout."""
+    return q.new_empty(2 if dropout_p > 0 else 0, dtype=torch.int64)
+
+
 @torch.library.custom_op("fused_attn::forward", mutates_args=())
 def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int, layout: str,
             cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-            max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward)."""
+            max_seqlen_k: int = 0, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+            dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward) and the
+    dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
     out, lse, stats = _forward_buffers(q, v, layout, cu_seqlens_q is not None)
+    rng = draw_rng(q.device) if dropout_p > 0 else _rng_buffer(q, 0.0)
     kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right,
-                              packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return out, lse, stats
+                              packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                              mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
+    return out, lse, stats, rng
 
 
 @forward.register_fake
 def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0):
-    return _forward_buffers(q, v, layout, cu_seqlens_q is not None)
+      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+    return (*_forward_buffers(q, v, layout, cu_seqlens_q is not None), _rng_buffer(q, dropout_p))
 
 
 def _grad_buffers(q, k, v, packed: bool):
@@ -64,34 +81,37 @@ def _grad_buffers(q, k, v, packed: bool):
 @torch.library.custom_op("fused_attn::backward", mutates_args=())
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, scale: float,
              offset: int, left: int, right: int, cu_seqlens_q: Optional[Tensor] = None,
-             cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-             max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (kernels.attention_backward)."""
+             cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+             softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
+             rng: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (kernels.attention_backward); rng: the forward's [seed, offset]."""
     dq, dk, dv = _grad_buffers(q, k, v, cu_seqlens_q is not None)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
     kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right,
-                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                               mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
     return dq, dk, dv
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0):
+      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None):
     return _grad_buffers(q, k, v, cu_seqlens_q is not None)
 
 
 @torch.library.custom_op("fused_attn::decode", mutates_args=())
 def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
-           layout: str) -> Tuple[Tensor, Tensor]:
+           layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
     out, lse = _out_lse(q, v, layout)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                             num_splits)
+                             num_splits, Modifiers(softcap, alibi_slopes))
     return out, lse
 
 
 @decode.register_fake
-def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout):
+def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
+      alibi_slopes=None):
     return _out_lse(q, v, layout)

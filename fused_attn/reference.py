@@ -2,35 +2,72 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import DTYPES, check_args, check_kvcache, check_kvcache_values, check_varlen_args
+from ._args import DTYPES, check_args, check_kvcache, check_kvcache_values, check_modifiers, check_varlen_args
 from .mask import visible_mask
 
 
+def modified_scores(q, k, a, softcap=0.0, alibi_slopes=None, rows=None):
+    """(scores, visible) of query rows `rows` (index tensor; None: all): q k^T * scale, then softcap * tanh(score /
+    softcap) (softcap > 0), then -slope * |i + offset - j| (ALiBi slopes (Hq,) or (B, Hq)), in q's dtype; and the
+    boolean (n_rows, Sk) mask. q (B, Hq, Sq, D), k (B, Hq, Sk, D) (kv heads already repeated), a: their Args."""
+    Sq, Sk = q.shape[2], k.shape[2]
+    rows = torch.arange(Sq, device=q.device) if rows is None else rows
+    scores = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * a.scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        distance = (rows[:, None] + a.offset - torch.arange(Sk, device=q.device)[None, :]).abs()
+        slopes = alibi_slopes.to(scores.dtype).reshape(-1, q.shape[1], 1, 1)
+        scores = scores - slopes * distance.to(scores.dtype)
+    return scores, visible_mask(Sq, Sk, a.left, a.right, a.offset, device=q.device)[rows]
+
+
+def _check_dropout_mask(mask, dropout_p, shape, device):
+    if dropout_p == 0:
+        if mask is not None:
+            raise ValueError("dropout_mask is given but dropout_p is 0 (no dropout)")
+        return
+    if mask is None:
+        raise ValueError(f"dropout_p={dropout_p} needs the keep-mask: dropout_mask=fused_attn.dropout_mask(...) "
+                         f"(the reference draws no random numbers of its own)")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(shape) or mask.device != device:
+        raise ValueError(f"dropout_mask must be (B, Hq, Sq, Sk) = {tuple(shape)} on {device}, got "
+                         f"{tuple(mask.shape)} on {mask.device}")
+
+
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
-              upcast=torch.float32, return_probs=False, alignment="bottom_right"):
+              upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
+              dropout_p=0.0, dropout_mask=None):
     """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
 
     Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
-    the probabilities (B, Hq, Sq, Sk) if return_probs), in that order. Differentiable. Rows that see no key
-    give out 0, lse -inf, probabilities 0 and zero gradients. alignment="top_left" gives SDPA's is_causal
-    diagonal instead of FlashAttention's bottom-right one.
+    the probabilities (B, Hq, Sq, Sk), before dropout, if return_probs), in that order. Differentiable. Rows that
+    see no key give out 0, lse -inf, probabilities 0 and zero gradients. alignment="top_left" gives SDPA's
+    is_causal diagonal instead of FlashAttention's bottom-right one. softcap, alibi_slopes, dropout_p: as in
+    fused_attn.attention; dropout takes its keep-mask explicitly, dropout_mask (B, Hq, Sq, Sk) bool (from
+    fused_attn.dropout_mask): out = (P * mask / (1 - dropout_p)) v.
     """
     a = check_args(q, k, v, causal, window_size, scale, layout, alignment, DTYPES + (torch.float64,))
     dtype = a.q.dtype if upcast is None else upcast
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
+    B, Hq, Sq = a.q.shape[:3]
+    Sk = a.k.shape[2]
+    softcap, alibi_slopes, dropout_p = check_modifiers(B, Hq, a.q.device, softcap, alibi_slopes, dropout_p)
+    _check_dropout_mask(dropout_mask, dropout_p, (B, Hq, Sq, Sk), a.q.device)
     qc, kc, vc = (t.to(dtype) for t in (a.q, a.k, a.v))
     group = qc.shape[1] // kc.shape[1]
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
-    Sq, Sk = qc.shape[2], kc.shape[2]
 
-    visible = visible_mask(Sq, Sk, a.left, a.right, a.offset, device=qc.device)
+    scores, visible = modified_scores(qc, kc, a, softcap, alibi_slopes)
     seen = visible.any(-1, keepdim=True)  # rows with at least one visible key
-    scores = torch.matmul(qc, kc.transpose(-1, -2)) * a.scale
     # Rows with nothing visible get finite dummy scores (no NaN in forward or backward), then zeros.
     scores = scores.masked_fill(~visible & seen, float("-inf")).masked_fill(~seen, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
-    out = torch.matmul(probs, vc)
+    dropped = probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)
+    out = torch.matmul(dropped, vc)
     if layout == "bshd":
         out = out.transpose(1, 2)
     result = [out]
@@ -42,26 +79,39 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     return result[0] if len(result) == 1 else tuple(result)
 
 
+def _row(alibi_slopes, b):
+    """Batch row b's slopes, (Hq,) or None."""
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
-                     window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32):
+                     window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32, softcap=0.0,
+                     alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
     """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
     the compute dtype (and lse (Hq, total_q)). The cu_seqlens values are always checked (this reads them, on any
-    device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf."""
+    device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
+    dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :, :Sq_b, :Sk_b] (as fused_attn.dropout_mask
+    (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
     va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
                            scale, DTYPES + (torch.float64,), values=True)
     dtype = q.dtype if upcast is None else upcast
     cq, ck = va.cu_seqlens_q.tolist(), va.cu_seqlens_k.tolist()
+    check_modifiers(len(cq) - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
+    if dropout_p > 0 and (not isinstance(dropout_mask, torch.Tensor) or dropout_mask.dim() != 4):
+        raise ValueError("dropout_p > 0 needs dropout_mask (B, Hq, Sq_max, Sk_max) bool")
     Hq, Dv = q.shape[1], v.shape[2]
     outs, lses = [], []
-    for q0, q1, k0, k1 in zip(cq, cq[1:], ck, ck[1:]):
+    for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
         if q1 == q0:
             continue
         if k1 == k0:  # no keys: nothing visible
             outs.append(q.new_zeros(q1 - q0, Hq, Dv, dtype=dtype))
             lses.append(torch.full((Hq, q1 - q0), float("-inf"), device=q.device))
             continue
+        mask = None if dropout_p == 0 else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
         out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, window_size=window_size,
-                             scale=va.a.scale, layout="bshd", return_lse=True, upcast=upcast)
+                             scale=va.a.scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
+                             alibi_slopes=_row(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask)
         outs.append(out[0])
         lses.append(lse[0])
     tail = q.shape[0] - cq[-1]  # rows of no sequence
@@ -73,7 +123,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
-                           causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32):
+                           causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32,
+                           softcap=0.0, alibi_slopes=None):
     """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to its first
     cache_seqlens[b] cached keys followed by its new ones, run row by row through `attention`. Returns out
     (B, Sq, Hq, Dv) in the compute dtype (and lse (B, Hq, Sq)); rows that see no key: out 0, lse -inf."""
@@ -82,6 +133,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     dtype = q.dtype if upcast is None else upcast
     s_new = 0 if k is None else k.shape[1]
     check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
+    check_modifiers(q.shape[0], q.shape[2], q.device, softcap, alibi_slopes)
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
         if block_table is None:
@@ -96,7 +148,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             lses.append(torch.full((q.shape[2], q.shape[1]), float("-inf"), device=q.device))
             continue
         out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal, window_size=window_size,
-                             scale=scale, layout="bshd", return_lse=True, upcast=upcast)
+                             scale=scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
+                             alibi_slopes=_row(alibi_slopes, b))
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.stack(outs)

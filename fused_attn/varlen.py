@@ -1,10 +1,11 @@
 """Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen."""
-from ._args import check_varlen_args
+from ._args import check_modifiers, check_varlen_args
 from .function import FusedAttentionFunction, check_kernel_inputs
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                     window_size=(-1, -1), scale=None, return_lse=False):
+                     window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
+                     dropout_p=0.0):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -32,6 +33,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
         return_lse: also return the log-sum-exp, (Hq, total_q) float32, natural log (FlashAttention's varlen
            convention).
+        softcap, alibi_slopes ((Hq,) or (B, Hq): per sequence), dropout_p: as in `attention`, within each sequence
+           (ALiBi's distance |i + Sk_b - Sq_b - j|; sequence b's dropout mask is
+           fused_attn.dropout_mask(B, Hq, max_seqlen_q, max_seqlen_k)[b, :, :Sq_b, :Sk_b] of the same generator state).
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -48,7 +52,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                            scale)
     a = va.a
     check_kernel_inputs(a, "bshd", (va.max_seqlen_q, va.max_seqlen_k))
+    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
     out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, a.left, a.right, "bshd", va.cu_seqlens_q,
-                                            va.cu_seqlens_k, va.max_seqlen_q, va.max_seqlen_k)
+                                            va.cu_seqlens_k, va.max_seqlen_q, va.max_seqlen_k, *mods)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out

@@ -7,15 +7,16 @@
                                                             one program per (query tile, batch * query head)
 
 P is recomputed from the forward's per-row stats (max m of the unscaled scores, log2 l of the denominator):
-P = exp2((S - m) * scale * log2(e) - log2 l).
+P = exp2((S - m) * scale * log2(e) - log2 l), S the scores after the modifiers (common._score); the softcap's
+derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from the forward's seed and offset.
 """
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_range, _dot, _load_block, _load_tile, _sequence, _store_tile, _tile_id,
-                     _visible)
+from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_tile, _rng, _score, _sequence, _slope,
+                     _store_tile, _tile_id, _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .forward import LOG2E, fp32_dot, grid_dims, reverse_tiles, run, tile_args
+from .forward import LOG2E, fp32_dot, grid_dims, modifier_args, reverse_tiles, run, tile_args
 
 
 @triton.jit
@@ -44,7 +45,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                         TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr):
+                         TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+                         cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                         seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
@@ -62,15 +65,26 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
             st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
         else:
             st = _dot(k, tl.trans(q), FP32_DOT)
+        st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
                                    HAS_LEFT, HAS_RIGHT), pt, 0.0)
+        if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
+            keep = _keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], threshold)
         if WITH_DV:
-            dv += _dot(pt.to(do.dtype), do, FP32_DOT)
+            pdt = pt
+            if DROPOUT:
+                pdt = tl.where(keep, pt * drop_scale, 0.0)
+            dv += _dot(pdt.to(do.dtype), do, FP32_DOT)
         if WITH_DK:
             delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
-            dst = pt * (_dot(v, tl.trans(do), FP32_DOT) - delta[None, :])
+            dpt = _dot(v, tl.trans(do), FP32_DOT)
+            if DROPOUT:
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:
+                dst = dst * dcap
             dk += _dot(dst.to(q.dtype), q, FP32_DOT)
     return dk, dv
 
@@ -79,24 +93,27 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
     "VARLEN": lambda args: args["CU_Q"] is not None,
+    "SOFTCAP": lambda args: args["cap_out"] > 0,
+    "ALIBI": lambda args: args["SLOPES"] is not None,
+    "DROPOUT": lambda args: args["RNG"] is not None,
 })
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG,
                           stride_qb, stride_qh, stride_qs, stride_qd,
                           stride_kb, stride_kh, stride_ks, stride_kd,
                           stride_vb, stride_vh, stride_vs, stride_vd,
                           stride_dob, stride_doh, stride_dos, stride_dod,
                           stride_dkb, stride_dkh, stride_dks, stride_dkd,
                           stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-                          stride_lb, stride_lh,
+                          stride_lb, stride_lh, stride_ab, stride_ah,
                           head_start, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                          qk_scale,
+                          qk_scale, cap_in, cap_out, threshold, drop_scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                           TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                          VARLEN: tl.constexpr):
+                          VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
     accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
     start_n = _tile_id(REVERSE) * BLOCK_N
@@ -125,6 +142,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K,
     # Query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right).
     lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
                                             BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    seed, rng_offset = _rng(RNG, DROPOUT)
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g
         h64 = h.to(tl.int64)
@@ -135,7 +153,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K,
                                       stride_qs, stride_qd, stride_dos, stride_dod,
                                       offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
                                       qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV)
+                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
+                                      cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
+                                      SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
+                                      DROPOUT)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -151,7 +172,9 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                       FP32_DOT: tl.constexpr, TMA: tl.constexpr):
+                       FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+                       cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                       seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -159,11 +182,19 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                         MASKED, HEAD_DIM != BLOCK_D, TMA)
         v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
                         MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
-        p = tl.math.exp2((_dot(q, tl.trans(k), FP32_DOT) - m[:, None]) * qk_scale - log2_l[:, None])
+        s, dcap = _score(_dot(q, tl.trans(k), FP32_DOT), offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out,
+                         slope, SOFTCAP, ALIBI)
+        p = tl.math.exp2((s - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), p, 0.0)
-        ds = p * (_dot(do, tl.trans(v), FP32_DOT) - delta[:, None])
+        dp = _dot(do, tl.trans(v), FP32_DOT)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), dp * drop_scale,
+                          0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
@@ -172,21 +203,26 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
     "VARLEN": lambda args: args["CU_Q"] is not None,
+    "SOFTCAP": lambda args: args["cap_out"] > 0,
+    "ALIBI": lambda args: args["SLOPES"] is not None,
+    "DROPOUT": lambda args: args["RNG"] is not None,
 })
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K,
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
                         stride_dob, stride_doh, stride_dos, stride_dod,
                         stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-                        stride_lb, stride_lh,
+                        stride_lb, stride_lh, stride_ab, stride_ah,
                         head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
+                        cap_in, cap_out, threshold, drop_scale,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                        TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+                        TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
     b = bh // n_heads
@@ -214,23 +250,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K,
     Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
     lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
+    seed, rng_offset = _rng(RNG, DROPOUT)
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
         dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
                                 stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA)
+                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
+                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs, packed=None):
+                      right: int, cfgs, packed=None, mods=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
     attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config)."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
+    ptrs, slope_strides, values = modifier_args(mods, scale)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     c_kv, c_q = cfgs
@@ -248,31 +288,33 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
-                     (*src, stats, delta, dk, dv, *cu,
+                     (*src, stats, delta, dk, dv, *cu, *ptrs,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
-                      start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E),
+                      *slope_strides, start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
+                      *values),
                      dict(kwargs, **which))
                     for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
     src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
-                     (*src, stats, delta, dq, *cu,
-                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows,
-                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E), kwargs)
+                     (*src, stats, delta, dq, *cu, *ptrs,
+                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
+                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values), kwargs)
                     for start, count in head_chunks(B * Hq) if Sq > 0]
     return launch_list
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None, packed=None):
+                       right: int, config=None, packed=None, mods=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
-    KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ)."""
+    KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
+    same rng: the backward regenerates the forward's dropout mask)."""
     if config is None:
         config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
-    run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed),
-        "bwd")
+    run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
+                          mods), "bwd")
     return dq, dk, dv

@@ -1,5 +1,6 @@
 """Device helpers shared by the forward and backward kernels: the one mask, the block range it implies, the
-packed-sequence prologue, tile loads (pointer or TMA), the tile order, and dot.
+score modifiers (softcap, ALiBi) and the dropout keep-mask, the packed-sequence prologue, tile loads (pointer or
+TMA), the tile order, and dot.
 
 Mask (DESIGN.md): query row i sees key column j iff
 
@@ -21,6 +22,44 @@ def _visible(i, j, seqlen_q, seqlen_k, offset, left, right, HAS_LEFT: tl.constex
     if HAS_RIGHT:
         ok = ok & (j <= i + offset + right)
     return ok
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2 (no libdevice call, so the interpreter runs it too); exact to a few float32 ulps."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Raw scores s = q.k of rows i, columns j (broadcastable, either orientation) -> (the modified score divided by
+    the softmax scale, d(it) / ds). Keeping the kernels' unit (score / scale) leaves the online softmax, the stats
+    and P = exp2((s - m) * scale * log2 e - log2 l) as they are without modifiers:
+
+        softcap (cap_in = scale / softcap, cap_out = softcap / scale):  s -> cap_out * tanh(cap_in * s)
+        ALiBi (slope already divided by the scale):                     s -> s - slope * |i + offset - j|
+
+    The derivative is 1 - tanh^2 with the softcap (ALiBi adds a constant), else 1 (and unused)."""
+    ds = 1.0
+    if SOFTCAP:
+        t = _tanh(s * cap_in)
+        s = cap_out * t
+        ds = 1.0 - t * t
+    if ALIBI:
+        s = s - slope * tl.abs(i + offset - j).to(tl.float32)
+    return s, ds
+
+
+@triton.jit
+def _keep(seed, rng_offset, bh, i, j, threshold):
+    """The dropout keep-mask of rows i, columns j (broadcastable, either orientation) of query head bh (b * Hq + h):
+    Philox-4x32-10 keyed by the 64-bit seed at counter (j, i, bh, rng_offset); kept where the top 24 bits of its
+    first word are >= threshold = round(p * 2^24). fused_attn.dropout_mask draws the same bits."""
+    zero = i * 0 + j * 0
+    r, _, _, _ = tl.philox(seed, zero + j, zero + i, zero + bh, zero + rng_offset)
+    return (r >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -52,6 +91,27 @@ def _block_range(start, n_rows, n_cols, offset, left, right,
     full_lo_t = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_COLS) * BLOCK_COLS, lo_t), hi_t)
     full_hi_t = tl.minimum(tl.maximum(tl.maximum(full_hi, 0) // BLOCK_COLS * BLOCK_COLS, full_lo_t), hi_t)
     return lo_t, full_lo_t, full_hi_t, hi_t
+
+
+@triton.jit
+def _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI: tl.constexpr):
+    """The ALiBi slope of batch row b, query head h (a scalar or a vector of heads) in the kernels' score unit (divided
+    by the softmax scale; qk_scale = scale * log2 e); 0 without ALiBi."""
+    slope = tl.zeros([], tl.float32)
+    if ALIBI:
+        slope = tl.load(SLOPES + b.to(tl.int64) * stride_ab + h * stride_ah) * (1.4426950408889634 / qk_scale)
+    return slope
+
+
+@triton.jit
+def _rng(RNG, DROPOUT: tl.constexpr):
+    """(seed, offset) of a dropout call from its int64 [seed, offset] tensor (drawn from torch's generator)."""
+    seed = tl.zeros([], tl.int64)
+    rng_offset = tl.zeros([], tl.int32)
+    if DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1).to(tl.int32)
+    return seed, rng_offset
 
 
 @triton.jit

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range
+from .common import _block_range, _slope
 from .configs import capability, head_block, head_chunks, interpreter_active, smem_limit
-from .forward import LOG2E, _attn_fwd_inner, fp32_dot, run
+from .forward import LOG2E, _attn_fwd_inner, fp32_dot, modifier_args, run
 
 
 @triton.jit
@@ -26,21 +26,24 @@ def _clamp(x, lo, hi):
     "HAS_RIGHT": lambda args: args["right"] >= 0,
     "PAGED": lambda args: args["PAGES"] is not None,
     "HAS_SEQLENS": lambda args: args["SEQLENS_K"] is not None,
+    "SOFTCAP": lambda args: args["cap_out"] > 0,
+    "ALIBI": lambda args: args["SLOPES"] is not None,
 })
 @triton.jit
-def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES,
+def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
                            stride_qb, stride_qh, stride_qs, stride_qd,
                            stride_kb, stride_kh, stride_ks, stride_kd,
                            stride_vb, stride_vh, stride_vs, stride_vd,
                            stride_os, stride_ob, stride_oh, stride_om, stride_od,
                            stride_ls, stride_lb, stride_lh,
-                           stride_pb, page_size, head_start,
-                           n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale,
+                           stride_pb, page_size, stride_ab, stride_ah, head_start,
+                           n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PACK: tl.constexpr,
                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                           PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr):
+                           PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, SOFTCAP: tl.constexpr,
+                           ALIBI: tl.constexpr):
     """One (query tile, batch * query-head group, split): partial out (fp32, or the output dtype when there is one
     split) and lse of the split's key range. K, V: contiguous (B, Hkv, S, D)-indexed, or paged (pages, Hkv,
     page_size, D)-indexed with PAGES the (B, max_pages) block table."""
@@ -81,6 +84,9 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES,
     per_split = tl.cdiv((hi - lo) // BLOCK_N, n_splits) * BLOCK_N
     s_lo = tl.minimum(lo + split * per_split, hi)
     s_hi = tl.minimum(s_lo + per_split, hi)
+    slope = _slope(SLOPES, b, heads, stride_ab, stride_ah, qk_scale, ALIBI)  # one per row: heads are packed
+    if ALIBI:
+        slope = slope[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -91,7 +97,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES,
                                         pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
-                                        PAGES, page_size, stride_kb, stride_vb, PAGED)
+                                        PAGES, page_size, stride_kb, stride_vb, PAGED,
+                                        cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -168,12 +175,13 @@ def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) 
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                    left: int, right: int, num_splits: int = 0, cap=None):
+                    left: int, right: int, num_splits: int = 0, cap=None, mods=None):
     """The split-KV launches as (kernel, grid, args, kwargs), and the scratch they need allocated.
 
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. k, v: (B, Hkv, S, D)-indexed
     views of a contiguous cache, or, with block_table (B, max_pages) int32, (pages, Hkv, page_size, D)-indexed
-    views of a paged one. seqlens_k: int32 (B,) keys per row (None: max_seqlen_k for every row)."""
+    views of a paged one. seqlens_k: int32 (B,) keys per row (None: max_seqlen_k for every row). mods: a
+    forward.Modifiers with softcap / ALiBi (no dropout: inference only)."""
     B, Hq, Sq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
@@ -198,10 +206,12 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
     kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, PACK=pack,
                   FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=stages)
+    (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     launch_list = [(_attn_fwd_split_kernel, (grid0, count, splits),
-                    (q, k, v, o, o_lse, seqlens_k, block_table, *q.stride(), *k.stride(), *v.stride(), *o_strides,
-                     *l_strides, block_table.stride(0) if paged else 0, page_size if paged else 0, start, Hq, group,
-                     Sq, max_seqlen_k, left, right, scale * LOG2E), kwargs)
+                    (q, k, v, o, o_lse, seqlens_k, block_table, slopes, *q.stride(), *k.stride(), *v.stride(),
+                     *o_strides, *l_strides, block_table.stride(0) if paged else 0, page_size if paged else 0,
+                     *slope_strides, start, Hq, group, Sq, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out),
+                    kwargs)
                    for start, count in head_chunks(B * Hq // pack)]
     if splits > 1:
         block = min(64, max(16, triton.next_power_of_2(Sq)))
@@ -213,8 +223,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
 
 
 def attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                     left: int, right: int, num_splits: int = 0):
+                     left: int, right: int, num_splits: int = 0, mods=None):
     """Launch split-KV attention (decode_launches) and count it as "decode"; writes out and lse."""
     run(decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                        num_splits), "decode")
+                        num_splits, mods=mods), "decode")
     return out, lse

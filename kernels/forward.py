@@ -1,14 +1,15 @@
 """Forward kernel: one program per (query tile, batch * query head), online softmax over the visible key tiles."""
 import math
 from collections import Counter
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .common import _at_head, _block_range, _dot, _load_block, _load_kv, _sequence, _store_tile, _tile_id, _visible
+from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_kv, _rng, _score, _sequence, _slope,
+                     _store_tile, _tile_id, _visible)
 from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
 
 # Launches per kernel since import; tests read it to prove the Triton kernels ran.
@@ -24,14 +25,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
                     FP32_DOT: tl.constexpr, TMA: tl.constexpr,
-                    PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr):
+                    PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr,
+                    cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                    seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
-    K and V are read through the block table PAGES (kernels/decode.py)."""
+    K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI modify the scores (_score;
+    slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what multiplies V,
+    after they are summed into l (the caller rescales the output by 1 / (1 - p))."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
                      BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
+        if SOFTCAP or ALIBI:
+            s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         if MASKED:
             s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
                                   HAS_LEFT, HAS_RIGHT), s, float("-inf"))
@@ -42,6 +49,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), p, 0.0)
         v = _load_kv(V, PAGES, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
                      BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
@@ -53,20 +62,25 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     "HAS_LEFT": lambda args: args["left"] >= 0,
     "HAS_RIGHT": lambda args: args["right"] >= 0,
     "VARLEN": lambda args: args["CU_Q"] is not None,
+    "SOFTCAP": lambda args: args["cap_out"] > 0,
+    "ALIBI": lambda args: args["SLOPES"] is not None,
+    "DROPOUT": lambda args: args["RNG"] is not None,
 })
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
-                     stride_lb, stride_lh,
+                     stride_lb, stride_lh, stride_ab, stride_ah,
                      head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                     cap_in, cap_out, threshold, drop_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                     TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr):
+                     TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     start_m = _tile_id(REVERSE) * BLOCK_M
     bh = tl.program_id(1) + head_start
     b = bh // n_heads
@@ -93,6 +107,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
+    slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
+    seed, rng_offset = _rng(RNG, DROPOUT)
     lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge.
@@ -102,12 +118,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K,
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
                                         offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False)
+                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
+                                        cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
+                                        DROPOUT)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
     out = acc / l_i[:, None]
+    if DROPOUT:
+        out = out * drop_scale
     m_i = tl.where(empty, 0.0, m_i)
     log2_l = tl.where(empty, float("inf"), tl.math.log2(l_i))
     lse = (m_i * qk_scale + log2_l) * 0.6931471805599453
@@ -163,6 +183,35 @@ class Packed(NamedTuple):
     max_seqlen_k: int
 
 
+class Modifiers(NamedTuple):
+    """Score modifiers and dropout, each off by default. softcap > 0: scores capped to softcap * tanh(score /
+    softcap); alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + offset - j|; dropout_p > 0 with rng, the
+    call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
+    by 1 / (1 - p)."""
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    rng: Optional[torch.Tensor] = None
+
+
+def modifier_args(mods, scale: float):
+    """A kernel's modifier arguments: pointers (SLOPES, RNG), slope strides (batch, head), and (cap_in, cap_out,
+    threshold, drop_scale); a None pointer / 0 cap turns its constexpr flag off."""
+    mods = mods or Modifiers()
+    slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
+    strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
+        0, slopes.stride(0))
+    drop = p > 0 and mods.rng is not None
+    return ((slopes, mods.rng if drop else None), strides,
+            (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
+             1.0 / (1.0 - p) if drop else 1.0))
+
+
+def dropout_threshold(p: float) -> int:
+    """_keep keeps a probability where 24 random bits are >= this."""
+    return round(p * 2 ** 24)
+
+
 def grid_dims(q, k, packed):
     """(batch, Sq, Sk) the grid covers, the cu_seqlens pointers and a function giving each tensor's
     (batch, head, row, col) strides: packed sequences are rows of one batch slice, so their batch stride is 0."""
@@ -172,17 +221,20 @@ def grid_dims(q, k, packed):
             (packed.cu_seqlens_q, packed.cu_seqlens_k), lambda t: (0, *t.stride()[1:]))
 
 
-def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None):
+def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None,
+                     mods=None):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
     compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
+    ptrs, slope_strides, values = modifier_args(mods, scale)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype))
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2],
-              start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E), kwargs)
+             (*src, out, lse, stats, *cu, *ptrs, *strides(q), *strides(k), *strides(v), *strides(out),
+              *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
+              *values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 
 
@@ -195,7 +247,7 @@ def run(launch_list, name: str):
 
 
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None,
-                      packed=None):
+                      packed=None, mods=None):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log, contiguous) and, for the backward, stats (B, Hq, Sq, 2, float32,
     contiguous). Packed sequences (`packed`, a Packed): B = 1, S = total rows, and the mask and offset are each
@@ -203,7 +255,30 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     and log2 l of the softmax denominator. Keeping the two apart lets the
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
     that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
-    its TMA path is taken where the inputs qualify (tma_ok), else the pointer path."""
+    its TMA path is taken where the inputs qualify (tma_ok), else the pointer path. `mods` (a Modifiers): softcap,
+    ALiBi, dropout."""
     cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
-    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed), "fwd")
+    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed, mods), "fwd")
     return out, lse, stats
+
+
+@triton.jit
+def _dropout_mask_kernel(RNG, MASK, seqlen_q, seqlen_k, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query head b * H + h, row tile, column tile) of the keep-mask (B, H, Sq, Sk), as the attention kernels
+    draw it (_keep)."""
+    bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seed, rng_offset = _rng(RNG, True)
+    keep = _keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold)
+    ptrs = MASK + bh.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None] * seqlen_k + offs_n[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+
+
+def dropout_keep_mask(rng, batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float):
+    """The boolean keep-mask (B, H, Sq, Sk) that a dropout call with this rng ([seed, offset], int64) applies."""
+    mask = torch.empty(batch, heads, seqlen_q, seqlen_k, device=rng.device, dtype=torch.int8)
+    if mask.numel():
+        _dropout_mask_kernel[(batch * heads, triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32))](
+            rng, mask, seqlen_q, seqlen_k, dropout_threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return mask.view(torch.bool)
