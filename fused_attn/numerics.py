@@ -41,6 +41,9 @@ class Case:
     strided: bool = False  # non-contiguous inputs (every other element of the head dim)
     logit_scale: float = 1.0  # multiplies q: large values give large logits
     scale: float = None  # softmax scale; None: 1 / sqrt(head_dim)
+    softcap: float = 0.0
+    alibi: str = None  # None, "head": slopes (Hq,), "batch": slopes (B, Hq) (alibi_slopes)
+    dropout: float = 0.0
 
     @property
     def dv(self):
@@ -59,7 +62,55 @@ class Case:
              f"d{self.head_dim}" + (f"v{self.dv}" if self.dv != self.head_dim else "") +
              f"-{DTYPE_NAMES[self.dtype]}-{self.mask}-{self.layout}")
         s += ("-strided" if self.strided else "") + (f"-x{self.logit_scale:g}" if self.logit_scale != 1 else "")
-        return s + (f"-scale{self.scale:g}" if self.scale is not None else "")
+        return s + (f"-scale{self.scale:g}" if self.scale is not None else "") + modifier_name(self)
+
+
+def modifier_name(case) -> str:
+    return ((f"-cap{case.softcap:g}" if case.softcap else "") + (f"-alibi-{case.alibi}" if case.alibi else "") +
+            (f"-drop{case.dropout:g}" if case.dropout else ""))
+
+
+def alibi_slopes(heads: int, batch: int = 0, device=None) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 (h + 1) / heads), float32 (heads,); with batch > 0, (batch, heads) with row b
+    scaled by b + 1 (slopes that differ per batch row)."""
+    s = 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float64) / heads)
+    if batch:
+        s = s[None] * torch.arange(1, batch + 1, dtype=torch.float64)[:, None]
+    return s.to(device=device, dtype=torch.float32)
+
+
+def _rng_state(device):
+    device = torch.device(device)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state, device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def kernel_modifiers(case, batch: int, device) -> dict:
+    """The case's softcap / alibi_slopes / dropout_p keyword arguments for the kernels' entry points."""
+    slopes = None if not case.alibi else alibi_slopes(case.heads_q, batch if case.alibi == "batch" else 0, device)
+    return dict(softcap=case.softcap, alibi_slopes=slopes, dropout_p=case.dropout)
+
+
+def run_with_mask(fn, mods: dict, device, shape):
+    """fn() (a kernel call with the dropout of `mods`), and the keep-mask of `shape` it used (None without dropout):
+    the generator state before the call, restored, gives fused_attn.dropout_mask the same draw."""
+    state = _rng_state(device)
+    result = fn()
+    if not mods["dropout_p"]:
+        return result, None
+    after = _rng_state(device)
+    _set_rng_state(state, device)
+    from .function import dropout_mask
+    mask = dropout_mask(*shape, mods["dropout_p"], device=device)
+    _set_rng_state(after, device)
+    return result, mask
 
 
 def make_inputs(case: Case, device, seed: int = 0):
@@ -154,10 +205,12 @@ def _run(fn, q, k, v, do, grad):
     return dict(zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads)))
 
 
-def _measure(case: Case, got: dict, q, k, v, do, grad: bool, launched=None) -> Result:
+def _measure(case: Case, got: dict, q, k, v, do, grad: bool, launched=None, mods=None) -> Result:
     """Metrics of the kernels' results `got` for inputs q, k, v (and output gradient do) of `case` against the
-    float64 reference, with PyTorch in the input dtype as the yardstick."""
-    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True)
+    float64 reference, with PyTorch in the input dtype as the yardstick. mods: the reference's softcap /
+    alibi_slopes / dropout_p / dropout_mask."""
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True,
+              **(mods or {}))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     probs = []
 
@@ -187,10 +240,13 @@ def _launched(before: dict) -> dict:
 def evaluate(case: Case, device, grad: bool = True, seed: int = 0) -> Result:
     """Run fused_attn forward (and backward) on one case and measure it against the float64 reference."""
     q, k, v, do = make_inputs(case, device, seed)
-    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True)
+    mods = kernel_modifiers(case, case.batch, device)
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True,
+              **mods)
     before = dict(kernels.launches)
-    got = _run(lambda *a: attention(*a, **kw), q, k, v, do, grad)
-    return _measure(case, got, q, k, v, do, grad, _launched(before))
+    got, mask = run_with_mask(lambda: _run(lambda *a: attention(*a, **kw), q, k, v, do, grad), mods, device,
+                              (case.batch, case.heads_q, case.seqlen_q, case.seqlen_k))
+    return _measure(case, got, q, k, v, do, grad, _launched(before), dict(mods, dropout_mask=mask))
 
 
 @dataclass(frozen=True)
@@ -209,11 +265,15 @@ class VarlenCase:
     strided: bool = False
     tail: int = 0
     scale: float = None
+    softcap: float = 0.0
+    alibi: str = None
+    dropout: float = 0.0
 
     def sequence(self, b: int) -> Case:
         """Sequence b as a dense case (batch 1, layout bshd: the packed rows of one sequence)."""
         return Case(1, self.heads_q, self.heads_kv, self.seqlens_q[b], self.seqlens_k[b], self.head_dim,
-                    self.head_dim_v, self.dtype, self.causal, self.window, "bshd", self.strided, scale=self.scale)
+                    self.head_dim_v, self.dtype, self.causal, self.window, "bshd", self.strided, scale=self.scale,
+                    softcap=self.softcap, alibi=self.alibi, dropout=self.dropout)
 
 
 def cu_seqlens(lengths, device) -> torch.Tensor:
@@ -266,10 +326,13 @@ def evaluate_varlen(case: VarlenCase, device, grad: bool = True, seed: int = 0) 
     dq 0); rows nothing reaches must hold out 0, lse -inf and zero gradients."""
     from .varlen import attention_varlen
     q, k, v, do, cu_q, cu_k = make_varlen_inputs(case, device, seed)
+    max_q, max_k = max(case.seqlens_q), max(case.seqlens_k)
+    mods = kernel_modifiers(case, len(case.seqlens_q), device)
     before = dict(kernels.launches)
-    got = _run(lambda *a: attention_varlen(*a, cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k),
-                                           causal=case.causal, window_size=case.window, scale=case.scale,
-                                           return_lse=True), q, k, v, do, grad)
+    got, mask = run_with_mask(
+        lambda: _run(lambda *a: attention_varlen(*a, cu_q, cu_k, max_q, max_k, causal=case.causal,
+                                                 window_size=case.window, scale=case.scale, return_lse=True, **mods),
+                     q, k, v, do, grad), mods, device, (len(case.seqlens_q), case.heads_q, max_q, max_k))
     launched = _launched(before)
     cq, ck = cu_q.tolist(), cu_k.tolist()
     sequences, zeros = [], {}
@@ -281,8 +344,11 @@ def evaluate_varlen(case: VarlenCase, device, grad: bool = True, seed: int = 0) 
                 for n, t in got.items()}
         seq = case.sequence(b)
         if k1 > k0:
+            slopes = mods["alibi_slopes"]
+            seq_mods = dict(mods, alibi_slopes=slopes if slopes is None or slopes.dim() == 1 else slopes[b],
+                            dropout_mask=None if mask is None else mask[b:b + 1, :, :q1 - q0, :k1 - k0])
             sequences.append(_measure(seq, part, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], do[None, q0:q1],
-                                      grad))
+                                      grad, mods=seq_mods))
             continue
         res = Result(seq)  # no key: nothing visible
         for n in ("out", "lse", "dq"):

@@ -26,10 +26,14 @@ def _visible(i, j, seqlen_q, seqlen_k, offset, left, right, HAS_LEFT: tl.constex
 
 @triton.jit
 def _tanh(x):
-    """tanh from exp2 (no libdevice call, so the interpreter runs it too); exact to a few float32 ulps."""
-    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|)
+    """tanh to a few float32 ulps without libdevice (the interpreter runs it too): (1 - e) / (1 + e), e = exp(-2|x|),
+    where that does not cancel, its odd Taylor series below |x| = 1/4 (a huge softcap is then exactly no softcap)."""
+    x2 = x * x
+    series = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                      + x2 * 0.021869488536155203))))
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    return tl.where(tl.abs(x) < 0.25, series, tl.where(x < 0, -t, t))
 
 
 @triton.jit
