@@ -6,6 +6,7 @@ import operator
 
 import torch
 
+from ._args import check_modifiers
 from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -27,8 +28,6 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         return None, "query, key, value are not all tensors"
     if attn_mask is not None:
         return None, "an explicit attn_mask tensor (the kernels take causal / window masks only)"
-    if dropout_p != 0.0:
-        return None, f"dropout_p={dropout_p} (the kernels have no dropout)"
     if not (query.dim() == key.dim() == value.dim() >= 3):
         return None, f"ranks {query.dim()}, {key.dim()}, {value.dim()} (need equal ranks >= 3)"
     batch_dims = slice(0, -3) if query.dim() >= 4 else slice(0, 1)
@@ -37,7 +36,9 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
     if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
         return None, f"heads {query.shape[-3]} vs {key.shape[-3]} without enable_gqa"
     try:
-        return kernel_args(_as4d(query), _as4d(key), _as4d(value), scale=scale), None
+        a = kernel_args(_as4d(query), _as4d(key), _as4d(value), scale=scale)
+        check_modifiers(1, 1, a.q.device, dropout_p=dropout_p)
+        return a, None
     except (ValueError, TypeError) as e:
         return None, f"the kernels refuse it: {e}"
 
@@ -54,9 +55,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention with the same signature and semantics: (N, ..., Hq, L, E)
     query, (N, ..., H, S, E) key, (N, ..., H, S, Ev) value -> (N, ..., Hq, L, Ev); is_causal is top-left aligned.
-    The Triton kernels run whenever they can compute the call (no attn_mask, no dropout, fp16/bf16/fp32 on CUDA,
-    ...); any other call goes to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG)
-    says which and why."""
+    The Triton kernels run whenever they can compute the call (no attn_mask, fp16/bf16/fp32 on CUDA, ...); any
+    other call goes to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which
+    and why. dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability dropped with
+    probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the kernels draw
+    theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the mask), so a
+    given seed gives another mask than torch's SDPA does."""
     a, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)
@@ -64,7 +68,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                            scale=scale, enable_gqa=enable_gqa)
     log.debug("scaled_dot_product_attention -> fused_attn kernels")
     # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
-    out, _ = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, -1, 0 if is_causal else -1, "bhsd")
+    out, _ = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, -1, 0 if is_causal else -1, "bhsd", None, None,
+                                          0, 0, 0.0, None, float(dropout_p))
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*query.shape[:-3], *out.shape[1:])
@@ -107,11 +112,9 @@ def flash_attn_window(window_size):
     return tuple(sides)
 
 
-def _not_implemented(fn: str, dropout_p, softcap, alibi_slopes, **others):
+def _not_implemented(fn: str, **others):
     """NotImplementedError naming every FlashAttention-2 argument given that the kernels do not implement yet."""
-    missing = [name for name, off in (("dropout_p", dropout_p == 0.0), ("softcap", softcap == 0.0),
-                                      ("alibi_slopes", alibi_slopes is None)) if not off]
-    missing += [name for name, value in others.items() if value is not None]
+    missing = [name for name, value in others.items() if value is not None]
     if missing:
         raise NotImplementedError(f"fused_attn.{fn} does not implement {', '.join(missing)} yet")
 
@@ -128,16 +131,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out (B, Sq, Hq, Dv); bottom-right aligned causal / window_size as in flash_attn. As there, causal=True sets
     the window's right side to 0. The backward is always deterministic (no atomics), so `deterministic` is
     honoured either way. return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)),
-    the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes).
-    Not implemented (NotImplementedError): dropout_p > 0, softcap, alibi_slopes."""
-    _not_implemented("flash_attn_func", dropout_p, softcap, alibi_slopes)
+    the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes; before dropout --
+    fused_attn.dropout_mask gives the mask). dropout_p, softcap, alibi_slopes ((Hq,) or (B, Hq) float32): as in
+    fused_attn.attention (dropout_p applies whenever > 0, as in flash_attn)."""
     window_size = _fa_window(causal, window_size)
+    mods = dict(softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
-                         return_lse=True)
+                         return_lse=True, dropout_p=dropout_p, **mods)
     if not return_attn_probs:
         return out
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
-                            scale=softmax_scale, layout="bshd")
+                            scale=softmax_scale, layout="bshd", **mods)
     return out, lse, probs
 
 
@@ -149,21 +153,25 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     causal / window_size bottom-right aligned within each sequence, causal=True setting the window's right side
     to 0; deterministic as in flash_attn_func. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
     probs (B, Hq, max_seqlen_q, max_seqlen_k)), each sequence's probabilities rebuilt exactly from the lse in the
-    top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes).
-    Not implemented (NotImplementedError): dropout_p > 0, softcap, alibi_slopes, block_table."""
-    _not_implemented("flash_attn_varlen_func", dropout_p, softcap, alibi_slopes, block_table=block_table)
+    top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes; before dropout).
+    dropout_p, softcap, alibi_slopes: as in fused_attn.attention_varlen. Not implemented (NotImplementedError):
+    block_table."""
+    _not_implemented("flash_attn_varlen_func", block_table=block_table)
     window_size = _fa_window(causal, window_size)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                window_size=window_size, scale=softmax_scale, return_lse=True)
+                                window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
+                                softcap=softcap, alibi_slopes=alibi_slopes)
     if not return_attn_probs:
         return out
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     probs = lse.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
     for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
         if q1 > q0 and k1 > k0:
+            slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
             probs[b, :, :q1 - q0, :k1 - k0] = attention_probs(
                 q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
-                window_size=window_size, scale=softmax_scale, layout="bshd")[0]
+                window_size=window_size, scale=softmax_scale, layout="bshd", softcap=softcap,
+                alibi_slopes=slopes)[0]
     return out, lse, probs
 
 
@@ -174,12 +182,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """FlashAttention-2's flash_attn_with_kvcache (fused_attn.attention_with_kvcache): q (B, Sq, Hq, D) against a
     contiguous (B, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) + block_table cache, k / v appended in
     place at cache_seqlens first; causal / window_size bottom-right aligned per row. Returns out (B, Sq, Hq, Dv),
-    or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse. Not implemented (NotImplementedError): rotary_cos /
-    rotary_sin, cache_batch_idx, cache_leftpad, softcap, alibi_slopes (rotary_interleaved only matters with
-    rotary)."""
-    _not_implemented("flash_attn_with_kvcache", 0.0, softcap, alibi_slopes, rotary_cos=rotary_cos,
-                     rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse; softcap and alibi_slopes as in fused_attn.attention.
+    Not implemented (NotImplementedError): rotary_cos / rotary_sin, cache_batch_idx, cache_leftpad
+    (rotary_interleaved only matters with rotary)."""
+    _not_implemented("flash_attn_with_kvcache", rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                     cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, window_size=_fa_window(causal, window_size),
-                                      scale=softmax_scale, num_splits=num_splits, return_lse=True)
+                                      scale=softmax_scale, num_splits=num_splits, return_lse=True, softcap=softcap,
+                                      alibi_slopes=alibi_slopes)
     return (out, lse) if return_softmax_lse else out

@@ -48,7 +48,7 @@ def test_sdpa_matches_torch_and_runs_the_kernels(shapes, kwargs):
 @pytest.mark.parametrize("kwargs,reason", [
     pytest.param({"attn_mask": "bool"}, "explicit attn_mask", id="bool-mask"),
     pytest.param({"attn_mask": "additive"}, "explicit attn_mask", id="additive-mask"),
-    pytest.param({"dropout_p": 0.5}, "dropout_p=0.5", id="dropout"),
+    pytest.param({"dropout_p": 1.0}, r"dropout_p must be in [0, 1), got 1.0", id="dropout-1"),
     pytest.param({"dtype": torch.float64}, "unsupported dtype torch.float64", id="float64"),
     pytest.param({"scale": -1.0}, "finite positive float, got -1.0", id="negative-scale"),
 ])
@@ -110,12 +110,34 @@ def test_flash_attn_func_layout_and_probs():
     assert (probs.double() - ref_probs).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": 30.0}, "softcap"),
-                                         ({"alibi_slopes": torch.ones(4)}, "alibi_slopes")])
-def test_flash_attn_func_rejects_what_it_does_not_implement(kwargs, name):
-    q = rand(1, 8, 4, 16)
-    with pytest.raises(NotImplementedError, match=name):
-        fused_attn.flash_attn_func(q, q, q, **kwargs)
+def test_sdpa_dropout_runs_on_the_kernels():
+    """dropout_p > 0 runs in the kernels (their Philox stream, not torch's): the output is the reference's with the
+    keep-mask fused_attn.dropout_mask draws from the same generator state."""
+    q, k, v = rand(2, 2, 9, 16, grad=True), rand(2, 2, 11, 16, grad=True), rand(2, 2, 11, 16, grad=True)
+    assert fused_attn.explain(q, k, v, dropout_p=0.3).startswith("fused_attn Triton kernels")
+    torch.manual_seed(7)
+    got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
+    torch.manual_seed(7)
+    mask = fused_attn.dropout_mask(2, 2, 9, 11, 0.3, device=DEVICE)
+    ref = fused_attn.reference.attention(q, k, v, dropout_p=0.3, dropout_mask=mask, upcast=torch.float64)
+    assert n == 1 and (got.double() - ref).abs().max() < 1e-5
+
+
+def test_flash_attn_func_modifiers():
+    """softcap, alibi_slopes and dropout_p reach the kernels as fused_attn.attention takes them; the returned
+    probabilities are the modified softmax (before dropout)."""
+    q, k, v = rand(2, 37, 4, 32), rand(2, 50, 2, 32), rand(2, 50, 2, 32)
+    slopes = torch.rand(2, 4, device=DEVICE)
+    mods = dict(softcap=3.0, alibi_slopes=slopes)
+    torch.manual_seed(5)
+    out, n = launched(lambda: fused_attn.flash_attn_func(q, k, v, dropout_p=0.2, causal=True, **mods))
+    torch.manual_seed(5)
+    assert n == 1 and torch.equal(out, fused_attn.attention(q, k, v, causal=True, layout="bshd", dropout_p=0.2,
+                                                            **mods))
+    _, lse, probs = fused_attn.flash_attn_func(q, k, v, causal=True, return_attn_probs=True, **mods)
+    _, ref_probs = fused_attn.reference.attention(q, k, v, causal=True, layout="bshd", return_probs=True,
+                                                  upcast=torch.float64, **mods)
+    assert (probs.double() - ref_probs).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("window", [torch.tensor([12, 7]), torch.tensor([12, 7], dtype=torch.int32),
@@ -163,10 +185,23 @@ def test_flash_attn_varlen_func_layout_and_probs():
     assert probs[1].abs().max() == 0
 
 
-@pytest.mark.parametrize("kwargs,name", [({"dropout_p": 0.1}, "dropout_p"), ({"softcap": 30.0}, "softcap"),
-                                         ({"alibi_slopes": torch.ones(4)}, "alibi_slopes"),
-                                         ({"block_table": torch.zeros(2, 1, dtype=torch.int32)}, "block_table")])
-def test_flash_attn_varlen_func_rejects_what_it_does_not_implement(kwargs, name):
+def test_flash_attn_varlen_func_rejects_what_it_does_not_implement():
     q, cu = rand(8, 4, 16), torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(NotImplementedError, match=name):
-        fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, **kwargs)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+def test_flash_attn_varlen_func_modifiers():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
+    q = rand(8, 4, 16)
+    mods = dict(softcap=2.0, alibi_slopes=torch.rand(2, 4, device=DEVICE))
+    torch.manual_seed(3)
+    out, lse, probs = fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, dropout_p=0.25,
+                                                        return_attn_probs=True, **mods)
+    torch.manual_seed(3)
+    want, want_lse = fused_attn.attention_varlen(q, q, q, cu, cu, 5, 5, dropout_p=0.25, return_lse=True, **mods)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    _, ref_probs = fused_attn.reference.attention(q[None, 3:], q[None, 3:], q[None, 3:], layout="bshd",
+                                                  return_probs=True, upcast=torch.float64, softcap=2.0,
+                                                  alibi_slopes=mods["alibi_slopes"][1])
+    assert (probs[1].double() - ref_probs[0]).abs().max() < 1e-5

@@ -175,8 +175,12 @@ def test_flash_attn_with_kvcache_dropin():
     want, want_lse = fused_attn.attention_with_kvcache(q, kc2, vc2, k, v, cache_seqlens=lens, block_table=table,
                                                        causal=True, window_size=(7, 0), return_lse=True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(kc, kc2)
-    for name, value in (("rotary_cos", torch.ones(1)), ("cache_batch_idx", lens), ("cache_leftpad", lens),
-                        ("softcap", 5.0), ("alibi_slopes", torch.ones(4))):
+    slopes = torch.rand(4, device=DEVICE)
+    out = fused_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, softcap=5.0,
+                                             alibi_slopes=slopes)
+    assert torch.equal(out, fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table,
+                                                              softcap=5.0, alibi_slopes=slopes))
+    for name, value in (("rotary_cos", torch.ones(1)), ("cache_batch_idx", lens), ("cache_leftpad", lens)):
         with pytest.raises(NotImplementedError, match=name):
             fused_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, **{name: value})
 

@@ -16,17 +16,30 @@ def test_opcheck(layout):
     q, k, v, do = (view(t) for t in (q, k, v, do))
     args = (q, k, v, 32 ** -0.5, 16, 10, 0)
     torch.library.opcheck(ops.forward, args + (layout,))
-    out, lse, stats = ops.forward(*args, layout)
-    assert out.shape == (1, 4, 40, 16) and (layout == "bhsd") == out.is_contiguous()
+    out, lse, stats, rng = ops.forward(*args, layout)
+    assert out.shape == (1, 4, 40, 16) and (layout == "bhsd") == out.is_contiguous() and rng.numel() == 0
     torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, 10, 0))
+
+
+def test_opcheck_modifiers():
+    """softcap and ALiBi through the ops (dropout draws random numbers: opcheck's repeated runs would differ)."""
+    q, k, v, do = (t.detach() for t in make_inputs(Case(1, 4, 2, 40, 56, 32, dtype=torch.float32), DEVICE))
+    slopes = torch.rand(4, device=DEVICE)
+    args = (q, k, v, 32 ** -0.5, 16, -1, 0, "bhsd", None, None, 0, 0, 2.0, slopes, 0.0)
+    torch.library.opcheck(ops.forward, args)
+    out, lse, stats, rng = ops.forward(*args)
+    torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, -1, 0, None, None, 0, 0, 2.0,
+                                         slopes, 0.0, rng))
 
 
 def check_fullgraph(loss_fn, q, k, v, do):
     """loss_fn compiled with fullgraph=True (any graph break fails) runs one forward and one backward launch
-    (AOTAutograd compiles the backward graph, our backward op, too) and gives eager's gradients exactly."""
+    (AOTAutograd compiles the backward graph, our backward op, too) and gives eager's gradients exactly (from the
+    same generator state, for dropout)."""
     torch._dynamo.reset()
 
     def grads(fn):
+        torch.manual_seed(11)
         for t in (q, k, v):
             t.grad = None
         fn(q, k, v, do).backward()
@@ -48,6 +61,15 @@ def test_fullgraph_compile_of_forward_and_backward():
     check_fullgraph(loss_fn, *make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE))
 
 
+def test_fullgraph_compile_with_modifiers():
+    slopes = torch.rand(2, 4, device=DEVICE)
+
+    def loss_fn(q, k, v, do):
+        out = fused_attn.attention(q, k, v, causal=True, softcap=3.0, alibi_slopes=slopes, dropout_p=0.2)
+        return (out * do).sum()
+    check_fullgraph(loss_fn, *make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE))
+
+
 def _packed_inputs():
     from fused_attn.numerics import VarlenCase, make_varlen_inputs
     return make_varlen_inputs(VarlenCase((20, 0, 33), (25, 9, 30), 4, 2, 32, 16, dtype=torch.float32, tail=2),
@@ -61,7 +83,7 @@ def test_opcheck_packed():
     packed = (cu_q, cu_k, 33, 30)
     args = (q, k, v, 32 ** -0.5, 0, -1, 0, "bshd") + packed
     torch.library.opcheck(ops.forward, args)
-    out, lse, stats = ops.forward(*args)
+    out, lse, stats, _ = ops.forward(*args)
     torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 0, -1, 0) + packed)
 
 

@@ -181,3 +181,67 @@ def test_padding_with_holes_uses_the_documented_fallback(caplog):
     keep = mask.bool()
     m = Metric.measure(got[keep], want[keep], pt[keep], DTYPE, 2.0)
     assert m.ok, m
+
+
+def gemma2_config(softcap):
+    """Gemma 2: sliding-window and full layers alternating (window 6, shorter than the sequences), softcapped
+    attention logits; q_norm-free, query_pre_attn_scalar small so the raw logits are large enough for the cap."""
+    return transformers.Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=512, sliding_window=6, query_pre_attn_scalar=1,
+                                     attn_logit_softcapping=softcap, final_logit_softcapping=None,
+                                     layer_types=["sliding_attention", "full_attention"])
+
+
+def test_gemma2_softcap_and_sliding_layers_match_eager():
+    name = register()
+    torch.manual_seed(0)
+    built = {}
+    for key, impl, softcap, dtype in (("eager", "eager", 0.1, DTYPE), ("fused", name, 0.1, DTYPE),
+                                      ("ref", "eager", 0.1, torch.float64), ("uncapped", "eager", None, torch.float64)):
+        model = transformers.AutoModelForCausalLM.from_config(gemma2_config(softcap), attn_implementation=impl)
+        if built:
+            model.load_state_dict(built["eager"].state_dict())
+        built[key] = model
+    eager, fused, ref, uncapped = (built[k].to(DEVICE, d) for k, d in (("eager", DTYPE), ("fused", DTYPE),
+                                                                       ("ref", torch.float64),
+                                                                       ("uncapped", torch.float64)))
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    before = kernels.launches.copy()
+    got = logits_and_grads(fused, ids)
+    assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
+    want, pt = logits_and_grads(ref, ids), logits_and_grads(eager, ids)
+    # the cap matters: the model without it fails the tolerance the fused model passes, by far
+    m = Metric.measure(logits_and_grads(uncapped, ids)[0], want[0], pt[0], DTYPE, 2.0)
+    assert m.err > 3 * m.budget, m
+    assert_matches(got, pt, want)
+
+
+def test_training_with_attention_dropout_runs_on_the_kernels():
+    """attention_dropout > 0 in training mode: the kernels' dropout (launch counts), a finite loss that decreases
+    over a few steps; eval mode: no dropout (two passes agree bitwise and equal the dropout-free model)."""
+    name = register()
+    torch.manual_seed(0)
+    cfg = config("llama")
+    cfg.attention_dropout = 0.2
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(DEVICE, torch.float32)
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    losses = []
+    before = kernels.launches.copy()
+    for _ in range(4):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert kernels.launches["fwd"] - before["fwd"] == 8 and kernels.launches["bwd"] - before["bwd"] == 8
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+        cfg.attention_dropout = 0.0
+        plain = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(DEVICE, torch.float32)
+        plain.load_state_dict(model.state_dict())
+        assert torch.equal(a, b) and torch.equal(a, plain.eval()(input_ids=ids).logits)

@@ -19,8 +19,10 @@ What the registered mask function hands the attention function, and what then ru
   FlashAttention does.
 - anything else (custom / chunked masks, holes in the padding, static caches): transformers' 4-D SDPA mask,
   computed by transformers' own SDPA attention (`sdpa_attention_forward`) -- the documented fallback, logged on the
-  "fused_attn" logger at DEBUG. Training with attention dropout also falls back; softcap is refused
-  (NotImplementedError).
+  "fused_attn" logger at DEBUG.
+
+Attention dropout (training mode with attention_dropout > 0) and logit softcapping (Gemma 2's
+attn_logit_softcapping) run in the kernels on every path above (dropout with the kernels' own Philox stream).
 """
 import logging
 
@@ -128,19 +130,19 @@ def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
                        sliding_window=None, softcap=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                        max_length_k=None, **kwargs):
     """transformers attention function: (B, Hq, S, D) query, (B, Hkv, S, D) key / value -> ((B, S, Hq, Dv), None)."""
-    if softcap is not None:
-        raise NotImplementedError("fused_attn does not implement attention softcap yet")
     runs = attention_mask is None or (attention_mask.dim() == 2 and (
         attention_mask.dtype == torch.bool or attention_mask.dtype == torch.int64))
-    if not runs or dropout > 0.0:
+    if not runs:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        log.debug("transformers attention -> transformers SDPA: %s",
-                  "a custom mask" if not runs else f"dropout={dropout}")
+        if softcap:
+            raise NotImplementedError("fused_attn's SDPA fallback (a custom mask) cannot apply softcap; "
+                                      "use attn_implementation='eager' for this model and mask")
+        log.debug("transformers attention -> transformers SDPA: a custom mask")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kw = dict(causal=causal, window_size=(sliding_window - 1 if sliding_window else -1, 0 if causal else -1),
-              scale=scaling)
+              scale=scaling, softcap=softcap or 0.0, dropout_p=dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         return _padded(q, k, v, attention_mask, **kw), None
