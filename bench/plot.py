@@ -19,6 +19,17 @@ def _window(mask):
     return int(mask[len("window"):])
 
 
+def _panel(r):
+    """A panel per mask, and per mask + modifier for the modifier rows."""
+    modifier = r.get("modifier", "none")
+    return r["mask"] if modifier == "none" else f"{r['mask']}+{modifier}"
+
+
+def _panel_order(panel):
+    mask, _, modifier = panel.partition("+")
+    return _mask_order(mask), modifier
+
+
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok" and r.get("tflops")]
 
@@ -64,11 +75,12 @@ def plot_all(rows, folder):
     for r in rows:
         groups[(r["head_dim"], r["heads_q"], r["heads_kv"])].append(r)
     for (d, hq, hkv), rs in sorted(groups.items()):
-        masks = sorted({r["mask"] for r in rs}, key=_mask_order)
-        paths.append(_grid(rs, masks, lambda r: r["mask"], lambda r: r["seqlen"], lambda r: r["tflops"],
+        panels = sorted({_panel(r) for r in rs}, key=_panel_order)
+        paths.append(_grid(rs, panels, _panel, lambda r: r["seqlen"], lambda r: r["tflops"],
                            "sequence length", "TF/s", f"D={d}, Hq={hq}, Hkv={hkv}",
                            folder / f"throughput_d{d}_h{hq}-{hkv}.png"))
-    windows = [r for r in rows if r["mask"].startswith("window") and r["heads_q"] == r["heads_kv"]]
+    windows = [r for r in rows if r["mask"].startswith("window") and r["heads_q"] == r["heads_kv"]
+               and r.get("modifier", "none") == "none"]
     for d in sorted({r["head_dim"] for r in windows}):
         rs = [r for r in windows if r["head_dim"] == d]
         seqlens = sorted({r["seqlen"] for r in rs})

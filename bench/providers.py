@@ -15,7 +15,8 @@ class Unsupported(Exception):
 
 
 def _fused(cfg, q, k, v):
-    return lambda: fused_attn.attention(q, k, v, causal=cfg.causal, window_size=cfg.window)
+    mods = cfg.modifier_kwargs(q.device)
+    return lambda: fused_attn.attention(q, k, v, causal=cfg.causal, window_size=cfg.window, **mods)
 
 
 # fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike.
@@ -46,8 +47,11 @@ def scoped(name, fn):
 def _reference(cfg, q, k, v):
     if cfg.seqlen > REFERENCE_MAX_SEQLEN:
         raise Unsupported(f"naive reference only up to S={REFERENCE_MAX_SEQLEN}")
+    if cfg.modifier == "dropout":
+        raise Unsupported("the reference takes dropout as an explicit mask only")
+    mods = cfg.modifier_kwargs(q.device)
     return lambda: fused_attn.reference.attention(q, k, v, causal=cfg.causal, window_size=cfg.window,
-                                                  upcast=None)
+                                                  upcast=None, **mods)
 
 
 def _sdpa(backend_name):
@@ -56,7 +60,9 @@ def _sdpa(backend_name):
         backend = getattr(SDPBackend, backend_name)
         if backend_name == "MATH" and cfg.seqlen > MATH_MAX_SEQLEN:
             raise Unsupported(f"math backend only up to S={MATH_MAX_SEQLEN}")
-        kwargs = dict(enable_gqa=cfg.gqa)
+        if cfg.modifier in ("softcap", "alibi"):
+            raise Unsupported(f"SDPA has no {cfg.modifier}")
+        kwargs = dict(enable_gqa=cfg.gqa, dropout_p=cfg.modifier_kwargs(q.device).get("dropout_p", 0.0))
         if cfg.mask.startswith("window"):
             if backend_name in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
                 raise Unsupported("no sliding-window support (needs an arbitrary attn_mask)")
@@ -102,9 +108,24 @@ def flex():
     return _flex_compiled, create_block_mask
 
 
+def _score_mod(cfg, device):
+    """FlexAttention's score_mod for the config's softcap / ALiBi (None without)."""
+    mods = cfg.modifier_kwargs(device)
+    if "softcap" in mods:
+        cap = mods["softcap"]
+        return lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap)
+    if "alibi_slopes" in mods:
+        slopes = mods["alibi_slopes"]
+        return lambda score, b, h, q_idx, kv_idx: score - slopes[h] * (q_idx - kv_idx).abs()
+    if mods:
+        raise Unsupported(f"FlexAttention has no {cfg.modifier}")
+    return None
+
+
 def _flex(cfg, q, k, v):
     flex_attention, create_block_mask = flex()
     left = cfg.window[0]
+    score_mod = _score_mod(cfg, q.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = q_idx >= kv_idx
@@ -113,7 +134,7 @@ def _flex(cfg, q, k, v):
     block_mask = None
     if cfg.causal:
         block_mask = create_block_mask(mask_mod, None, None, cfg.seqlen, cfg.seqlen, device=q.device)
-    return lambda: flex_attention(q, k, v, block_mask=block_mask, enable_gqa=cfg.gqa)
+    return lambda: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=cfg.gqa)
 
 
 PROVIDERS = {

@@ -16,7 +16,7 @@ from .providers import PROVIDERS, Unsupported, scoped
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FIELDS = ["gpu", "torch", "triton", "commit", "provider", "mode", "dtype", "seqlen", "head_dim", "mask", "window",
-          "batch", "heads_q", "heads_kv", "status", "ms", "tflops", "peak_mem_mb", "check_err", "check_budget"]
+          "modifier", "batch", "heads_q", "heads_kv", "status", "ms", "tflops", "peak_mem_mb", "check_err", "check_budget"]
 
 
 def environment() -> dict:
@@ -49,6 +49,9 @@ def parse_args(argv):
     p.add_argument("--decode", action="store_true",
                    help="the decode sweep instead (bench/decode.py): Sq 1 / 4 against 1k..128k cached tokens, "
                         "contiguous and paged caches; reports us, GB/s of K/V read and the bandwidth fraction")
+    p.add_argument("--modifiers", nargs="*", default=list(sweep.MODIFIERS), choices=sweep.MODIFIERS,
+                   help="extra rows with softcap / ALiBi / dropout 0.1 (causal, D=128, S 4096 and 16384, where the "
+                        "sweep has them); give none of them to leave them out")
     p.add_argument("--gqa-ratio", type=int, default=8, help="also run Hkv = Hq / ratio (1: MHA only)")
     p.add_argument("--gqa-only", action="store_true", help="only the GQA configurations")
     p.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
@@ -75,19 +78,26 @@ def _inputs(cfg, device, requires_grad):
 
 def check_provider(name, cfg, device, cache):
     """Run the provider once on a small case of the same kind and measure it against the float64 reference with
-    FlashAttention's forward rule (fused_attn.numerics). Cached per (provider, head dim, mask, gqa)."""
-    key = (name, cfg.head_dim, cfg.mask, cfg.gqa)
+    FlashAttention's forward rule (fused_attn.numerics). Cached per (provider, head dim, mask, gqa, modifier).
+    Dropout is random: its check is the same call with dropout_p = 0 (tests/test_modifiers.py checks the masks)."""
+    key = (name, cfg.head_dim, cfg.mask, cfg.gqa, cfg.modifier)
     if key not in cache:
         small = sweep.Config(min(cfg.seqlen, 512), cfg.head_dim, cfg.mask, "fwd", 1,
                              max(2, cfg.heads_q // 4), max(1, cfg.heads_kv // 4) if cfg.gqa else max(2, cfg.heads_q // 4),
-                             cfg.dtype)
+                             cfg.dtype, "none" if cfg.modifier == "dropout" else cfg.modifier)
+        if cfg.modifier == "dropout":  # the provider must take dropout at all
+            try:
+                PROVIDERS[name](cfg, *_inputs(small, device, False))
+            except Unsupported as e:
+                cache[key] = ("unsupported: " + str(e), None)
+                return cache[key]
         q, k, v = _inputs(small, device, False)
         try:
             out = scoped(name, PROVIDERS[name](small, q, k, v))()
         except Unsupported as e:
             cache[key] = ("unsupported: " + str(e), None)
             return cache[key]
-        kw = dict(causal=small.causal, window_size=small.window)
+        kw = dict(causal=small.causal, window_size=small.window, **small.modifier_kwargs(device))
         ref = fused_attn.reference.attention(q, k, v, upcast=torch.float64, **kw)
         pt = fused_attn.reference.attention(q, k, v, upcast=None, **kw)
         m = Metric.measure(out, ref, pt, q.dtype, FACTORS["out"])
@@ -159,11 +169,12 @@ def main(argv=None) -> int:
         return decode.main(args)
     args.providers = args.providers or list(PROVIDERS)
     configs = sweep.build(args.seqlens, args.head_dims, args.masks, args.modes, args.gqa_ratio, args.tokens,
-                          args.hidden, args.dtype, args.gqa_only)
+                          args.hidden, args.dtype, args.gqa_only, args.modifiers)
     if args.dry_run:
         for c in configs:
             print(f"S={c.seqlen:6} D={c.head_dim:3} B={c.batch:3} Hq={c.heads_q:3} Hkv={c.heads_kv:3} "
-                  f"{c.mask:11} {c.mode:8} {c.flops() / 1e12:9.3f} TFLOP  x {len(args.providers)} providers")
+                  f"{c.mask:11} {c.modifier:8} {c.mode:8} {c.flops() / 1e12:9.3f} TFLOP  x {len(args.providers)} "
+                  f"providers")
         print(f"{len(configs)} configurations x {len(args.providers)} providers: {', '.join(args.providers)}")
         return 0
     if not torch.cuda.is_available():
@@ -185,7 +196,7 @@ def main(argv=None) -> int:
                              check_budget=metric.budget if metric else None))
             shown = f"{ms:8.3f} ms {tflops:6.1f} TF/s {peak:8.1f} MiB" if ms else status
             print(f"S={cfg.seqlen:6} D={cfg.head_dim:3} Hq/Hkv={cfg.heads_q}/{cfg.heads_kv} {cfg.mask:11} "
-                  f"{cfg.mode:8} {name:15} {shown}", flush=True)
+                  f"{cfg.modifier:8} {cfg.mode:8} {name:15} {shown}", flush=True)
         write(rows, env, out)  # after every config: a crash keeps what was measured
     for path in plot.plot_all(rows, out / "plots"):
         print("wrote", path)

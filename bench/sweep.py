@@ -9,6 +9,11 @@ HEAD_DIMS = (64, 128, 256)
 MASKS = ("none", "causal", "window256", "window1024", "window4096")
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+# Extra rows with a score modifier or dropout: D = 128, causal, these lengths, to compare with the same case without.
+MODIFIERS = ("softcap", "alibi", "dropout")
+MODIFIER_SEQLENS = (4096, 16384)
+SOFTCAP = 50.0  # Gemma 2's
+DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,7 @@ class Config:
     heads_q: int
     heads_kv: int
     dtype: str = "bf16"
+    modifier: str = "none"  # "none", "softcap", "alibi", "dropout"
 
     @property
     def causal(self) -> bool:
@@ -37,6 +43,12 @@ class Config:
     def gqa(self) -> bool:
         return self.heads_kv != self.heads_q
 
+    def modifier_kwargs(self, device) -> dict:
+        """fused_attn.attention's keyword arguments for the modifier (FLOPs are counted as without it)."""
+        from fused_attn.numerics import alibi_slopes
+        return {"none": {}, "softcap": dict(softcap=SOFTCAP), "dropout": dict(dropout_p=DROPOUT),
+                "alibi": dict(alibi_slopes=alibi_slopes(self.heads_q, device=device))}[self.modifier]
+
     def flops(self) -> float:
         """4 * B * Hq * D * visible pairs for the forward (2 * (D + Dv) with Dv = D), x2.5 bwd, x3.5 fwd+bwd."""
         pairs = visible_pairs(self.seqlen, self.seqlen, *self.window)
@@ -47,9 +59,10 @@ class Config:
 
 
 def build(seqlens=SEQLENS, head_dims=HEAD_DIMS, masks=MASKS, modes=MODES, gqa_ratio=8, tokens=16384,
-          hidden=2048, dtype="bf16", gqa_only=False):
+          hidden=2048, dtype="bf16", gqa_only=False, modifiers=MODIFIERS):
     """Configs at `tokens` tokens per batch (B = tokens // S) and `hidden` = H * D; with gqa_ratio > 1, each case
-    also appears with Hkv = Hq // gqa_ratio (where Hq allows it)."""
+    also appears with Hkv = Hq // gqa_ratio (where Hq allows it). Each of `modifiers` adds the MHA causal D = 128
+    cases at MODIFIER_SEQLENS (where the sweep has them) once more with that modifier."""
     configs = []
     for d in head_dims:
         heads = hidden // d
@@ -63,4 +76,7 @@ def build(seqlens=SEQLENS, head_dims=HEAD_DIMS, masks=MASKS, modes=MODES, gqa_ra
                 for hkv in kv_options:
                     for mode in modes:
                         configs.append(Config(s, d, mask, mode, batch, heads, hkv, dtype))
+    configs += [Config(c.seqlen, c.head_dim, c.mask, c.mode, c.batch, c.heads_q, c.heads_kv, dtype, m)
+                for m in modifiers for c in list(configs)
+                if c.head_dim == 128 and c.mask == "causal" and not c.gqa and c.seqlen in MODIFIER_SEQLENS]
     return configs

@@ -65,20 +65,22 @@ def plot_mask(seqlen_q, seqlen_k, causal=False, window_size=(-1, -1), alignment=
 
 
 def plot_attention(q, k, *, heads=None, queries=None, causal=False, window_size=(-1, -1), scale=None,
-                   layout="bhsd", batch=0, path=None):
+                   layout="bhsd", batch=0, path=None, softcap=0.0, alibi_slopes=None):
     """Attention-weight heatmaps (query rows `queries` x all keys) for the query heads `heads` of batch item
     `batch`, in a grid with one shared colorbar. The weights are rebuilt exactly from the kernels' lse:
-    P = exp(q k^T * scale - lse), for the selected rows only, so long sequences need no (S x S) matrix.
+    P = exp(score - lse), score = q k^T * scale with the softcap and ALiBi of `fused_attn.attention` (the
+    probabilities before any dropout), for the selected rows only, so long sequences need no (S x S) matrix.
     Returns (figure, weights (n_heads, n_queries, Sk) as numpy)."""
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         heads_dim = 1 if layout == "bhsd" else 2
         # lse does not depend on v: a one-column v keeps the kernel run cheap.
         v = torch.zeros(*k.shape[:-1], 1, device=k.device, dtype=k.dtype)
+        mods = dict(softcap=softcap, alibi_slopes=alibi_slopes)
         _, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout,
-                           return_lse=True)
+                           return_lse=True, **mods)
         probs = attention_probs(q, k, lse, causal=causal, window_size=window_size, scale=scale, layout=layout,
-                                queries=queries)
+                                queries=queries, **mods)
     heads = list(range(q.shape[heads_dim])) if heads is None else list(heads)
     weights = probs[batch, heads].float().cpu().numpy()
     rows = torch.arange(q.shape[3 - heads_dim])[queries if queries is not None else slice(None)].numpy()

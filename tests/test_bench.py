@@ -10,7 +10,7 @@ from bench import plot, run, sweep
 
 def test_sweep_fixes_tokens_and_hidden():
     configs = sweep.build(seqlens=(512, 4096), head_dims=(64, 128), masks=("none", "causal", "window1024"),
-                          modes=("fwd",), gqa_ratio=8)
+                          modes=("fwd",), gqa_ratio=8, modifiers=())
     for c in configs:
         assert c.batch * c.seqlen == 16384 and c.heads_q * c.head_dim == 2048
         assert c.heads_kv in (c.heads_q, c.heads_q // 8)
@@ -18,6 +18,33 @@ def test_sweep_fixes_tokens_and_hidden():
     assert not any(c.seqlen == 512 and c.mask == "window1024" for c in configs)
     assert len(configs) == 2 * (2 + 3) * 2
     assert {c.window for c in configs} == {(-1, -1), (-1, 0), (1023, 0)}
+
+
+def test_sweep_modifier_rows():
+    """softcap / ALiBi / dropout repeat the MHA causal D = 128 cases at S = 4096 and 16384, nothing else."""
+    configs = sweep.build(seqlens=(1024, 4096, 16384), head_dims=(64, 128), masks=("none", "causal"),
+                          modes=("fwd", "bwd"))
+    extra = [c for c in configs if c.modifier != "none"]
+    assert len(extra) == 3 * 2 * 2
+    assert all(c.head_dim == 128 and c.mask == "causal" and not c.gqa and c.seqlen in (4096, 16384) for c in extra)
+    for c in extra:
+        base = [b for b in configs if b.modifier == "none" and (b.seqlen, b.head_dim, b.mask, b.mode, b.heads_kv) ==
+                (c.seqlen, c.head_dim, c.mask, c.mode, c.heads_kv)]
+        assert len(base) == 1 and base[0].flops() == c.flops()
+    kw = {c.modifier: c.modifier_kwargs("cpu") for c in extra}
+    assert kw["softcap"] == {"softcap": 50.0} and kw["dropout"] == {"dropout_p": 0.1}
+    assert kw["alibi"]["alibi_slopes"].shape == (16,)
+
+
+@pytest.mark.parametrize("provider,modifier,status", [
+    ("fused_attn", "softcap", "ok"), ("fused_attn", "alibi", "ok"), ("fused_attn", "dropout", "ok"),
+    ("sdpa-math", "alibi", "unsupported: SDPA has no alibi"), ("sdpa-math", "dropout", "ok"),
+    ("reference", "dropout", "unsupported: the reference takes dropout as an explicit mask only")])
+def test_modifier_providers_are_checked(provider, modifier, status):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = sweep.Config(64, 32, "causal", "fwd", 1, 4, 4, dtype="fp16", modifier=modifier)
+    got, metric = run.check_provider(provider, cfg, device, {})
+    assert got == status and (metric is None or metric.ok), metric
 
 
 def test_sweep_without_gqa_and_gqa_only():
@@ -84,9 +111,12 @@ def test_cli_dry_run_and_no_gpu_exit(capsys):
 
 
 def test_plot_only_redraws_from_a_results_file(tmp_path, capsys):
-    run.write(_rows(), {"gpu": "Synthetic GPU"}, tmp_path)
+    rows = _rows()
+    rows.append(dict(rows[0], modifier="softcap"))
+    run.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
     assert run.main(["--plot-only", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "plots" / "windows_d64.png").exists()
+    assert plot._panel(rows[-1]) == "causal+softcap" and plot._panel(rows[0]) == "causal"
 
 
 @pytest.mark.parametrize("provider,path", [("fused_attn", "ptr"), ("fused_attn-tma-lf", "tma"),

@@ -47,6 +47,17 @@ def test_plot_attention_rebuilds_the_weights_from_the_lse(tmp_path):
     assert mpimg.imread(tmp_path / "heads.png").shape[1] > 300
 
 
+def test_plot_attention_with_softcap_and_alibi():
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 40, 16, generator=g).to(DEVICE) * 3 for _ in range(2))
+    mods = dict(softcap=1.5, alibi_slopes=torch.tensor([0.3, 0.05], device=DEVICE))
+    _, w = viz.plot_attention(q, k, queries=slice(5, 25), causal=True, **mods)
+    _, probs = fused_attn.reference.attention(q, k, k, causal=True, return_probs=True, upcast=torch.float64, **mods)
+    assert np.abs(w - probs[0, :, 5:25].cpu().numpy()).max() < 1e-5
+    _, plain = viz.plot_attention(q, k, queries=slice(5, 25), causal=True)
+    assert np.abs(w - plain).max() > 0.05
+
+
 def test_plot_mask_command(tmp_path, capsys):
     out = tmp_path / "m.png"
     assert main(["plot-mask", "--seqlen-q", "20", "--seqlen-k", "30", "--causal", "--out", str(out)]) == 0
