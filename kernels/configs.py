@@ -166,18 +166,26 @@ def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
     return max(head_block(head_dim), head_block(head_dim_v)) > 128
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False):
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False,
+                    dropout: bool = False):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
-    kernel runs as two launches (dV, then dK), one accumulator each: both spill. packed as in forward_config."""
+    kernel runs as two launches (dV, then dK), one accumulator each: both spill. packed as in forward_config.
+    dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
+    of spills with the usual tiles), so half the streamed tiles (dK/dV's block_m, dQ's block_n), keeping the
+    resident rows at 64 for wgmma."""
     choice = _choice(cap, packed)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
-        return (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
+        cfgs = (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
                              **choice),
                 KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"], packed), **choice))
+        if dropout:
+            cfgs = (dataclasses.replace(cfgs[0], block_m=max(16, cfgs[0].block_m // 2)),
+                    dataclasses.replace(cfgs[1], block_n=max(16, cfgs[1].block_n // 2)))
+        return cfgs
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = (32, 64) if max(bd, bdv) <= 64 else (16, 32)
     if split and smem_limit(cap) <= SMEM_DEFAULT:
