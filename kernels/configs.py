@@ -172,8 +172,8 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, pac
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
     kernel runs as two launches (dV, then dK), one accumulator each: both spill. packed as in forward_config.
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
-    of spills with the usual tiles), so half the streamed tiles (dK/dV's block_m, dQ's block_n), keeping the
-    resident rows at 64 for wgmma."""
+    of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
+    sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
     choice = _choice(cap, packed)
     if cap is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
@@ -182,8 +182,9 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, pac
         cfgs = (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
                              **choice),
                 KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"], packed), **choice))
-        if dropout:
-            cfgs = (dataclasses.replace(cfgs[0], block_m=max(16, cfgs[0].block_m // 2)),
+        if dropout:  # wgmma needs 64 resident rows on sm_90; mma.sync does not
+            side = "block_m" if cap[0] >= 9 else "block_n"
+            cfgs = (dataclasses.replace(cfgs[0], **{side: max(16, getattr(cfgs[0], side) // 2)}),
                     dataclasses.replace(cfgs[1], block_n=max(16, cfgs[1].block_n // 2)))
         return cfgs
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
