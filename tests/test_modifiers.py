@@ -229,3 +229,14 @@ def test_invalid_elsewhere(device):
         fused_attn.dropout_mask(1, 1, 4, -4, 0.1)
     with pytest.raises(ValueError, match="softcap must be"):
         fused_attn.attention_with_kvcache(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softcap=-2.0)
+
+
+def test_fully_masked_rows_with_every_modifier(device):
+    """Sq = 100 > Sk = 40, causal: rows i < 60 see no key -- still exactly out 0, lse -inf, zero gradients."""
+    q, k, v, do = make_inputs(Case(1, 2, 1, 100, 40, 32, dtype=F32, causal=True), device)
+    out, lse = fused_attn.attention(q, k, v, causal=True, return_lse=True, softcap=2.0, dropout_p=0.3,
+                                    alibi_slopes=alibi_slopes(2, device=device))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+    assert torch.all(out[:, :, :60] == 0) and torch.all(dq[:, :, :60] == 0)
+    assert torch.all(lse[:, :, :60] == float("-inf")) and torch.isfinite(lse[:, :, 60:]).all()
