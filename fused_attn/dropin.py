@@ -7,6 +7,7 @@ import operator
 import torch
 
 from ._args import check_modifiers
+from .reference import row_slopes
 from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -167,11 +168,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     probs = lse.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
     for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
         if q1 > q0 and k1 > k0:
-            slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
             probs[b, :, :q1 - q0, :k1 - k0] = attention_probs(
                 q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
                 window_size=window_size, scale=softmax_scale, layout="bshd", softcap=softcap,
-                alibi_slopes=slopes)[0]
+                alibi_slopes=row_slopes(alibi_slopes, b))[0]
     return out, lse, probs
 
 

@@ -79,12 +79,13 @@ def alibi_slopes(heads: int, batch: int = 0, device=None) -> torch.Tensor:
     return s.to(device=device, dtype=torch.float32)
 
 
-def _rng_state(device):
+def rng_state(device):
+    """The state of torch's default generator of `device` (CPU or CUDA)."""
     device = torch.device(device)
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _set_rng_state(state, device):
+def set_rng_state(state, device):
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
@@ -101,15 +102,15 @@ def kernel_modifiers(case, batch: int, device) -> dict:
 def run_with_mask(fn, mods: dict, device, shape):
     """fn() (a kernel call with the dropout of `mods`), and the keep-mask of `shape` it used (None without dropout):
     the generator state before the call, restored, gives fused_attn.dropout_mask the same draw."""
-    state = _rng_state(device)
+    state = rng_state(device)
     result = fn()
     if not mods["dropout_p"]:
         return result, None
-    after = _rng_state(device)
-    _set_rng_state(state, device)
+    after = rng_state(device)
+    set_rng_state(state, device)
     from .function import dropout_mask
     mask = dropout_mask(*shape, mods["dropout_p"], device=device)
-    _set_rng_state(after, device)
+    set_rng_state(after, device)
     return result, mask
 
 
@@ -344,8 +345,7 @@ def evaluate_varlen(case: VarlenCase, device, grad: bool = True, seed: int = 0) 
                 for n, t in got.items()}
         seq = case.sequence(b)
         if k1 > k0:
-            slopes = mods["alibi_slopes"]
-            seq_mods = dict(mods, alibi_slopes=slopes if slopes is None or slopes.dim() == 1 else slopes[b],
+            seq_mods = dict(mods, alibi_slopes=reference.row_slopes(mods["alibi_slopes"], b),
                             dropout_mask=None if mask is None else mask[b:b + 1, :, :q1 - q0, :k1 - k0])
             sequences.append(_measure(seq, part, q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], do[None, q0:q1],
                                       grad, mods=seq_mods))

@@ -79,8 +79,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     return result[0] if len(result) == 1 else tuple(result)
 
 
-def _row(alibi_slopes, b):
-    """Batch row b's slopes, (Hq,) or None."""
+def row_slopes(alibi_slopes, b):
+    """Batch row b's ALiBi slopes from (Hq,) or (B, Hq) ones: (Hq,), or None without ALiBi."""
     return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
 
 
@@ -111,7 +111,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         mask = None if dropout_p == 0 else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
         out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, window_size=window_size,
                              scale=va.a.scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
-                             alibi_slopes=_row(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask)
+                             alibi_slopes=row_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask)
         outs.append(out[0])
         lses.append(lse[0])
     tail = q.shape[0] - cq[-1]  # rows of no sequence
@@ -149,7 +149,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             continue
         out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal, window_size=window_size,
                              scale=scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
-                             alibi_slopes=_row(alibi_slopes, b))
+                             alibi_slopes=row_slopes(alibi_slopes, b))
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.stack(outs)

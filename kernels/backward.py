@@ -313,8 +313,8 @@ def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float,
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
     same rng: the backward regenerates the forward's dropout mask)."""
     if config is None:
-        dropout = mods is not None and mods.dropout_p > 0 and mods.rng is not None
-        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None, dropout)
+        config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None,
+                                 mods is not None and mods.dropout)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
                           mods), "bwd")

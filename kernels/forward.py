@@ -193,6 +193,11 @@ class Modifiers(NamedTuple):
     dropout_p: float = 0.0
     rng: Optional[torch.Tensor] = None
 
+    @property
+    def dropout(self) -> bool:
+        """Whether the kernels drop anything: dropout_p > 0 and a [seed, offset] to draw with."""
+        return self.dropout_p > 0 and self.rng is not None
+
 
 def modifier_args(mods, scale: float):
     """A kernel's modifier arguments: pointers (SLOPES, RNG), slope strides (batch, head), and (cap_in, cap_out,
@@ -201,7 +206,7 @@ def modifier_args(mods, scale: float):
     slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
     strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
         0, slopes.stride(0))
-    drop = p > 0 and mods.rng is not None
+    drop = mods.dropout
     return ((slopes, mods.rng if drop else None), strides,
             (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
              1.0 / (1.0 - p) if drop else 1.0))

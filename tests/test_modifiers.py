@@ -6,7 +6,8 @@ import torch
 
 import fused_attn
 from fused_attn import kernels
-from fused_attn.numerics import Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs
+from fused_attn.numerics import (Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs, rng_state,
+                                 set_rng_state)
 
 ON_GPU = torch.cuda.is_available()
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -115,23 +116,12 @@ def inputs(device):
     return make_inputs(Case(2, 2, 1, 50, 70, 32, dtype=F32, causal=True), device)
 
 
-def _set_state(device, state):
-    if device == "cuda":
-        torch.cuda.set_rng_state(state)
-    else:
-        torch.set_rng_state(state)
-
-
-def _get_state(device):
-    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
-
-
 def test_same_state_bitwise_equal_and_calls_differ(inputs, device):
     q, k, v, do = inputs
-    state = _get_state(device)
+    state = rng_state(device)
     first = _run(q, k, v, do, causal=True, dropout_p=0.3)
     second = _run(q, k, v, do, causal=True, dropout_p=0.3)  # the generator moved on: another mask
-    _set_state(device, state)
+    set_rng_state(state, device)
     again = _run(q, k, v, do, causal=True, dropout_p=0.3)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
@@ -144,10 +134,10 @@ def test_same_state_bitwise_equal_and_calls_differ(inputs, device):
 
 def test_p0_is_no_dropout(inputs, device):
     q, k, v, do = inputs
-    state = _get_state(device)
+    state = rng_state(device)
     for a, b in zip(_run(q, k, v, do, causal=True), _run(q, k, v, do, causal=True, dropout_p=0.0)):
         assert torch.equal(a, b)
-    assert torch.equal(_get_state(device), state)  # p = 0 draws nothing
+    assert torch.equal(rng_state(device), state)  # p = 0 draws nothing
 
 
 def test_lse_is_before_dropout(inputs):
@@ -179,9 +169,9 @@ def test_dropout_mask_seeds(device):
 def test_dropout_mask_reproduces_the_call(inputs, device):
     """The mask from the generator state before a call, applied by the reference, gives the call's output."""
     q, k, v, _ = inputs
-    state = _get_state(device)
+    state = rng_state(device)
     out = fused_attn.attention(q, k, v, causal=True, dropout_p=0.4)
-    _set_state(device, state)
+    set_rng_state(state, device)
     mask = fused_attn.dropout_mask(2, 2, 50, 70, 0.4, device=device)
     ref = fused_attn.reference.attention(q, k, v, causal=True, dropout_p=0.4, dropout_mask=mask, upcast=torch.float64)
     assert (out.double() - ref).abs().max() < 1e-5
