@@ -14,7 +14,7 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention
            "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
-def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers) load on first use
-    if name in ("viz", "integrations"):
+def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use
+    if name in ("viz", "integrations", "distributed"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fused_attn' has no attribute {name!r}")
