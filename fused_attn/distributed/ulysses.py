@@ -62,7 +62,7 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
     Hkv = a.k.shape[1]
     k, v = (t if Hkv % world == 0 else t.repeat_interleave(world // Hkv, dim=heads) for t in (k, v))
     out, lse = attention(to_heads(q), to_heads(k), to_heads(v), causal=causal, window_size=window_size,
-                                  scale=a.scale, layout=layout, return_lse=True)
+                         scale=a.scale, layout=layout, return_lse=True)
     out = _AllToAll.apply(out, seq, heads, group, world)
     if not return_lse:
         return out
