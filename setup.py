@@ -9,15 +9,17 @@ setup(
     python_requires=">=3.9",
     # kernels/ lives at the top level of the repo but installs as fused_attn.kernels, so no
     # top-level module named "kernels" lands in site-packages.
-    packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations"],
+    packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations", "fused_attn.distributed",
+              "fused_attn.explore"],
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in. Triton 3.6's
     # interpreter also needs numpy < 2.4 (fused_attn says so at run time); triton >= 3.7 runs with any.
     install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "transformers>=5.20,<6", "matplotlib>=3.5"],
+        "test": ["pytest>=7", "transformers>=5.20,<6", "matplotlib>=3.5", "streamlit>=1.40"],
         "hf": ["transformers>=5.20,<6"],
         "bench": ["matplotlib>=3.5"],
+        "app": ["streamlit>=1.40", "transformers>=5.20,<6", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fused-attn = fused_attn.__main__:main"]},
 )

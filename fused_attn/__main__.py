@@ -1,4 +1,5 @@
-"""Command line: `python -m fused_attn check [...]` / `plot-mask [...]` (also installed as `fused-attn`)."""
+"""Command line: `python -m fused_attn check [...]` / `plot-mask [...]` / `explore [...]` (also installed as
+`fused-attn`)."""
 import argparse
 import os
 import sys
@@ -21,7 +22,13 @@ def main(argv=None) -> int:
     pm.add_argument("--alignment", choices=["bottom_right", "top_left"], default="bottom_right")
     pm.add_argument("--block", type=int, nargs=2, default=(16, 16), metavar=("M", "N"), help="tile size drawn")
     pm.add_argument("--out", default="mask.png")
+    ex = sub.add_parser("explore", help="a web page (Streamlit) showing what a model attends to, token by token")
+    ex.add_argument("--model", metavar="DIR", default="", help="a local Hugging Face causal LM directory "
+                    "(default: a tiny random demo model; nothing is downloaded)")
+    ex.add_argument("--port", type=int, default=8501)
     args = parser.parse_args(argv)
+    if args.command == "explore":
+        return explore(args.model, args.port)
     if args.command == "plot-mask":
         from fused_attn import viz
         viz.plot_mask(args.seqlen_q, args.seqlen_k or args.seqlen_q, args.causal, tuple(args.window),
@@ -40,6 +47,26 @@ def main(argv=None) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "fused_attn", *argv], dict(os.environ, TRITON_INTERPRET="1"))
     from fused_attn import check as check_mod
     return check_mod.run(full=args.full, save_baseline=args.save_baseline, baseline=args.baseline)
+
+
+def explore(model_dir: str, port: int) -> int:
+    """Serve fused_attn/explore/app.py with Streamlit (an optional extra) until interrupted."""
+    import importlib.util
+    import subprocess
+    if importlib.util.find_spec("streamlit") is None:
+        print("the explorer needs Streamlit: pip install -e \".[app]\" (or pip install streamlit)", file=sys.stderr)
+        return 2
+    import torch
+    env = dict(os.environ, FUSED_ATTN_EXPLORE_MODEL=model_dir)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # no GPU: the page runs the kernels through the interpreter
+    app = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore", "app.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", app, "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ in PyTorch (pt error 0, ref 0) but only to fp32 rounding noise in the kernel. Th
 carried through to the gradient: 2 * eps32 * scale * max_id c_i sum_j P_ij |k_jd| for dq and
 2 * eps32 * scale * max_jd sum_i P_ij c_i |q_id| for dk, with c_i = sum_d |dO_id O_id| (the magnitude of delta's
 terms; for GQA the sum over i runs over the group's query heads too).
+
+One for attention weights rebuilt from the kernels' lse (`attention_probs`: P = exp(score - lse) in fp32, where
+PyTorch's softmax subtracts the row max): the lse is a float32 of magnitude |lse| and the score it is subtracted
+from as large, so P carries a relative fp32 rounding of about eps32 * |lse| from each. Their floor adds
+2 * eps32 * max_ij P_ij |lse_i| (`lse_noise`).
 """
 from dataclasses import dataclass, field
 
@@ -149,6 +154,12 @@ def _delta_noise(q, k, out, do, probs, scale) -> dict:
     dk = ((probs * c).transpose(-1, -2) @ q.abs()).reshape(B, Hkv, group, Sk, D).sum(2)
     noise = 2 * torch.finfo(torch.float32).eps * scale
     return {"dq": noise * dq.max().item(), "dk": noise * dk.max().item()}
+
+
+def lse_noise(probs: torch.Tensor, lse: torch.Tensor) -> float:
+    """The floor term of weights rebuilt from a float32 lse (module docstring): probs (..., Sq, Sk), lse (..., Sq)."""
+    lse = torch.where(torch.isfinite(lse), lse, 0.0).abs().to(probs.dtype)
+    return 2 * torch.finfo(torch.float32).eps * (probs * lse[..., None]).max().item()
 
 
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -37,6 +37,26 @@ def _check_dropout_mask(mask, dropout_p, shape, device):
                          f"{tuple(mask.shape)} on {mask.device}")
 
 
+def _softmax(scores, visible):
+    """(masked scores, probabilities, rows that see a key). Rows with nothing visible get finite dummy scores (no
+    NaN in forward or backward), then probabilities 0."""
+    seen = visible.any(-1, keepdim=True)
+    scores = scores.masked_fill(~visible & seen, float("-inf")).masked_fill(~seen, 0.0)
+    return scores, torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0), seen
+
+
+def probs(q, k, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,
+          upcast=torch.float64, softcap=0.0, alibi_slopes=None):
+    """The attention probabilities of `attention` (before dropout) for the query rows `queries` (a slice or index
+    tensor; default all) only: (B, Hq, n_queries, Sk) in `upcast` (None: the inputs' dtype)."""
+    a = check_args(q, k, k, causal, window_size, scale, layout, dtypes=DTYPES + (torch.float64,))
+    dtype = a.q.dtype if upcast is None else upcast
+    check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
+    rows = torch.arange(a.q.shape[2], device=a.q.device)[queries if queries is not None else slice(None)]
+    kk = a.k.to(dtype).repeat_interleave(a.q.shape[1] // a.k.shape[1], dim=1)
+    return _softmax(*modified_scores(a.q.to(dtype), kk, a, softcap, alibi_slopes, rows))[1]
+
+
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
               upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
               dropout_p=0.0, dropout_mask=None):
@@ -61,11 +81,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     group = qc.shape[1] // kc.shape[1]
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
 
-    scores, visible = modified_scores(qc, kc, a, softcap, alibi_slopes)
-    seen = visible.any(-1, keepdim=True)  # rows with at least one visible key
-    # Rows with nothing visible get finite dummy scores (no NaN in forward or backward), then zeros.
-    scores = scores.masked_fill(~visible & seen, float("-inf")).masked_fill(~seen, 0.0)
-    probs = torch.softmax(scores, dim=-1).masked_fill(~seen, 0.0)
+    scores, probs, seen = _softmax(*modified_scores(qc, kc, a, softcap, alibi_slopes))
     dropped = probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)
     out = torch.matmul(dropped, vc)
     if layout == "bshd":

@@ -84,17 +84,41 @@ def plot_attention(q, k, *, heads=None, queries=None, causal=False, window_size=
     heads = list(range(q.shape[heads_dim])) if heads is None else list(heads)
     weights = probs[batch, heads].float().cpu().numpy()
     rows = torch.arange(q.shape[3 - heads_dim])[queries if queries is not None else slice(None)].numpy()
-    cols = min(4, len(heads))
-    nrows = -(-len(heads) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols + 1, 3.2 * nrows), squeeze=False)
+    fig = draw_weights(weights, [f"head {h}" for h in heads], rows, path=path)
+    return fig, weights
+
+
+def _ticks(axis, positions, labels, limit=48):
+    """Tick labels (tokens, say) where there are few enough to read."""
+    if labels is not None and len(positions) <= limit:
+        axis.set_ticks(positions, labels, fontsize=7)
+
+
+def draw_weights(weights, titles, rows, keys=None, row_labels=None, key_labels=None, path=None):
+    """Heatmaps of attention weights (n, n_rows, n_keys) in a grid, one shared color scale and colorbar. rows / keys:
+    the query / key positions of the rows and columns (keys default 0..n_keys-1), labelled with row_labels /
+    key_labels (e.g. the tokens) when given. Returns the figure."""
+    weights = np.asarray(weights)
+    rows = np.asarray(rows)
+    keys = np.arange(weights.shape[2]) if keys is None else np.asarray(keys)
+    cols = min(4, len(titles))
+    nrows = -(-len(titles) // cols)
+    big = len(titles) == 1 and row_labels is not None
+    size = (max(6.0, 0.28 * len(keys) + 2), max(3.0, 0.28 * len(rows) + 1.5)) if big else (3.2 * cols + 1,
+                                                                                           3.2 * nrows)
+    fig, axes = plt.subplots(nrows, cols, figsize=size, squeeze=False)
     vmax = float(weights.max()) if weights.size else 1.0
     for idx, ax in enumerate(axes.flat):
-        if idx >= len(heads):
+        if idx >= len(titles):
             ax.axis("off")
             continue
         im = ax.imshow(weights[idx], cmap="viridis", vmin=0, vmax=vmax, aspect="auto", interpolation="nearest",
-                       extent=(-0.5, weights.shape[2] - 0.5, rows[-1] + 0.5, rows[0] - 0.5))
-        ax.set_title(f"head {heads[idx]}", fontsize=9)
+                       extent=(keys[0] - 0.5, keys[-1] + 0.5, rows[-1] + 0.5, rows[0] - 0.5))
+        ax.set_title(titles[idx], fontsize=9)
+        _ticks(ax.xaxis, keys, key_labels)
+        _ticks(ax.yaxis, rows, row_labels)
+        if key_labels is not None and len(keys) <= 48:
+            plt.setp(ax.get_xticklabels(), rotation=90)
         if idx // cols == nrows - 1:
             ax.set_xlabel("key")
         if idx % cols == 0:
@@ -102,4 +126,4 @@ def plot_attention(q, k, *, heads=None, queries=None, causal=False, window_size=
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     if path:
         fig.savefig(path, dpi=100, bbox_inches="tight")
-    return fig, weights
+    return fig

@@ -126,6 +126,14 @@ def _from_ids(ids: torch.Tensor):
     return _cu_seqlens(lengths), int(lengths.max())
 
 
+def kernel_kwargs(module, is_causal=None, sliding_window=None, scaling=None, softcap=None, dropout=0.0) -> dict:
+    """The kernels' mask and modifier arguments for a transformers attention call: causal from the call or the
+    module, HF's sliding_window=W as window_size=(W - 1, 0)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return dict(causal=causal, window_size=(sliding_window - 1 if sliding_window else -1, 0 if causal else -1),
+                scale=scaling, softcap=softcap or 0.0, dropout_p=dropout)
+
+
 def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                        sliding_window=None, softcap=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                        max_length_k=None, **kwargs):
@@ -140,9 +148,7 @@ def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
         log.debug("transformers attention -> transformers SDPA: a custom mask")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    kw = dict(causal=causal, window_size=(sliding_window - 1 if sliding_window else -1, 0 if causal else -1),
-              scale=scaling, softcap=softcap or 0.0, dropout_p=dropout)
+    kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         return _padded(q, k, v, attention_mask, **kw), None
