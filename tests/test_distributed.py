@@ -5,7 +5,8 @@ tolerance rule against the float64 reference (numerics), as for `attention` itse
 import datetime
 import os
 import socket
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from fused_attn import kernels
 from fused_attn.distributed import _group, ring_attention, shard_sequence, ulysses_attention, unshard_sequence
 from fused_attn.distributed.sharding import assemble, shard_of
-from fused_attn.numerics import Case, _measure, make_inputs
+from fused_attn.numerics import Case, _measure, kernel_modifiers, make_inputs
 
 F16, F32 = torch.float16, torch.float32
 
@@ -27,6 +28,11 @@ class CP:
     world: int
     case: Case
     zigzag: bool = False
+    twice: bool = False  # run twice and compared bitwise (determinism)
+
+    @property
+    def seed(self):  # the same in every process
+        return zlib.crc32(self.id.encode())
 
     @property
     def id(self):
@@ -41,34 +47,44 @@ CASES = [
     # world 2: shards of 32 (zigzag: chunks of 16)
     CP("ring", 2, _case(64, 4, 2)),  # GQA, no mask
     CP("ring", 2, _case(64, 2, 2, causal=True, batch=2)),
-    CP("ring", 2, _case(64, 4, 1, causal=True, d=24, dv=16), zigzag=True),  # MQA, D != Dv, D not a power of two
+    CP("ring", 2, _case(64, 4, 1, causal=True, d=24, dv=16), zigzag=True, twice=True),  # MQA, D != Dv, D = 24
     CP("ring", 2, _case(64, 2, 2, causal=True, window=(5, 0))),  # window shorter than a shard
     CP("ring", 2, _case(64, 4, 2, window=(7, 3), layout="bshd"), zigzag=True),
     CP("ring", 2, _case(64, 4, 2, dtype=F16, causal=True), zigzag=True),
     CP("ring", 2, _case(64, 2, 1, dtype=F16, window=(40, 20), layout="bshd")),
     CP("ulysses", 2, _case(64, 4, 2, causal=True)),
+    # softcap and ALiBi: ring zigzag; ring with a two-sided window (exact diagonal offsets); Ulysses
+    CP("ring", 2, replace(_case(64, 4, 2, causal=True), softcap=3.0, alibi="head"), zigzag=True),
+    CP("ring", 2, replace(_case(64, 2, 1, window=(9, 4), batch=2), alibi="batch")),
+    CP("ulysses", 2, replace(_case(64, 4, 2, causal=True, batch=2), softcap=3.0, alibi="batch")),
     CP("ulysses", 2, _case(64, 4, 1, dtype=F16, window=(6, 2), layout="bshd")),  # one kv head sent to both ranks
     # world 4: shards of 32 (zigzag: chunks of 16)
-    CP("ring", 4, _case(128, 4, 1, dtype=F16, causal=True), zigzag=True),
+    CP("ring", 4, _case(128, 4, 1, dtype=F16, causal=True), zigzag=True, twice=True),
     CP("ring", 4, _case(128, 2, 2, causal=True, window=(8, 0))),  # only neighbours' keys: the ring stops at step 1
     CP("ring", 4, _case(128, 4, 2, window=(20, 0), layout="bshd"), zigzag=True),
     CP("ring", 4, _case(128, 4, 2)),
     CP("ulysses", 4, _case(128, 4, 2, causal=True)),
     CP("ulysses", 4, _case(128, 8, 4, dtype=F16, window=(9, 0))),
 ]
-DETERMINISM = {2: 2, 4: 9}  # per world size, the index of the case run twice and compared bitwise
 
 
 def _seq_dim(case):
     return 2 if case.layout == "bhsd" else 1
 
 
+def _modifiers(case, device):
+    mods = kernel_modifiers(case, case.batch, device)
+    del mods["dropout_p"]
+    return mods
+
+
 def _run_case(cp, group, rank, device):
     case = cp.case
-    q, k, v, do = make_inputs(case, device, seed=CASES.index(cp))
+    q, k, v, do = make_inputs(case, device, seed=cp.seed)
     dim = _seq_dim(case)
     shards = [shard_of(t.detach(), dim, rank, cp.world, cp.zigzag).requires_grad_() for t in (q, k, v)]
-    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, group=group, return_lse=True)
+    kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, group=group, return_lse=True,
+              **_modifiers(case, device))
     before, sent = dict(kernels.launches), dict(_group.exchanges)
     if cp.scheme == "ring":
         out, lse = ring_attention(*shards, zigzag=cp.zigzag, **kw)
@@ -135,10 +151,10 @@ def _worker(rank, world, port, backend, out_dir):
     try:
         group = dist.new_group(list(range(world)))  # a group of its own: the group= paths, not only WORLD
         saved = {"cases": {}}
-        for i, cp in enumerate(CASES):
+        for cp in CASES:
             if cp.world == world:
                 saved["cases"][cp.id] = _run_case(cp, group, rank, device)
-                if i == DETERMINISM[world]:
+                if cp.twice:
                     again = _run_case(cp, group, rank, device)
                     saved["deterministic"] = all(torch.equal(saved["cases"][cp.id][n], again[n])
                                                  for n in ("out", "lse", "dq", "dk", "dv"))
@@ -186,8 +202,8 @@ def test_equals_attention_on_the_whole_sequence(runs, cp):
     ranks = [saved["cases"][cp.id] for saved in runs[cp.world]]
     got = {n: assemble([r[n] for r in ranks], 2 if n == "lse" else dim, cp.zigzag)
            for n in ("out", "lse", "dq", "dk", "dv")}
-    q, k, v, do = make_inputs(case, "cpu", seed=CASES.index(cp))
-    res = _measure(case, got, q, k, v, do, grad=True)
+    q, k, v, do = make_inputs(case, "cpu", seed=cp.seed)
+    res = _measure(case, got, q, k, v, do, grad=True, mods=_modifiers(case, "cpu"))
     assert res.ok, res.describe()
     # the kernels ran, on every rank
     assert all(r["launches"]["fwd"] > 0 and r["launches"]["bwd"] > 0 for r in ranks)
@@ -260,6 +276,13 @@ def test_schedule_without_a_group():
     assert plan[1] == (Call(16, 32, 0, 32, 0, -1, -1),)  # rank 0's late chunk sees both of rank 1's, unmasked
     plan, last = schedule(1, 2, 32, True, -1, 0)
     assert plan[1] == (Call(0, 32, 0, 16, 0, -1, -1),)  # both of rank 1's chunks see rank 0's early chunk
+    # ALiBi needs each block's own diagonal offset. Rank 1's chunks 1 and 2 are adjacent: still one call.
+    assert schedule(1, 2, 32, True, -1, 0, True)[0][1] == (Call(0, 32, 0, 16, 16, -1, -1),)
+    # Without a mask rank 0 (chunks 0 and 3) sees all of rank 1 in one call, but with ALiBi its two chunks are
+    # 48 positions apart, so one call per chunk: offsets 0 - 16 and 48 - 16.
+    assert schedule(0, 2, 32, True, -1, -1)[0][1] == (Call(0, 32, 0, 32, 0, -1, -1),)
+    assert schedule(0, 2, 32, True, -1, -1, True)[0][1] == (Call(0, 16, 0, 32, -16, -1, -1),
+                                                           Call(16, 32, 0, 32, 32, -1, -1))
     assert schedule(0, 4, 32, False, 8, 0) == (((Call(0, 32, 0, 32, 0, 8, 0),), ()), 1)  # rank 3's keys: unseen
     assert schedule(1, 4, 32, False, 8, 0)[0][1] == (Call(0, 32, 0, 32, 32, 8, 0),)  # rank 0's last 8 keys
 

@@ -15,9 +15,8 @@ import torch
 
 from .. import ops
 from ..decode import merge_attention
-from ..function import kernel_args
 from ..kernels.forward import LOG2E
-from ._group import agree, exchange, rank_and_size
+from ._group import agree, check_shards, exchange, rank_and_size
 from .sharding import segments
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -51,42 +50,44 @@ class Call(NamedTuple):
     right: int
 
 
-def _call(qs, ks, left: int, right: int):
-    """One call over adjacent query runs x adjacent key runs, if one band expresses the global mask on all of them:
-    None if nothing there is visible, False if no single call can, else the Call."""
+def _call(qs, ks, left: int, right: int, exact: bool):
+    """One call over adjacent query runs x adjacent key runs, if one band expresses the global mask on all of them
+    (exact: with every run pair's own diagonal offset, as ALiBi's distances need): None if nothing there is
+    visible, False if no single call can, else the Call. Entirely visible blocks run without the mask."""
     pairs = [(q, k, _band(q.length, k.length, q.start - k.start, left, right)) for q in qs for k in ks]
     q0, q1, k0, k1 = qs[0].local, qs[-1].local + qs[-1].length, ks[0].local, ks[-1].local + ks[-1].length
     if all(c == EMPTY for *_, c in pairs):
         return None
-    if all(c == FULL for *_, c in pairs):
-        return Call(q0, q1, k0, k1, 0, -1, -1)  # no mask arithmetic at all
     q, k, _ = next(p for p in pairs if p[2] != EMPTY)
     offset = q.start - k.start - (q.local - q0) + (k.local - k0)
+    unmasked = all(c == FULL for *_, c in pairs)
+    window = (-1, -1) if unmasked else (left, right)
     for q, k, c in pairs:  # each run pair must see under the call's band what it sees globally
         local = offset + (q.local - q0) - (k.local - k0)
-        if local != q.start - k.start and (c == PARTIAL or _band(q.length, k.length, local, left, right) != c):
+        if local != q.start - k.start and (exact or c == PARTIAL or _band(q.length, k.length, local, *window) != c):
             return False
-    return Call(q0, q1, k0, k1, offset, left, right)
+    return Call(q0, q1, k0, k1, 0 if unmasked and not exact else offset, *window)
 
 
-def _plan(qs, ks, left: int, right: int):
+def _plan(qs, ks, left: int, right: int, exact: bool):
     """The fewest calls covering query runs qs x key runs ks: the whole block, split by query runs, by key runs, or
     both (always possible)."""
     options = []
     for q_groups in ((qs,), tuple((q,) for q in qs)):
         for k_groups in ((ks,), tuple((k,) for k in ks)):
-            calls = [_call(a, b, left, right) for a in q_groups for b in k_groups]
+            calls = [_call(a, b, left, right, exact) for a in q_groups for b in k_groups]
             if not any(c is False for c in calls):
                 options.append(tuple(c for c in calls if c is not None))
     return min(options, key=len)
 
 
 @functools.lru_cache(maxsize=64)
-def schedule(rank: int, world: int, length: int, zigzag: bool, left: int, right: int):
+def schedule(rank: int, world: int, length: int, zigzag: bool, left: int, right: int, exact: bool = False):
     """(calls of each step 0..last for `rank`, last): at step s a rank holds the K/V shard of rank (rank - s) mod W;
-    `last` is the last step any rank has work in (the ring stops there)."""
+    `last` is the last step any rank has work in (the ring stops there). exact: every call keeps the global
+    diagonal offset (ALiBi)."""
     runs = [tuple(Run(*r) for r in segments(r, world, length, zigzag)) for r in range(world)]
-    plans = [[_plan(runs[r], runs[(r - s) % world], left, right) for s in range(world)] for r in range(world)]
+    plans = [[_plan(runs[r], runs[(r - s) % world], left, right, exact) for s in range(world)] for r in range(world)]
     last = max((s for plan in plans for s in range(world) if plan[s]), default=0)
     return tuple(plans[rank][:last + 1]), last
 
@@ -111,7 +112,7 @@ def _stats(lse):
     return torch.stack([torch.zeros_like(lse), log2_l], dim=-1)
 
 
-def _ring_forward(q, k, v, scale, plan, last, group, rank, world, layout):
+def _ring_forward(q, k, v, scale, mods, plan, last, group, rank, world, layout):
     B, H, S, Dv = *q.shape[:3], v.shape[-1]
     acc = q.new_zeros((B, S, H, Dv) if layout == "bshd" else (B, H, S, Dv), dtype=torch.float32)
     acc = acc.transpose(1, 2) if layout == "bshd" else acc  # out in the layout's memory order, like attention's
@@ -123,7 +124,7 @@ def _ring_forward(q, k, v, scale, plan, last, group, rank, world, layout):
         ks, vs = _unpack(kv, k.shape, v.shape)
         for c in calls:
             part, part_lse, _, _ = ops.forward(q[:, :, c.q0:c.q1], ks[:, :, c.k0:c.k1], vs[:, :, c.k0:c.k1], scale,
-                                               c.offset, c.left, c.right, "bhsd")
+                                               c.offset, c.left, c.right, "bhsd", None, None, 0, 0, *mods)
             rows = slice(c.q0, c.q1)
             acc[:, :, rows], lse[:, :, rows] = merge_attention([acc[:, :, rows], part.float()],
                                                                [lse[:, :, rows], part_lse])
@@ -132,7 +133,7 @@ def _ring_forward(q, k, v, scale, plan, last, group, rank, world, layout):
     return acc.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, scale, plan, last, group, rank, world):
+def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank, world):
     stats = _stats(lse)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     kv = _pack(k, v)
@@ -147,7 +148,7 @@ def _ring_backward(dout, q, k, v, out, lse, scale, plan, last, group, rank, worl
             rows, cols = slice(c.q0, c.q1), slice(c.k0, c.k1)
             g_q, g_k, g_v = ops.backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols], vs[:, :, cols],
                                          out[:, :, rows], stats[:, :, rows].contiguous(), scale, c.offset, c.left,
-                                         c.right)
+                                         c.right, None, None, 0, 0, *mods)
             dq[:, :, rows] += g_q.float()
             dks[:, :, cols] += g_k.float()
             dvs[:, :, cols] += g_v.float()
@@ -166,24 +167,27 @@ class RingAttentionFunction(torch.autograd.Function):
     lse; the backward gives this rank's dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, left: int, right: int, zigzag: bool, layout: str, group):
+    def forward(ctx, q, k, v, scale: float, left: int, right: int, zigzag: bool, layout: str, group,
+                softcap: float = 0.0, alibi_slopes=None):
         rank, world = rank_and_size(group)
-        plan, last = schedule(rank, world, q.shape[2], zigzag, left, right)
-        out, lse = _ring_forward(q, k, v, scale, plan, last, group, rank, world, layout)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, plan, last, group, rank, world)
+        plan, last = schedule(rank, world, q.shape[2], zigzag, left, right, alibi_slopes is not None)
+        args = (plan, last, group, rank, world)
+        out, lse = _ring_forward(q, k, v, scale, (softcap, alibi_slopes), *args, layout)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        ctx.args = (scale, softcap, *args)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.args)
-        return dq, dk, dv, *[None] * 6
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+        scale, softcap, *args = ctx.args
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, scale, (softcap, alibi_slopes), *args)
+        return dq, dk, dv, *[None] * 8
 
 
 def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, group=None, layout="bhsd",
-                   zigzag=False, return_lse=False):
+                   zigzag=False, return_lse=False, softcap=0.0, alibi_slopes=None):
     """Attention over a sequence sharded across the ranks of `group` (context parallelism), equal to
     `fused_attn.attention` on the whole sequence.
 
@@ -198,6 +202,8 @@ def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, g
     causal, window_size, scale: as in `attention` on the whole sequence (Sq = Sk there, so position p sees t iff
     p - left <= t <= p + right). Kernel calls nothing sees are not launched, and the ring stops after the last step
     any rank needs: with a window shorter than a shard, ranks exchange only their neighbours' K/V.
+    softcap, alibi_slopes: as in `attention` (ALiBi's distance on the whole sequence; the same slopes on every
+    rank). No dropout (its random stream is per call, not per sequence position across ranks).
 
     Returns this rank's out shard (same layout) and, with return_lse, its lse (B, Hq, S_shard) float32.
     Autograd gives this rank's dq, dk, dv. Results are deterministic (a fixed order of merges and sums). Argument
@@ -208,19 +214,16 @@ def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, g
     checked = {}
 
     def check():
-        a = checked["a"] = kernel_args(q, k, v, causal, window_size, scale, layout)
+        a, mods, facts = checked["args"] = check_shards(q, k, v, causal, window_size, scale, layout, softcap,
+                                                         alibi_slopes)
         if not isinstance(zigzag, bool):
             raise TypeError(f"zigzag must be a bool, got {zigzag!r}")
-        if a.q.shape[2] != a.k.shape[2]:
-            raise ValueError(f"q and k/v shards must have one length, got {a.q.shape[2]} and {a.k.shape[2]}")
         if zigzag and a.q.shape[2] % 2:
             raise ValueError(f"zigzag shards hold two equal chunks, got shards of odd length {a.q.shape[2]}")
-        return {"layout": layout, "zigzag": zigzag, "window (left, right)": (a.left, a.right), "scale": a.scale,
-                "dtype": str(a.q.dtype), "shard length": a.q.shape[2], "q shape (B, H, S, D)": tuple(a.q.shape),
-                "k shape (B, H, S, D)": tuple(a.k.shape), "v shape (B, H, S, D)": tuple(a.v.shape)}
+        return dict(facts, zigzag=zigzag)
     agree(group, "ring_attention", check)
-    a = checked["a"]
-    out, lse = RingAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.left, a.right, zigzag, layout, group)
+    a, mods, _ = checked["args"]
+    out, lse = RingAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.left, a.right, zigzag, layout, group, *mods)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

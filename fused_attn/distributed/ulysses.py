@@ -4,8 +4,8 @@ shards. Four all-to-alls per forward (q, k, v, out), four per backward."""
 import torch
 import torch.distributed as dist
 
-from ..function import attention, kernel_args
-from ._group import agree, rank_and_size
+from ..function import attention
+from ._group import agree, check_shards, rank_and_size
 
 
 class _AllToAll(torch.autograd.Function):
@@ -27,12 +27,13 @@ class _AllToAll(torch.autograd.Function):
 
 
 def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, group=None, layout="bhsd",
-                      return_lse=False):
+                      return_lse=False, softcap=0.0, alibi_slopes=None):
     """Attention over a sequence sharded contiguously across the ranks of `group`, equal to `fused_attn.attention`
     on the whole sequence: rank r holds positions [r * S_shard, (r + 1) * S_shard) of q, k and v (shapes as in
     `ring_attention`, all ranks the same). Two all-to-alls give each rank Hq / W query heads of the whole sequence,
     it runs `attention` on them (causal, window_size, scale as there, on the whole sequence), and an all-to-all
-    returns this rank's out shard (and, with return_lse, its lse (B, Hq, S_shard) float32).
+    returns this rank's out shard (and, with return_lse, its lse (B, Hq, S_shard) float32). softcap and
+    alibi_slopes as in `attention` (the same slopes on every rank; each rank uses its heads' ones).
 
     Needs Hq % W == 0. K/V heads: Hkv % W == 0 (each rank gets Hkv / W of them), or, for GQA with fewer kv heads
     than ranks, W % Hkv == 0 (each kv head is sent to the W / Hkv ranks whose query heads read it). Anything
@@ -42,7 +43,8 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
     checked = {}
 
     def check():
-        a = checked["a"] = kernel_args(q, k, v, causal, window_size, scale, layout)
+        a, mods, facts = checked["args"] = check_shards(q, k, v, causal, window_size, scale, layout, softcap,
+                                                         alibi_slopes)
         Hq, Hkv = a.q.shape[1], a.k.shape[1]
         if Hq % world:
             raise ValueError(f"Ulysses needs the query heads divisible by the world size, got Hq = {Hq} on "
@@ -50,19 +52,17 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
         if Hkv % world and world % Hkv:
             raise ValueError(f"Ulysses needs the kv heads divisible by the world size or dividing it, got "
                              f"Hkv = {Hkv} on {world} ranks")
-        if a.q.shape[2] != a.k.shape[2]:
-            raise ValueError(f"q and k/v shards must have one length, got {a.q.shape[2]} and {a.k.shape[2]}")
-        return {"layout": layout, "window (left, right)": (a.left, a.right), "scale": a.scale,
-                "dtype": str(a.q.dtype), "shard length": a.q.shape[2], "q shape (B, H, S, D)": tuple(a.q.shape),
-                "k shape (B, H, S, D)": tuple(a.k.shape), "v shape (B, H, S, D)": tuple(a.v.shape)}
+        return facts
     agree(group, "ulysses_attention", check)
-    a = checked["a"]
+    a, (softcap, slopes), _ = checked["args"]
+    if slopes is not None:  # this rank's query heads
+        slopes = slopes.chunk(world, dim=-1)[rank].contiguous()
     heads, seq = (1, 2) if layout == "bhsd" else (2, 1)
     to_heads = (lambda t: _AllToAll.apply(t, heads, seq, group, world))
     Hkv = a.k.shape[1]
     k, v = (t if Hkv % world == 0 else t.repeat_interleave(world // Hkv, dim=heads) for t in (k, v))
     out, lse = attention(to_heads(q), to_heads(k), to_heads(v), causal=causal, window_size=window_size,
-                         scale=a.scale, layout=layout, return_lse=True)
+                         scale=a.scale, layout=layout, return_lse=True, softcap=softcap, alibi_slopes=slopes)
     out = _AllToAll.apply(out, seq, heads, group, world)
     if not return_lse:
         return out
