@@ -302,3 +302,20 @@ def test_example_training_step_under_torchrun(tmp_path):
                        r"(\S+)\)", done.stdout)
     assert sorted(int(r) for r, *_ in found) == [0, 1, 2, 3], done.stdout
     assert all(float(err) <= 1e-5 * float(scale) for _, err, scale in found), done.stdout
+
+
+def test_band_classes_match_the_mask():
+    """The planner's block classes against the mask drawn cell by cell."""
+    from fused_attn.distributed.ring import EMPTY, FULL, PARTIAL, _band
+    for m, n in ((1, 1), (3, 5), (6, 2), (4, 4)):
+        for offset in range(-8, 9):
+            for left in (-1, 0, 1, 3):
+                for right in (-1, 0, 2):
+                    i, j = torch.arange(m)[:, None], torch.arange(n)[None, :]
+                    seen = torch.ones(m, n, dtype=torch.bool)
+                    if left >= 0:
+                        seen &= j >= i + offset - left
+                    if right >= 0:
+                        seen &= j <= i + offset + right
+                    want = FULL if seen.all() else PARTIAL if seen.any() else EMPTY
+                    assert _band(m, n, offset, left, right) == want, (m, n, offset, left, right)

@@ -41,9 +41,6 @@ def agree(group, what: str, check):
     return facts
 
 
-TAGS = {"kv": 0, "dkv": 1, "dkv home": 2}  # distinct tags: exchanges of different purposes may overlap
-
-
 def check_shards(q, k, v, causal, window_size, scale, layout, softcap, alibi_slopes):
     """This rank's checks for ring / Ulysses attention: (Args of `attention`, (softcap, alibi_slopes), the facts
     that must agree across ranks)."""
@@ -68,6 +65,9 @@ class Pending:
         for w in self.works:
             w.wait()
         return self.recv
+
+
+TAGS = {"kv": 0, "dkv": 1, "dkv home": 2}  # distinct tags: exchanges of different purposes may overlap
 
 
 def exchange(send, group, dst: int, src: int, purpose: str) -> Pending:
