@@ -9,7 +9,7 @@ import triton
 from . import kernels, ops
 from ._args import _check_length, check_args, check_modifiers
 from .kernels.forward import dropout_keep_mask
-from .reference import modified_scores
+from .reference import row_scores
 
 
 def _version(module) -> tuple:
@@ -169,10 +169,7 @@ def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None
     Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for."""
     a = check_args(q, k, k, causal, window_size, scale, layout, alignment)
     softcap, alibi_slopes, _ = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
-    rows = torch.arange(a.q.shape[2], device=a.q.device)[queries if queries is not None else slice(None)]
-    group = a.q.shape[1] // a.k.shape[1]
-    kk = a.k.float().repeat_interleave(group, dim=1)
-    scores, visible = modified_scores(a.q.float(), kk, a, softcap, alibi_slopes, rows)
+    scores, visible, rows = row_scores(a, torch.float32, queries, softcap, alibi_slopes)
     lse_rows = lse[:, :, rows, None]
     p = torch.exp(scores - torch.where(torch.isinf(lse_rows), 0.0, lse_rows))
     return torch.where(visible & torch.isfinite(lse_rows), p, 0.0)

@@ -50,11 +50,17 @@ def probs(q, k, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"
     """The attention probabilities of `attention` (before dropout) for the query rows `queries` (a slice or index
     tensor; default all) only: (B, Hq, n_queries, Sk) in `upcast` (None: the inputs' dtype)."""
     a = check_args(q, k, k, causal, window_size, scale, layout, dtypes=DTYPES + (torch.float64,))
-    dtype = a.q.dtype if upcast is None else upcast
     check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
+    scores, visible, _ = row_scores(a, a.q.dtype if upcast is None else upcast, queries, softcap, alibi_slopes)
+    return _softmax(scores, visible)[1]
+
+
+def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):
+    """modified_scores of the query rows `queries` (a slice or index tensor; default all) of checked Args a, in
+    `dtype`, the kv heads repeated for GQA: (scores, visible, the row indices)."""
     rows = torch.arange(a.q.shape[2], device=a.q.device)[queries if queries is not None else slice(None)]
     kk = a.k.to(dtype).repeat_interleave(a.q.shape[1] // a.k.shape[1], dim=1)
-    return _softmax(*modified_scores(a.q.to(dtype), kk, a, softcap, alibi_slopes, rows))[1]
+    return (*modified_scores(a.q.to(dtype), kk, a, softcap, alibi_slopes, rows), rows)
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,

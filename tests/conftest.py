@@ -1,6 +1,7 @@
 """Run the Triton kernels through the interpreter when there is no CUDA device. TRITON_INTERPRET must be set
 before any @triton.jit function is defined, so before fused_attn is imported anywhere in the session."""
 import os
+import socket
 
 import torch
 
@@ -18,3 +19,13 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on the loopback interface (for servers and process groups)."""
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    return port

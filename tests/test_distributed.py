@@ -4,7 +4,6 @@ shards, and the test process puts them together and holds the whole sequence's o
 tolerance rule against the float64 reference (numerics), as for `attention` itself."""
 import datetime
 import os
-import socket
 import zlib
 from dataclasses import dataclass, replace
 
@@ -166,12 +165,6 @@ def _worker(rank, world, port, backend, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 BACKENDS = [
     pytest.param("gloo", id="gloo"),
     pytest.param("nccl", id="nccl", marks=pytest.mark.skipif(
@@ -185,12 +178,12 @@ def backend(request):
 
 
 @pytest.fixture(scope="module")
-def runs(backend, tmp_path_factory):
+def runs(backend, tmp_path_factory, free_port):
     """world size -> every rank's saved results (one spawned group per world size)."""
     found = {}
     for world in (2, 4):
         out_dir = tmp_path_factory.mktemp(f"{backend}{world}")
-        mp.start_processes(_worker, args=(world, _free_port(), backend, str(out_dir)), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, free_port(), backend, str(out_dir)), nprocs=world, join=True,
                            start_method="spawn")
         found[world] = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
     return found
@@ -287,14 +280,14 @@ def test_schedule_without_a_group():
     assert schedule(1, 4, 32, False, 8, 0)[0][1] == (Call(0, 32, 0, 32, 32, 8, 0),)  # rank 0's last 8 keys
 
 
-def test_example_training_step_under_torchrun(tmp_path):
+def test_example_training_step_under_torchrun(tmp_path, free_port):
     """README's torchrun command, on the CPU: 4 processes as 2 replicas x 2-way context parallelism; the step's
     parameter gradients equal the step on the whole sequence."""
     import re
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-           str(_free_port()), "-m", "fused_attn.distributed.example", "--cp", "2", "--check"]
+           str(free_port()), "-m", "fused_attn.distributed.example", "--cp", "2", "--check"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,7 +2,6 @@
 testing, and the page served and rendered by a real headless Chromium (skipped where none is installed)."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -122,12 +121,6 @@ def test_page_reports_bad_input_as_a_message(field, value, message):
     assert len(at.error) == 1 and message in at.error[0].value, [e.value for e in at.error]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -141,15 +134,14 @@ def _wait_for(url, seconds):
     raise TimeoutError(url)
 
 
-def _render(url, shot, ready_js, seconds=240):
-    """Open `url` in headless Chromium driven over the DevTools protocol, wait until the page's JavaScript
+def _render(url, shot, ready_js, port, seconds=240):
+    """Open `url` in headless Chromium driven over the DevTools protocol (on `port`), wait until the page's JavaScript
     `ready_js` is true (Streamlit draws the page over a websocket after load, so the page's load event is too
     early), then save a full-page screenshot to `shot`; returns the rendered DOM."""
     import base64
     import json
 
     from websockets.sync.client import connect  # a Streamlit dependency
-    port = _free_port()
     browser = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                                 f"--remote-debugging-port={port}", "--window-size=1400,1000", "about:blank"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -187,11 +179,11 @@ def _render(url, shot, ready_js, seconds=240):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed (Debian: apt-get install chromium)")
-def test_served_page_renders_in_a_browser(tmp_path):
+def test_served_page_renders_in_a_browser(tmp_path, free_port):
     """`python -m fused_attn explore` served on a loopback port and rendered by headless Chromium: the page shows
     the title, the heatmap, the mask and the error table, and the screenshot is not blank.
     FUSED_ATTN_SCREENSHOT=path keeps a copy of the screenshot (the README's)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "fused_attn", "explore", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shot = tmp_path / "explorer.png"
@@ -201,7 +193,7 @@ def test_served_page_renders_in_a_browser(tmp_path):
         ready = ("document.querySelectorAll('[data-testid=stImage] img').length >= 2 && "
                  "document.querySelectorAll('[data-testid=stDataFrame]').length >= 1 && "
                  "!document.querySelector('[data-testid=stStatusWidget]')?.innerText.includes('Running')")
-        dom = _render(url, shot, ready)
+        dom = _render(url, shot, ready, free_port())
     finally:
         server.terminate()
         server.wait(timeout=30)
