@@ -50,9 +50,8 @@ def main(argv=None) -> int:
 
 
 def explore(model_dir: str, port: int) -> int:
-    """Serve fused_attn/explore/app.py with Streamlit (an optional extra) until interrupted."""
+    """Serve fused_attn/explore/app.py with Streamlit (an optional extra): this process becomes the server."""
     import importlib.util
-    import subprocess
     if importlib.util.find_spec("streamlit") is None:
         print("the explorer needs Streamlit: pip install -e \".[app]\" (or pip install streamlit)", file=sys.stderr)
         return 2
@@ -63,10 +62,8 @@ def explore(model_dir: str, port: int) -> int:
     app = os.path.join(os.path.dirname(os.path.abspath(__file__)), "explore", "app.py")
     cmd = [sys.executable, "-m", "streamlit", "run", app, "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false"]
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)
 
 
 if __name__ == "__main__":
