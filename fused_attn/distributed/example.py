@@ -31,10 +31,16 @@ class Attention(torch.nn.Module):
 
 
 def step(layer, x, attend):
-    """Loss = mean of the squared outputs over the tokens given; returns the parameter gradients."""
+    """Loss = mean of the squared outputs over the tokens given; returns the parameter gradients averaged over every
+    rank (as DDP over the world would): with each rank's loss over its shard, the mean over the whole sequence
+    (a sum over the group / cp) and then over the replicas."""
     layer.zero_grad()
     layer(x, attend).float().square().mean().backward()
-    return [p.grad.clone() for p in layer.parameters()]
+    grads = [p.grad.clone() for p in layer.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    return grads
 
 
 def main(argv=None):
@@ -76,15 +82,9 @@ def main(argv=None):
         def attend(q, k, v):
             return ulysses_attention(q, k, v, causal=True, layout="bshd", group=group)
     grads = step(layer, shard_sequence(x, 1, group, zigzag), attend)  # loss over this rank's tokens only
-    for g in grads:  # the mean over the whole sequence (sum over the group / cp), then over the replicas
-        dist.all_reduce(g)
-        g /= world
-    if args.check:
+    if args.check:  # the same step without context parallelism (each replica's ranks all compute it)
         from .. import attention
         whole = step(layer, x, lambda q, k, v: attention(q, k, v, causal=True, layout="bshd"))
-        for g in whole:  # the same step without context parallelism (each replica's ranks all computed it)
-            dist.all_reduce(g)
-            g /= world
         err = max((a.float() - b.float()).abs().max().item() for a, b in zip(grads, whole))
         scale = max(b.float().abs().max().item() for b in whole)
         print(f"rank {rank}: {args.scheme} cp={cp} max |grad - grad on the whole sequence| = {err:.2e} "

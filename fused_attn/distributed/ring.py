@@ -134,7 +134,8 @@ def _ring_forward(q, k, v, scale, mods, plan, last, group, rank, world, layout):
 
 
 def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank, world):
-    stats = _stats(lse)
+    stats = _stats(lse)  # the backward kernels read it contiguous: one copy per row range the calls use
+    stats = {(c.q0, c.q1): stats[:, :, c.q0:c.q1].contiguous() for calls in plan for c in calls}
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     kv = _pack(k, v)
     nxt, prev = (rank + 1) % world, (rank - 1) % world
@@ -147,7 +148,7 @@ def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank
         for c in calls:
             rows, cols = slice(c.q0, c.q1), slice(c.k0, c.k1)
             g_q, g_k, g_v = ops.backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols], vs[:, :, cols],
-                                         out[:, :, rows], stats[:, :, rows].contiguous(), scale, c.offset, c.left,
+                                         out[:, :, rows], stats[c.q0, c.q1], scale, c.offset, c.left,
                                          c.right, None, None, 0, 0, *mods)
             dq[:, :, rows] += g_q.float()
             dks[:, :, cols] += g_k.float()

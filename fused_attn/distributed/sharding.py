@@ -91,5 +91,4 @@ def unshard_sequence(x, dim: int, group=None, zigzag: bool = True):
         if zigzag and x.shape[d] % 2:
             raise ValueError(f"zigzag shards hold two equal chunks, got a shard of odd length {x.shape[d]} (dim {d})")
         return dict(shape=tuple(x.shape), dtype=str(x.dtype), dim=d, zigzag=zigzag)
-    agree(group, "unshard_sequence", check)
-    return _Unshard.apply(x, dim % x.dim(), group, rank, world, zigzag)
+    return _Unshard.apply(x, agree(group, "unshard_sequence", check)["dim"], group, rank, world, zigzag)
