@@ -14,9 +14,10 @@ setup(
     package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in. Triton 3.6's
     # interpreter also needs numpy < 2.4 (fused_attn says so at run time); triton >= 3.7 runs with any.
-    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
+    # tqdm: the progress of long runs (check, bench).
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "transformers>=5.20,<6", "matplotlib>=3.5", "streamlit>=1.40"],
+        "test": ["pytest>=7", "hypothesis>=6", "transformers>=5.20,<6", "matplotlib>=3.5", "streamlit>=1.40"],
         "hf": ["transformers>=5.20,<6"],
         "bench": ["matplotlib>=3.5"],
         "app": ["streamlit>=1.40", "transformers>=5.20,<6", "matplotlib>=3.5"],

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fused_attn
-from fused_attn.numerics import FACTORS, Metric
 
-from .providers import Unsupported, flex, probe
+from . import common
+from .common import DTYPES, Unsupported, probe
+from .providers import flex
 
 BATCHES = (1, 8, 32)
 CACHES = (1024, 8192, 32768, 131072)
@@ -37,11 +38,14 @@ class Case:
         return dict(asdict(self), seqlen=self.cache, mask="causal", mode="decode")
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+def build(batches=BATCHES, caches=CACHES, sqs=SQS, pages=PAGES, dtype="bf16", head_dims=(128,)):
+    return [Case(b, c, s, p, head_dim=d, dtype=dtype) for d in head_dims for b in batches for c in caches for s in sqs
+            for p in pages]
 
 
-def build(batches=BATCHES, caches=CACHES, sqs=SQS, pages=PAGES, dtype="bf16"):
-    return [Case(b, c, s, p, dtype=dtype) for b in batches for c in caches for s in sqs for p in pages]
+def build_from(args):
+    """--seqlens are the cache lengths (default CACHES); --head-dims default to 128."""
+    return build(caches=args.seqlens or CACHES, dtype=args.dtype, head_dims=args.head_dims or (128,))
 
 
 def inputs(case: Case, device, seed=0):
@@ -113,21 +117,11 @@ PROVIDERS = {
 
 def check(name, case, device, cache):
     """The provider on a small case of the same kind (paging, Sq) against the float64 reference. Cached."""
-    key = (name, case.sq, bool(case.page))
-    if key not in cache:
-        small = Case(2, 300, case.sq, 16 if case.page else 0, 4, 2, 64, case.dtype)
-        q, kc, vc, table, lens = inputs(small, device)
-        try:
-            out = PROVIDERS[name](small, q, kc, vc, table, lens)()
-        except Unsupported as e:
-            cache[key] = ("unsupported: " + str(e), None)
-            return cache[key]
-        kw = dict(cache_seqlens=lens, block_table=table, causal=True)
-        ref = fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=torch.float64, **kw)
-        pt = fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=None, **kw)
-        m = Metric.measure(out, ref, pt, q.dtype, FACTORS["out"])
-        cache[key] = ("ok" if m.ok else "failed check", m)
-    return cache[key]
+    small = Case(2, 300, case.sq, 16 if case.page else 0, 4, 2, 64, case.dtype)
+    q, kc, vc, table, lens = inputs(small, device)
+    kw = dict(cache_seqlens=lens, block_table=table, causal=True)
+    return common.check(cache, (name, case.sq, bool(case.page)), lambda: PROVIDERS[name](small, q, kc, vc, table, lens)(),
+                        lambda upcast: fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=upcast, **kw))
 
 
 def peak_bandwidth(device) -> float:
@@ -137,52 +131,30 @@ def peak_bandwidth(device) -> float:
     return 2 * clock * 1e3 * width / 8 if clock and width else None
 
 
-def main(args) -> int:
-    from pathlib import Path
-
+def measure(name, case, device):
+    """(status, ms, None): the median time of one call."""
     import triton
+    try:
+        fn = PROVIDERS[name](case, *inputs(case, device))
+        return "ok", triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), None
+    except Unsupported as e:
+        return "unsupported: " + str(e), None, None
+    except torch.cuda.OutOfMemoryError:
+        return "oom", None, None
+    finally:
+        torch.cuda.empty_cache()
 
-    from .run import environment, write
-    providers = args.providers or list(PROVIDERS)
-    unknown = [p for p in providers if p not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"--decode providers are {', '.join(PROVIDERS)}; got {', '.join(unknown)}")
-    cases = build(dtype=args.dtype)
-    if args.dry_run:
-        for c in cases:
-            print(f"decode B={c.batch:3} cache={c.cache:7} Sq={c.sq} page={c.page or '-':>4} "
-                  f"{c.kv_bytes() / 2**20:9.1f} MiB of K/V  x {len(providers)} providers")
-        print(f"{len(cases)} decode cases x {len(providers)} providers: {', '.join(providers)}")
-        return 0
-    if not torch.cuda.is_available():
-        print("python -m bench --decode needs an NVIDIA GPU (CUDA); none is visible here. Use --dry-run.")
-        return 2
-    env = environment()
+
+def derived(case, name, ms) -> dict:
+    """K/V bytes read per second, and as a fraction of the GPU's memory bandwidth."""
+    gbs = case.kv_bytes() / (ms * 1e-3) / 1e9
     peak = peak_bandwidth("cuda")
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  decode, "
-          f"peak {peak / 1e12 if peak else float('nan'):.2f} TB/s", flush=True)
-    rows, checks = [], {}
-    for case in cases:
-        for name in providers:
-            status, metric = check(name, case, "cuda", checks)
-            us = gbs = None
-            if status == "ok":
-                try:
-                    fn = PROVIDERS[name](case, *inputs(case, "cuda"))
-                    us = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-                    gbs = case.kv_bytes() / (us * 1e-6) / 1e9
-                except Unsupported as e:
-                    status = "unsupported: " + str(e)
-                except torch.cuda.OutOfMemoryError:
-                    status = "oom"
-                finally:
-                    torch.cuda.empty_cache()
-            rows.append(dict(env, provider=name, **case.as_dict(), status=status, ms=us and us / 1e3,
-                             kv_gb_per_s=gbs, bandwidth_fraction=gbs * 1e9 / peak if gbs and peak else None,
-                             check_err=metric.err if metric else None,
-                             check_budget=metric.budget if metric else None))
-            shown = f"{us:9.1f} us {gbs:7.0f} GB/s" if us else status
-            print(f"decode B={case.batch:3} cache={case.cache:7} Sq={case.sq} page={case.page or '-':>4} "
-                  f"{name:20} {shown}", flush=True)
-        write(rows, env, Path(args.out) / "decode")
-    return 0
+    return {"kv_gb_per_s": gbs, "bandwidth_fraction": gbs * 1e9 / peak if peak else None}
+
+
+def label(case) -> str:
+    return f"decode B={case.batch:3} cache={case.cache:7} Sq={case.sq} page={case.page or '-':>4} D={case.head_dim}"
+
+
+def describe(case) -> str:
+    return f"{label(case)} {case.kv_bytes() / 2**20:9.1f} MiB of K/V"

@@ -6,12 +6,10 @@ import fused_attn
 from fused_attn.kernels import configs
 from fused_attn.mask import visible_mask
 
+from .common import Unsupported, probe
+
 REFERENCE_MAX_SEQLEN = 2048  # the naive reference materializes B * H * S^2 scores
 MATH_MAX_SEQLEN = 2048
-
-
-class Unsupported(Exception):
-    pass
 
 
 def _fused(cfg, q, k, v):
@@ -75,16 +73,6 @@ def _sdpa(backend_name):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
         return probe(fn)
     return make
-
-
-def probe(fn):
-    """fn, after one call: a RuntimeError ("No available kernel" and friends) means the backend cannot take the
-    case, reported as Unsupported."""
-    try:
-        fn()
-    except RuntimeError as e:
-        raise Unsupported(str(e).splitlines()[0][:200]) from None
-    return fn
 
 
 _flex_compiled = None

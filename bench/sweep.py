@@ -1,4 +1,4 @@
-"""The sweep (DESIGN.md "Benchmarks"): sequence length at a fixed token count and hidden size, head dims, masks,
+"""The sweep (docs/benchmarks.md): sequence length at a fixed token count and hidden size, head dims, masks,
 GQA, modes; and exact FLOP counts from the mask's visible pairs."""
 from dataclasses import asdict, dataclass
 
@@ -45,7 +45,7 @@ class Config:
 
     def modifier_kwargs(self, device) -> dict:
         """fused_attn.attention's keyword arguments for the modifier (FLOPs are counted as without it)."""
-        from fused_attn.numerics import alibi_slopes
+        from fused_attn.reference import alibi_slopes
         return {"none": {}, "softcap": dict(softcap=SOFTCAP), "dropout": dict(dropout_p=DROPOUT),
                 "alibi": dict(alibi_slopes=alibi_slopes(self.heads_q, device=device))}[self.modifier]
 

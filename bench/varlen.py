@@ -9,12 +9,12 @@ import torch
 
 import fused_attn
 from fused_attn.mask import visible_pairs
-from fused_attn.numerics import FACTORS, Metric, cu_seqlens
+from fused_attn.varlen import cu_seqlens
 
-from .providers import Unsupported, flex, probe
-from .sweep import MODE_FLOP_FACTOR
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from . import common
+from .common import DTYPES, Unsupported, probe
+from .providers import flex
+from .sweep import HEAD_DIMS, MODE_FLOP_FACTOR, MODES
 # A fixed draw from 128..4096 summing to 16384 tokens.
 LENGTHS = (3001, 187, 1290, 4096, 644, 2210, 128, 1555, 903, 2370)
 
@@ -45,8 +45,12 @@ class Case:
 
 
 def build(head_dims, masks, modes, hidden=2048, dtype="bf16"):
-    return [Case(d, m, mode, hidden // d, dtype=dtype) for d in head_dims for m in masks if m in ("none", "causal")
-            for mode in modes]
+    return [Case(d, m, mode, hidden // d, dtype=dtype) for d in head_dims for m in masks for mode in modes]
+
+
+def build_from(args):
+    return build(args.head_dims or HEAD_DIMS, args.masks or ("none", "causal"), args.modes or MODES,
+                 args.hidden or 2048, args.dtype)
 
 
 def packed_inputs(case: Case, device, dtype, requires_grad=False, seed=0):
@@ -130,74 +134,37 @@ PROVIDERS = {
 
 def check(name, case, device, cache):
     """The provider on a small packed batch of the same kind against the float64 reference run sequence by
-    sequence (FlashAttention's forward rule); the padded dense yardstick on the rows of its longest sequence
-    only (the others attend padding). Cached per (provider, head dim, mask)."""
-    key = (name, case.head_dim, case.mask)
-    if key not in cache:
-        small = Case(case.head_dim, case.mask, "fwd", 2, lengths=(150, 37, 200, 1), dtype=case.dtype)
-        dtype = DTYPES[case.dtype]
-        q, k, v, cu = packed_inputs(small, device, dtype)
-        try:
-            out = PROVIDERS[name](small, q, k, v, cu)()
-        except Unsupported as e:
-            cache[key] = ("unsupported: " + str(e), None)
-            return cache[key]
-        kw = dict(causal=small.causal)
-        ref = fused_attn.reference.attention_varlen(q, k, v, cu, cu, upcast=torch.float64, **kw)
-        pt = fused_attn.reference.attention_varlen(q, k, v, cu, cu, upcast=None, **kw)
-        rows = slice(None)
-        if name == "fused_attn-dense-padded":
-            b = small.lengths.index(max(small.lengths))
-            rows = slice(sum(small.lengths[:b]), sum(small.lengths[:b + 1]))
-        m = Metric.measure(out[rows], ref[rows], pt[rows], dtype, FACTORS["out"])
-        cache[key] = ("ok" if m.ok else "failed check", m)
-    return cache[key]
+    sequence (common.check); the padded dense yardstick on the rows of its longest sequence only (the others attend
+    padding). Cached per (provider, head dim, mask)."""
+    small = Case(case.head_dim, case.mask, "fwd", 2, lengths=(150, 37, 200, 1), dtype=case.dtype)
+    q, k, v, cu = packed_inputs(small, device, DTYPES[case.dtype])
+    rows = slice(None)
+    if name == "fused_attn-dense-padded":
+        b = small.lengths.index(max(small.lengths))
+        rows = slice(sum(small.lengths[:b]), sum(small.lengths[:b + 1]))
+    return common.check(cache, (name, case.head_dim, case.mask), lambda: PROVIDERS[name](small, q, k, v, cu)()[rows],
+                        lambda upcast: fused_attn.reference.attention_varlen(q, k, v, cu, cu, causal=small.causal,
+                                                                             upcast=upcast)[rows])
 
 
 def measure(name, case, device):
-    from .run import time_call
     q, k, v, cu = packed_inputs(case, device, DTYPES[case.dtype], requires_grad=case.mode != "fwd")
     try:
         fwd = PROVIDERS[name](case, q, k, v, cu)
     except Unsupported as e:
         return "unsupported: " + str(e), None, None
-    return time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
+    return common.time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
 
 
-def main(args) -> int:
-    from pathlib import Path
+def derived(case, name, ms) -> dict:
+    """TF/s of the real pairs (the padded yardstick: of the pairs it computes)."""
+    return {"tflops": case.flops(padded=name == "fused_attn-dense-padded") / (ms * 1e-3) / 1e12}
 
-    from .run import environment, write
-    providers = args.providers or list(PROVIDERS)
-    unknown = [p for p in providers if p not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"--varlen providers are {', '.join(PROVIDERS)}; got {', '.join(unknown)}")
-    cases = build(args.head_dims, args.masks, args.modes, args.hidden, args.dtype)
-    if args.dry_run:
-        for c in cases:
-            print(f"varlen {len(c.lengths)} seqs {sum(c.lengths)} tokens D={c.head_dim:3} H={c.heads:3} {c.mask:6} "
-                  f"{c.mode:8} {c.flops() / 1e12:9.3f} TFLOP real pairs  x {len(providers)} providers")
-        print(f"{len(cases)} varlen cases (lengths {list(LENGTHS)}) x {len(providers)} providers: "
-              f"{', '.join(providers)}")
-        return 0
-    if not torch.cuda.is_available():
-        print("python -m bench --varlen needs an NVIDIA GPU (CUDA); none is visible here. Use --dry-run.")
-        return 2
-    env = environment()
-    print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  varlen", flush=True)
-    rows, checks = [], {}
-    for case in cases:
-        for name in providers:
-            status, metric = check(name, case, "cuda", checks)
-            ms = peak = None
-            if status == "ok":
-                status, ms, peak = measure(name, case, "cuda")
-            tflops = case.flops(padded=name == "fused_attn-dense-padded") / (ms * 1e-3) / 1e12 if ms else None
-            rows.append(dict(env, provider=name, **case.as_dict(), status=status, ms=ms, tflops=tflops,
-                             peak_mem_mb=peak, check_err=metric.err if metric else None,
-                             check_budget=metric.budget if metric else None))
-            shown = f"{ms:8.3f} ms {tflops:6.1f} TF/s {peak:8.1f} MiB" if ms else status
-            print(f"varlen D={case.head_dim:3} H={case.heads} {case.mask:6} {case.mode:8} {name:24} {shown}",
-                  flush=True)
-        write(rows, env, Path(args.out) / "varlen")
-    return 0
+
+def label(case) -> str:
+    return f"varlen D={case.head_dim:3} H={case.heads} {case.mask:6} {case.mode:8}"
+
+
+def describe(case) -> str:
+    return (f"{label(case)} {len(case.lengths)} seqs {sum(case.lengths)} tokens {case.flops() / 1e12:9.3f} TFLOP "
+            f"real pairs")

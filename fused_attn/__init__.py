@@ -2,16 +2,17 @@
 import importlib
 
 from . import reference
-from .decode import attention_with_kvcache, merge_attention
+from .decode import attention_with_kvcache
 from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                      scaled_dot_product_attention, sdpa_override)
 from .function import FusedAttentionFunction, attention, attention_probs, dropout_mask
-from .varlen import attention_varlen
+from .merge import merge_attention
+from .varlen import attention_varlen, cu_seqlens
 
 __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask", "merge_attention",
            "FusedAttentionFunction", "reference", "scaled_dot_product_attention", "sdpa_override", "explain",
-           "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+           "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "cu_seqlens"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

@@ -9,9 +9,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fused-attn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="numerics report of the Triton kernels against the float64 reference")
-    size = check.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a small sweep (default)")
-    size.add_argument("--full", action="store_true", help="a larger sweep: more shapes, masks and dtypes")
+    check.add_argument("--full", action="store_true", help="a larger sweep: more shapes, masks and dtypes (default: "
+                       "a small one)")
     check.add_argument("--save-baseline", metavar="FILE", help="write the measured errors as JSON")
     check.add_argument("--baseline", metavar="FILE", help="fail where an error grew more than 2x over this JSON")
     pm = sub.add_parser("plot-mask", help="draw the attention mask and the tiles the kernels skip to a PNG")

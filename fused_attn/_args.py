@@ -1,11 +1,16 @@
-"""Argument checking shared by fused_attn.attention and the reference: every invalid input gets a
-ValueError / TypeError that names the bad value."""
+"""Argument checking shared by the public functions and the reference: every invalid input gets a ValueError /
+TypeError that names the bad value. The checks return bundles -- Args (q, k, v and the mask), Modifiers, Packed --
+that the call path hands down to the ops as they are."""
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
+import numpy
 import torch
+import triton
 
+from .kernels import Modifiers, Packed, interpreter_active
 from .mask import ALIGNMENTS, diagonal_offset, window_bounds
 
 LAYOUTS = ("bhsd", "bshd")
@@ -13,7 +18,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-@dataclass
+@dataclass(frozen=True)
 class Args:
     q: torch.Tensor  # (B, Hq, Sq, D) views, whatever the layout
     k: torch.Tensor  # (B, Hkv, Sk, D)
@@ -88,9 +93,9 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
                 diagonal_offset(Sq, Sk, alignment), layout)
 
 
-def check_modifiers(batch, heads_q, device, softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+def check_modifiers(batch, heads_q, device, softcap=0.0, alibi_slopes=None, dropout_p=0.0) -> Modifiers:
     """softcap (finite, >= 0; 0 = off), alibi_slopes (None, or float32 (Hq,) / (B, Hq) on the tensors' device) and
-    dropout_p (in [0, 1)); returns them as (float, tensor or None, float)."""
+    dropout_p (in [0, 1)), as a Modifiers."""
     for name, x in (("softcap", softcap), ("dropout_p", dropout_p)):
         if isinstance(x, bool) or not isinstance(x, numbers.Real):
             raise TypeError(f"{name} must be a float, got {x!r} ({type(x).__name__})")
@@ -108,7 +113,7 @@ def check_modifiers(batch, heads_q, device, softcap=0.0, alibi_slopes=None, drop
                              f"shape {tuple(alibi_slopes.shape)}")
         if alibi_slopes.device != device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, the tensors on {device}")
-    return float(softcap), alibi_slopes, float(dropout_p)
+    return Modifiers(float(softcap), alibi_slopes, float(dropout_p))
 
 
 def _check_length(name, value):
@@ -149,21 +154,13 @@ def check_cu_values(name, cu, total, max_seqlen, tensor_name):
     return lengths
 
 
-@dataclass
-class VarlenArgs:
-    a: Args  # (1, H, total, D) views of the packed tensors
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
-
-
 def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
-                      window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None) -> VarlenArgs:
+                      window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None):
     """check_args for packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens
     int32 (B + 1,). The cu_seqlens values are read (check_cu_values) when values is True, or when None and they
     are on the CPU (reading them from a GPU would synchronize it) outside torch.compile (which cannot trace a
-    check of data). max_seqlen None: no bound to check."""
+    check of data). max_seqlen None: no bound to check (the reference's convention; the kernels need both).
+    Returns (Args of (1, H, total, D) views, Packed)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total, H, D) for packed sequences, got shape {tuple(t.shape)}")
@@ -179,7 +176,7 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if values or (values is None and cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling()):
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], lengths[0], "q")
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
-    return VarlenArgs(a, cu_seqlens_q, cu_seqlens_k, *lengths)
+    return a, Packed(cu_seqlens_q, cu_seqlens_k, *lengths)
 
 def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True):
     """Shapes, dtypes and devices of attention_with_kvcache's arguments (beyond check_args'); returns
@@ -255,3 +252,69 @@ def check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, n_pa
             bad = [p for p in used if not 0 <= p < n_pages]
             if bad:
                 raise ValueError(f"row {b}: block_table names page {bad[0]}, but the cache has pages 0..{n_pages - 1}")
+
+
+def _version(module) -> tuple:
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", module.__version__).groups())
+
+
+def _check_interpreter():
+    """Triton < 3.7's interpreter turns 1-element arrays into loop bounds with int(), which NumPy >= 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop."""
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+        raise RuntimeError(f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy "
+                           f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7' to run them on the CPU")
+
+
+def check_device(device: torch.device):
+    """The kernels run on CUDA, or on the CPU through the Triton interpreter."""
+    if device.type == "cuda":
+        return
+    if device.type == "cpu":
+        if interpreter_active():
+            _check_interpreter()
+            return
+        raise ValueError(
+            "fused_attn runs its Triton kernels on CUDA tensors; got CPU tensors. To run the same kernels on the "
+            "CPU, set TRITON_INTERPRET=1 in the environment before importing fused_attn (slow; for testing), "
+            "or use fused_attn.reference.attention for a plain PyTorch computation.")
+    raise ValueError(f"fused_attn supports CUDA tensors (or CPU under TRITON_INTERPRET=1), got device {device}")
+
+
+MAX_OFFSET = 2**31 - 1  # the kernels address within one (batch, head) slice with 32-bit offsets
+
+
+def extent(t: torch.Tensor, rows: int) -> int:
+    """The largest element offset of rows [0, rows) of a (B, H, S, D)-indexed view within one (batch, head) slice."""
+    return (rows - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+
+
+def check_offsets(extents):
+    """Within a (batch, head) slice -- a sequence, when packed; a row of a cache -- the kernels use int32 offsets:
+    refuse slices that would overflow them. extents: (name, largest offset) pairs."""
+    for name, n in extents:
+        if n > MAX_OFFSET:
+            raise ValueError(f"{name} spans {n} elements within one (batch, head) slice, more than the "
+                             f"{MAX_OFFSET} the kernels address with 32-bit offsets; split the sequence")
+
+
+def check_kernel_inputs(a: Args, packed: Packed = None):
+    """What the kernels themselves need of checked Args: packed, both max lengths (they size the grid); 32-bit
+    offsets within a slice (a.k, a.v: S rows, or, for a paged cache, a page of them); a device they run on."""
+    Sq, Sk = a.q.shape[2], a.k.shape[2]
+    if packed is not None:
+        for name in ("max_seqlen_q", "max_seqlen_k"):
+            if getattr(packed, name) is None:
+                raise TypeError(f"{name} must be an int (the longest sequence; the kernels' grid covers it), got None")
+        Sq, Sk = packed.max_seqlen_q, packed.max_seqlen_k
+    Hq, Dv = a.q.shape[1], a.v.shape[3]
+    out_extent = (Sq - 1) * (Hq * Dv if a.layout == "bshd" else Dv) + Dv - 1  # out is allocated in the layout
+    check_offsets([("q", extent(a.q, Sq)), ("k", extent(a.k, Sk)), ("v", extent(a.v, Sk)), ("out", out_extent)])
+    check_device(a.q.device)
+
+
+def kernel_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", alignment="bottom_right"):
+    """check_args plus check_kernel_inputs."""
+    a = check_args(q, k, v, causal, window_size, scale, layout, alignment)
+    check_kernel_inputs(a)
+    return a

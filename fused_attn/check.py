@@ -7,7 +7,8 @@ import torch
 import triton
 
 from . import __version__, kernels
-from .numerics import Case, evaluate
+from .progress import Progress
+from .testing import Case, evaluate
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 MASKS = [(False, (-1, -1)), (True, (-1, -1)), (False, (16, 16)), (True, (32, -1))]
@@ -48,24 +49,26 @@ def _fmt(m) -> str:
     return f"{m.err:7.1e} x{m.ratio:5.2f}{' ' if m.ok else '!'}"
 
 
-def run(full=False, save_baseline=None, baseline=None, out=print) -> int:
+def run(full=False, save_baseline=None, baseline=None) -> int:
     gpu = _on_gpu()
     if not gpu and not kernels.interpreter_active():
-        out("No CUDA GPU and TRITON_INTERPRET is not set: nothing to run the kernels on.")
+        print("No CUDA GPU and TRITON_INTERPRET is not set: nothing to run the kernels on.")
         return 2
     device = "cuda" if gpu else "cpu"
     env = environment()
-    out(f"fused_attn {env['fused_attn']} numerics check on {env['device']} (torch {env['torch']}, "
-        f"triton {env['triton']})")
-    out("max |err| vs the float64 reference, and x the ratio to PyTorch's own same-dtype error; "
-        "PASS: err <= 2x (out, lse) / 3x (grads) PyTorch's error + rounding floor")
+    print(f"fused_attn {env['fused_attn']} numerics check on {env['device']} (torch {env['torch']}, "
+          f"triton {env['triton']})")
+    print("max |err| vs the float64 reference, and x the ratio to PyTorch's own same-dtype error; "
+          "PASS: err <= 2x (out, lse) / 3x (grads) PyTorch's error + rounding floor")
     base = json.load(open(baseline))["cases"] if baseline else {}
     names = ("out", "lse", "dq", "dk", "dv")
     cases = sweep(full, gpu)
     width = max(len(c.name) for c in cases)
-    out(f"{'case':<{width}}  " + "  ".join(f"{n:<15}" for n in names) + "  result")
+    print(f"{'case':<{width}}  " + "  ".join(f"{n:<15}" for n in names) + "  result")
     results, failures = {}, 0
+    progress = Progress(len(cases), "check")
     for case in cases:
+        progress.current(case.name)
         res = evaluate(case, device)
         status = "PASS" if res.ok else "FAIL"
         grown = [n for n, m in res.metrics.items()
@@ -73,16 +76,17 @@ def run(full=False, save_baseline=None, baseline=None, out=print) -> int:
         if grown:
             status = "FAIL (grew >2x vs baseline: " + ", ".join(grown) + ")"
         failures += status != "PASS"
-        out(f"{case.name:<{width}}  " + "  ".join(_fmt(res.metrics[n]) for n in names) + f"  {status}")
+        progress.advance(f"{case.name:<{width}}  " + "  ".join(_fmt(res.metrics[n]) for n in names) + f"  {status}")
         results[case.name] = {n: m.err for n, m in res.metrics.items()}
+    progress.close()
     missing = sorted(set(base) - set(results))
     if missing:
-        out(f"note: {len(missing)} baseline case(s) not in this sweep: {', '.join(missing[:5])}")
+        print(f"note: {len(missing)} baseline case(s) not in this sweep: {', '.join(missing[:5])}")
     if save_baseline:
         with open(save_baseline, "w") as f:
             json.dump({"environment": env, "cases": results}, f, indent=1)
-        out(f"baseline written to {save_baseline}")
-    out(f"{len(results) - failures}/{len(results)} cases passed")
+        print(f"baseline written to {save_baseline}")
+    print(f"{len(results) - failures}/{len(results)} cases passed")
     return 1 if failures else 0
 
 

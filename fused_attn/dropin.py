@@ -1,14 +1,15 @@
 """Drop-in replacements: PyTorch's scaled_dot_product_attention (and a scoped override of it) and
 FlashAttention-2's flash_attn_func, flash_attn_varlen_func and flash_attn_with_kvcache."""
 import contextlib
+import dataclasses
 import logging
 import operator
 
 import torch
 
-from ._args import check_modifiers
+from ._args import check_modifiers, kernel_args
+from .function import _attention, attention, attention_probs
 from .reference import row_slopes
-from .function import FusedAttentionFunction, attention, attention_probs, kernel_args
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
 
@@ -23,8 +24,9 @@ def _as4d(t):
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
-    """(Args, None) if the Triton kernels compute this call exactly, else (None, the reason torch's SDPA takes
-    it). Beyond SDPA's own arguments the policy is fused_attn.attention's: check_args, device, offsets."""
+    """((Args, Modifiers), None) if the Triton kernels compute this call exactly, else (None, the reason torch's
+    SDPA takes it). Beyond SDPA's own arguments the policy is fused_attn.attention's: check_args, device,
+    offsets."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None, "query, key, value are not all tensors"
     if attn_mask is not None:
@@ -38,8 +40,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         return None, f"heads {query.shape[-3]} vs {key.shape[-3]} without enable_gqa"
     try:
         a = kernel_args(_as4d(query), _as4d(key), _as4d(value), scale=scale)
-        check_modifiers(1, 1, a.q.device, dropout_p=dropout_p)
-        return a, None
+        return (a, check_modifiers(1, 1, a.q.device, dropout_p=dropout_p)), None
     except (ValueError, TypeError) as e:
         return None, f"the kernels refuse it: {e}"
 
@@ -62,15 +63,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the kernels draw
     theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the mask), so a
     given seed gives another mask than torch's SDPA does."""
-    a, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     log.debug("scaled_dot_product_attention -> fused_attn kernels")
+    a, mods = plan
     # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
-    out, _ = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, -1, 0 if is_causal else -1, "bhsd", None, None,
-                                          0, 0, 0.0, None, float(dropout_p))
+    out, _ = _attention(dataclasses.replace(a, offset=0, left=-1, right=0 if is_causal else -1), mods)
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*query.shape[:-3], *out.shape[1:])

@@ -1,16 +1,67 @@
 """The Triton launchers as torch.library custom ops, so torch.compile(fullgraph=True) traces through
 fused_attn (the compiler sees opaque ops with fake implementations, not Triton launches).
 
+The one place where the call's bundles (`Call`: the mask, Modifiers, Packed) become the flat schema torch.library
+needs: `attention_forward` / `attention_backward` / `attention_decode` take bundles, the custom ops below take
+their fields.
+
 Dense batches pass no cu_seqlens. Packed sequences (attention_varlen) pass (1, H, total, D) views and
 cu_seqlens_q / cu_seqlens_k with the max lengths; rows past the last sequence are read by no kernel, so their
 buffers start as out 0, lse -inf and gradients 0."""
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels.forward import Modifiers, Packed
+from .kernels import Modifiers, Packed
+
+
+@dataclass(frozen=True)
+class Call:
+    """What one attention call takes beside q, k, v: the softmax scale, the mask (query row i sees key column j iff
+    i + offset - left <= j <= i + offset + right, -1 unbounded), the output layout, the modifiers and, for packed
+    sequences, their offsets."""
+    scale: float
+    offset: int
+    left: int
+    right: int
+    layout: str = "bhsd"
+    mods: Modifiers = Modifiers()
+    packed: Optional[Packed] = None
+
+    @classmethod
+    def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None) -> "Call":
+        """The Call of checked Args `a` (fused_attn._args.Args)."""
+        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed)
+
+
+def _flat(c: Call) -> dict:
+    p = c.packed or Packed(None, None, 0, 0)
+    return dict(scale=c.scale, offset=c.offset, left=c.left, right=c.right, cu_seqlens_q=p.cu_seqlens_q,
+                cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
+                softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p)
+
+
+def attention_forward(q, k, v, c: Call):
+    """(out, lse, stats, rng) of `forward` for (B, H, S, D)-indexed q, k, v."""
+    return forward(q, k, v, layout=c.layout, **_flat(c))
+
+
+def attention_backward(dout, q, k, v, out, stats, rng, c: Call):
+    """(dq, dk, dv) of `backward`: rng is the forward's [seed, offset]."""
+    return backward(dout, q, k, v, out, stats, rng=rng, **_flat(c))
+
+
+def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
+    """(out, lse) of `decode` (split-KV) against k, v: (B, Hkv, S, D)-indexed caches, or paged (pages, Hkv,
+    page_size, D)-indexed with block_table; seqlens_k: keys per row (None: all S)."""
+    if c.packed is not None or c.mods.dropout_p:
+        raise ValueError("the split-KV kernels take neither packed sequences nor dropout")
+    max_seqlen_k = k.shape[2] if block_table is None else block_table.shape[1] * page_size
+    return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
+                  c.layout, c.mods.softcap, c.mods.alibi_slopes)
 
 
 def draw_rng(device) -> Tensor:
@@ -61,7 +112,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: in
     dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
     out, lse, stats = _forward_buffers(q, v, layout, cu_seqlens_q is not None)
     rng = draw_rng(q.device) if dropout_p > 0 else _rng_buffer(q, 0.0)
-    kernels.attention_forward(q, k, v, out, lse, stats, scale, offset, left, right,
+    kernels.attention_forward(q, k, v, out, lse, stats, scale=scale, offset=offset, left=left, right=right,
                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                               mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
     return out, lse, stats, rng
@@ -87,8 +138,8 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
     """dq, dk, dv (kernels.attention_backward); rng: the forward's [seed, offset]."""
     dq, dk, dv = _grad_buffers(q, k, v, cu_seqlens_q is not None)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
-    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right,
-                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=scale, offset=offset, left=left,
+                               right=right, packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                                mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
     return dq, dk, dv
 
@@ -106,8 +157,9 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_t
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
     out, lse = _out_lse(q, v, layout)
-    kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                             num_splits, Modifiers(softcap, alibi_slopes))
+    kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
+                             max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
+                             mods=Modifiers(softcap, alibi_slopes))
     return out, lse
 
 

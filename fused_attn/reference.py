@@ -81,7 +81,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
     B, Hq, Sq = a.q.shape[:3]
     Sk = a.k.shape[2]
-    softcap, alibi_slopes, dropout_p = check_modifiers(B, Hq, a.q.device, softcap, alibi_slopes, dropout_p)
+    mods = check_modifiers(B, Hq, a.q.device, softcap, alibi_slopes, dropout_p)
+    softcap, alibi_slopes, dropout_p = mods.softcap, mods.alibi_slopes, mods.dropout_p
     _check_dropout_mask(dropout_mask, dropout_p, (B, Hq, Sq, Sk), a.q.device)
     qc, kc, vc = (t.to(dtype) for t in (a.q, a.k, a.v))
     group = qc.shape[1] // kc.shape[1]
@@ -114,10 +115,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
     dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :, :Sq_b, :Sk_b] (as fused_attn.dropout_mask
     (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
-    va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
-                           scale, DTYPES + (torch.float64,), values=True)
+    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  window_size, scale, DTYPES + (torch.float64,), values=True)
     dtype = q.dtype if upcast is None else upcast
-    cq, ck = va.cu_seqlens_q.tolist(), va.cu_seqlens_k.tolist()
+    cq, ck = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_k.tolist()
     check_modifiers(len(cq) - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
     if dropout_p > 0 and (not isinstance(dropout_mask, torch.Tensor) or dropout_mask.dim() != 4):
         raise ValueError("dropout_p > 0 needs dropout_mask (B, Hq, Sq_max, Sk_max) bool")
@@ -132,7 +133,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
             continue
         mask = None if dropout_p == 0 else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
         out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, window_size=window_size,
-                             scale=va.a.scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
+                             scale=a.scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
                              alibi_slopes=row_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask)
         outs.append(out[0])
         lses.append(lse[0])
@@ -176,3 +177,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         lses.append(lse[0])
     out = torch.stack(outs)
     return (out, torch.stack([x.to(torch.promote_types(dtype, torch.float32)) for x in lses])) if return_lse else out
+
+
+def alibi_slopes(heads: int, device=None) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 h / heads) for h = 1..heads (the paper's, for any head count), float32
+    (heads,), as `attention(..., alibi_slopes=...)` takes them."""
+    s = 2.0 ** (-8.0 * torch.arange(1, heads + 1, dtype=torch.float64) / heads)
+    return s.to(device=device, dtype=torch.float32)

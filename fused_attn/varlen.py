@@ -1,6 +1,8 @@
-"""Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen."""
-from ._args import check_modifiers, check_varlen_args
-from .function import FusedAttentionFunction, check_kernel_inputs
+"""Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen, and cu_seqlens."""
+import torch
+
+from ._args import check_kernel_inputs, check_modifiers, check_varlen_args
+from .function import _attention
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
@@ -48,12 +50,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     FlashAttention, they are trusted, since reading them would synchronize the device -- wrong values there give
     wrong results, not an error (`fused_attn.reference.attention_varlen` checks them anywhere).
     """
-    va = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size,
-                           scale)
-    a = va.a
-    check_kernel_inputs(a, "bshd", (va.max_seqlen_q, va.max_seqlen_k))
+    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  window_size, scale)
+    check_kernel_inputs(a, packed)
     mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
-    out, lse = FusedAttentionFunction.apply(a.q, a.k, a.v, a.scale, 0, a.left, a.right, "bshd", va.cu_seqlens_q,
-                                            va.cu_seqlens_k, va.max_seqlen_q, va.max_seqlen_k, *mods)
+    out, lse = _attention(a, mods, packed)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out
+
+
+def cu_seqlens(lengths, device=None) -> torch.Tensor:
+    """int32 (B + 1,) for `attention_varlen`: 0, then the running sum of the sequence lengths."""
+    return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)

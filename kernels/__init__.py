@@ -1,8 +1,13 @@
-"""Triton kernels and their launchers (installed as fused_attn.kernels). No autograd, no argument policy."""
-from .backward import attention_backward
-from .decode import attention_decode, wants_split
-from .configs import interpreter_active
-from .forward import attention_forward, launches
+"""Triton kernels and their launchers (installed as fused_attn.kernels). No autograd, no argument policy.
 
-__all__ = ["attention_forward", "attention_backward", "attention_decode", "wants_split", "interpreter_active",
-           "launches"]
+common.py: the device helpers every kernel shares (the mask, the block range, score modifiers, loads);
+forward.py, backward.py, decode.py: the kernels and their launchers; launch.py: what the launchers share (the
+optional inputs' bundles and flags, tile sources, the launch counter); configs.py: tiles, warps and stages."""
+from .backward import attention_backward
+from .configs import interpreter_active
+from .decode import attention_decode, wants_split
+from .forward import attention_forward, dropout_keep_mask
+from .launch import Modifiers, Packed, launches
+
+__all__ = ["attention_forward", "attention_backward", "attention_decode", "dropout_keep_mask", "wants_split",
+           "interpreter_active", "launches", "Modifiers", "Packed"]

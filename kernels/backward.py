@@ -16,7 +16,7 @@ import triton.language as tl
 from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_tile, _rng, _score, _sequence, _slope,
                      _store_tile, _tile_id, _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .forward import LOG2E, fp32_dot, grid_dims, modifier_args, reverse_tiles, run, tile_args
+from .launch import LOG2E, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run, tile_args
 
 
 @triton.jit
@@ -89,14 +89,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
     return dk, dv
 
 
-@triton.heuristics({
-    "HAS_LEFT": lambda args: args["left"] >= 0,
-    "HAS_RIGHT": lambda args: args["right"] >= 0,
-    "VARLEN": lambda args: args["CU_Q"] is not None,
-    "SOFTCAP": lambda args: args["cap_out"] > 0,
-    "ALIBI": lambda args: args["SLOPES"] is not None,
-    "DROPOUT": lambda args: args["RNG"] is not None,
-})
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG,
                           stride_qb, stride_qh, stride_qs, stride_qd,
@@ -199,14 +192,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
     return dq
 
 
-@triton.heuristics({
-    "HAS_LEFT": lambda args: args["left"] >= 0,
-    "HAS_RIGHT": lambda args: args["right"] >= 0,
-    "VARLEN": lambda args: args["CU_Q"] is not None,
-    "SOFTCAP": lambda args: args["cap_out"] > 0,
-    "ALIBI": lambda args: args["SLOPES"] is not None,
-    "DROPOUT": lambda args: args["RNG"] is not None,
-})
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
                         stride_qb, stride_qh, stride_qs, stride_qd,

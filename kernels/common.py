@@ -2,7 +2,7 @@
 score modifiers (softcap, ALiBi) and the dropout keep-mask, the packed-sequence prologue, tile loads (pointer or
 TMA), the tile order, and dot.
 
-Mask (DESIGN.md): query row i sees key column j iff
+Mask (docs/design.md): query row i sees key column j iff
 
     i + offset - left <= j <= i + offset + right,   0 <= i < seqlen_q,  0 <= j < seqlen_k
 

@@ -1,6 +1,7 @@
 """Block sizes, warps, stages, load path and tile order for every kernel, in one place.
 
-Chosen by heuristics keyed by head dim, dtype and GPU generation, and checked by the compile-time gate
+Chosen by heuristics keyed by head dim, dtype and GPU generation (`cc`: the compute capability (major, minor),
+None under the interpreter), and checked by the compile-time gate
 (tests/aot_compile.py: wgmma / mma.sync, pipelined asynchronous loads, no spills, shared memory within the
 target's limit). Sequence lengths never enter a config (and are never constexpr), so one compiled kernel serves
 every length.
@@ -42,8 +43,8 @@ SMEM_PER_BLOCK = {(8, 0): 166_912, (8, 7): 166_912, (9, 0): 232_448, (10, 0): 23
 SMEM_DEFAULT = 101_376
 
 
-def smem_limit(cap) -> int:
-    return SMEM_PER_BLOCK.get(tuple(cap), SMEM_DEFAULT)
+def smem_limit(cc) -> int:
+    return SMEM_PER_BLOCK.get(tuple(cc), SMEM_DEFAULT)
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the (batch * head) index goes
@@ -64,9 +65,9 @@ def capability(device: torch.device):
     return None if interpreter_active() else torch.cuda.get_device_capability(device)
 
 
-def tma_capable(cap) -> bool:
+def tma_capable(cc) -> bool:
     """TMA tensor descriptors: Hopper and newer, and the interpreter (which runs them on the CPU)."""
-    return cap is None or cap[0] >= 9
+    return cc is None or cc[0] >= 9
 
 
 # Scoped overrides of the defaults below, for benchmarks and tuning (`use`); never set at import.
@@ -92,19 +93,19 @@ def use(*, tma=None, longest_first=None):
         _override.reset(token)
 
 
-def _choice(cap, packed: bool = False) -> dict:
+def _choice(cc, packed: bool = False) -> dict:
     """Load path and tile order: configs.py's defaults (pointer path, natural order -- until a GPU run has measured
     the alternatives), or what `use` set; packed sequences always take the pointer path."""
     choice = {"tma": False, "longest_first": False, **_override.get()}
     choice["tma"] = choice["tma"] and not packed
-    if choice["tma"] and not tma_capable(cap):
-        raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cap}")
+    if choice["tma"] and not tma_capable(cc):
+        raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cc}")
     return choice
 
 
-def _stages(resident: int, per_stage: int, cap, most: int) -> int:
+def _stages(resident: int, per_stage: int, cc, most: int) -> int:
     """Pipeline depth that fits the target's shared memory, keeping ~12% for the compiler's own buffers."""
-    return max(1, min(most, (smem_limit(cap) * 7 // 8 - resident) // max(per_stage, 1)))
+    return max(1, min(most, (smem_limit(cc) * 7 // 8 - resident) // max(per_stage, 1)))
 
 
 # The interpreter's tiles: small, so small test shapes still cross several of them.
@@ -135,29 +136,29 @@ SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared 
 }
 
 
-def _tiles(kind: str, cap, head_dim: int, head_dim_v: int, tma: bool, packed: bool):
+def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, tma: bool, packed: bool):
     d = max(64, head_block(head_dim), head_block(head_dim_v))
-    if cap[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
+    if cc[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
         table = HOPPER[kind]
         path = "packed" if packed else "tma" if tma else "ptr"
         return table.get((path, d)) or table.get(("tma" if tma else "ptr", d)) or table[d]
-    return (AMPERE if smem_limit(cap) > SMEM_DEFAULT else SMALL)[kind][d]
+    return (AMPERE if smem_limit(cc) > SMEM_DEFAULT else SMALL)[kind][d]
 
 
-def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False) -> KernelConfig:
+def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packed: bool = False) -> KernelConfig:
     """One program per query tile: q resident, k and v tiles streamed (num_stages deep). packed: for packed
     sequences (pointer path, whatever `use` asks)."""
-    choice = _choice(cap, packed)
-    if cap is None:
+    choice = _choice(cc, packed)
+    if cc is None:
         return KernelConfig(*INTERPRETER, **choice)
     if dtype.itemsize == 2:
-        return KernelConfig(*_tiles("fwd", cap, head_dim, head_dim_v, choice["tma"], packed), **choice)
+        return KernelConfig(*_tiles("fwd", cc, head_dim, head_dim_v, choice["tma"], packed), **choice)
     # fp32 (IEEE dots, no tensor cores): tiles that fit shared memory; the gate prints their spills.
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = 64, 64 if max(bd, bdv) <= 128 else 32
-    if max(bd, bdv) > 128 and smem_limit(cap) <= SMEM_DEFAULT:
+    if max(bd, bdv) > 128 and smem_limit(cc) <= SMEM_DEFAULT:
         block_m = 32
-    stages = _stages(block_m * bd * 4, block_n * (bd + bdv) * 4, cap, 3)
+    stages = _stages(block_m * bd * 4, block_n * (bd + bdv) * 4, cc, 3)
     return KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, stages, **choice)
 
 
@@ -166,7 +167,7 @@ def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
     return max(head_block(head_dim), head_block(head_dim_v)) > 128
 
 
-def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, packed: bool = False,
+def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packed: bool = False,
                     dropout: bool = False):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
@@ -174,23 +175,23 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cap, pac
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
-    choice = _choice(cap, packed)
-    if cap is None:
+    choice = _choice(cc, packed)
+    if cc is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
-        cfgs = (KernelConfig(*_tiles("dkdv", cap, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
+        cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
                              **choice),
-                KernelConfig(*_tiles("dq", cap, head_dim, head_dim_v, choice["tma"], packed), **choice))
+                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, choice["tma"], packed), **choice))
         if dropout:  # wgmma needs 64 resident rows on sm_90; mma.sync does not
-            side = "block_m" if cap[0] >= 9 else "block_n"
+            side = "block_m" if cc[0] >= 9 else "block_n"
             cfgs = (dataclasses.replace(cfgs[0], **{side: max(16, getattr(cfgs[0], side) // 2)}),
                     dataclasses.replace(cfgs[1], block_n=max(16, cfgs[1].block_n // 2)))
         return cfgs
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = (32, 64) if max(bd, bdv) <= 64 else (16, 32)
-    if split and smem_limit(cap) <= SMEM_DEFAULT:
+    if split and smem_limit(cc) <= SMEM_DEFAULT:
         block_n = 16
     tile = max(block_m, block_n) * (bd + bdv) * 4
-    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cap, 3), **choice)
+    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3), **choice)
     return dataclasses.replace(cfg, split_dkdv=split), cfg

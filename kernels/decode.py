@@ -13,7 +13,8 @@ import triton.language as tl
 
 from .common import _block_range, _slope
 from .configs import capability, head_block, head_chunks, interpreter_active, smem_limit
-from .forward import LOG2E, _attn_fwd_inner, fp32_dot, modifier_args, run
+from .forward import _attn_fwd_inner
+from .launch import LOG2E, features, fp32_dot, modifier_args, run
 
 
 @triton.jit
@@ -21,14 +22,7 @@ def _clamp(x, lo, hi):
     return tl.minimum(tl.maximum(x, lo), hi)
 
 
-@triton.heuristics({
-    "HAS_LEFT": lambda args: args["left"] >= 0,
-    "HAS_RIGHT": lambda args: args["right"] >= 0,
-    "PAGED": lambda args: args["PAGES"] is not None,
-    "HAS_SEQLENS": lambda args: args["SEQLENS_K"] is not None,
-    "SOFTCAP": lambda args: args["cap_out"] > 0,
-    "ALIBI": lambda args: args["SLOPES"] is not None,
-})
+@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "SOFTCAP", "ALIBI")
 @triton.jit
 def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
                            stride_qb, stride_qh, stride_qs, stride_qd,
@@ -175,7 +169,7 @@ def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) 
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                    left: int, right: int, num_splits: int = 0, cap=None, mods=None):
+                    left: int, right: int, num_splits: int = 0, cc=None, mods=None):
     """The split-KV launches as (kernel, grid, args, kwargs), and the scratch they need allocated.
 
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. k, v: (B, Hkv, S, D)-indexed
@@ -198,11 +192,11 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         o_lse = torch.empty(splits, B, Hq, Sq, device=q.device, dtype=torch.float32)
         o_strides, l_strides = o.stride(), o_lse.stride()[:3]
     paged = block_table is not None
-    cap = capability(q.device) if cap is None and q.device.type != "meta" else cap
+    cc = capability(q.device) if cc is None and q.device.type != "meta" else cc
     bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
     # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
     # gate), keeping ~12% for the compiler's own buffers.
-    room = 0 if cap is None else smem_limit(cap) * 7 // 8 - block_m * bd * size
+    room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
     kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, PACK=pack,
                   FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=stages)

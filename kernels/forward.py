@@ -1,21 +1,13 @@
 """Forward kernel: one program per (query tile, batch * query head), online softmax over the visible key tiles."""
-import math
-from collections import Counter
-from typing import NamedTuple, Optional
-
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_kv, _rng, _score, _sequence, _slope,
                      _store_tile, _tile_id, _visible)
-from .configs import capability, forward_config, head_block, head_chunks, interpreter_active
-
-# Launches per kernel since import; tests read it to prove the Triton kernels ran.
-launches = Counter()
-
-LOG2E = math.log2(math.e)
+from .configs import capability, forward_config, head_block, head_chunks
+from .launch import (LOG2E, dropout_threshold, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
+                     tile_args)
 
 
 @triton.jit
@@ -58,14 +50,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     return acc, l_i, m_i
 
 
-@triton.heuristics({
-    "HAS_LEFT": lambda args: args["left"] >= 0,
-    "HAS_RIGHT": lambda args: args["right"] >= 0,
-    "VARLEN": lambda args: args["CU_Q"] is not None,
-    "SOFTCAP": lambda args: args["cap_out"] > 0,
-    "ALIBI": lambda args: args["SLOPES"] is not None,
-    "DROPOUT": lambda args: args["RNG"] is not None,
-})
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                      stride_qb, stride_qh, stride_qs, stride_qd,
@@ -137,95 +122,6 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
     tl.store(LSE + offs_m, tl.where(empty, float("-inf"), lse), mask=offs_m < seqlen_q)
 
 
-def fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs get IEEE dots; bf16 under the interpreter gets fp32 dots (see _dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
-
-
-def tma_ok(*tensors) -> bool:
-    """TMA can load these (B, H, S, D)-indexed views: last dim contiguous, base and other strides 16-byte aligned."""
-    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
-                                                                    for s in t.stride()[:3]) for t in tensors)
-
-
-def tile_source(t, tma: bool, block_rows: int, block_cols: int):
-    """What a kernel's loads read t through: a (B, H, S, D) tensor descriptor of [block_rows, block_cols] boxes
-    (TMA) or t itself (pointer loads)."""
-    if tma:
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
-    return t
-
-
-def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
-    """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
-    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
-    path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
-    longest-first and `reverse` says the last tiles are the heaviest."""
-    tensors = (q, k, v) if do is None else (q, k, v, do)
-    tma = cfg.tma and not packed and tma_ok(*tensors)
-    rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
-    src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
-    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, REVERSE=cfg.longest_first and reverse,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
-def reverse_tiles(left: int, right: int) -> bool:
-    """Query tiles see more keys the later they are when only the window's right side is bounded (causal)."""
-    return right >= 0 > left
-
-
-class Packed(NamedTuple):
-    """Packed sequences: q rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) attend to k rows [cu_seqlens_k[b],
-    cu_seqlens_k[b + 1]) of (1, H, total, D) views; the max lengths size the grid."""
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
-
-
-class Modifiers(NamedTuple):
-    """Score modifiers and dropout, each off by default. softcap > 0: scores capped to softcap * tanh(score /
-    softcap); alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + offset - j|; dropout_p > 0 with rng, the
-    call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
-    by 1 / (1 - p)."""
-    softcap: float = 0.0
-    alibi_slopes: Optional[torch.Tensor] = None
-    dropout_p: float = 0.0
-    rng: Optional[torch.Tensor] = None
-
-    @property
-    def dropout(self) -> bool:
-        """Whether the kernels drop anything: dropout_p > 0 and a [seed, offset] to draw with."""
-        return self.dropout_p > 0 and self.rng is not None
-
-
-def modifier_args(mods, scale: float):
-    """A kernel's modifier arguments: pointers (SLOPES, RNG), slope strides (batch, head), and (cap_in, cap_out,
-    threshold, drop_scale); a None pointer / 0 cap turns its constexpr flag off."""
-    mods = mods or Modifiers()
-    slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
-    strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
-        0, slopes.stride(0))
-    drop = mods.dropout
-    return ((slopes, mods.rng if drop else None), strides,
-            (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
-             1.0 / (1.0 - p) if drop else 1.0))
-
-
-def dropout_threshold(p: float) -> int:
-    """_keep keeps a probability where 24 random bits are >= this."""
-    return round(p * 2 ** 24)
-
-
-def grid_dims(q, k, packed):
-    """(batch, Sq, Sk) the grid covers, the cu_seqlens pointers and a function giving each tensor's
-    (batch, head, row, col) strides: packed sequences are rows of one batch slice, so their batch stride is 0."""
-    if packed is None:
-        return (q.shape[0], q.shape[2], k.shape[2]), (None, None), lambda t: tuple(t.stride())
-    return ((packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q, packed.max_seqlen_k),
-            (packed.cu_seqlens_q, packed.cu_seqlens_k), lambda t: (0, *t.stride()[1:]))
-
-
 def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None,
                      mods=None):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
@@ -241,14 +137,6 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
               *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
               *values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
-
-
-def run(launch_list, name: str):
-    """Launch each (kernel, grid, args, kwargs); count the call under `name` and its load path."""
-    for kernel, grid, args, kwargs in launch_list:
-        kernel[grid](*args, **kwargs)
-    launches[name] += 1
-    launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
 
 
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None,

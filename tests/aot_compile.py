@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime import driver
 
-from fused_attn.kernels import backward, configs, decode, forward
+from fused_attn.kernels import backward, configs, decode, forward, launch
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (1023, 0)}  # window: Mistral sliding_window=1024
@@ -108,7 +108,7 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     if kind in ("decode", "paged"):
         return decode_launch_list(arch, dtype, d, mask, group, kind == "paged")
     packed = kind == "packed"
-    cap = (arch // 10, arch % 10)
+    cc = (arch // 10, arch % 10)
     B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
     Hkv = Hq // group
     layout = "bshd" if packed else layout
@@ -118,14 +118,14 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     stats = torch.empty(B, Hq, S, 2, device="meta")
     left, right = MASKS[mask]
     with configs.use(tma=tma, longest_first=longest_first):
-        fc = configs.forward_config(d, d, dtype, cap, packed=packed)
-        bc = configs.backward_config(d, d, dtype, cap, packed=packed, dropout=kind == "modifiers")
+        fc = configs.forward_config(d, d, dtype, cc, packed=packed)
+        bc = configs.backward_config(d, d, dtype, cc, packed=packed, dropout=kind == "modifiers")
     args = (d ** -0.5, 0, left, right)
     cu = torch.empty(PACKED_SEQS + 1, dtype=torch.int32, device="meta")
-    pk = forward.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
+    pk = launch.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
     mods = None
     if kind == "modifiers":
-        mods = forward.Modifiers(50.0, torch.empty(Hq, device="meta"), 0.1,
+        mods = launch.Modifiers(50.0, torch.empty(Hq, device="meta"), 0.1,
                                  torch.empty(2, dtype=torch.int64, device="meta"))
     return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods)
             + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods))

@@ -5,7 +5,7 @@ import torch
 
 import fused_attn
 from fused_attn import kernels
-from fused_attn.numerics import Case, evaluate, make_inputs
+from fused_attn.testing import Case, evaluate, make_inputs
 
 ON_GPU = torch.cuda.is_available()
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32

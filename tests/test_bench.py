@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from bench import plot, run, sweep
+from bench import common, plot, run, sweep
 
 
 def test_sweep_fixes_tokens_and_hidden():
@@ -80,13 +80,13 @@ def _rows():
 
 def test_results_are_written_as_json_and_csv(tmp_path):
     rows = _rows()
-    run.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
+    common.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["environment"]["gpu"] == "Synthetic GPU" and len(data["rows"]) == len(rows)
     with open(tmp_path / "results.csv") as f:
         back = list(csv.DictReader(f))
     assert len(back) == len(rows) and back[0]["window"] == "-1 0" and back[-1]["status"].startswith("unsupported")
-    assert set(run.FIELDS) <= set(back[0])
+    assert set(common.FIELDS) <= set(back[0])
 
 
 def test_plots_from_synthetic_results(tmp_path):
@@ -113,7 +113,7 @@ def test_cli_dry_run_and_no_gpu_exit(capsys):
 def test_plot_only_redraws_from_a_results_file(tmp_path, capsys):
     rows = _rows()
     rows.append(dict(rows[0], modifier="softcap"))
-    run.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
+    common.write(rows, {"gpu": "Synthetic GPU"}, tmp_path)
     assert run.main(["--plot-only", str(tmp_path / "results.json"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "plots" / "windows_d64.png").exists()
     assert plot._panel(rows[-1]) == "causal+softcap" and plot._panel(rows[0]) == "causal"
@@ -177,13 +177,41 @@ def test_varlen_providers_pass_their_check(name, monkeypatch):
     assert status == "ok", (status, metric)
 
 
-def test_decode_sweep_and_bytes():
+def test_decode_sweep_and_bytes(capsys):
     from bench import decode
     cases = decode.build()
     assert len(cases) == 3 * 4 * 2 * 3 and {c.page for c in cases} == {0, 16, 256}
     c = decode.Case(8, 32768, 1, 16)
     assert c.kv_bytes() == 2 * 8 * 32768 * 8 * 128 * 2
     assert run.main(["--decode", "--dry-run"]) == 0
+    assert "decode: 72 configurations x 5 providers" in capsys.readouterr().out
+    # --seqlens are the cache lengths, --head-dims the head dims
+    assert run.main(["--decode", "--dry-run", "--seqlens", "2048", "--head-dims", "64", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "decode: 36 configurations" in out and "cache=   2048" in out and "D=256" in out and "cache=   1024" not in out
+
+
+@pytest.mark.parametrize("argv,refused", [
+    (["--decode", "--masks", "causal"], "--decode does not take --masks"),
+    (["--decode", "--modes", "fwd"], "--decode does not take --modes"),
+    (["--decode", "--tokens", "4096", "--gqa-ratio", "2"], "--decode does not take --gqa-ratio, --tokens"),
+    (["--varlen", "--seqlens", "1024"], "--varlen does not take --seqlens"),
+    (["--varlen", "--masks", "window256"], "--varlen takes the masks none and causal"),
+    (["--varlen", "--modifiers", "softcap"], "--varlen does not take --modifiers"),
+    (["--dtype", "fp32"], "--dtype fp32 is for --decode only"),
+])
+def test_options_a_benchmark_does_not_take_are_refused(argv, refused, capsys):
+    """A flag is honoured or refused with a message, never ignored."""
+    with pytest.raises(SystemExit):
+        run.main(argv + ["--dry-run"])
+    assert refused in capsys.readouterr().err
+
+
+def test_varlen_honours_its_options(capsys):
+    assert run.main(["--varlen", "--dry-run", "--head-dims", "64", "--masks", "causal", "--modes", "fwd",
+                     "--hidden", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "varlen: 1 configurations" in out and "varlen D= 64 H=16 causal fwd" in out
 
 
 @pytest.mark.parametrize("page", [0, 16])

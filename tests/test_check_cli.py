@@ -6,9 +6,9 @@ import pytest
 from fused_attn.__main__ import main
 
 
-def test_check_quick_passes_and_round_trips_a_baseline(tmp_path, capsys):
+def test_check_passes_and_round_trips_a_baseline(tmp_path, capsys):
     base = tmp_path / "base.json"
-    assert main(["check", "--quick", "--save-baseline", str(base)]) == 0
+    assert main(["check", "--save-baseline", str(base)]) == 0
     text = capsys.readouterr().out
     assert "PASS" in text and "FAIL" not in text and "cases passed" in text
     saved = json.loads(base.read_text())
@@ -16,16 +16,49 @@ def test_check_quick_passes_and_round_trips_a_baseline(tmp_path, capsys):
     assert all(set(errs) == {"out", "lse", "dq", "dk", "dv"} for errs in saved["cases"].values())
 
     # Same machine, same code: no error grew.
-    assert main(["check", "--quick", "--baseline", str(base)]) == 0
+    assert main(["check", "--baseline", str(base)]) == 0
     capsys.readouterr()
 
     # A baseline whose errors are far smaller than today's (and than the rounding floor) flags growth.
     shrunk = {name: {k: v / 1000 for k, v in errs.items()} for name, errs in saved["cases"].items()}
     (tmp_path / "tight.json").write_text(json.dumps({"environment": {}, "cases": shrunk}))
-    assert main(["check", "--quick", "--baseline", str(tmp_path / "tight.json")]) == 1
+    assert main(["check", "--baseline", str(tmp_path / "tight.json")]) == 1
     assert "grew >2x vs baseline" in capsys.readouterr().out
 
 
-def test_check_rejects_unknown_options():
+@pytest.mark.parametrize("option", ["--fast", "--quick"])
+def test_check_rejects_unknown_options(option, capsys):
+    """--quick was accepted and never read (the small sweep is the default): refused like any unknown flag."""
     with pytest.raises(SystemExit):
-        main(["check", "--fast"])
+        main(["check", option])
+    assert f"unrecognized arguments: {option}" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_ends_each_line_with_count_and_times():
+    import io
+    from fused_attn.progress import Progress
+    buf = io.StringIO()
+    p = Progress(2, "t", file=buf)
+    p.current("case a")
+    p.advance("case a: ok")
+    p.advance("case b: ok")
+    p.close()
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("case a: ok  [1/2, 00:00 elapsed, ~00:00 left]")
+    assert lines[1].startswith("case b: ok  [2/2, ") and len(lines) == 2
+
+
+def test_progress_on_a_terminal_draws_a_bar():
+    import io
+    from fused_attn.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    buf = Terminal()
+    p = Progress(2, "check", file=buf)
+    p.current("case a")
+    p.advance("case a: ok")
+    p.close()
+    out = buf.getvalue()
+    assert "case a: ok\n" in out and "check:" in out and "/2 [" in out and "\r" in out  # tqdm redraws in place

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from fused_attn import kernels
 from fused_attn.distributed import _group, ring_attention, shard_sequence, ulysses_attention, unshard_sequence
 from fused_attn.distributed.sharding import assemble, shard_of
-from fused_attn.numerics import Case, _measure, kernel_modifiers, make_inputs
+from fused_attn.testing import Case, _measure, kernel_modifiers, make_inputs
 
 F16, F32 = torch.float16, torch.float32
 

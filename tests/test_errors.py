@@ -77,8 +77,31 @@ def test_cpu_without_interpreter_says_how_to_proceed():
 
 
 def test_slices_beyond_32_bit_offsets_are_refused(monkeypatch):
-    import fused_attn.function as function
+    import fused_attn._args as args
     q = t(1, 2, 64, 32, device=DEVICE)
-    monkeypatch.setattr(function, "MAX_OFFSET", 64 * 32 - 2)  # stands in for 2**31 - 1
+    monkeypatch.setattr(args, "MAX_OFFSET", 64 * 32 - 2)  # stands in for 2**31 - 1
     with pytest.raises(ValueError, match=r"q spans 2047 elements .* 32-bit offsets"):
+        fused_attn.attention(q, q, q)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_caches_beyond_32_bit_offsets_are_refused(paged):
+    """The real limit, on meta tensors (no memory): a contiguous cache row of 2^22 keys x 16 heads x 64 spans more
+    than 2^31 elements; a paged cache of the same capacity addresses one page at a time, and passes the check
+    (then meets the device check)."""
+    q = torch.empty(1, 1, 16, 64, device="meta", dtype=torch.float16)
+    if paged:
+        cache = torch.empty(2 ** 22 // 256, 256, 16, 64, device="meta", dtype=torch.float16)
+        table = torch.zeros(1, 2 ** 22 // 256, dtype=torch.int32, device="meta")
+        with pytest.raises(ValueError, match="supports CUDA tensors .* got device meta"):
+            fused_attn.attention_with_kvcache(q, cache, cache, block_table=table)
+        return
+    cache = torch.empty(1, 2 ** 22, 16, 64, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"k spans \d+ elements .* 32-bit offsets"):
+        fused_attn.attention_with_kvcache(q, cache, cache)
+
+
+def test_long_sequences_beyond_32_bit_offsets_are_refused():
+    q = torch.empty(1, 1, 2 ** 23 + 1, 256, device="meta", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"q spans \d+ elements .* 32-bit offsets"):
         fused_attn.attention(q, q, q)

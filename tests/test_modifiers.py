@@ -6,7 +6,7 @@ import torch
 
 import fused_attn
 from fused_attn import kernels
-from fused_attn.numerics import (Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs, rng_state,
+from fused_attn.testing import (Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs, rng_state,
                                  set_rng_state)
 
 ON_GPU = torch.cuda.is_available()

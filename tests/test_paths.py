@@ -5,7 +5,7 @@ import torch
 
 from fused_attn import function, kernels
 from fused_attn.kernels import configs, forward
-from fused_attn.numerics import Case, evaluate
+from fused_attn.testing import Case, evaluate
 
 ON_GPU = torch.cuda.is_available()
 TMA_HERE = not ON_GPU or torch.cuda.get_device_capability()[0] >= 9
@@ -77,23 +77,24 @@ def test_use_overrides_and_restores():
 
 def test_interpreter_version_check(monkeypatch):
     """Triton < 3.7's interpreter with NumPy >= 2.4 fails inside every kernel: say so before launching."""
+    import fused_attn._args as args
     class V:
         def __init__(self, v):
             self.__version__ = v
-    monkeypatch.setattr(function, "triton", V("3.6.0"))
-    monkeypatch.setattr(function, "numpy", V("2.4.1"))
+    monkeypatch.setattr(args, "triton", V("3.6.0"))
+    monkeypatch.setattr(args, "numpy", V("2.4.1"))
     with pytest.raises(RuntimeError, match=r"install 'numpy<2.4' or 'triton>=3.7'"):
-        function._check_interpreter()
-    monkeypatch.setattr(function, "numpy", V("2.3.5"))
-    function._check_interpreter()
-    monkeypatch.setattr(function, "triton", V("3.7.0"))
-    monkeypatch.setattr(function, "numpy", V("2.4.1"))
-    function._check_interpreter()
+        args._check_interpreter()
+    monkeypatch.setattr(args, "numpy", V("2.3.5"))
+    args._check_interpreter()
+    monkeypatch.setattr(args, "triton", V("3.7.0"))
+    monkeypatch.setattr(args, "numpy", V("2.4.1"))
+    args._check_interpreter()
 
 
 def test_split_dkdv_is_bitwise_the_one_pass_backward(device):
     """Large head dims run dV and dK as two launches of the dK/dV kernel: the same arithmetic per accumulator."""
-    from fused_attn.numerics import make_inputs
+    from fused_attn.testing import make_inputs
     case = Case(1, 4, 2, 70, 90, 40, 24, causal=True)
     q, k, v, do = (t.detach() for t in make_inputs(case, device))
     B, Hq, Sq, _ = q.shape

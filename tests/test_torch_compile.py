@@ -4,7 +4,7 @@ import torch
 
 import fused_attn
 from fused_attn import kernels, ops
-from fused_attn.numerics import Case, make_inputs
+from fused_attn.testing import Case, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -71,7 +71,7 @@ def test_fullgraph_compile_with_modifiers():
 
 
 def _packed_inputs():
-    from fused_attn.numerics import VarlenCase, make_varlen_inputs
+    from fused_attn.testing import VarlenCase, make_varlen_inputs
     return make_varlen_inputs(VarlenCase((20, 0, 33), (25, 9, 30), 4, 2, 32, 16, dtype=torch.float32, tail=2),
                               DEVICE)
 

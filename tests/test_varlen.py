@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import fused_attn
-from fused_attn.numerics import VarlenCase, cu_seqlens, evaluate_varlen, make_varlen_inputs
+from fused_attn import cu_seqlens
+from fused_attn.testing import VarlenCase, evaluate_varlen, make_varlen_inputs
 
 ON_GPU = torch.cuda.is_available()
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -87,7 +88,7 @@ def test_backward_is_deterministic(device):
 def test_every_row_written(device):
     """NaN-poisoned buffers: the launchers write every row some sequence covers (the ops pre-fill the rest)."""
     from fused_attn import kernels
-    from fused_attn.kernels.forward import Packed
+    from fused_attn.kernels import Packed
     case = VarlenCase((23, 40), (50, 40), 2, 1, 32, dtype=F32, causal=True)
     q, k, v, do, cu_q, cu_k = (t.detach() for t in make_varlen_inputs(case, device))
     view = (lambda t: t.unsqueeze(0).transpose(1, 2))

@@ -8,14 +8,15 @@ p - left <= t <= p + right). A step's kernel calls are planned from the shards' 
 that is entirely visible runs unmasked, one that nothing sees is not launched, and a step nothing on any rank
 needs (keys beyond every window) ends the ring early, sending nothing more.
 """
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import torch
 
 from .. import ops
-from ..decode import merge_attention
-from ..kernels.forward import LOG2E
+from ..kernels.launch import LOG2E
+from ..merge import merge_attention
 from ._group import agree, check_shards, exchange, rank_and_size
 from .sharding import segments
 
@@ -112,10 +113,15 @@ def _stats(lse):
     return torch.stack([torch.zeros_like(lse), log2_l], dim=-1)
 
 
-def _ring_forward(q, k, v, scale, mods, plan, last, group, rank, world, layout):
+def _step(call: ops.Call, c: Call) -> ops.Call:
+    """The ops' Call of one planned kernel call c (its diagonal offset and window; (B, H, S, D) "bhsd" views)."""
+    return dataclasses.replace(call, offset=c.offset, left=c.left, right=c.right, layout="bhsd")
+
+
+def _ring_forward(q, k, v, call, plan, last, group, rank, world):
     B, H, S, Dv = *q.shape[:3], v.shape[-1]
-    acc = q.new_zeros((B, S, H, Dv) if layout == "bshd" else (B, H, S, Dv), dtype=torch.float32)
-    acc = acc.transpose(1, 2) if layout == "bshd" else acc  # out in the layout's memory order, like attention's
+    acc = q.new_zeros((B, S, H, Dv) if call.layout == "bshd" else (B, H, S, Dv), dtype=torch.float32)
+    acc = acc.transpose(1, 2) if call.layout == "bshd" else acc  # out in the layout's memory order, like attention's
     lse = q.new_full((B, H, S), float("-inf"), dtype=torch.float32)
     kv = _pack(k, v)
     nxt, prev = (rank + 1) % world, (rank - 1) % world
@@ -123,8 +129,8 @@ def _ring_forward(q, k, v, scale, mods, plan, last, group, rank, world, layout):
         pending = exchange(kv, group, nxt, prev, "kv") if step < last else None  # the next shard, meanwhile
         ks, vs = _unpack(kv, k.shape, v.shape)
         for c in calls:
-            part, part_lse, _, _ = ops.forward(q[:, :, c.q0:c.q1], ks[:, :, c.k0:c.k1], vs[:, :, c.k0:c.k1], scale,
-                                               c.offset, c.left, c.right, "bhsd", None, None, 0, 0, *mods)
+            part, part_lse, _, _ = ops.attention_forward(q[:, :, c.q0:c.q1], ks[:, :, c.k0:c.k1],
+                                                         vs[:, :, c.k0:c.k1], _step(call, c))
             rows = slice(c.q0, c.q1)
             acc[:, :, rows], lse[:, :, rows] = merge_attention([acc[:, :, rows], part.float()],
                                                                [lse[:, :, rows], part_lse])
@@ -133,7 +139,7 @@ def _ring_forward(q, k, v, scale, mods, plan, last, group, rank, world, layout):
     return acc.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank, world):
+def _ring_backward(dout, q, k, v, out, lse, call, plan, last, group, rank, world):
     stats = _stats(lse)  # the backward kernels read it contiguous: one copy per row range the calls use
     stats = {(c.q0, c.q1): stats[:, :, c.q0:c.q1].contiguous() for calls in plan for c in calls}
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
@@ -147,9 +153,8 @@ def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank
         dks, dvs = _unpack(contrib, k.shape, v.shape)
         for c in calls:
             rows, cols = slice(c.q0, c.q1), slice(c.k0, c.k1)
-            g_q, g_k, g_v = ops.backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols], vs[:, :, cols],
-                                         out[:, :, rows], stats[c.q0, c.q1], scale, c.offset, c.left,
-                                         c.right, None, None, 0, 0, *mods)
+            g_q, g_k, g_v = ops.attention_backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols], vs[:, :, cols],
+                                                   out[:, :, rows], stats[c.q0, c.q1], None, _step(call, c))
             dq[:, :, rows] += g_q.float()
             dks[:, :, cols] += g_k.float()
             dvs[:, :, cols] += g_v.float()
@@ -164,27 +169,26 @@ def _ring_backward(dout, q, k, v, out, lse, scale, mods, plan, last, group, rank
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """(B, H, S_shard, D)-indexed views of this rank's q, k, v shards -> this rank's out (laid out as `layout`) and
-    lse; the backward gives this rank's dq, dk, dv."""
+    """(B, H, S_shard, D)-indexed views of this rank's q, k, v shards and the ops.Call of the whole sequence's
+    attention -> this rank's out (laid out as call.layout) and lse; the backward gives this rank's dq, dk, dv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, left: int, right: int, zigzag: bool, layout: str, group,
-                softcap: float = 0.0, alibi_slopes=None):
+    def forward(ctx, q, k, v, call: ops.Call, zigzag: bool, group):
         rank, world = rank_and_size(group)
-        plan, last = schedule(rank, world, q.shape[2], zigzag, left, right, alibi_slopes is not None)
+        exact = call.mods.alibi_slopes is not None
+        plan, last = schedule(rank, world, q.shape[2], zigzag, call.left, call.right, exact)
         args = (plan, last, group, rank, world)
-        out, lse = _ring_forward(q, k, v, scale, (softcap, alibi_slopes), *args, layout)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-        ctx.args = (scale, softcap, *args)
+        out, lse = _ring_forward(q, k, v, call, *args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (call, *args)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        scale, softcap, *args = ctx.args
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, scale, (softcap, alibi_slopes), *args)
-        return dq, dk, dv, *[None] * 8
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, group=None, layout="bhsd",
@@ -224,7 +228,7 @@ def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, g
         return dict(facts, zigzag=zigzag)
     agree(group, "ring_attention", check)
     a, mods, _ = checked["args"]
-    out, lse = RingAttentionFunction.apply(a.q, a.k, a.v, a.scale, a.left, a.right, zigzag, layout, group, *mods)
+    out, lse = RingAttentionFunction.apply(a.q, a.k, a.v, ops.Call.of(a, mods), zigzag, group)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -54,7 +54,8 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
                              f"Hkv = {Hkv} on {world} ranks")
         return facts
     agree(group, "ulysses_attention", check)
-    a, (softcap, slopes), _ = checked["args"]
+    a, mods, _ = checked["args"]
+    slopes = mods.alibi_slopes
     if slopes is not None:  # this rank's query heads
         slopes = slopes.chunk(world, dim=-1)[rank].contiguous()
     heads, seq = (1, 2) if layout == "bhsd" else (2, 1)
@@ -62,7 +63,7 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
     Hkv = a.k.shape[1]
     k, v = (t if Hkv % world == 0 else t.repeat_interleave(world // Hkv, dim=heads) for t in (k, v))
     out, lse = attention(to_heads(q), to_heads(k), to_heads(v), causal=causal, window_size=window_size,
-                         scale=a.scale, layout=layout, return_lse=True, softcap=softcap, alibi_slopes=slopes)
+                         scale=a.scale, layout=layout, return_lse=True, softcap=mods.softcap, alibi_slopes=slopes)
     out = _AllToAll.apply(out, seq, heads, group, world)
     if not return_lse:
         return out

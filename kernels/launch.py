@@ -1,0 +1,144 @@
+"""What every launcher shares: the bundles of optional inputs (packed sequences, modifiers), the constexpr flags
+they turn into (one @triton.heuristics table for every kernel), tile sources (pointer or TMA), grid dimensions,
+and `run`, which launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .configs import head_block, interpreter_active
+
+# Kernel launches since import, per launcher call ("fwd", "bwd", "decode", with ":tma" / ":ptr") and per kernel;
+# tests read it to prove the Triton kernels ran. Only launches that happened are counted.
+launches = Counter()
+
+LOG2E = math.log2(math.e)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Packed sequences: q rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) attend to k rows [cu_seqlens_k[b],
+    cu_seqlens_k[b + 1]) of (1, H, total, D) views; the max lengths size the grid."""
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@dataclass(frozen=True)
+class Modifiers:
+    """Score modifiers and dropout, each off by default. softcap > 0: scores capped to softcap * tanh(score /
+    softcap); alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + offset - j|; dropout_p > 0 with rng, the
+    call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
+    by 1 / (1 - p)."""
+    softcap: float = 0.0
+    alibi_slopes: Optional[torch.Tensor] = None
+    dropout_p: float = 0.0
+    rng: Optional[torch.Tensor] = None
+
+    @property
+    def dropout(self) -> bool:
+        """Whether the kernels drop anything: dropout_p > 0 and a [seed, offset] to draw with."""
+        return self.dropout_p > 0 and self.rng is not None
+
+
+# The optional features' constexpr flags, from the launch arguments that carry them; each kernel takes the ones it
+# implements (`features`), so a flag is defined once for the forward, dK/dV, dQ and split-KV kernels.
+FEATURES = {
+    "HAS_LEFT": lambda args: args["left"] >= 0,
+    "HAS_RIGHT": lambda args: args["right"] >= 0,
+    "VARLEN": lambda args: args["CU_Q"] is not None,
+    "PAGED": lambda args: args["PAGES"] is not None,
+    "HAS_SEQLENS": lambda args: args["SEQLENS_K"] is not None,
+    "SOFTCAP": lambda args: args["cap_out"] > 0,
+    "ALIBI": lambda args: args["SLOPES"] is not None,
+    "DROPOUT": lambda args: args["RNG"] is not None,
+}
+
+
+def features(*names):
+    """@triton.heuristics for the named FEATURES."""
+    return triton.heuristics({n: FEATURES[n] for n in names})
+
+
+def modifier_args(mods: Optional[Modifiers], scale: float):
+    """A kernel's modifier arguments: pointers (SLOPES, RNG), slope strides (batch, head), and (cap_in, cap_out,
+    threshold, drop_scale); a None pointer / softcap 0 turns its constexpr flag off."""
+    mods = mods or Modifiers()
+    slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
+    strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
+        0, slopes.stride(0))
+    drop = mods.dropout
+    return ((slopes, mods.rng if drop else None), strides,
+            (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
+             1.0 / (1.0 - p) if drop else 1.0))
+
+
+def dropout_threshold(p: float) -> int:
+    """_keep keeps a probability where 24 random bits are >= this."""
+    return round(p * 2 ** 24)
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """fp32 inputs get IEEE dots; bf16 under the interpreter gets fp32 dots (see common._dot)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
+
+
+def tma_ok(*tensors) -> bool:
+    """TMA can load these (B, H, S, D)-indexed views: last dim contiguous, base and other strides 16-byte aligned."""
+    return all(t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                                                    for s in t.stride()[:3]) for t in tensors)
+
+
+def tile_source(t, tma: bool, block_rows: int, block_cols: int):
+    """What a kernel's loads read t through: a (B, H, S, D) tensor descriptor of [block_rows, block_cols] boxes
+    (TMA) or t itself (pointer loads)."""
+    if tma:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_cols])
+    return t
+
+
+def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
+    """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
+    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
+    path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
+    longest-first and `reverse` says the last tiles are the heaviest."""
+    tensors = (q, k, v) if do is None else (q, k, v, do)
+    tma = cfg.tma and not packed and tma_ok(*tensors)
+    rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
+    src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
+    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, REVERSE=cfg.longest_first and reverse,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def reverse_tiles(left: int, right: int) -> bool:
+    """Query tiles see more keys the later they are when only the window's right side is bounded (causal)."""
+    return right >= 0 > left
+
+
+def grid_dims(q, k, packed: Optional[Packed]):
+    """(batch, Sq, Sk) the grid covers, the cu_seqlens pointers and a function giving each tensor's
+    (batch, head, row, col) strides: packed sequences are rows of one batch slice, so their batch stride is 0."""
+    if packed is None:
+        return (q.shape[0], q.shape[2], k.shape[2]), (None, None), lambda t: tuple(t.stride())
+    return ((packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q, packed.max_seqlen_k),
+            (packed.cu_seqlens_q, packed.cu_seqlens_k), lambda t: (0, *t.stride()[1:]))
+
+
+def _kernel_name(kernel) -> str:
+    return getattr(kernel, "__name__", None) or kernel.fn.__name__  # under @triton.heuristics: .fn
+
+
+def run(launch_list, name: str):
+    """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
+    path (`name:tma` / `name:ptr`), each kernel under its own name. An empty list launches and counts nothing."""
+    for kernel, grid, args, kwargs in launch_list:
+        kernel[grid](*args, **kwargs)
+        launches[_kernel_name(kernel)] += 1
+    if launch_list:
+        launches[name] += 1
+        launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
