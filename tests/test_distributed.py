@@ -57,11 +57,15 @@ CASES = [
     CP("ring", 2, replace(_case(64, 2, 1, window=(9, 4), batch=2), alibi="batch")),
     CP("ulysses", 2, replace(_case(64, 4, 2, causal=True, batch=2), softcap=3.0, alibi="batch")),
     CP("ulysses", 2, _case(64, 4, 1, dtype=F16, window=(6, 2), layout="bshd")),  # one kv head sent to both ranks
+    # large logits (scaled scores ~1e3): the backward rebuilds P from the merged lse alone
+    CP("ring", 2, replace(_case(64, 2, 2, causal=True), logit_scale=1000.0), zigzag=True),
     # world 4: shards of 32 (zigzag: chunks of 16)
     CP("ring", 4, _case(128, 4, 1, dtype=F16, causal=True), zigzag=True, twice=True),
     CP("ring", 4, _case(128, 2, 2, causal=True, window=(8, 0))),  # only neighbours' keys: the ring stops at step 1
     CP("ring", 4, _case(128, 4, 2, window=(20, 0), layout="bshd"), zigzag=True),
     CP("ring", 4, _case(128, 4, 2)),
+    CP("ring", 4, replace(_case(128, 4, 2, window=(40, 0)), logit_scale=1000.0)),
+    CP("ring", 4, replace(_case(128, 2, 1, dtype=F16), logit_scale=300.0), zigzag=True),
     CP("ulysses", 4, _case(128, 4, 2, causal=True)),
     CP("ulysses", 4, _case(128, 8, 4, dtype=F16, window=(9, 0))),
 ]

@@ -20,6 +20,7 @@ from fused_attn import attention_probs, kernels  # noqa: E402
 from fused_attn.explore import analysis, model  # noqa: E402
 
 APP = os.path.join(os.path.dirname(analysis.__file__), "app.py")
+RUNNING = "Running the model (on a CPU the kernels run through the Triton interpreter: this can take minutes)"
 TEXT = "The kernels keep a running maximum and sum for each row, and return the log-sum-exp of the scores."
 
 
@@ -203,3 +204,27 @@ def test_served_page_renders_in_a_browser(tmp_path, free_port):
     assert pixels.shape[0] > 1000 and pixels[..., :3].std() > 0.05  # rendered, not a blank page
     if os.environ.get("FUSED_ATTN_SCREENSHOT"):
         shutil.copy(shot, os.environ["FUSED_ATTN_SCREENSHOT"])
+
+
+def test_page_shows_its_title_and_running_state_before_the_model_runs(monkeypatch):
+    """The first thing the page draws is its title and a "running the model" state: with the model run held at its
+    start (it stops the script there), the page already shows both; after a full run the state says it is done."""
+    import streamlit as st
+
+    def held(*args, **kwargs):
+        st.stop()
+
+    def status(at):
+        return [c for c in at.main.children.values() if type(c).__name__ == "Status"]
+    st.cache_resource.clear()
+    monkeypatch.setattr(analysis, "run", held)
+    at = _page()
+    shown = list(at.main.children.values())
+    assert at.title[0].value == "fused_attn attention explorer" and shown[0] == at.title[0]
+    assert [s.label for s in status(at)] == [RUNNING] and status(at)[0] == shown[1]
+    assert not at.dataframe and not at.error  # nothing of the results yet
+    monkeypatch.undo()
+    st.cache_resource.clear()
+    at = _page()
+    label = status(at)[0].label
+    assert label.startswith("Ran demo") and label.endswith(" tokens"), label

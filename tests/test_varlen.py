@@ -105,6 +105,18 @@ def test_every_row_written(device):
         assert not torch.isnan(t).any()
 
 
+def test_launch_counter_counts_only_launched_kernels(device):
+    """No query rows at all (max_seqlen_q = 0): the forward has nothing to launch, and the counter that the tests'
+    proofs of "the kernels ran" read must not move; a call with rows moves it by one per kernel."""
+    from fused_attn import kernels
+    q, k = torch.randn(4, 2, 16, device=device), torch.randn(9, 2, 16, device=device)
+    before = kernels.launches.copy()
+    out = fused_attn.attention_varlen(q, k, k, cu_seqlens([0, 0], device), cu_seqlens([5, 4], device), 0, 5)
+    assert kernels.launches == before and torch.equal(out, torch.zeros_like(out))
+    fused_attn.attention_varlen(q, k, k, cu_seqlens([2, 2], device), cu_seqlens([5, 4], device), 2, 5)
+    assert kernels.launches - before == {"fwd": 1, "fwd:ptr": 1, "_attn_fwd_kernel": 1}
+
+
 def test_output_shapes_and_layout(device):
     case = VarlenCase((5, 9), (7, 3), 4, 2, 32, 16)
     q, k, v, _, cu_q, cu_k = make_varlen_inputs(case, device)
@@ -143,6 +155,10 @@ CU = cu_seqlens([4, 6], "cuda" if ON_GPU else "cpu")
     pytest.param((t3(10), t3(10), t3(10), CU, CU, 6, -1), ValueError, "max_seqlen_k must be >= 0, got -1",
                  id="max-negative"),
     pytest.param((t3(10), t3(10), t3(10), CU, CU, 6.0, 6), TypeError, "max_seqlen_q must be an int", id="max-float"),
+    pytest.param((t3(10), t3(10), t3(10), CU, CU, None, 6), TypeError, "max_seqlen_q must be an int .* got None",
+                 id="max-q-none"),
+    pytest.param((t3(10), t3(10), t3(10), CU, CU, 6, None), TypeError, "max_seqlen_k must be an int .* got None",
+                 id="max-k-none"),
     pytest.param((t3(10), t3(10), t3(10), CU, CU, 6, 6, True), TypeError, "positional", id="causal-positional"),
 ])
 def test_invalid_inputs(args, exc, match):

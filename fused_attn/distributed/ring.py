@@ -106,11 +106,18 @@ def _unpack(buf, *shapes):
     return out
 
 
-def _stats(lse):
-    """The backward kernels' per-row stats (m, log2 l) for the merged softmax: m = 0, log2 l = lse * log2(e), so
-    P = exp(scale * s - lse); rows that saw no key get the kernels' (0, inf), which makes P exactly 0."""
-    log2_l = torch.where(torch.isinf(lse), float("inf"), lse * LOG2E)
-    return torch.stack([torch.zeros_like(lse), log2_l], dim=-1)
+def _merge_stats(acc, part, qk_scale: float):
+    """The kernels' per-row softmax stats (m: the row max of the scores in the kernels' unit, log2 l: of the
+    denominator; empty rows (0, inf)) of two disjoint key sets merged into those of their union, in fp32:
+    m = max(m_a, m_b), l = l_a 2^((m_a - m) qk_scale) + l_b 2^((m_b - m) qk_scale). Carrying the row max keeps the
+    backward's P = exp2((s - m) qk_scale - log2 l) free of the cancellation that P = exp(scale s - lse) suffers at
+    large logits."""
+    m_a, m_b = acc[..., 0], part[..., 0]
+    l_a, l_b = (torch.where(torch.isinf(t[..., 1]), float("-inf"), t[..., 1]) for t in (acc, part))  # log2 of 0
+    m = torch.where(torch.isinf(l_a), m_b, torch.where(torch.isinf(l_b), m_a, torch.maximum(m_a, m_b)))
+    log2_l = torch.logaddexp2((m_a - m) * qk_scale + l_a, (m_b - m) * qk_scale + l_b)
+    empty = torch.isinf(log2_l)
+    return torch.stack([torch.where(empty, 0.0, m), torch.where(empty, float("inf"), log2_l)], dim=-1)
 
 
 def _step(call: ops.Call, c: Call) -> ops.Call:
@@ -123,24 +130,26 @@ def _ring_forward(q, k, v, call, plan, last, group, rank, world):
     acc = q.new_zeros((B, S, H, Dv) if call.layout == "bshd" else (B, H, S, Dv), dtype=torch.float32)
     acc = acc.transpose(1, 2) if call.layout == "bshd" else acc  # out in the layout's memory order, like attention's
     lse = q.new_full((B, H, S), float("-inf"), dtype=torch.float32)
+    stats = torch.stack([torch.zeros_like(lse), torch.full_like(lse, float("inf"))], dim=-1)  # (m, log2 l): empty
     kv = _pack(k, v)
     nxt, prev = (rank + 1) % world, (rank - 1) % world
     for step, calls in enumerate(plan):
         pending = exchange(kv, group, nxt, prev, "kv") if step < last else None  # the next shard, meanwhile
         ks, vs = _unpack(kv, k.shape, v.shape)
         for c in calls:
-            part, part_lse, _, _ = ops.attention_forward(q[:, :, c.q0:c.q1], ks[:, :, c.k0:c.k1],
-                                                         vs[:, :, c.k0:c.k1], _step(call, c))
+            part, part_lse, part_stats, _ = ops.attention_forward(q[:, :, c.q0:c.q1], ks[:, :, c.k0:c.k1],
+                                                                  vs[:, :, c.k0:c.k1], _step(call, c))
             rows = slice(c.q0, c.q1)
             acc[:, :, rows], lse[:, :, rows] = merge_attention([acc[:, :, rows], part.float()],
                                                                [lse[:, :, rows], part_lse])
+            stats[:, :, rows] = _merge_stats(stats[:, :, rows], part_stats, call.scale * LOG2E)
         if pending is not None:
             kv = pending.wait()
-    return acc.to(q.dtype), lse
+    return acc.to(q.dtype), lse, stats
 
 
-def _ring_backward(dout, q, k, v, out, lse, call, plan, last, group, rank, world):
-    stats = _stats(lse)  # the backward kernels read it contiguous: one copy per row range the calls use
+def _ring_backward(dout, q, k, v, out, stats, call, plan, last, group, rank, world):
+    # the merged stats (_merge_stats); the backward kernels read them contiguous: one copy per row range used
     stats = {(c.q0, c.q1): stats[:, :, c.q0:c.q1].contiguous() for calls in plan for c in calls}
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     kv = _pack(k, v)
@@ -178,16 +187,16 @@ class RingAttentionFunction(torch.autograd.Function):
         exact = call.mods.alibi_slopes is not None
         plan, last = schedule(rank, world, q.shape[2], zigzag, call.left, call.right, exact)
         args = (plan, last, group, rank, world)
-        out, lse = _ring_forward(q, k, v, call, *args)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse, stats = _ring_forward(q, k, v, call, *args)
+        ctx.save_for_backward(q, k, v, out, stats)
         ctx.args = (call, *args)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        q, k, v, out, stats = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, stats, *ctx.args)
         return dq, dk, dv, None, None, None
 
 

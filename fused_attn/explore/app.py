@@ -2,20 +2,27 @@
 The model directory comes from FUSED_ATTN_EXPLORE_MODEL (set by that command) and can be changed on the page."""
 import os
 
-import torch
+import streamlit as st
+
+TITLE = "fused_attn attention explorer"
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Attention lets every token look back at the ones before it."
+RUNNING = "Running the model (on a CPU the kernels run through the Triton interpreter: this can take minutes)"
+
+# The title and the running state first: everything below (imports, model, kernels) can take minutes on a CPU.
+st.set_page_config(page_title=TITLE, layout="wide")
+st.title(TITLE)
+status = st.status(RUNNING, expanded=False)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # this script is a program: without a GPU the kernels run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
 
 from fused_attn import viz  # noqa: E402
 from fused_attn.explore import analysis, model  # noqa: E402
-
-TITLE = "fused_attn attention explorer"
-DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Attention lets every token look back at the ones before it."
 
 
 @st.cache_resource(max_entries=2, show_spinner="loading the model")
@@ -37,15 +44,18 @@ def labels(tokens, positions):
     return [f"{p}: {tokens[p]!r}" for p in positions]
 
 
-st.set_page_config(page_title=TITLE, layout="wide")
-st.title(TITLE)
+def stop(message: str):
+    status.update(label="Stopped: see the message below", state="error")
+    st.error(message)
+    st.stop()
+
+
 model_dir = st.sidebar.text_input("Model directory (empty: the built-in demo)",
                                   os.environ.get("FUSED_ATTN_EXPLORE_MODEL", ""), key="model_dir").strip()
 try:
     loaded = load(model_dir)
 except ValueError as e:
-    st.error(str(e))
-    st.stop()
+    stop(str(e))
 device = next(loaded.model.parameters()).device
 st.sidebar.write(f"**{loaded.name}** on {'the CPU (Triton interpreter)' if device.type == 'cpu' else device}")
 if loaded.demo:
@@ -57,9 +67,9 @@ text = st.text_area("Text", DEFAULT_TEXT, key="text")
 try:
     result = run(model_dir, text)
 except ValueError as e:
-    st.error(str(e))
-    st.stop()
+    stop(str(e))
 tokens, S = result.tokens, len(result.tokens)
+status.update(label=f"Ran {loaded.name} on {S} tokens", state="complete")
 st.caption(f"{S} tokens")
 st.markdown(" ".join(f"`{i}` {t!r}" for i, t in enumerate(tokens)))
 
