@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import kernels, reference
+from .decode import attention_with_kvcache
 from .function import attention, dropout_mask
 from .numerics import FACTORS, Metric, delta_noise
 from .varlen import attention_varlen, cu_seqlens
@@ -287,3 +288,29 @@ def evaluate_varlen(case: VarlenCase, device, grad: bool = True, seed: int = 0) 
     zeros.update({f"{n}[tail]": _unreached(got[n][ck[-1]:]) for n in ("dk", "dv") if n in got})
     zeros["lse[tail] not -inf"] = int((~torch.isneginf(got["lse"][:, cq[-1]:])).sum())
     return VarlenResult(case, sequences, zeros, launched)
+
+
+def make_kvcache_inputs(B, Sq, Hq, Hkv, D, S_cache, S_new, dtype, device, page=0, seed=0, dv=None):
+    """q (B, Sq, Hq, D), caches (contiguous (B, S_cache, Hkv, D), or paged with a shuffled block table and a few
+    pages no row uses), new k / v (B, S_new, Hkv, D / dv) or None: (q, k_cache, v_cache, block_table, k, v)."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or D
+    rand = (lambda *shape: torch.randn(*shape, generator=g).to(device, dtype))
+    q = rand(B, Sq, Hq, D)
+    k_new, v_new = (rand(B, S_new, Hkv, d) for d in (D, dv)) if S_new else (None, None)
+    if not page:
+        return q, rand(B, S_cache, Hkv, D), rand(B, S_cache, Hkv, dv), None, k_new, v_new
+    per_row = -(-S_cache // page)
+    n_pages = B * per_row + 3
+    table = torch.randperm(n_pages, generator=g)[:B * per_row].view(B, per_row).to(device, torch.int32)
+    return q, rand(n_pages, page, Hkv, D), rand(n_pages, page, Hkv, dv), table, k_new, v_new
+
+
+def evaluate_kvcache(q, k_cache, v_cache, block_table, k, v, cache_seqlens, num_splits=0, **kw):
+    """attention_with_kvcache (which appends k / v to the caches in place) against the float64 reference on the
+    caches as they were: ((out, lse), {"out": Metric, "lse": Metric})."""
+    ref_kw = dict(cache_seqlens=cache_seqlens, block_table=block_table, return_lse=True, **kw)
+    ref = reference.attention_with_kvcache(q, k_cache, v_cache, k, v, upcast=torch.float64, **ref_kw)
+    pt = reference.attention_with_kvcache(q, k_cache, v_cache, k, v, upcast=None, **ref_kw)
+    got = attention_with_kvcache(q, k_cache, v_cache, k, v, num_splits=num_splits, **ref_kw)
+    return got, {n: Metric.measure(x, r, p, q.dtype, FACTORS[n]) for n, x, r, p in zip(("out", "lse"), got, ref, pt)}

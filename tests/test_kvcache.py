@@ -6,6 +6,7 @@ import torch
 import fused_attn
 from fused_attn import kernels
 from fused_attn.numerics import FACTORS, Metric
+from fused_attn.testing import evaluate_kvcache, make_kvcache_inputs
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -13,31 +14,15 @@ F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
 
 def make(B, Sq, Hq, Hkv, D, S_cache, S_new, dtype, page=0, seed=0, dv=None):
-    """q, caches (contiguous, or paged with a shuffled block table), new k / v."""
-    g = torch.Generator().manual_seed(seed)
-    dv = dv or D
-    rand = (lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype))
-    q = rand(B, Sq, Hq, D)
-    k_new, v_new = (rand(B, S_new, Hkv, d) for d in (D, dv)) if S_new else (None, None)
-    if not page:
-        return q, rand(B, S_cache, Hkv, D), rand(B, S_cache, Hkv, dv), None, k_new, v_new
-    per_row = -(-S_cache // page)
-    n_pages = B * per_row + 3  # a few pages no row uses
-    table = torch.randperm(n_pages, generator=g)[:B * per_row].view(B, per_row).to(DEVICE, torch.int32)
-    return q, rand(n_pages, page, Hkv, D), rand(n_pages, page, Hkv, dv), table, k_new, v_new
+    return make_kvcache_inputs(B, Sq, Hq, Hkv, D, S_cache, S_new, dtype, DEVICE, page, seed, dv)
 
 
 def check(q, kc, vc, table, k, v, seqlens, num_splits=0, **kw):
     """The kernels against the float64 reference (PyTorch in the input dtype as the yardstick); returns out."""
-    ref_kw = dict(cache_seqlens=seqlens, block_table=table, return_lse=True, **kw)
-    want, want_lse = fused_attn.reference.attention_with_kvcache(q, kc, vc, k, v, upcast=torch.float64, **ref_kw)
-    pt, pt_lse = fused_attn.reference.attention_with_kvcache(q, kc, vc, k, v, upcast=None, **ref_kw)
     before = kernels.launches["decode"]
-    out, lse = fused_attn.attention_with_kvcache(q, kc, vc, k, v, num_splits=num_splits, **ref_kw)
+    (out, lse), metrics = evaluate_kvcache(q, kc, vc, table, k, v, seqlens, num_splits, **kw)
     assert kernels.launches["decode"] == before + 1
-    for name, got, ref, p in (("out", out, want, pt), ("lse", lse, want_lse, pt_lse)):
-        m = Metric.measure(got, ref, p, q.dtype, FACTORS[name])
-        assert m.ok, (name, m)
+    assert all(m.ok for m in metrics.values()), metrics
     return out, lse
 
 
