@@ -7,7 +7,9 @@ Rule: with ref = the reference in float64 and pt = the same naive computation in
     max|fused - ref| <= factor * max|pt - ref| + floor,   factor 2 for out / lse, 3 for gradients,
 
 floor = 2 * max|(ref + 0.3 - 0.3) - ref| with the arithmetic in the input dtype (FlashAttention-3's rounding-noise
-term, relative to the magnitude of ref).
+term, relative to the magnitude of ref), and at least one unit in the last place of max|ref| in that dtype: over a
+few values (a decode step's single lse, say) the first term can come out ~0 because those values happen to round
+exactly, and any rounding of the kernel's own -- one ulp -- would then fail against nothing.
 
 One addition for dq and dk. FlashAttention's backward forms dS = P * (dP - delta) with delta = rowsum(dO * O) summed
 in fp32, while PyTorch's softmax backward uses rowsum(P * dP). Where a row sees a single key the two cancel exactly
@@ -29,10 +31,12 @@ FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """The floor term of the rule (module docstring) for the finite values of ref, rounded in `dtype`."""
     finite = ref[torch.isfinite(ref)]
     if finite.numel() == 0:
         return 0.0
-    return 2 * ((finite.to(dtype) + 0.3 - 0.3).double() - finite).abs().max().item()
+    noise = 2 * ((finite.to(dtype) + 0.3 - 0.3).double() - finite).abs().max().item()
+    return max(noise, torch.finfo(dtype).eps * finite.abs().max().item())
 
 
 def delta_noise(q, k, out, do, probs, scale) -> dict:

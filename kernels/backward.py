@@ -13,8 +13,8 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_tile, _rng, _score, _sequence, _slope,
-                     _store_tile, _tile_id, _visible)
+from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_tile, _query_program, _rng, _score,
+                     _sequence, _slope, _store_tile, _tile_id, _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import LOG2E, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run, tile_args
 
@@ -209,11 +209,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                         TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
-    start_m = _tile_id(REVERSE) * BLOCK_M
-    bh = tl.program_id(1) + head_start
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group
+    start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:

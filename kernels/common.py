@@ -223,3 +223,13 @@ def _tile_id(REVERSE: tl.constexpr):
         return tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         return tl.program_id(0)
+
+
+@triton.jit
+def _query_program(head_start, n_heads, group, BLOCK_M: tl.constexpr, REVERSE: tl.constexpr):
+    """What a program over one query tile of one query head works on: (its first row, b * Hq + h, b, h, the kv
+    head h // group that query head h reads under GQA)."""
+    start_m = _tile_id(REVERSE) * BLOCK_M
+    bh = tl.program_id(1) + head_start
+    h = bh % n_heads
+    return start_m, bh, bh // n_heads, h, h // group

@@ -3,8 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_kv, _rng, _score, _sequence, _slope,
-                     _store_tile, _tile_id, _visible)
+from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_kv, _query_program, _rng, _score,
+                     _sequence, _slope, _store_tile, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, dropout_threshold, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
                      tile_args)
@@ -66,11 +66,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
-    start_m = _tile_id(REVERSE) * BLOCK_M
-    bh = tl.program_id(1) + head_start
-    b = bh // n_heads
-    h = bh % n_heads
-    hk = h // group  # GQA: query head h reads kv head h // group
+    start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:  # the grid covers the longest sequence

@@ -28,6 +28,9 @@ def check(q, kc, vc, table, k, v, seqlens, num_splits=0, **kw):
 
 # (B, Sq, Hq, Hkv, D, S_cache, S_new, cache_seqlens)
 SHAPES = [
+    # found by tests/test_property.py: one cached key, fp32 -- the lse rounds by one fp32 ulp, and the rule's floor
+    # once came out ~0 for a single value that happened to round exactly (the floor is now at least one ulp)
+    pytest.param((1, 1, 1, 1, 5, 1, 0, [1]), id="sq1-one-key-d5"),
     pytest.param((3, 1, 16, 2, 64, 150, 0, [0, 37, 150]), id="sq1-gqa8-d64-ragged"),
     pytest.param((2, 4, 4, 1, 128, 96, 3, [5, 93]), id="sq4-mqa-d128-append3"),
     pytest.param((2, 16, 8, 2, 256, 80, 16, [0, 64]), id="sq16-gqa4-d256-append16"),
@@ -42,7 +45,7 @@ MASKS = [pytest.param((False, (-1, -1)), id="full"), pytest.param((True, (-1, -1
 def test_against_reference(shape, mask, paged):
     B, Sq, Hq, Hkv, D, S, S_new, lens = shape
     causal, window = mask
-    q, kc, vc, table, k, v = make(B, Sq, Hq, Hkv, D, S, S_new, F16, paged)
+    q, kc, vc, table, k, v = make(B, Sq, Hq, Hkv, D, S, S_new, F32 if B * Sq * S == 1 else F16, paged)
     check(q, kc.clone(), vc.clone(), table, k, v, torch.tensor(lens, dtype=torch.int32, device=DEVICE),
           causal=causal, window_size=window)
 
