@@ -120,7 +120,8 @@ def check(name, case, device, cache):
     small = Case(2, 300, case.sq, 16 if case.page else 0, 4, 2, 64, case.dtype)
     q, kc, vc, table, lens = inputs(small, device)
     kw = dict(cache_seqlens=lens, block_table=table, causal=True)
-    return common.check(cache, (name, case.sq, bool(case.page)), lambda: PROVIDERS[name](small, q, kc, vc, table, lens)(),
+    return common.check(cache, (name, case.sq, bool(case.page)),
+                        lambda: PROVIDERS[name](small, q, kc, vc, table, lens)(),
                         lambda upcast: fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=upcast, **kw))
 
 

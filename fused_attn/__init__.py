@@ -10,9 +10,9 @@ from .merge import merge_attention
 from .varlen import attention_varlen, cu_seqlens
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask", "merge_attention",
-           "FusedAttentionFunction", "reference", "scaled_dot_product_attention", "sdpa_override", "explain",
-           "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "cu_seqlens"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask",
+           "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference", "scaled_dot_product_attention",
+           "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

@@ -41,7 +41,7 @@ def _check_window(window_size):
     return int(window_size[0]), int(window_size[1])
 
 
-def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd",
+def check_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd",
                alignment="bottom_right", dtypes=DTYPES) -> Args:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -93,7 +93,7 @@ def check_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="
                 diagonal_offset(Sq, Sk, alignment), layout)
 
 
-def check_modifiers(batch, heads_q, device, softcap=0.0, alibi_slopes=None, dropout_p=0.0) -> Modifiers:
+def check_modifiers(batch, heads_q, device, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0) -> Modifiers:
     """softcap (finite, >= 0; 0 = off), alibi_slopes (None, or float32 (Hq,) / (B, Hq) on the tensors' device) and
     dropout_p (in [0, 1)), as a Modifiers."""
     for name, x in (("softcap", softcap), ("dropout_p", dropout_p)):
@@ -154,7 +154,7 @@ def check_cu_values(name, cu, total, max_seqlen, tensor_name):
     return lengths
 
 
-def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                       window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None):
     """check_args for packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens
     int32 (B + 1,). The cu_seqlens values are read (check_cu_values) when values is True, or when None and they
@@ -164,8 +164,8 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total, H, D) for packed sequences, got shape {tuple(t.shape)}")
-    a = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)), causal, window_size,
-                   scale, "bshd", dtypes=dtypes)
+    a = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)), causal=causal,
+                   window_size=window_size, scale=scale, layout="bshd", dtypes=dtypes)
     lengths = [m if m is None else _check_length(name, m)
                for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -313,8 +313,8 @@ def check_kernel_inputs(a: Args, packed: Packed = None):
     check_device(a.q.device)
 
 
-def kernel_args(q, k, v, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", alignment="bottom_right"):
+def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
     """check_args plus check_kernel_inputs."""
-    a = check_args(q, k, v, causal, window_size, scale, layout, alignment)
+    a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
     check_kernel_inputs(a)
     return a

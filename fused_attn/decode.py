@@ -48,9 +48,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     """
     cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits)
     a = check_args(q, *(c if block_table is None else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
-                   causal, window_size, scale, "bshd")
+                   causal=causal, window_size=window_size, scale=scale, layout="bshd")
     s_new = 0 if k is None else k.shape[1]
-    mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap, alibi_slopes)
+    mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes)
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])

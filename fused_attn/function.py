@@ -93,9 +93,9 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     Decode steps (at most 16 query rows, fewer batch x heads than SMs, enough keys, no gradient to compute) run the
     split-KV kernels of `attention_with_kvcache` instead of the one-program-per-query-tile grid.
     """
-    a = kernel_args(q, k, v, causal, window_size, scale, layout)
-    out, lse = _attention(a, check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes,
-                                             dropout_p))
+    a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
+    out, lse = _attention(a, check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap,
+                                             alibi_slopes=alibi_slopes, dropout_p=dropout_p))
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
@@ -107,8 +107,8 @@ def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None
     query rows `queries` (a slice or index tensor; default all): (B, Hq, n_queries, Sk), float32; score = q k^T *
     scale with `attention`'s softcap and ALiBi (the probabilities before any dropout).
     Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for."""
-    a = check_args(q, k, k, causal, window_size, scale, layout, alignment)
-    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
+    a = check_args(q, k, k, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment)
+    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes)
     scores, visible, rows = row_scores(a, torch.float32, queries, mods.softcap, mods.alibi_slopes)
     lse_rows = lse[:, :, rows, None]
     p = torch.exp(scores - torch.where(torch.isinf(lse_rows), 0.0, lse_rows))

@@ -49,8 +49,9 @@ def probs(q, k, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"
           upcast=torch.float64, softcap=0.0, alibi_slopes=None):
     """The attention probabilities of `attention` (before dropout) for the query rows `queries` (a slice or index
     tensor; default all) only: (B, Hq, n_queries, Sk) in `upcast` (None: the inputs' dtype)."""
-    a = check_args(q, k, k, causal, window_size, scale, layout, dtypes=DTYPES + (torch.float64,))
-    check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
+    a = check_args(q, k, k, causal=causal, window_size=window_size, scale=scale, layout=layout,
+                   dtypes=DTYPES + (torch.float64,))
+    check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes)
     scores, visible, _ = row_scores(a, a.q.dtype if upcast is None else upcast, queries, softcap, alibi_slopes)
     return _softmax(scores, visible)[1]
 
@@ -75,13 +76,14 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     fused_attn.attention; dropout takes its keep-mask explicitly, dropout_mask (B, Hq, Sq, Sk) bool (from
     fused_attn.dropout_mask): out = (P * mask / (1 - dropout_p)) v.
     """
-    a = check_args(q, k, v, causal, window_size, scale, layout, alignment, DTYPES + (torch.float64,))
+    a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
+                   dtypes=DTYPES + (torch.float64,))
     dtype = a.q.dtype if upcast is None else upcast
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
     B, Hq, Sq = a.q.shape[:3]
     Sk = a.k.shape[2]
-    mods = check_modifiers(B, Hq, a.q.device, softcap, alibi_slopes, dropout_p)
+    mods = check_modifiers(B, Hq, a.q.device, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     softcap, alibi_slopes, dropout_p = mods.softcap, mods.alibi_slopes, mods.dropout_p
     _check_dropout_mask(dropout_mask, dropout_p, (B, Hq, Sq, Sk), a.q.device)
     qc, kc, vc = (t.to(dtype) for t in (a.q, a.k, a.v))
@@ -115,11 +117,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
     dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :, :Sq_b, :Sk_b] (as fused_attn.dropout_mask
     (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
-    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                  window_size, scale, DTYPES + (torch.float64,), values=True)
+    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                  window_size=window_size, scale=scale, dtypes=DTYPES + (torch.float64,),
+                                  values=True)
     dtype = q.dtype if upcast is None else upcast
     cq, ck = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_k.tolist()
-    check_modifiers(len(cq) - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
+    check_modifiers(len(cq) - 1, q.shape[1], q.device, softcap=softcap, alibi_slopes=alibi_slopes,
+                    dropout_p=dropout_p)
     if dropout_p > 0 and (not isinstance(dropout_mask, torch.Tensor) or dropout_mask.dim() != 4):
         raise ValueError("dropout_p > 0 needs dropout_mask (B, Hq, Sq_max, Sk_max) bool")
     Hq, Dv = q.shape[1], v.shape[2]
@@ -156,7 +160,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     dtype = q.dtype if upcast is None else upcast
     s_new = 0 if k is None else k.shape[1]
     check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
-    check_modifiers(q.shape[0], q.shape[2], q.device, softcap, alibi_slopes)
+    check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes)
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
         if block_table is None:

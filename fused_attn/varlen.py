@@ -50,10 +50,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     FlashAttention, they are trusted, since reading them would synchronize the device -- wrong values there give
     wrong results, not an error (`fused_attn.reference.attention_varlen` checks them anywhere).
     """
-    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                  window_size, scale)
+    a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                  window_size=window_size, scale=scale)
     check_kernel_inputs(a, packed)
-    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap, alibi_slopes, dropout_p)
+    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap=softcap,
+                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
     out, lse = _attention(a, mods, packed)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out

@@ -58,3 +58,13 @@ def test_the_readme_is_a_front_page():
     text = (ROOT / "README.md").read_text()
     assert len(text) <= 10_000, len(text)
     assert text.count("python3 -m venv .venv") == 2  # the two commands
+
+
+def test_files_the_code_points_to_exist():
+    """Comments and docstrings that send a reader to a page name one the repository has (they once pointed to a
+    design page that was not in it)."""
+    sources = [p for d in ("fused_attn", "kernels", "bench", "tests") for p in (ROOT / d).rglob("*.py")]
+    sources += [ROOT / "setup.py", ROOT / "bench" / "gpu_session.sh"]
+    for path in sources:
+        for name in re.findall(r"[\w./-]*\w\.md\b", path.read_text()):
+            assert (ROOT / name).exists() or (ROOT / "docs" / name).exists(), f"{path.relative_to(ROOT)}: {name}"

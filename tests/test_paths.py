@@ -3,7 +3,7 @@ interpreter (or compiled on a GPU of compute capability 9.0+), against the float
 import pytest
 import torch
 
-from fused_attn import function, kernels
+from fused_attn import kernels
 from fused_attn.kernels import configs, forward
 from fused_attn.testing import Case, evaluate
 

@@ -9,7 +9,6 @@ multiplies the budget and FUSED_ATTN_PROPERTY_SEED picks another seed. Every fai
 (tests/test_attention.py, test_varlen.py, test_kvcache.py)."""
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st

@@ -40,15 +40,16 @@ def agree(group, what: str, check):
     return facts
 
 
-def check_shards(q, k, v, causal, window_size, scale, layout, softcap, alibi_slopes):
+def check_shards(q, k, v, *, causal, window_size, scale, layout, softcap, alibi_slopes):
     """This rank's checks for ring / Ulysses attention: (Args of `attention`, Modifiers, the facts that must agree
     across ranks)."""
-    a = kernel_args(q, k, v, causal, window_size, scale, layout)
-    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap, alibi_slopes)
+    a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
+    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes)
     if a.q.shape[2] != a.k.shape[2]:
         raise ValueError(f"q and k/v shards must have one length, got {a.q.shape[2]} and {a.k.shape[2]}")
     facts = {"layout": layout, "window (left, right)": (a.left, a.right), "scale": a.scale, "softcap": mods.softcap,
-             "alibi_slopes": None if mods.alibi_slopes is None else tuple(mods.alibi_slopes.shape), "dtype": str(a.q.dtype),
+             "alibi_slopes": None if mods.alibi_slopes is None else tuple(mods.alibi_slopes.shape),
+             "dtype": str(a.q.dtype),
              "shard length": a.q.shape[2], "q shape (B, H, S, D)": tuple(a.q.shape),
              "k shape (B, H, S, D)": tuple(a.k.shape), "v shape (B, H, S, D)": tuple(a.v.shape)}
     return a, mods, facts

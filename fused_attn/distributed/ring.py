@@ -228,8 +228,8 @@ def ring_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, g
     checked = {}
 
     def check():
-        a, mods, facts = checked["args"] = check_shards(q, k, v, causal, window_size, scale, layout, softcap,
-                                                         alibi_slopes)
+        a, mods, facts = checked["args"] = check_shards(q, k, v, causal=causal, window_size=window_size, scale=scale,
+                                                         layout=layout, softcap=softcap, alibi_slopes=alibi_slopes)
         if not isinstance(zigzag, bool):
             raise TypeError(f"zigzag must be a bool, got {zigzag!r}")
         if zigzag and a.q.shape[2] % 2:

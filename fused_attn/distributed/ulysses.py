@@ -43,8 +43,8 @@ def ulysses_attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None
     checked = {}
 
     def check():
-        a, mods, facts = checked["args"] = check_shards(q, k, v, causal, window_size, scale, layout, softcap,
-                                                         alibi_slopes)
+        a, mods, facts = checked["args"] = check_shards(q, k, v, causal=causal, window_size=window_size, scale=scale,
+                                                         layout=layout, softcap=softcap, alibi_slopes=alibi_slopes)
         Hq, Hkv = a.q.shape[1], a.k.shape[1]
         if Hq % world:
             raise ValueError(f"Ulysses needs the query heads divisible by the world size, got Hq = {Hq} on "

@@ -5,7 +5,8 @@ import os
 import streamlit as st
 
 TITLE = "fused_attn attention explorer"
-DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Attention lets every token look back at the ones before it."
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. Attention lets every token look back at the ones before "
+                "it.")
 RUNNING = "Running the model (on a CPU the kernels run through the Triton interpreter: this can take minutes)"
 
 # The title and the running state first: everything below (imports, model, kernels) can take minutes on a CPU.
