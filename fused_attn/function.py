@@ -6,7 +6,7 @@ import torch
 
 from . import kernels, ops
 from ._args import Args, _check_length, check_args, check_device, check_modifiers, kernel_args
-from .kernels import Modifiers, Packed, dropout_keep_mask
+from .kernels import BlockTables, Modifiers, Packed, dropout_keep_mask
 from .ops import Call
 from .reference import row_scores
 
@@ -31,16 +31,17 @@ class FusedAttentionFunction(torch.autograd.Function):
         return (*ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call), None)
 
 
-def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None):
+def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, blocks: BlockTables = None):
     """The one call into the kernels for every entry point that computes attention over q, k, v (attention,
-    attention_varlen, the drop-ins): checked Args and Modifiers (and Packed sequences) -> (out, lse) as the ops
-    return them, out laid out as a.layout, (B, Hq, Sq)-indexed. Decode steps (at most 16 query rows, fewer batch x
-    heads than SMs, enough keys, no gradient to compute, no dropout) take the split-KV kernels."""
+    attention_varlen, flex_attention, the drop-ins): checked Args and Modifiers (and Packed sequences, or a block
+    mask's tables) -> (out, lse) as the ops return them, out laid out as a.layout, (B, Hq, Sq)-indexed. Decode steps
+    (at most 16 query rows, fewer batch x heads than SMs, enough keys, no gradient to compute, no dropout, no
+    block mask) take the split-KV kernels."""
     B, Hq, Sq = a.q.shape[:3]
-    call = Call.of(a, mods, packed)
+    call = Call.of(a, mods, packed, blocks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.q, a.k, a.v))
     bottom_right = a.offset == a.k.shape[2] - Sq or a.left < 0 and a.right < 0  # the split kernels' alignment
-    if (packed is None and not grad and not mods.dropout_p and bottom_right
+    if (packed is None and blocks is None and not grad and not mods.dropout_p and bottom_right
             and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
         return ops.attention_decode(a.q, a.k, a.v, call)
     return FusedAttentionFunction.apply(a.q, a.k, a.v, call)

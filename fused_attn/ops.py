@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels import Modifiers, Packed
+from .kernels import BlockTables, Modifiers, Packed
 
 
 @dataclass(frozen=True)
 class Call:
     """What one attention call takes beside q, k, v: the softmax scale, the mask (query row i sees key column j iff
-    i + offset - left <= j <= i + offset + right, -1 unbounded), the output layout, the modifiers and, for packed
-    sequences, their offsets."""
+    i + offset - left <= j <= i + offset + right, -1 unbounded), the output layout, the modifiers, for packed
+    sequences their offsets, and a block mask's tables (walked instead of the band)."""
     scale: float
     offset: int
     left: int
@@ -30,18 +30,23 @@ class Call:
     layout: str = "bhsd"
     mods: Modifiers = Modifiers()
     packed: Optional[Packed] = None
+    blocks: Optional[BlockTables] = None
 
     @classmethod
-    def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None) -> "Call":
+    def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None,
+           blocks: Optional[BlockTables] = None) -> "Call":
         """The Call of checked Args `a` (fused_attn._args.Args)."""
-        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed)
+        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks)
 
 
 def _flat(c: Call) -> dict:
     p = c.packed or Packed(None, None, 0, 0)
+    m = c.blocks or BlockTables(None, None, None, None, None, 1, 1)
     return dict(scale=c.scale, offset=c.offset, left=c.left, right=c.right, cu_seqlens_q=p.cu_seqlens_q,
                 cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
-                softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p)
+                softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p,
+                mask_kv=m.kv, mask_kv_slots=m.kv_slots, mask_q=m.q, mask_q_slots=m.q_slots, mask_bits=m.bits,
+                mask_block_q=m.block_q, mask_block_k=m.block_k)
 
 
 def attention_forward(q, k, v, c: Call):
@@ -57,8 +62,8 @@ def attention_backward(dout, q, k, v, out, stats, rng, c: Call):
 def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
     """(out, lse) of `decode` (split-KV) against k, v: (B, Hkv, S, D)-indexed caches, or paged (pages, Hkv,
     page_size, D)-indexed with block_table; seqlens_k: keys per row (None: all S)."""
-    if c.packed is not None or c.mods.dropout_p:
-        raise ValueError("the split-KV kernels take neither packed sequences nor dropout")
+    if c.packed is not None or c.mods.dropout_p or c.blocks is not None:
+        raise ValueError("the split-KV kernels take neither packed sequences, dropout nor block masks")
     max_seqlen_k = k.shape[2] if block_table is None else block_table.shape[1] * page_size
     return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
                   c.layout, c.mods.softcap, c.mods.alibi_slopes)
@@ -74,6 +79,11 @@ def draw_rng(device) -> Tensor:
 
 def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
     return None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def _blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q, mask_block_k):
+    return None if mask_kv is None else BlockTables(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits,
+                                                    mask_block_q, mask_block_k)
 
 
 def _out_lse(q, v, layout, packed: bool = False):
@@ -107,20 +117,26 @@ def _rng_buffer(q, dropout_p):
 def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int, layout: str,
             cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
             max_seqlen_k: int = 0, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-            dropout_p: float = 0.0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            dropout_p: float = 0.0, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
+            mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
+            mask_bits: Optional[Tensor] = None, mask_block_q: int = 1,
+            mask_block_k: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward) and the
     dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
     out, lse, stats = _forward_buffers(q, v, layout, cu_seqlens_q is not None)
     rng = draw_rng(q.device) if dropout_p > 0 else _rng_buffer(q, 0.0)
     kernels.attention_forward(q, k, v, out, lse, stats, scale=scale, offset=offset, left=left, right=right,
                               packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                              mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
+                              mods=Modifiers(softcap, alibi_slopes, dropout_p, rng),
+                              blocks=_blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
+                                             mask_block_k))
     return out, lse, stats, rng
 
 
 @forward.register_fake
 def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None, mask_q=None,
+      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1):
     return (*_forward_buffers(q, v, layout, cu_seqlens_q is not None), _rng_buffer(q, dropout_p))
 
 
@@ -134,19 +150,25 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
              offset: int, left: int, right: int, cu_seqlens_q: Optional[Tensor] = None,
              cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
              softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
-             rng: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+             rng: Optional[Tensor] = None, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
+             mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
+             mask_bits: Optional[Tensor] = None, mask_block_q: int = 1,
+             mask_block_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (kernels.attention_backward); rng: the forward's [seed, offset]."""
     dq, dk, dv = _grad_buffers(q, k, v, cu_seqlens_q is not None)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
     kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=scale, offset=offset, left=left,
                                right=right, packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                               mods=Modifiers(softcap, alibi_slopes, dropout_p, rng))
+                               mods=Modifiers(softcap, alibi_slopes, dropout_p, rng),
+                               blocks=_blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
+                                              mask_block_k))
     return dq, dk, dv
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None):
+      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None, mask_kv=None, mask_kv_slots=None,
+      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1):
     return _grad_buffers(q, k, v, cu_seqlens_q is not None)
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from ._args import DTYPES, check_args, check_kvcache, check_kvcache_values, check_modifiers, check_varlen_args
+from .blockmask import evaluate
 from .mask import visible_mask
 
 
@@ -66,7 +67,7 @@ def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
               upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, dropout_mask=None):
+              dropout_p=0.0, dropout_mask=None, mask_mod=None):
     """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
 
     Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
@@ -74,7 +75,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     see no key give out 0, lse -inf, probabilities 0 and zero gradients. alignment="top_left" gives SDPA's
     is_causal diagonal instead of FlashAttention's bottom-right one. softcap, alibi_slopes, dropout_p: as in
     fused_attn.attention; dropout takes its keep-mask explicitly, dropout_mask (B, Hq, Sq, Sk) bool (from
-    fused_attn.dropout_mask): out = (P * mask / (1 - dropout_p)) v.
+    fused_attn.dropout_mask): out = (P * mask / (1 - dropout_p)) v. mask_mod(b, h, q_idx, kv_idx) -> bool
+    (FlexAttention's mask function; h the query head) hides the pairs where it is False, on top of the window.
     """
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
                    dtypes=DTYPES + (torch.float64,))
@@ -90,7 +92,10 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     group = qc.shape[1] // kc.shape[1]
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
 
-    scores, probs, seen = _softmax(*modified_scores(qc, kc, a, softcap, alibi_slopes))
+    scores, visible = modified_scores(qc, kc, a, softcap, alibi_slopes)
+    if mask_mod is not None:
+        visible = visible & evaluate(mask_mod, B, Hq, torch.arange(Sq, device=qc.device), Sk, qc.device)
+    scores, probs, seen = _softmax(scores, visible)
     dropped = probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)
     out = torch.matmul(dropped, vc)
     if layout == "bshd":

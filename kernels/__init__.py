@@ -7,7 +7,7 @@ from .backward import attention_backward
 from .configs import interpreter_active
 from .decode import attention_decode, wants_split
 from .forward import attention_forward, dropout_keep_mask
-from .launch import Modifiers, Packed, launches
+from .launch import BlockTables, Modifiers, Packed, launches
 
 __all__ = ["attention_forward", "attention_backward", "attention_decode", "dropout_keep_mask", "wants_split",
-           "interpreter_active", "launches", "Modifiers", "Packed"]
+           "interpreter_active", "launches", "BlockTables", "Modifiers", "Packed"]

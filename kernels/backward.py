@@ -13,10 +13,11 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_tile, _query_program, _rng, _score,
-                     _sequence, _slope, _store_tile, _tile_id, _visible)
+from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _listed_range, _load_block, _load_tile,
+                     _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id, _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .launch import LOG2E, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run, tile_args
+from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
+                     tile_args)
 
 
 @triton.jit
@@ -47,12 +48,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                          TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                          cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                         seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr):
+                         seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
+                         TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
-    sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.)"""
-    for start_m in tl.range(lo, hi, BLOCK_M):
+    sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.) LISTED: positions in the
+    block mask's list TABLE of this key block's query blocks, partial ones (masked with their bits) first."""
+    for pos in tl.range(lo, hi, BLOCK_M):
+        start_m, entry = _tile_at(pos, TABLE, block_q, LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
                         True, HEAD_DIM != BLOCK_D, TMA)
@@ -67,9 +71,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
             st = _dot(k, tl.trans(q), FP32_DOT)
         st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
-        if (start_m < full_lo) | (start_m >= full_hi):
-            pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right,
-                                   HAS_LEFT, HAS_RIGHT), pt, 0.0)
+        if (pos < full_lo) | (pos >= full_hi):
+            ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
+                          HAS_RIGHT)
+            if LISTED:
+                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
+            pt = tl.where(ok, pt, 0.0)
         if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
             keep = _keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], threshold)
         if WITH_DV:
@@ -89,9 +96,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
     return dk, dv
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                          MASK_BITS,
                           stride_qb, stride_qh, stride_qs, stride_qd,
                           stride_kb, stride_kh, stride_ks, stride_kd,
                           stride_vb, stride_vh, stride_vs, stride_vd,
@@ -100,13 +108,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                           stride_dvb, stride_dvh, stride_dvs, stride_dvd,
                           stride_lb, stride_lh, stride_ab, stride_ah,
                           head_start, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                          qk_scale, cap_in, cap_out, threshold, drop_scale,
+                          qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr,
+                          block_q, block_k,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                           TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                          VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                          VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                          LISTED: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
     accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
     start_n = _tile_id(REVERSE) * BLOCK_N
@@ -139,6 +149,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g
         h64 = h.to(tl.int64)
+        TABLE = MASK_TABLE
+        SLOTS = MASK_SLOTS
+        if LISTED:  # this head's query blocks that see this key tile's block
+            blocks = b64 * stride_tb + h64 * stride_th + (start_n // block_k) * stride_tr
+            TABLE += blocks
+            SLOTS += blocks
+            lo, full_lo, full_hi, hi = _listed_range(TABLE, block_q)
         Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
         DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA)
         row = b64 * stride_lb + h64 * stride_lh + q0
@@ -149,7 +166,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                                       HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
                                       cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
                                       SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
-                                      DROPOUT)
+                                      DROPOUT, TABLE, SLOTS, MASK_BITS, block_q, block_k, LISTED)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -167,9 +184,12 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                        cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                       seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr):
-    """Key tiles [lo, hi) accumulated into one query tile's dQ."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
+                       seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
+                       TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
+    """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
+    the forward's inner loop)."""
+    for pos in tl.range(lo, hi, BLOCK_N):
+        start_n, entry = _tile_at(pos, TABLE, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
                         MASKED, HEAD_DIM != BLOCK_D, TMA)
@@ -179,8 +199,11 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                          slope, SOFTCAP, ALIBI)
         p = tl.math.exp2((s - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
-            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
-                                  HAS_LEFT, HAS_RIGHT), p, 0.0)
+            ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
+                          HAS_RIGHT)
+            if LISTED:
+                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[:, None], offs_n[None, :], block_q, block_k)
+            p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), FP32_DOT)
         if DROPOUT:
             dp = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), dp * drop_scale,
@@ -192,9 +215,9 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
     return dq
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -202,13 +225,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
                         stride_dqb, stride_dqh, stride_dqs, stride_dqd,
                         stride_lb, stride_lh, stride_ab, stride_ah,
                         head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
-                        cap_in, cap_out, threshold, drop_scale,
+                        cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                         TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -230,8 +253,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
 
     Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
     Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
-    lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
-                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    TABLE = MASK_TABLE
+    SLOTS = MASK_SLOTS
+    if LISTED:  # as in the forward
+        blocks = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
+        TABLE += blocks
+        SLOTS += blocks
+        lo, full_lo, full_hi, hi = _listed_range(TABLE, block_k)
+    else:
+        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
+                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
     for seg in tl.static_range(3):
@@ -241,21 +272,22 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG,
                                 stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
-                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT)
+                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT, TABLE, SLOTS, MASK_BITS, block_q,
+                                block_k, LISTED)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs, packed=None, mods=None):
+                      right: int, cfgs, packed=None, mods=None, blocks=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
     attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config)."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
-    c_kv, c_q = cfgs
+    c_kv, c_q = (block_tiles(c, blocks) for c in cfgs)
     # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
     launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(q.shape[2], c_q.block_m), count),
                     (out, do, delta, *out.stride(), *do.stride(), start, Hq, q.shape[2]),
@@ -265,39 +297,42 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     rows = strides(delta)[:2]
 
     # Key tiles: the mask transposed.
+    t_ptrs, t_values = block_args(blocks, transposed=True)
     src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)
     kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
-                     (*src, stats, delta, dk, dv, *cu, *ptrs,
+                     (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
                       *slope_strides, start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-                      *values),
+                      *values, *t_values),
                      dict(kwargs, **which))
                     for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
+    mask_ptrs, mask_values = block_args(blocks)
     src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
-                     (*src, stats, delta, dq, *cu, *ptrs,
+                     (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
-                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values), kwargs)
+                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,
+                      *mask_values), kwargs)
                     for start, count in head_chunks(B * Hq) if Sq > 0]
     return launch_list
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None, packed=None, mods=None):
+                       right: int, config=None, packed=None, mods=None, blocks=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
-    same rng: the backward regenerates the forward's dropout mask)."""
+    same rng: the backward regenerates the forward's dropout mask). `blocks`: the forward's block mask."""
     if config is None:
         config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None,
                                  mods is not None and mods.dropout)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
-                          mods), "bwd")
+                          mods, blocks), "bwd")
     return dq, dk, dv

@@ -3,11 +3,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_range, _dot, _keep, _load_block, _load_kv, _query_program, _rng, _score,
-                     _sequence, _slope, _store_tile, _visible)
+from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _listed_range, _load_block, _load_kv,
+                     _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
-from .launch import (LOG2E, dropout_threshold, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
-                     tile_args)
+from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, grid_dims, modifier_args,
+                     reverse_tiles, run, tile_args)
 
 
 @triton.jit
@@ -19,12 +19,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                     PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr,
                     cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                    seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr):
+                    seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
+                    TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
     K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI modify the scores (_score;
     slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what multiplies V,
-    after they are summed into l (the caller rescales the output by 1 / (1 - p))."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi) are positions
+    in a block mask's list TABLE (common._tile_at), whose partial blocks' stored bits join the mask."""
+    for pos in tl.range(lo, hi, BLOCK_N):
+        start_n, entry = _tile_at(pos, TABLE, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
                      BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
@@ -32,8 +35,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         if SOFTCAP or ALIBI:
             s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         if MASKED:
-            s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right,
-                                  HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
+                          HAS_RIGHT)
+            if LISTED:
+                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[:, None], offs_n[None, :], block_q, block_k)
+            s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = m_new
         if MASKED:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
@@ -50,22 +56,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     return acc, l_i, m_i
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
                      stride_lb, stride_lh, stride_ab, stride_ah,
                      head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                     cap_in, cap_out, threshold, drop_scale,
+                     cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -90,9 +96,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
 
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
-    lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
-                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge.
+    TABLE = MASK_TABLE
+    SLOTS = MASK_SLOTS
+    if LISTED:  # the block mask's key blocks of this query tile's block: partial ones, then full ones
+        blocks = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
+        TABLE += blocks
+        SLOTS += blocks
+        lo, full_lo, full_hi, hi = _listed_range(TABLE, block_k)
+    else:
+        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
+                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge (list walk: masked
+    # partial blocks, unmasked full blocks, nothing).
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
@@ -101,7 +116,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
-                                        DROPOUT)
+                                        DROPOUT, TABLE, SLOTS, MASK_BITS, block_q, block_k, LISTED)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
@@ -119,24 +134,26 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
 
 
 def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None,
-                     mods=None):
+                     mods=None, blocks=None):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
     compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
+    mask_ptrs, mask_values = block_args(blocks)
+    cfg = block_tiles(cfg, blocks)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype))
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *ptrs, *strides(q), *strides(k), *strides(v), *strides(out),
+             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *strides(q), *strides(k), *strides(v), *strides(out),
               *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
-              *values), kwargs)
+              *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 
 
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None,
-                      packed=None, mods=None):
+                      packed=None, mods=None, blocks=None):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log, contiguous) and, for the backward, stats (B, Hq, Sq, 2, float32,
     contiguous). Packed sequences (`packed`, a Packed): B = 1, S = total rows, and the mask and offset are each
@@ -145,9 +162,10 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     backward form P = exp2((S - m) * scale * log2(e) - log2 l) without the cancellation of two large numbers
     that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
     its TMA path is taken where the inputs qualify (tma_ok), else the pointer path. `mods` (a Modifiers): softcap,
-    ALiBi, dropout."""
+    ALiBi, dropout. `blocks` (a BlockTables): a block mask, walked instead of the band (tiles no larger than its
+    blocks)."""
     cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
-    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed, mods), "fwd")
+    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed, mods, blocks), "fwd")
     return out, lse, stats
 
 

@@ -1,6 +1,7 @@
 """What every launcher shares: the bundles of optional inputs (packed sequences, modifiers), the constexpr flags
 they turn into (one @triton.heuristics table for every kernel), tile sources (pointer or TMA), grid dimensions,
 and `run`, which launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -46,6 +47,41 @@ class Modifiers:
         return self.dropout_p > 0 and self.rng is not None
 
 
+@dataclass(frozen=True)
+class BlockTables:
+    """A block mask as the kernels walk it (fused_attn.BlockMask builds it). Per (batch, head, query block): the key
+    blocks it sees, as one int32 row [n_partial, n_full, partial blocks..., full blocks..., unused] of `kv`
+    (B', H', n_q_blocks, 2 + n_kv_blocks); `q` is the transpose (per key block its query blocks) for the dK/dV
+    kernel. B' and H' are 1 where the mask is the same for every batch row / head. A partial block's entry in
+    `kv_slots` / `q_slots` (same shapes) is its slot in `bits` (slots, block_q, block_k) uint8, the pairs of that
+    block that take part; a full block takes part whole (and lies inside both lengths); a block in neither list
+    is skipped."""
+    kv: torch.Tensor
+    kv_slots: torch.Tensor
+    q: torch.Tensor
+    q_slots: torch.Tensor
+    bits: torch.Tensor
+    block_q: int
+    block_k: int
+
+
+def block_args(blocks: Optional[BlockTables], transposed: bool = False):
+    """A kernel's block-mask arguments: pointers (table, slots, bits) -- None turns LISTED off -- and (its
+    batch, head and row strides (0 where broadcast), block_q, block_k); transposed: the per-key-block tables."""
+    if blocks is None:
+        return (None, None, None), (0, 0, 0, 1, 1)
+    table, slots = (blocks.q, blocks.q_slots) if transposed else (blocks.kv, blocks.kv_slots)
+    strides = tuple(0 if n == 1 else s for n, s in zip(table.shape[:2], table.stride()[:2])) + (table.stride(2),)
+    return (table, slots, blocks.bits), strides + (blocks.block_q, blocks.block_k)
+
+
+def block_tiles(cfg, blocks: Optional[BlockTables]):
+    """cfg with tiles no larger than the block mask's blocks (powers of two: a tile then lies in one block)."""
+    if blocks is None:
+        return cfg
+    return dataclasses.replace(cfg, block_m=min(cfg.block_m, blocks.block_q), block_n=min(cfg.block_n, blocks.block_k))
+
+
 # The optional features' constexpr flags, from the launch arguments that carry them; each kernel takes the ones it
 # implements (`features`), so a flag is defined once for the forward, dK/dV, dQ and split-KV kernels.
 FEATURES = {
@@ -57,6 +93,7 @@ FEATURES = {
     "SOFTCAP": lambda args: args["cap_out"] > 0,
     "ALIBI": lambda args: args["SLOPES"] is not None,
     "DROPOUT": lambda args: args["RNG"] is not None,
+    "LISTED": lambda args: args["MASK_TABLE"] is not None,
 }
 
 

@@ -1,0 +1,186 @@
+"""Masks of any shape, FlexAttention's model: a mask function evaluated once into a BlockMask -- per (batch, head,
+query block) the key blocks it sees, split into partial blocks (their element mask stored) and full ones -- that the
+kernels walk instead of a contiguous range. The mask data are runtime values: a new mask never recompiles."""
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import torch
+
+from .kernels import BlockTables
+
+CHUNK = 1 << 24  # (b, h, q, kv) pairs a mask function is evaluated on at once: bounded memory for long sequences
+
+
+def _block_size(BLOCK_SIZE) -> Tuple[int, int]:
+    sizes = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if len(sizes) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise TypeError(f"BLOCK_SIZE must be an int or a pair of ints, got {BLOCK_SIZE!r}")
+    for s in sizes:
+        if s < 16 or s & (s - 1):
+            raise ValueError(f"BLOCK_SIZE must be a power of two >= 16 (the kernels' tiles divide it), got {s}")
+    return sizes
+
+
+def _vmapped(mask_mod, n_args: int):
+    """mask_mod(b, h, q_idx, kv_idx, *args) written for one pair, vectorized over 1-D b, h, q_idx, kv_idx (as
+    FlexAttention's create_block_mask does): returns (B, H, Q, KV)."""
+    fn = mask_mod
+    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+        fn = torch.vmap(fn, in_dims=dims + (None,) * n_args, out_dims=0)
+    return fn
+
+
+def evaluate(mask_mod, batch: int, heads: int, rows, kv_len: int, device, mod_args=()) -> torch.Tensor:
+    """mask_mod over batch rows 0..batch-1, heads 0..heads-1, query rows `rows` (a 1-D tensor) and keys
+    0..kv_len-1: a bool (batch, heads, len(rows), kv_len) tensor."""
+    idx = (lambda n: torch.arange(n, device=device))
+    out = _vmapped(mask_mod, len(mod_args))(idx(batch), idx(heads), rows, idx(kv_len), *mod_args)
+    if not isinstance(out, torch.Tensor) or out.shape != (batch, heads, len(rows), kv_len):
+        raise TypeError(f"mask_mod(b, h, q_idx, kv_idx) must return a bool tensor of the indices' shape, got "
+                        f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    return out.bool()
+
+
+def _table(classes: torch.Tensor, slots: torch.Tensor):
+    """Per row of `classes` (..., R, C) (0 empty, 1 partial, 2 full): [n_partial, n_full, partial columns...,
+    full columns..., empty columns] as int32, and the slot of each entry (partial ones matter)."""
+    C = classes.shape[-1]
+    rank = torch.where(classes == 1, 0, torch.where(classes == 2, 1, 2))
+    order = (rank * C + torch.arange(C, device=classes.device)).argsort(-1)
+    counts = torch.stack([(classes == 1).sum(-1), (classes == 2).sum(-1)], -1)
+    table = torch.cat([counts, order], -1).to(torch.int32).contiguous()
+    slot = torch.cat([torch.zeros_like(counts), slots.gather(-1, order)], -1).to(torch.int32).contiguous()
+    return table, slot
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """A mask of any shape in blocks of BLOCK_SIZE = (query rows, keys): which blocks each query block sees,
+    partly (their pairs stored as bits) or wholly, per batch row and head -- or broadcast over them (batch / heads
+    1). Made by `create_block_mask`; `flex_attention(..., block_mask=)` and the kernels take it.
+
+    seq_lengths: (Q_LEN, KV_LEN); tables: the kernels' view (fused_attn.kernels.BlockTables) -- per query block
+    [n_partial, n_full, partial key blocks..., full key blocks...] and the transpose for the dK/dV kernel."""
+    seq_lengths: Tuple[int, int]
+    BLOCK_SIZE: Tuple[int, int]
+    tables: BlockTables
+    mask_mod: Callable
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """(batch, heads, Q_LEN, KV_LEN); batch / heads 1 where the mask is the same for all."""
+        return (*self.tables.kv.shape[:2], *self.seq_lengths)
+
+    @property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """Partial key blocks per query block (B, H, n_q_blocks), FlexAttention's name."""
+        return self.tables.kv[..., 0]
+
+    @property
+    def full_kv_num_blocks(self) -> torch.Tensor:
+        return self.tables.kv[..., 1]
+
+    def to_dense(self) -> torch.Tensor:
+        """(B, H, n_q_blocks, n_kv_blocks) int32: 1 where the kernels visit the block (partly or wholly)."""
+        table = self.tables.kv
+        n = table[..., :1] + table[..., 1:2]
+        C = table.shape[-1] - 2
+        visited = torch.arange(C, device=table.device) < n
+        dense = torch.zeros(*table.shape[:-1], C, dtype=torch.int32, device=table.device)
+        return dense.scatter_(-1, table[..., 2:].long(), visited.to(torch.int32))
+
+    def sparsity(self) -> float:
+        """Percentage of blocks the kernels skip."""
+        dense = self.to_dense()
+        return 100.0 * (1.0 - dense.sum().item() / dense.numel())
+
+    def __repr__(self) -> str:
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
+                f"partial blocks={self.tables.bits.shape[0]})")
+
+
+def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, *, mod_args=()) -> BlockMask:
+    """A BlockMask from `mask_mod(b, h, q_idx, kv_idx) -> bool` (True: query q_idx of batch row b, head h attends to
+    key kv_idx), PyTorch FlexAttention's signature and semantics; B / H None broadcast over batch rows / heads. The
+    function is written for one pair of scalar index tensors and evaluated once, vectorized (torch.vmap), over every
+    pair on `device` (default: CUDA if present, else the CPU), in chunks of query blocks (bounded memory); blocks
+    it leaves all False are skipped by the kernels, all True run without mask arithmetic, the others keep their
+    bits. `mod_args`: extra tensors passed to mask_mod after kv_idx. A `@triton.jit` mask function (evaluated in
+    the kernels) is not implemented yet."""
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+    if hasattr(mask_mod, "fn") and hasattr(mask_mod, "arg_names"):  # a triton.JITFunction
+        raise NotImplementedError("fused_attn.create_block_mask does not implement @triton.jit mask functions yet: "
+                                  "write mask_mod with torch operations")
+    sizes = []
+    for name, n, none_ok in (("B", B, True), ("H", H, True), ("Q_LEN", Q_LEN, False), ("KV_LEN", KV_LEN, False)):
+        if n is None and none_ok:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {n!r}")
+        sizes.append(n)
+    B, H, Q_LEN, KV_LEN = sizes
+    bq, bk = _block_size(BLOCK_SIZE)
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    nq, nk = -(-Q_LEN // bq), -(-KV_LEN // bk)
+    classes = torch.zeros(B, H, nq, nk, dtype=torch.int8, device=device)
+    slots = torch.zeros(B, H, nq, nk, dtype=torch.int32, device=device)
+    bits = []
+    per_chunk = max(1, CHUNK // (B * H * nk * bk * bq))  # query blocks per chunk
+    n_slots = 0
+    for q0 in range(0, nq, per_chunk):
+        q1 = min(nq, q0 + per_chunk)
+        rows = torch.arange(q0 * bq, min(q1 * bq, Q_LEN), device=device)
+        m = evaluate(mask_mod, B, H, rows, KV_LEN, device, mod_args)
+        m = torch.nn.functional.pad(m, (0, nk * bk - KV_LEN, 0, (q1 - q0) * bq - len(rows)))  # outside: False
+        m = m.view(B, H, q1 - q0, bq, nk, bk).transpose(3, 4)  # (B, H, q blocks, kv blocks, bq, bk)
+        seen, whole = m.any((-1, -2)), m.all((-1, -2))
+        cls = torch.where(whole, 2, torch.where(seen, 1, 0)).to(torch.int8)
+        partial = cls == 1
+        n = int(partial.sum())
+        slots[:, :, q0:q1][partial] = torch.arange(n_slots, n_slots + n, dtype=torch.int32, device=device)
+        classes[:, :, q0:q1] = cls
+        bits.append(m[partial].to(torch.uint8))
+        n_slots += n
+    bits = torch.cat(bits) if bits else torch.zeros(0, bq, bk, dtype=torch.uint8, device=device)
+    kv, kv_slots = _table(classes, slots)
+    q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
+    return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits.contiguous(), bq, bk),
+                     mask_mod)
+
+
+def as_block_mask(block_mask) -> BlockMask:
+    """A fused_attn BlockMask as it is; one made by torch.nn.attention.flex_attention.create_block_mask converted
+    once (its mask_mod evaluated into ours, with its block size, batch and heads)."""
+    if isinstance(block_mask, BlockMask):
+        return block_mask
+    try:
+        from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+    except ImportError:
+        TorchBlockMask = ()
+    if isinstance(block_mask, TorchBlockMask):
+        B, H = block_mask.kv_num_blocks.shape[:2]
+        return create_block_mask(block_mask.mask_mod, B, H, *block_mask.seq_lengths,
+                                 device=block_mask.kv_num_blocks.device, BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE))
+    raise TypeError(f"block_mask must be a fused_attn.BlockMask (create_block_mask) or PyTorch FlexAttention's, got "
+                    f"{type(block_mask).__name__}")
+
+
+def and_masks(*mask_mods):
+    """The mask function true where every one of mask_mods is."""
+    def mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out & m(b, h, q_idx, kv_idx)
+        return out
+    return mask
+
+
+def or_masks(*mask_mods):
+    """The mask function true where any of mask_mods is."""
+    def mask(b, h, q_idx, kv_idx):
+        out = mask_mods[0](b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = out | m(b, h, q_idx, kv_idx)
+        return out
+    return mask
