@@ -42,14 +42,27 @@ def evaluate(mask_mod, batch: int, heads: int, rows, kv_len: int, device, mod_ar
 
 
 def _table(classes: torch.Tensor, slots: torch.Tensor):
-    """Per row of `classes` (..., R, C) (0 empty, 1 partial, 2 full): [n_partial, n_full, partial columns...,
-    full columns..., empty columns] as int32, and the slot of each entry (partial ones matter)."""
+    """Per row of `classes` (..., R, C) (0 empty, 1 partial, 2 full): [n_lead, n_full, n_trail, visited columns in
+    ascending order..., unused] as int32, and each entry's slot in the bits (-1: a full block). The n_full entries
+    after the first n_lead are full blocks, run without mask arithmetic: the partial blocks before the first full
+    one lead, those after the last trail -- a band's three segments. A row with a partial block between full ones
+    lists everything as lead (masked: a full block there costs mask arithmetic, never a wrong result)."""
     C = classes.shape[-1]
-    rank = torch.where(classes == 1, 0, torch.where(classes == 2, 1, 2))
-    order = (rank * C + torch.arange(C, device=classes.device)).argsort(-1)
-    counts = torch.stack([(classes == 1).sum(-1), (classes == 2).sum(-1)], -1)
+    cols = torch.arange(C, device=classes.device)
+    visited = classes > 0
+    order = (torch.where(visited, 0, C) + cols).argsort(-1)  # visited columns ascending, then the rest
+    full = classes == 2
+    first = torch.where(full, cols, C).min(-1).values
+    last = torch.where(full, cols, -1).max(-1).values
+    n_full, n_visited = full.sum(-1), visited.sum(-1)
+    lead = (visited & (cols < first[..., None])).sum(-1)
+    trail = (visited & (cols > last[..., None])).sum(-1)
+    clean = lead + n_full + trail == n_visited  # no partial block between full ones
+    counts = torch.stack([torch.where(clean, lead, n_visited), torch.where(clean, n_full, 0),
+                          torch.where(clean, trail, 0)], -1)
     table = torch.cat([counts, order], -1).to(torch.int32).contiguous()
-    slot = torch.cat([torch.zeros_like(counts), slots.gather(-1, order)], -1).to(torch.int32).contiguous()
+    entry_slots = torch.where(full, -1, slots).gather(-1, order)
+    slot = torch.cat([torch.zeros_like(counts), entry_slots], -1).to(torch.int32).contiguous()
     return table, slot
 
 
@@ -60,7 +73,8 @@ class BlockMask:
     1). Made by `create_block_mask`; `flex_attention(..., block_mask=)` and the kernels take it.
 
     seq_lengths: (Q_LEN, KV_LEN); tables: the kernels' view (fused_attn.kernels.BlockTables) -- per query block
-    [n_partial, n_full, partial key blocks..., full key blocks...] and the transpose for the dK/dV kernel."""
+    [n_lead, n_full, n_trail, the key blocks it visits, ascending] (`_table`) and the transpose for the dK/dV
+    kernel."""
     seq_lengths: Tuple[int, int]
     BLOCK_SIZE: Tuple[int, int]
     tables: BlockTables
@@ -71,23 +85,14 @@ class BlockMask:
         """(batch, heads, Q_LEN, KV_LEN); batch / heads 1 where the mask is the same for all."""
         return (*self.tables.kv.shape[:2], *self.seq_lengths)
 
-    @property
-    def kv_num_blocks(self) -> torch.Tensor:
-        """Partial key blocks per query block (B, H, n_q_blocks), FlexAttention's name."""
-        return self.tables.kv[..., 0]
-
-    @property
-    def full_kv_num_blocks(self) -> torch.Tensor:
-        return self.tables.kv[..., 1]
-
     def to_dense(self) -> torch.Tensor:
         """(B, H, n_q_blocks, n_kv_blocks) int32: 1 where the kernels visit the block (partly or wholly)."""
         table = self.tables.kv
-        n = table[..., :1] + table[..., 1:2]
-        C = table.shape[-1] - 2
+        n = table[..., :3].sum(-1, keepdim=True)
+        C = table.shape[-1] - 3
         visited = torch.arange(C, device=table.device) < n
         dense = torch.zeros(*table.shape[:-1], C, dtype=torch.int32, device=table.device)
-        return dense.scatter_(-1, table[..., 2:].long(), visited.to(torch.int32))
+        return dense.scatter_(-1, table[..., 3:].long(), visited.to(torch.int32))
 
     def sparsity(self) -> float:
         """Percentage of blocks the kernels skip."""

@@ -237,28 +237,32 @@ def _query_program(head_start, n_heads, group, BLOCK_M: tl.constexpr, REVERSE: t
 
 @triton.jit
 def _listed_range(TABLE, per):
-    """(lo, full_lo, full_hi, hi) of a walk over a block mask's list TABLE = [n_partial, n_full, partial blocks...,
-    full blocks...]: positions [0, n_partial * per) cover the partial blocks (masked), the rest the full ones
-    (per: the positions one mask block spans, its rows or columns)."""
-    n_partial = tl.load(TABLE)
+    """(lo, full_lo, full_hi, hi) of a walk over a block mask's list TABLE = [n_lead, n_full, n_trail, blocks in
+    ascending order...] (fused_attn/blockmask.py): the n_full blocks after the first n_lead are full (no mask
+    arithmetic), the others are masked -- the band's three segments, so a block mask equal to a band visits the
+    same tiles in the same order. Positions count rows or columns: per = those one mask block spans."""
+    n_lead = tl.load(TABLE)
     n_full = tl.load(TABLE + 1)
-    return n_partial * 0, n_partial * per, (n_partial + n_full) * per, (n_partial + n_full) * per
+    n_all = n_lead + n_full + tl.load(TABLE + 2)
+    return n_lead * 0, n_lead * per, (n_lead + n_full) * per, n_all * per
 
 
 @triton.jit
 def _tile_at(pos, TABLE, per, LISTED: tl.constexpr):
     """(first row / column of the tile at loop position pos, its list entry): pos itself on a range walk; on a list
-    walk (LISTED) position pos lies in entry pos // per of TABLE, whose block starts at TABLE[2 + entry] * per."""
+    walk (LISTED) position pos lies in entry pos // per of TABLE, whose block starts at TABLE[3 + entry] * per."""
     if LISTED:
         entry = pos // per
-        return tl.load(TABLE + 2 + entry) * per + pos % per, entry
+        return tl.load(TABLE + 3 + entry) * per + pos % per, entry
     else:
         return pos, pos
 
 
 @triton.jit
 def _block_bits(SLOTS, BITS, entry, i, j, block_q, block_k):
-    """The stored mask of a partial block (list entry `entry`; SLOTS holds its slot in BITS, (slots, block_q,
-    block_k) uint8) at rows i, columns j (broadcastable, either orientation): True where the pair takes part."""
-    slot = tl.load(SLOTS + 2 + entry).to(tl.int64)
-    return tl.load(BITS + slot * block_q * block_k + (i % block_q) * block_k + j % block_k) != 0
+    """The stored mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation): True
+    where the pair takes part. SLOTS holds the block's slot in BITS (slots, block_q, block_k) uint8, or -1 for a
+    full block (all True, nothing read)."""
+    slot = tl.load(SLOTS + 3 + entry).to(tl.int64)
+    ptrs = BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k
+    return tl.load(ptrs, mask=(i * 0 + j * 0 + slot) >= 0, other=1) != 0
