@@ -71,11 +71,13 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
             st = _dot(k, tl.trans(q), FP32_DOT)
         st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
+        if LISTED:  # read outside the branch below, so that the pipeliner makes it asynchronous
+            bits = _block_bits(SLOTS, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
         if (pos < full_lo) | (pos >= full_hi):
             ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
-                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
+                ok = ok & bits
             pt = tl.where(ok, pt, 0.0)
         if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
             keep = _keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], threshold)

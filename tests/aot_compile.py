@@ -67,7 +67,8 @@ class TargetOnly:
 def jobs(quick: bool):
     """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "packed" (varlen),
     "decode" or "paged" (split-KV over a contiguous / paged cache), "modifiers" (the dense kernels with softcap,
-    ALiBi and dropout all on); the dense layouts are compiled inside each job.
+    ALiBi and dropout all on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are
+    compiled inside each job.
     sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
     with another element type: causal MHA at every D on both paths. Packed sequences (the VARLEN kernels, pointer
     path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16. Decoding: sm_90 and sm_80 bf16 at every
@@ -93,6 +94,10 @@ def jobs(quick: bool):
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
+    # Block masks (flex_attention): the list walk over 128 x 128 mask blocks, sm_90 D = 64 / 128. (sm_80 is not
+    # judged yet: its cp.async pipeliner leaves the list walk's K / V loads single-buffered -- the address depends
+    # on a scalar load of the block index; `--only kind=blockmask` with this job added shows it.)
+    out += [(90, bf16, d, "none", 1, False, False, "blockmask") for d in (64, 128)]
     return [j + ("dense",) * (8 - len(j)) for j in out]
 
 
@@ -123,12 +128,17 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     args = (d ** -0.5, 0, left, right)
     cu = torch.empty(PACKED_SEQS + 1, dtype=torch.int32, device="meta")
     pk = launch.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
+    blocks = None
+    if kind == "blockmask":  # a document-style mask: the tables' shapes for 128 x 128 blocks, 300 partial blocks
+        nq, nk, meta = S // 128, S // 128, dict(device="meta", dtype=torch.int32)
+        blocks = launch.BlockTables(*(torch.empty(1, 1, n, 3 + m, **meta) for n, m in ((nq, nk),) * 2 + ((nk, nq),) * 2),
+                                    torch.empty(300, 128, 128, dtype=torch.uint8, device="meta"), 128, 128)
     mods = None
     if kind == "modifiers":
         mods = launch.Modifiers(50.0, torch.empty(Hq, device="meta"), 0.1,
                                  torch.empty(2, dtype=torch.int64, device="meta"))
-    return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods)
-            + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods))
+    return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks)
+            + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods, blocks))
 
 
 DECODE = dict(batch=8, heads=32, cache=32768, page=256, splits=8)
@@ -277,7 +287,8 @@ def smoke(_=None):
         names = set(jit.arg_names)
         constexprs = {k: v for k, v in kwargs.items() if k in names}
         if "HAS_LEFT" in names:
-            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, SOFTCAP=False, ALIBI=False, DROPOUT=False)
+            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, SOFTCAP=False, ALIBI=False, DROPOUT=False,
+                              LISTED=False)
         src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))

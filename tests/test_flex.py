@@ -1,0 +1,161 @@
+"""Masks of any shape: create_block_mask / BlockMask and flex_attention on the kernels' list walk, against the
+float64 reference (which evaluates the mask function itself), PyTorch's own flex_attention, and the built-in band
+masks (bitwise, where a mask function equals one)."""
+import warnings
+
+import pytest
+import torch
+
+import fused_attn
+from fused_attn import kernels
+from fused_attn.testing import Case, _measure, make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F16, F32 = torch.float16, torch.float32
+
+
+def documents(lengths):
+    """A document mask over the concatenated documents (each attends within itself, causally)."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(DEVICE)
+
+    def mask(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (q >= kv)
+    return mask
+
+
+def prefix_lm(prefix):
+    return lambda b, h, q, kv: (kv < prefix) | (q >= kv)
+
+
+def sliding(window):
+    return lambda b, h, q, kv: (q >= kv) & (q - kv < window)
+
+
+def dilated(b, h, q, kv):
+    return (q >= kv) & ((q - kv) % 3 == 0)
+
+
+def per_head(b, h, q, kv):
+    """Head 0 causal, head 1 everything, and so on; batch row 1 hides its first 40 keys."""
+    return ((h % 2 == 1) | (q >= kv)) & ((b == 0) | (kv >= 40))
+
+
+def late_rows(b, h, q, kv):
+    """Rows before 70 see nothing: fully masked rows and tiles."""
+    return (q >= 70) & (kv <= q - 70)
+
+
+# (mask function, B and H of the mask (None: broadcast), case)
+CASES = [
+    pytest.param(documents([7, 1, 30, 12, 50, 3, 20, 37]), None, None, Case(1, 2, 2, 160, 160, 64), 32,
+                 id="documents-bs32"),
+    pytest.param(prefix_lm(45), None, None, Case(2, 4, 2, 130, 130, 40, dtype=F16), 64, id="prefix-lm-gqa-d40"),
+    pytest.param(sliding(33), None, None, Case(1, 2, 1, 97, 150, 32, 16), 16, id="sliding-sq<sk-dv16-bs16"),
+    pytest.param(dilated, None, None, Case(1, 2, 2, 150, 90, 24, dtype=F16), 128, id="dilated-sq>sk-bs128"),
+    pytest.param(per_head, 2, 4, Case(2, 4, 4, 100, 100, 32), 32, id="per-batch-and-head"),
+    pytest.param(late_rows, None, None, Case(1, 2, 2, 140, 140, 32), 32, id="fully-masked-rows"),
+]
+
+
+@pytest.mark.parametrize("mask_mod,mask_b,mask_h,case,block", CASES)
+def test_against_reference(mask_mod, mask_b, mask_h, case, block):
+    q, k, v, do = make_inputs(case, DEVICE)
+    bm = fused_attn.create_block_mask(mask_mod, mask_b, mask_h, case.seqlen_q, case.seqlen_k, DEVICE,
+                                      BLOCK_SIZE=block)
+    before = kernels.launches.copy()
+    out, lse = fused_attn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert kernels.launches["fwd"] == before["fwd"] + 1 and kernels.launches["bwd"] == before["bwd"] + 1
+    res = _measure(case, dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), q, k, v, do, True,
+                   mods=dict(mask_mod=mask_mod))
+    assert res.ok, res.describe()
+
+
+@pytest.mark.parametrize("mask_mod,case", [
+    pytest.param(documents([5, 60, 1, 34]), Case(1, 2, 2, 100, 100, 32), id="documents"),
+    pytest.param(prefix_lm(20), Case(2, 2, 2, 70, 90, 16), id="prefix-lm-sq<sk"),
+    pytest.param(per_head, Case(2, 2, 2, 64, 64, 16), id="per-batch-and-head"),
+])
+def test_against_torch_flex_attention(mask_mod, case):
+    """PyTorch's flex_attention (its unfused path: no grad, on the CPU too) on the same mask function and its own
+    block mask, which fused_attn converts."""
+    from torch.nn.attention import flex_attention as flex
+    q, k, v = (t.detach().float() for t in make_inputs(case, DEVICE)[:3])
+    tbm = flex.create_block_mask(mask_mod, case.batch, case.heads_q, case.seqlen_q, case.seqlen_k, device=DEVICE)
+    lse_kw = dict(return_aux=flex.AuxRequest(lse=True)) if hasattr(flex, "AuxRequest") else dict(return_lse=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "called without torch.compile": its unfused path, the one meant here
+        want, aux = flex.flex_attention(q, k, v, block_mask=tbm, **lse_kw)
+    want_lse = getattr(aux, "lse", aux)
+    got, lse = fused_attn.flex_attention(q, k, v, block_mask=tbm, return_lse=True)
+    empty = torch.isneginf(want_lse)  # rows that see nothing: out 0, lse -inf in both
+    assert torch.equal(torch.isneginf(lse), empty) and (got - want).abs().max() < 1e-5
+    assert (lse[~empty] - want_lse[~empty]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_mask_function_equal_to_a_window_is_bitwise_equal(block):
+    """A sliding window written as a mask function visits the same tiles in the same order as the built-in window
+    (partial blocks before and after the full ones): out, lse and every gradient are bitwise equal."""
+    case = Case(1, 2, 2, 200, 200, 32)
+    q, k, v, do = make_inputs(case, DEVICE)
+    bm = fused_attn.create_block_mask(sliding(50), None, None, 200, 200, DEVICE, BLOCK_SIZE=block)
+    got = fused_attn.flex_attention(q, k, v, block_mask=bm, return_lse=True)
+    want = fused_attn.attention(q, k, v, causal=True, window_size=(49, 0), return_lse=True)
+    got += torch.autograd.grad(got[0], (q, k, v), do)
+    want += torch.autograd.grad(want[0], (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_block_mask_structure():
+    bm = fused_attn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 200, 300, DEVICE, BLOCK_SIZE=64)
+    assert bm.shape == (1, 1, 200, 300) and bm.BLOCK_SIZE == (64, 64)
+    # top-left causal over 4 x 5 blocks: the diagonal blocks and every block of the padded last row are partial
+    dense = bm.to_dense()[0, 0].tolist()
+    assert dense == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]]
+    assert bm.sparsity() == pytest.approx(100 * (1 - 10 / 20))
+    kv = bm.tables.kv[0, 0].tolist()
+    assert kv[1][:3 + 2] == [0, 1, 1, 0, 1]  # row 1: block 0 full, block 1 partial (trailing)
+    assert bm.tables.bits.shape == (7, 64, 64)  # 3 diagonal + 4 in the last (padded) row
+    docs = fused_attn.create_block_mask(documents([64, 64, 64]), None, None, 192, 192, DEVICE, BLOCK_SIZE=64)
+    assert docs.sparsity() == pytest.approx(100 * 6 / 9) and docs.tables.bits.shape[0] == 3
+
+
+def test_mask_data_change_keeps_one_compiled_kernel_per_shape():
+    """Masks are data: two different mask functions of the same shape give tables of the same shapes and dtypes
+    (what the kernels specialize on), so no recompilation; only their values differ."""
+    a = fused_attn.create_block_mask(sliding(20), None, None, 128, 128, DEVICE, BLOCK_SIZE=32)
+    b = fused_attn.create_block_mask(documents([100, 28]), None, None, 128, 128, DEVICE, BLOCK_SIZE=32)
+    for x, y in ((a.tables.kv, b.tables.kv), (a.tables.kv_slots, b.tables.kv_slots), (a.tables.q, b.tables.q)):
+        assert x.shape == y.shape and x.dtype == y.dtype and not torch.equal(x, y)
+
+
+def test_broadcast_and_combinators():
+    both = fused_attn.and_masks(sliding(8), prefix_lm(4))
+    either = fused_attn.or_masks(sliding(8), prefix_lm(4))
+    q, kv = torch.arange(30)[:, None], torch.arange(30)[None, :]
+    assert torch.equal(both(0, 0, q, kv), sliding(8)(0, 0, q, kv) & prefix_lm(4)(0, 0, q, kv))
+    assert torch.equal(either(0, 0, q, kv), sliding(8)(0, 0, q, kv) | prefix_lm(4)(0, 0, q, kv))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, score_mod=lambda s, b, h, i, j: s),
+                 NotImplementedError, "score_mod", id="score-mod"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q[:, :1], q[:, :1]), ValueError, "enable_gqa=True",
+                 id="gqa-without-flag"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q[:, :, :20], q[:, :, :20], q[:, :, :20], block_mask=bm),
+                 ValueError, r"block_mask is for \(B, H, Q_LEN, KV_LEN\) = \(1, 1, 32, 32\)", id="mask-shape"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, block_mask="causal"), TypeError,
+                 "block_mask must be a fused_attn.BlockMask", id="mask-type"),
+    pytest.param(lambda q, bm: fused_attn.create_block_mask(sliding(4), None, None, 32, 32, DEVICE, BLOCK_SIZE=48),
+                 ValueError, r"power of two >= 16 \(the kernels. tiles divide it\), got 48", id="block-size"),
+    pytest.param(lambda q, bm: fused_attn.create_block_mask(sliding(4), 0, None, 32, 32, DEVICE), ValueError,
+                 "B must be a positive int or None, got 0", id="batch"),
+    pytest.param(lambda q, bm: fused_attn.create_block_mask("causal", None, None, 32, 32, DEVICE), TypeError,
+                 "mask_mod must be a function", id="mask-mod-type"),
+])
+def test_invalid_inputs(call, exc, match):
+    q = torch.randn(1, 2, 32, 16, device=DEVICE)
+    bm = fused_attn.create_block_mask(sliding(4), None, None, 32, 32, DEVICE)
+    with pytest.raises(exc, match=match):
+        call(q, bm)
