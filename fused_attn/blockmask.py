@@ -60,10 +60,11 @@ def _table(classes: torch.Tensor, slots: torch.Tensor):
     clean = lead + n_full + trail == n_visited  # no partial block between full ones
     counts = torch.stack([torch.where(clean, lead, n_visited), torch.where(clean, n_full, 0),
                           torch.where(clean, trail, 0)], -1)
-    table = torch.cat([counts, order], -1).to(torch.int32).contiguous()
+    pad = -(3 + C) % 16  # rows of a multiple of 16 entries: the row stride keeps the JIT's 16-divisibility class
+    table = torch.nn.functional.pad(torch.cat([counts, order], -1), (0, pad)).to(torch.int32).contiguous()
     entry_slots = torch.where(full, -1, slots).gather(-1, order)
-    slot = torch.cat([torch.zeros_like(counts), entry_slots], -1).to(torch.int32).contiguous()
-    return table, slot
+    slot = torch.nn.functional.pad(torch.cat([torch.zeros_like(counts), entry_slots], -1), (0, pad))
+    return table, slot.to(torch.int32).contiguous()
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,10 @@ class BlockMask:
         """(B, H, n_q_blocks, n_kv_blocks) int32: 1 where the kernels visit the block (partly or wholly)."""
         table = self.tables.kv
         n = table[..., :3].sum(-1, keepdim=True)
-        C = table.shape[-1] - 3
+        C = -(-self.seq_lengths[1] // self.BLOCK_SIZE[1])
         visited = torch.arange(C, device=table.device) < n
         dense = torch.zeros(*table.shape[:-1], C, dtype=torch.int32, device=table.device)
-        return dense.scatter_(-1, table[..., 3:].long(), visited.to(torch.int32))
+        return dense.scatter_(-1, table[..., 3:3 + C].long(), visited.to(torch.int32))
 
     def sparsity(self) -> float:
         """Percentage of blocks the kernels skip."""

@@ -131,7 +131,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     blocks = None
     if kind == "blockmask":  # a document-style mask: the tables' shapes for 128 x 128 blocks, 300 partial blocks
         nq, nk, meta = S // 128, S // 128, dict(device="meta", dtype=torch.int32)
-        blocks = launch.BlockTables(*(torch.empty(1, 1, n, 3 + m, **meta) for n, m in ((nq, nk),) * 2 + ((nk, nq),) * 2),
+        blocks = launch.BlockTables(*(torch.empty(1, 1, n, -(-(3 + m) // 16) * 16, **meta)
+                                      for n, m in ((nq, nk),) * 2 + ((nk, nq),) * 2),
                                     torch.empty(300, 128, 128, dtype=torch.uint8, device="meta"), 128, 128)
     mods = None
     if kind == "modifiers":

@@ -116,6 +116,7 @@ def test_block_mask_structure():
     assert bm.sparsity() == pytest.approx(100 * (1 - 10 / 20))
     kv = bm.tables.kv[0, 0].tolist()
     assert kv[1][:3 + 2] == [0, 1, 1, 0, 1]  # row 1: block 0 full, block 1 partial (trailing)
+    assert bm.tables.kv.shape[-1] == 16  # 3 + 5 entries, padded to a multiple of 16
     assert bm.tables.bits.shape == (7, 64, 64)  # 3 diagonal + 4 in the last (padded) row
     docs = fused_attn.create_block_mask(documents([64, 64, 64]), None, None, 192, 192, DEVICE, BLOCK_SIZE=64)
     assert docs.sparsity() == pytest.approx(100 * 6 / 9) and docs.tables.bits.shape[0] == 3

@@ -1,7 +1,8 @@
 """Random valid calls across the public surface, drawn by Hypothesis: `attention` (lengths 1..300 both sides, head
 dims 1..256 and Dv != D, GQA ratios, both layouts, strided views, causal / windows / unbounded, softcap, ALiBi,
 dropout with its replayed mask, fp32 / fp16), `attention_varlen` (sequences of 0..300 rows) and
-`attention_with_kvcache` (contiguous and paged), each held to the numerics rule against the float64 reference,
+`attention_with_kvcache` (contiguous and paged) and `flex_attention` (mask functions composed of documents,
+windows, prefixes and per-head choices, any block size), each held to the numerics rule against the float64 reference,
 forward and (where there is one) backward; a non-finite output fails the rule.
 
 CI runs a fixed budget from a recorded seed (reproducible); FUSED_ATTN_PROPERTY_EXAMPLES=N (a nightly, a GPU run)
@@ -13,7 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from fused_attn.testing import Case, VarlenCase, evaluate, evaluate_kvcache, evaluate_varlen, make_kvcache_inputs
+import fused_attn
+from fused_attn.testing import (Case, VarlenCase, _measure, evaluate, evaluate_kvcache, evaluate_varlen, make_inputs,
+                                make_kvcache_inputs)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEED = int(os.environ.get("FUSED_ATTN_PROPERTY_SEED", 20261128))
@@ -105,3 +108,39 @@ def test_attention_with_kvcache(data):
                                   num_splits=draw(st.integers(0, 3)), causal=causal, window_size=window,
                                   softcap=draw(st.sampled_from([0.0, 5.0])))
     assert all(m.ok for m in metrics.values()), metrics
+
+
+@st.composite
+def mask_functions(draw, seqlen_k):
+    """A mask function composed of random pieces (documents over the keys, a causal window, a prefix, per head)."""
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, seqlen_k - 1)), max_size=6)))
+    doc = torch.bucketize(torch.arange(max(seqlen_k, 300)), torch.tensor(cuts, dtype=torch.long), right=True)
+    doc = doc.to(DEVICE)
+    window, prefix = draw(st.integers(1, 300)), draw(st.integers(0, 50))
+    per_head, combine = draw(st.booleans()), draw(st.sampled_from(["and", "or"]))
+
+    def mask_mod(b, h, q, kv):
+        a = (doc[q] == doc[kv]) & (q >= kv) & (q - kv < window)
+        c = kv < prefix
+        m = a & ~c if combine == "and" else a | c  # prefix keys hidden, or visible to all
+        return m & ((h % 2 == 0) | (kv % 2 == 0)) if per_head else m
+    return mask_mod
+
+
+@seed(SEED)
+@budget(5)
+@given(data=st.data())
+def test_flex_attention(data):
+    draw = data.draw
+    seqlen_q, seqlen_k = draw(st.integers(1, 200)), draw(st.integers(1, 200))
+    heads_q, heads_kv = draw(st.sampled_from([(1, 1), (2, 1), (2, 2)]))
+    case = Case(draw(st.integers(1, 2)), heads_q, heads_kv, seqlen_q, seqlen_k, draw(st.integers(1, 128)),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])))
+    mask_mod = draw(mask_functions(seqlen_k))
+    bm = fused_attn.create_block_mask(mask_mod, None, heads_q, seqlen_q, seqlen_k, DEVICE,
+                                      BLOCK_SIZE=draw(st.sampled_from([16, 32, 64, 128])))
+    q, k, v, do = make_inputs(case, DEVICE, seed=draw(st.integers(0, 99)))
+    out, lse = fused_attn.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, return_lse=True)
+    got = dict(out=out, lse=lse, **dict(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), do))))
+    res = _measure(case, got, q, k, v, do, True, mods=dict(mask_mod=mask_mod))
+    assert res.ok, res.describe()
