@@ -12,7 +12,7 @@ from fused_attn.progress import Progress
 
 FIELDS = ["gpu", "torch", "triton", "commit", "provider", "mode", "dtype", "seqlen", "head_dim", "mask", "window",
           "modifier", "batch", "heads_q", "heads_kv", "status", "ms", "tflops", "peak_mem_mb", "kv_gb_per_s",
-          "bandwidth_fraction", "check_err", "check_budget"]
+          "bandwidth_fraction", "mask_build_ms", "check_err", "check_budget"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -9,13 +9,14 @@ import torch
 
 import fused_attn
 
-from . import common, decode, plot, sweep, varlen
+from . import common, decode, flex, plot, sweep, varlen
 from .common import DTYPES, Unsupported
 from .providers import PROVIDERS, scoped
 
 # The sweep's own options; --varlen and --decode take the ones listed for them and refuse the others.
 SWEEP_OPTIONS = ("seqlens", "head_dims", "masks", "modes", "modifiers", "gqa_ratio", "gqa_only", "tokens", "hidden")
-TAKES = {"varlen": ("head_dims", "masks", "modes", "hidden"), "decode": ("seqlens", "head_dims")}
+TAKES = {"varlen": ("head_dims", "masks", "modes", "hidden"), "decode": ("seqlens", "head_dims"),
+         "flex": ("seqlens", "head_dims", "masks", "modes", "hidden")}
 DEFAULTS = dict(seqlens=list(sweep.SEQLENS), head_dims=list(sweep.HEAD_DIMS), masks=list(sweep.MASKS),
                 modes=list(sweep.MODES), modifiers=list(sweep.MODIFIERS), gqa_ratio=8, gqa_only=False, tokens=16384,
                 hidden=2048)
@@ -30,7 +31,7 @@ def parse_args(argv):
                    "--varlen: none, causal")
     p.add_argument("--modes", nargs="+", choices=sweep.MODES)
     p.add_argument("--providers", nargs="+",
-                   choices=sorted(set(PROVIDERS) | set(varlen.PROVIDERS) | set(decode.PROVIDERS)),
+                   choices=sorted(set().union(PROVIDERS, varlen.PROVIDERS, decode.PROVIDERS, flex.PROVIDERS)),
                    help="default: every provider of the benchmark")
     p.add_argument("--varlen", action="store_true",
                    help="the packed-batch case instead of the sweep: 16k tokens in sequences of mixed lengths "
@@ -39,6 +40,10 @@ def parse_args(argv):
                    help="the decode sweep instead (bench/decode.py): Sq 1 / 4 against 1k..128k cached tokens, "
                         "contiguous and paged caches; reports us, GB/s of K/V read and the bandwidth fraction; "
                         "takes --seqlens (cache lengths), --head-dims, --dtype")
+    p.add_argument("--flex", action="store_true",
+                   help="masks of any shape instead (bench/flex.py): flex_attention with block masks beside "
+                        "FlexAttention and the built-in masks; --masks documents prefix_lm sliding<W> causal; takes "
+                        "--seqlens (one), --head-dims, --modes, --hidden, --dtype")
     p.add_argument("--modifiers", nargs="*", choices=sweep.MODIFIERS,
                    help="extra rows with softcap / ALiBi / dropout 0.1 (causal, D=128, S 4096 and 16384, where the "
                         "sweep has them; default all three); give none of them to leave them out")
@@ -51,9 +56,9 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit")
     p.add_argument("--plot-only", metavar="RESULTS_JSON", help="redraw the plots from a results file")
     args = p.parse_args(argv)
-    if args.varlen and args.decode:
-        p.error("--varlen and --decode are two benchmarks: pick one")
-    kind = "varlen" if args.varlen else "decode" if args.decode else None
+    if args.varlen + args.decode + args.flex > 1:
+        p.error("--varlen, --decode and --flex are separate benchmarks: pick one")
+    kind = "varlen" if args.varlen else "decode" if args.decode else "flex" if args.flex else None
     if kind:
         refused = [o for o in SWEEP_OPTIONS if getattr(args, o) is not None and o not in TAKES[kind]]
         if refused:
@@ -62,6 +67,10 @@ def parse_args(argv):
         if getattr(args, option) is None and not kind:
             setattr(args, option, value)
     for m in args.masks or ():
+        if kind == "flex":
+            if m not in flex.MASKS and not (m.startswith("sliding") and m[len("sliding"):].isdigit()):
+                p.error(f"--flex masks are documents, prefix_lm, sliding<W>, causal; got {m!r}")
+            continue
         if m not in ("none", "causal") and not (m.startswith("window") and m[len("window"):].isdigit()):
             p.error(f"unknown mask {m!r}: use none, causal or window<W>")
         if kind == "varlen" and m not in ("none", "causal"):
@@ -136,6 +145,8 @@ def main(argv=None) -> int:
         bench, title, out = varlen, "varlen", out / "varlen"
     elif args.decode:
         bench, title, out = decode, "decode", out / "decode"
+    elif args.flex:
+        bench, title, out = flex, "flex", out / "flex"
     providers = args.providers or list(bench.PROVIDERS)
     unknown = [p for p in providers if p not in bench.PROVIDERS]
     if unknown:

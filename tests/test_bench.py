@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import fused_attn
 from bench import common, plot, run, sweep
 
 
@@ -220,3 +221,28 @@ def test_decode_provider_passes_its_check(page):
     from bench import decode
     status, metric = decode.check("fused_attn-kvcache", decode.Case(1, 1, 4, page, dtype="fp32"), "cpu", {})
     assert status == "ok", (status, metric)
+
+
+def test_flex_cases_count_visible_pairs_exactly(capsys):
+    from bench import flex
+    doc = flex.document_ids(1000, "cpu")
+    lengths = torch.bincount(doc).tolist()
+    assert len(lengths) == 50 and sum(lengths) == 1000 and min(lengths) >= 1
+    fn, band = flex.mask_function("documents", 1000, "cpu")
+    bm = fused_attn.create_block_mask(fn, None, None, 1000, 1000, "cpu", BLOCK_SIZE=64)
+    assert band is None and flex.visible_pairs(bm) == sum(n * (n + 1) // 2 for n in lengths)
+    fn, band = flex.mask_function("sliding100", 1000, "cpu")
+    bm = fused_attn.create_block_mask(fn, None, None, 1000, 1000, "cpu")
+    assert band == (True, (99, 0)) and flex.visible_pairs(bm) == 100 * 101 // 2 + 900 * 100
+    assert run.main(["--flex", "--dry-run", "--head-dims", "64", "--masks", "documents", "sliding512"]) == 0
+    assert "flex: 4 configurations x 3 providers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,mask,status", [("fused_attn-flex", "documents", "ok"),
+                                              ("fused_attn-builtin", "sliding1024", "ok"),
+                                              ("fused_attn-builtin", "prefix_lm", "unsupported")])
+def test_flex_providers_pass_their_check(name, mask, status, monkeypatch):
+    from bench import flex
+    monkeypatch.setitem(flex.DTYPES, "fp32", torch.float32)
+    got, metric = flex.check(name, flex.Case(mask, 32, "fwd", 2, dtype="fp32"), "cpu", {})
+    assert got.startswith(status), (got, metric)

@@ -1,0 +1,151 @@
+"""Masks of any shape (`python -m bench --flex`): fused_attn.flex_attention with block masks beside PyTorch's
+FlexAttention (compiled) on the same mask functions, and beside fused_attn's built-in mask where the function
+equals one (the cost of a mask function over the band it equals). Masks: documents (16k tokens in 50 documents of
+mixed lengths, causal within each), prefix-LM (a bidirectional prefix of 1024), a sliding window of 1024 and
+causal, each written as a mask function. Rows also record the time to build the block mask. TF/s count the pairs
+the mask leaves visible, exactly."""
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fused_attn
+
+from . import common
+from .common import DTYPES, Unsupported
+from .providers import flex
+from .sweep import MODE_FLOP_FACTOR
+
+MASKS = ("documents", "prefix_lm", "sliding1024", "causal")
+MODES = ("fwd", "fwd+bwd")
+SEQLEN, PREFIX, WINDOW = 16384, 1024, 1024
+
+
+def document_ids(seqlen: int, device, n_docs: int = 50):
+    """Sequence ids of n_docs documents of mixed lengths (a fixed draw) covering seqlen tokens."""
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.randperm(seqlen - 1, generator=g)[:n_docs - 1].sort().values + 1
+    return torch.bucketize(torch.arange(seqlen), cuts, right=True).to(device)
+
+
+def mask_function(name: str, seqlen: int, device):
+    """The case's mask function (FlexAttention's signature), and the built-in (causal, window_size) it equals or
+    None."""
+    if name == "documents":
+        doc = document_ids(seqlen, device)
+        return (lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)), None
+    if name == "prefix_lm":
+        return (lambda b, h, q, kv: (kv < PREFIX) | (q >= kv)), None
+    if name.startswith("sliding"):
+        w = int(name[len("sliding"):])
+        return (lambda b, h, q, kv: (q >= kv) & (q - kv < w)), (True, (w - 1, 0))
+    return (lambda b, h, q, kv: q >= kv), (True, (-1, -1))
+
+
+@dataclass(frozen=True)
+class Case:
+    mask: str
+    head_dim: int
+    mode: str
+    heads: int
+    seqlen: int = SEQLEN
+    dtype: str = "bf16"
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), batch=1, heads_q=self.heads, heads_kv=self.heads)
+
+
+def build(head_dims=(64, 128), masks=MASKS, modes=MODES, hidden=2048, dtype="bf16", seqlen=SEQLEN):
+    return [Case(m, d, mode, hidden // d, seqlen, dtype) for d in head_dims for m in masks for mode in modes]
+
+
+def build_from(args):
+    return build(args.head_dims or (64, 128), args.masks or MASKS, args.modes or MODES, args.hidden or 2048,
+                 args.dtype, (args.seqlens or [SEQLEN])[0])
+
+
+def visible_pairs(bm) -> int:
+    """Exact visible (query, key) pairs of a fused_attn BlockMask: full blocks whole, partial ones by their bits
+    (blocks crossing the sequence ends are partial, so their padding is never counted)."""
+    t = bm.tables
+    bq, bk = bm.BLOCK_SIZE
+    return int(t.kv[..., 1].sum()) * bq * bk + int(t.bits.sum()) if t.kv.shape[:2] == (1, 1) else None
+
+
+def _inputs(case, device, requires_grad, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(1, case.heads, case.seqlen, case.head_dim, device=device, dtype=DTYPES[case.dtype],
+                             generator=g).requires_grad_(requires_grad) for _ in range(3))
+
+
+def _ours(case, q, k, v):
+    fn, _ = mask_function(case.mask, case.seqlen, q.device)
+    bm = fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=q.device)
+    return lambda: fused_attn.flex_attention(q, k, v, block_mask=bm)
+
+
+def _builtin(case, q, k, v):
+    _, band = mask_function(case.mask, case.seqlen, q.device)
+    if band is None:
+        raise Unsupported("no built-in mask equals this mask function")
+    causal, window = band
+    return lambda: fused_attn.attention(q, k, v, causal=causal, window_size=window)
+
+
+def _flex(case, q, k, v):
+    flex_attention, create_block_mask = flex()
+    fn, _ = mask_function(case.mask, case.seqlen, q.device)
+    bm = create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=q.device)
+    return lambda: flex_attention(q, k, v, block_mask=bm)
+
+
+PROVIDERS = {"fused_attn-flex": _ours, "fused_attn-builtin": _builtin, "flex": _flex}
+BUILDERS = {"fused_attn-flex": lambda fn, s, device: fused_attn.create_block_mask(fn, None, None, s, s, device),
+            "flex": lambda fn, s, device: flex()[1](fn, None, None, s, s, device=device)}
+
+
+def check(name, case, device, cache):
+    """The provider on a small case of the same mask (512 tokens) against the float64 reference (common.check)."""
+    small = Case(case.mask.replace("1024", "100"), case.head_dim, "fwd", 2, 512, case.dtype)
+    q, k, v = _inputs(small, device, False)
+    fn, _ = mask_function(small.mask, small.seqlen, device)
+    return common.check(cache, (name, case.head_dim, case.mask), lambda: PROVIDERS[name](small, q, k, v)(),
+                        lambda upcast: fused_attn.reference.attention(q, k, v, mask_mod=fn, upcast=upcast))
+
+
+def measure(name, case, device):
+    q, k, v = _inputs(case, device, case.mode != "fwd")
+    try:
+        fwd = PROVIDERS[name](case, q, k, v)
+    except Unsupported as e:
+        return "unsupported: " + str(e), None, None
+    return common.time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
+
+
+def mask_build_ms(name, case, device) -> float:
+    """Milliseconds to build the provider's block mask (after one warm-up build), None where it builds none."""
+    if name not in BUILDERS:
+        return None
+    fn, _ = mask_function(case.mask, case.seqlen, device)
+    BUILDERS[name](fn, case.seqlen, device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    BUILDERS[name](fn, case.seqlen, device)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def derived(case, name, ms) -> dict:
+    fn, _ = mask_function(case.mask, case.seqlen, "cuda")
+    pairs = visible_pairs(fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, "cuda"))
+    flops = 4.0 * case.heads * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
+    return {"tflops": flops / (ms * 1e-3) / 1e12, "mask_build_ms": mask_build_ms(name, case, "cuda")}
+
+
+def label(case) -> str:
+    return f"flex {case.mask:11} S={case.seqlen} D={case.head_dim:3} H={case.heads} {case.mode:8}"
+
+
+def describe(case) -> str:
+    return label(case)
+
