@@ -318,3 +318,24 @@ def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layo
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
     check_kernel_inputs(a)
     return a
+
+
+def check_attn_mask(attn_mask, shape, device):
+    """attn_mask: a bool tensor broadcastable to shape = (B, Hq, Sq, Sk) on the tensors' device (True: the pair
+    takes part, SDPA's convention). A float (additive) mask is not implemented on the kernels yet."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype.is_floating_point:
+        raise NotImplementedError("a float attn_mask (an additive bias) is not implemented on the kernels yet; "
+                                  "pass a bool mask (True: the pair takes part)")
+    if attn_mask.dtype != torch.bool:
+        raise TypeError(f"attn_mask must be bool (True: the pair takes part), got {attn_mask.dtype}")
+    try:
+        if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, shape) != torch.Size(shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, Hq, Sq, Sk) = "
+                         f"{tuple(shape)}") from None
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask is on {attn_mask.device}, the tensors on {device}")
+

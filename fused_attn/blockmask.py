@@ -126,8 +126,15 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
             raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {n!r}")
         sizes.append(n)
     B, H, Q_LEN, KV_LEN = sizes
-    bq, bk = _block_size(BLOCK_SIZE)
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    return _classify(lambda rows: evaluate(mask_mod, B, H, rows, KV_LEN, device, mod_args), B, H, Q_LEN, KV_LEN,
+                     _block_size(BLOCK_SIZE), device, mask_mod)
+
+
+def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None) -> BlockMask:
+    """The BlockMask of the element mask that rows_mask(rows) gives for query rows `rows` ((B, H, len(rows),
+    KV_LEN) bool), computed in chunks of query blocks."""
+    bq, bk = block_size
     nq, nk = -(-Q_LEN // bq), -(-KV_LEN // bk)
     classes = torch.zeros(B, H, nq, nk, dtype=torch.int8, device=device)
     slots = torch.zeros(B, H, nq, nk, dtype=torch.int32, device=device)
@@ -137,7 +144,7 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     for q0 in range(0, nq, per_chunk):
         q1 = min(nq, q0 + per_chunk)
         rows = torch.arange(q0 * bq, min(q1 * bq, Q_LEN), device=device)
-        m = evaluate(mask_mod, B, H, rows, KV_LEN, device, mod_args)
+        m = rows_mask(rows)
         m = torch.nn.functional.pad(m, (0, nk * bk - KV_LEN, 0, (q1 - q0) * bq - len(rows)))  # outside: False
         m = m.view(B, H, q1 - q0, bq, nk, bk).transpose(3, 4)  # (B, H, q blocks, kv blocks, bq, bk)
         seen, whole = m.any((-1, -2)), m.all((-1, -2))
@@ -153,6 +160,22 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
     return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits.contiguous(), bq, bk),
                      mask_mod)
+
+
+def from_dense(mask: torch.Tensor, B: int, H: int, Q_LEN: int, KV_LEN: int, visible=None,
+               BLOCK_SIZE=128) -> BlockMask:
+    """The BlockMask of a boolean mask broadcastable to (B, H, Q_LEN, KV_LEN) (True: the pair takes part), AND
+    visible(rows) ((len(rows), KV_LEN) bool, e.g. a band) where given; batch / heads stay 1 where the mask
+    broadcasts over them."""
+    while mask.dim() < 4:
+        mask = mask[None]
+    Bm, Hm = (1 if mask.shape[0] == 1 else B), (1 if mask.shape[1] == 1 else H)
+    mask = mask.expand(Bm, Hm, Q_LEN, KV_LEN)
+
+    def rows_mask(rows):
+        m = mask[:, :, rows]
+        return m if visible is None else m & visible(rows)
+    return _classify(rows_mask, Bm, Hm, Q_LEN, KV_LEN, _block_size(BLOCK_SIZE), mask.device)
 
 
 def as_block_mask(block_mask) -> BlockMask:

@@ -7,8 +7,8 @@ import operator
 
 import torch
 
-from ._args import check_modifiers, kernel_args
-from .function import _attention, attention, attention_probs
+from ._args import check_attn_mask, check_modifiers, kernel_args
+from .function import _attention, attention, attention_probs, dense_blocks
 from .reference import row_slopes
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -23,14 +23,28 @@ def _as4d(t):
     return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
 
 
-def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
-    """((Args, Modifiers), None) if the Triton kernels compute this call exactly, else (None, the reason torch's
-    SDPA takes it). Beyond SDPA's own arguments the policy is fused_attn.attention's: check_args, device,
-    offsets."""
+def _mask4d(attn_mask, query):
+    """SDPA's attn_mask (broadcastable to (N, ..., L, S)) as a mask broadcastable to the (B, H, L, S) the kernels
+    see (_as4d): leading size-1 dims stay broadcast; only a query of more than 4 dims makes a copy."""
+    if attn_mask is None:
+        return None
+    if query.dim() == 3:  # (N, L, E) runs as (N, 1, L, E)
+        return attn_mask.unsqueeze(-3) if attn_mask.dim() == 3 else attn_mask
+    if query.dim() == 4 or attn_mask.dim() <= 2:
+        return attn_mask
+    return attn_mask.expand(*query.shape[:-1], attn_mask.shape[-1]).flatten(0, -4)
+
+
+def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal=False):
+    """((Args, Modifiers, bool mask or None), None) if the Triton kernels compute this call exactly, else (None,
+    the reason torch's SDPA takes it). Beyond SDPA's own arguments the policy is fused_attn.attention's:
+    check_args, device, offsets, the attn_mask check."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None, "query, key, value are not all tensors"
-    if attn_mask is not None:
-        return None, "an explicit attn_mask tensor (the kernels take causal / window masks only)"
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype.is_floating_point:
+        return None, "a float attn_mask (an additive bias is not implemented on the kernels yet)"
+    if attn_mask is not None and is_causal:
+        return None, "attn_mask together with is_causal (torch's SDPA refuses the pair)"
     if not (query.dim() == key.dim() == value.dim() >= 3):
         return None, f"ranks {query.dim()}, {key.dim()}, {value.dim()} (need equal ranks >= 3)"
     batch_dims = slice(0, -3) if query.dim() >= 4 else slice(0, 1)
@@ -40,16 +54,20 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
         return None, f"heads {query.shape[-3]} vs {key.shape[-3]} without enable_gqa"
     try:
         a = kernel_args(_as4d(query), _as4d(key), _as4d(value), scale=scale)
-        return (a, check_modifiers(1, 1, a.q.device, dropout_p=dropout_p)), None
+        mask = _mask4d(attn_mask, query) if isinstance(attn_mask, torch.Tensor) else attn_mask
+        if mask is not None:
+            check_attn_mask(mask, (*a.q.shape[:3], a.k.shape[2]), a.q.device)
+        return (a, check_modifiers(1, 1, a.q.device, dropout_p=dropout_p), mask), None
     except (ValueError, TypeError) as e:
         return None, f"the kernels refuse it: {e}"
 
 
 def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> str:
     """Which path fused_attn.scaled_dot_product_attention takes for these arguments, and why."""
-    _, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    _, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is None:
-        return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "")
+        return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "") + (
+            " with the bool attn_mask as block lists" if attn_mask is not None else "")
     return f"torch scaled_dot_product_attention: {reason}"
 
 
@@ -57,21 +75,24 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention with the same signature and semantics: (N, ..., Hq, L, E)
     query, (N, ..., H, S, E) key, (N, ..., H, S, Ev) value -> (N, ..., Hq, L, Ev); is_causal is top-left aligned.
-    The Triton kernels run whenever they can compute the call (no attn_mask, fp16/bf16/fp32 on CUDA, ...); any
-    other call goes to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which
-    and why. dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability dropped with
+    The Triton kernels run whenever they can compute the call (fp16/bf16/fp32 on CUDA, a bool attn_mask or none,
+    ...); any other call -- a float attn_mask, float64, CPU tensors without the interpreter -- goes to torch's own
+    SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which and why. A bool attn_mask
+    runs on the kernels as block lists (fused_attn.attention's attn_mask); a row it hides entirely gets 0 (torch's
+    SDPA gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability dropped with
     probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the kernels draw
     theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the mask), so a
     given seed gives another mask than torch's SDPA does."""
-    plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
+    plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
     log.debug("scaled_dot_product_attention -> fused_attn kernels")
-    a, mods = plan
+    a, mods, mask = plan
     # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
-    out, _ = _attention(dataclasses.replace(a, offset=0, left=-1, right=0 if is_causal else -1), mods)
+    a = dataclasses.replace(a, offset=0, left=-1, right=0 if is_causal else -1)
+    out, _ = _attention(a, mods, blocks=None if mask is None else dense_blocks(a, mask))
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*query.shape[:-3], *out.shape[1:])

@@ -5,9 +5,11 @@ import numbers
 import torch
 
 from . import kernels, ops
-from ._args import Args, _check_length, check_args, check_device, check_modifiers, kernel_args
+from ._args import Args, _check_length, check_args, check_attn_mask, check_device, check_modifiers, kernel_args
+from .blockmask import from_dense
 from .kernels import BlockTables, Modifiers, Packed, dropout_keep_mask
 from .ops import Call
+from .mask import visible_rows
 from .reference import row_scores
 
 
@@ -48,7 +50,7 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
-              softcap=0.0, alibi_slopes=None, dropout_p=0.0):
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, attn_mask=None):
     """Exact attention softmax(q k^T * scale + mask) v with FlashAttention-style Triton kernels.
 
     Args:
@@ -87,6 +89,11 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            default generator of the tensors' device, which every call advances: torch.manual_seed /
            torch.set_rng_state reproduce a call, and `fused_attn.dropout_mask` returns its keep-mask. The backward
            regenerates the mask (nothing of size Sq x Sk is stored); dropout_p = 0 is exactly no dropout.
+        attn_mask: None, or a bool tensor broadcastable to (B, Hq, Sq, Sk) -- in both layouts -- True where the
+           pair takes part (SDPA's convention), together with causal / window_size (both must let a pair take
+           part). It is classified into blocks once per call (fused_attn.create_block_mask's lists): blocks it
+           leaves empty are skipped, full ones run without mask arithmetic. Rows that see nothing: out 0, lse -inf.
+           A float (additive) mask is not implemented yet (NotImplementedError).
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
@@ -95,11 +102,21 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     split-KV kernels of `attention_with_kvcache` instead of the one-program-per-query-tile grid.
     """
     a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
-    out, lse = _attention(a, check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap,
-                                             alibi_slopes=alibi_slopes, dropout_p=dropout_p))
+    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
+                           dropout_p=dropout_p)
+    out, lse = _attention(a, mods, blocks=None if attn_mask is None else dense_blocks(a, attn_mask))
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+def dense_blocks(a: Args, attn_mask) -> BlockTables:
+    """A bool attn_mask (broadcastable to (B, Hq, Sq, Sk)) and the window of checked Args as the block lists the
+    kernels walk: both must let a pair take part; blocks the two leave empty are skipped."""
+    B, Hq, Sq = a.q.shape[:3]
+    Sk = a.k.shape[2]
+    check_attn_mask(attn_mask, (B, Hq, Sq, Sk), a.q.device)
+    return from_dense(attn_mask, B, Hq, Sq, Sk, lambda rows: visible_rows(rows, Sk, a.left, a.right, a.offset)).tables
 
 
 def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,

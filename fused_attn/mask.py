@@ -37,9 +37,18 @@ def visible_mask(seqlen_q: int, seqlen_k: int, left: int = -1, right: int = -1, 
     """Boolean (Sq, Sk) mask, True where query row i sees key column j. offset defaults to bottom-right."""
     if offset is None:
         offset = seqlen_k - seqlen_q
-    lo, hi = row_bounds(seqlen_q, seqlen_k, left, right, offset, device)
-    j = torch.arange(seqlen_k, device=device, dtype=torch.int64)
-    return (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+    return visible_rows(torch.arange(seqlen_q, device=device), seqlen_k, left, right, offset)
+
+
+def visible_rows(rows: torch.Tensor, seqlen_k: int, left: int, right: int, offset: int) -> torch.Tensor:
+    """The mask of the query rows `rows` (a 1-D index tensor): (len(rows), Sk) bool."""
+    i, j = rows[:, None].long(), torch.arange(seqlen_k, device=rows.device)[None, :]
+    ok = torch.ones(len(rows), seqlen_k, dtype=torch.bool, device=rows.device)
+    if left >= 0:
+        ok = ok & (j >= i + offset - left)
+    if right >= 0:
+        ok = ok & (j <= i + offset + right)
+    return ok
 
 
 def visible_pairs(seqlen_q: int, seqlen_k: int, left: int = -1, right: int = -1, offset: int = None) -> int:

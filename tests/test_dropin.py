@@ -45,9 +45,37 @@ def test_sdpa_matches_torch_and_runs_the_kernels(shapes, kwargs):
         assert torch.isfinite(a).all() and (a.double() - b).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("q_shape,kv_len,mask_shape", [
+    pytest.param((2, 4, 33, 32), 47, (33, 47), id="LS"),
+    pytest.param((2, 4, 33, 32), 47, (2, 1, 1, 47), id="key-padding"),
+    pytest.param((2, 4, 33, 32), 47, (2, 4, 33, 47), id="full"),
+    pytest.param((3, 19, 16), 23, (3, 19, 23), id="3d"),
+    pytest.param((2, 3, 2, 17, 16), 29, (3, 1, 17, 29), id="5d-broadcast"),
+])
+def test_sdpa_bool_masks_run_on_the_kernels(q_shape, kv_len, mask_shape):
+    """A bool attn_mask (True: take part) runs on the kernels as block lists; against torch's SDPA in float64 on
+    rows that see a key (a fully masked row: 0 here, NaN in torch)."""
+    q = rand(*q_shape, grad=True)
+    k, v = (rand(*q_shape[:-2], kv_len, q_shape[-1], grad=True) for _ in range(2))
+    mask = rand(*mask_shape) > -0.5
+    mask[..., 0, :] = False  # the first query row sees nothing
+    got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert n == 1 and "attn_mask as block lists" in fused_attn.explain(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask)
+    pt = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rows = mask.expand(*got.shape[:-1], kv_len).any(-1)
+    assert torch.equal(got[~rows], torch.zeros_like(got[~rows]))
+    assert Metric.measure(got[rows], ref[rows], pt[rows], q.dtype, FACTORS["out"]).ok
+    do = torch.randn_like(got) * rows[..., None]
+    grads = torch.autograd.grad(got, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double(), allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        assert (a.double() - torch.nan_to_num(b)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kwargs,reason", [
-    pytest.param({"attn_mask": "bool"}, "explicit attn_mask", id="bool-mask"),
-    pytest.param({"attn_mask": "additive"}, "explicit attn_mask", id="additive-mask"),
+    pytest.param({"attn_mask": "additive"}, "a float attn_mask", id="additive-mask"),
+    pytest.param({"attn_mask": "bool", "is_causal": True}, "attn_mask together with is_causal", id="mask-and-causal"),
     pytest.param({"dropout_p": 1.0}, r"dropout_p must be in [0, 1), got 1.0", id="dropout-1"),
     pytest.param({"dtype": torch.float64}, "unsupported dtype torch.float64", id="float64"),
     pytest.param({"scale": -1.0}, "finite positive float, got -1.0", id="negative-scale"),
@@ -62,9 +90,15 @@ def test_sdpa_falls_back_to_torch_and_says_why(kwargs, reason):
         kwargs["attn_mask"] = rand(2, 1, 9, 11)
     assert reason in fused_attn.explain(q, k, v, **kwargs)
     torch.manual_seed(0)
-    got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, **kwargs))
+    def run(fn):
+        try:
+            return fn(q, k, v, **kwargs)
+        except RuntimeError as e:  # torch refuses some of them: the drop-in raises the same
+            return str(e)
+    got, n = launched(lambda: run(fused_attn.scaled_dot_product_attention))
     torch.manual_seed(0)
-    assert n == 0 and torch.equal(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
+    want = run(F.scaled_dot_product_attention)
+    assert n == 0 and (got == want if isinstance(want, str) else torch.equal(got, want))
 
 
 def test_sdpa_override_is_scoped():

@@ -160,3 +160,37 @@ def test_invalid_inputs(call, exc, match):
     bm = fused_attn.create_block_mask(sliding(4), None, None, 32, 32, DEVICE)
     with pytest.raises(exc, match=match):
         call(q, bm)
+
+
+@pytest.mark.parametrize("mask_shape,case", [
+    pytest.param((90, 130), Case(2, 4, 2, 90, 130, 32, causal=True), id="LS-causal-gqa"),
+    pytest.param((2, 1, 1, 130), Case(2, 4, 2, 90, 130, 40, window=(30, 5), dtype=F16), id="key-padding-window"),
+    pytest.param((1, 4, 90, 130), Case(1, 4, 4, 90, 130, 32, layout="bshd"), id="per-head-bshd"),
+    pytest.param((2, 4, 130, 60), Case(2, 4, 1, 130, 60, 16, 24), id="full-shape-mqa-dv24"),
+])
+def test_attn_mask_against_reference(mask_shape, case):
+    """attention(..., attn_mask=bool) with the band on top, forward and backward, against the float64 reference;
+    some rows see nothing (out 0, lse -inf)."""
+    q, k, v, do = make_inputs(case, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(mask_shape, generator=g) > 0.4).to(DEVICE)
+    mask[..., :3, :] = False
+    out, lse = fused_attn.attention(q, k, v, causal=case.causal, window_size=case.window, layout=case.layout,
+                                    attn_mask=mask, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    assert torch.isneginf(lse[..., :3]).all()
+    res = _measure(case, dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), q, k, v, do, True, mods=dict(attn_mask=mask))
+    assert res.ok, res.describe()
+
+
+@pytest.mark.parametrize("mask,exc,match", [
+    pytest.param(torch.zeros(8, 8), NotImplementedError, "a float attn_mask", id="float"),
+    pytest.param(torch.zeros(8, 8, dtype=torch.int32), TypeError, "attn_mask must be bool", id="int"),
+    pytest.param(torch.zeros(3, 8, 8, dtype=torch.bool), ValueError, r"does not broadcast to \(B, Hq, Sq, Sk\)",
+                 id="shape"),
+    pytest.param("causal", TypeError, "attn_mask must be a torch.Tensor", id="type"),
+])
+def test_attn_mask_invalid(mask, exc, match):
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(exc, match=match):
+        fused_attn.attention(q, q, q, attn_mask=mask.to(DEVICE) if isinstance(mask, torch.Tensor) else mask)
