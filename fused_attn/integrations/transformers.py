@@ -17,9 +17,10 @@ What the registered mask function hands the attention function, and what then ru
   sequence" -> `attention_varlen` over the sequences. The `cu_seq_lens_q / cu_seq_lens_k / max_length_q /
   max_length_k` keyword arguments of flattened batches (DataCollatorWithFlattening) are used as given, as
   FlashAttention does.
-- anything else (custom / chunked masks, holes in the padding, static caches): transformers' 4-D SDPA mask,
-  computed by transformers' own SDPA attention (`sdpa_attention_forward`) -- the documented fallback, logged on the
-  "fused_attn" logger at DEBUG.
+- anything else (custom / chunked masks, holes in the padding, static caches): transformers' 4-D SDPA mask; a
+  bool one runs on the kernels as block lists (`attention(..., attn_mask=)`), a float one goes to transformers'
+  own SDPA attention (`sdpa_attention_forward`) -- the documented fallback, logged on the "fused_attn" logger at
+  DEBUG.
 
 Attention dropout (training mode with attention_dropout > 0) and logit softcapping (Gemma 2's
 attn_logit_softcapping) run in the kernels on every path above (dropout with the kernels' own Philox stream).
@@ -139,7 +140,8 @@ def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
                        max_length_k=None, **kwargs):
     """transformers attention function: (B, Hq, S, D) query, (B, Hkv, S, D) key / value -> ((B, S, Hq, Dv), None)."""
     runs = attention_mask is None or (attention_mask.dim() == 2 and (
-        attention_mask.dtype == torch.bool or attention_mask.dtype == torch.int64))
+        attention_mask.dtype == torch.bool or attention_mask.dtype == torch.int64)) or (
+        attention_mask.dim() == 4 and attention_mask.dtype == torch.bool)
     if not runs:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         if softcap:
@@ -150,6 +152,10 @@ def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
                                       is_causal=is_causal, **kwargs)
     kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    if attention_mask is not None and attention_mask.dim() == 4:  # transformers' own mask: it holds the band
+        log.debug("transformers attention -> fused_attn kernels with the 4-D mask as block lists")
+        kw.update(causal=False, window_size=(-1, -1))
+        return attention(q, k, v, layout="bshd", attn_mask=attention_mask, **kw).contiguous(), None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         return _padded(q, k, v, attention_mask, **kw), None
     if attention_mask is not None:  # sequence ids of a packed batch
