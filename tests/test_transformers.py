@@ -247,3 +247,40 @@ def test_training_with_attention_dropout_runs_on_the_kernels():
         plain = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=name).to(DEVICE, torch.float32)
         plain.load_state_dict(model.state_dict())
         assert torch.equal(a, b) and torch.equal(a, plain.eval()(input_ids=ids).logits)
+
+
+def test_static_cache_generation_runs_on_the_kernels(caplog):
+    """A static cache: transformers' 4-D mask over the whole cache (its empty slots hidden) runs on the kernels as
+    block lists; the tokens equal eager's."""
+    eager, fused, _ = models("llama", torch.float32)
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    before = kernels.launches["fwd"]
+    with torch.no_grad(), caplog.at_level("DEBUG", logger="fused_attn"):
+        got = fused.generate(ids, **kw)
+        want = eager.generate(ids, **kw)
+    assert kernels.launches["fwd"] - before == 2 * 4 and "transformers SDPA" not in caplog.text
+    assert torch.equal(got, want)
+
+
+def test_user_supplied_4d_mask_runs_on_the_kernels():
+    """A 4-D bool attention mask given by the user (a bidirectional prefix of 5 tokens, causal after; True: attend)
+    against the same mask in transformers' SDPA attention (eager would add a bool mask to the scores instead)."""
+    eager, fused, _ = models("llama")
+    sdpa, ref = (transformers.AutoModelForCausalLM.from_config(config("llama"), attn_implementation="sdpa")
+                 for _ in range(2))
+    sdpa.load_state_dict(eager.state_dict())
+    ref.load_state_dict(eager.state_dict())
+    sdpa, ref = sdpa.to(DEVICE, DTYPE), ref.to(DEVICE, torch.float64)
+    ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    i = torch.arange(14, device=DEVICE)
+    mask = ((i[:, None] >= i[None, :]) | (i[None, :] < 5))[None, None].expand(2, 1, 14, 14)
+    before = kernels.launches["fwd"]
+    with torch.no_grad():
+        got = fused(input_ids=ids, attention_mask=mask).logits
+        pt = sdpa(input_ids=ids, attention_mask=mask).logits
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        causal_only = sdpa(input_ids=ids).logits
+    assert kernels.launches["fwd"] - before == 2
+    assert Metric.measure(got, want, pt, DTYPE, 2.0).ok
+    assert not Metric.measure(causal_only, want, pt, DTYPE, 2.0).ok  # the mask matters here
