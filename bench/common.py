@@ -73,6 +73,17 @@ def check(cache: dict, key, run, reference):
     return cache[key]
 
 
+def measure(make, case, inputs, wrap=lambda fn: fn):
+    """(status, ms, peak extra MiB) of the provider make(case, q, k, v, ...) on `inputs` in case.mode (time_call;
+    an Unsupported provider is reported, not timed). wrap: what each timed call runs under (a kernel path)."""
+    try:
+        fwd = make(case, *inputs)
+    except Unsupported as e:
+        return "unsupported: " + str(e), None, None
+    q, k, v = inputs[:3]
+    return time_call(wrap(fwd), case.mode, torch.randn_like(q), [q, k, v], wrap)
+
+
 def time_call(fwd, mode, do, inputs, wrap=lambda fn: fn):
     """(status, ms, peak extra MiB) of fwd (mode "fwd"), the backward of one fwd output ("bwd") or both
     ("fwd+bwd"): a warm-up (compiles), one run for the peak memory, then triton's do_bench median."""

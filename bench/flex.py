@@ -114,12 +114,7 @@ def check(name, case, device, cache):
 
 
 def measure(name, case, device):
-    q, k, v = _inputs(case, device, case.mode != "fwd")
-    try:
-        fwd = PROVIDERS[name](case, q, k, v)
-    except Unsupported as e:
-        return "unsupported: " + str(e), None, None
-    return common.time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
+    return common.measure(PROVIDERS[name], case, _inputs(case, device, case.mode != "fwd"))
 
 
 def mask_build_ms(name, case, device) -> float:

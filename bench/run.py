@@ -10,7 +10,7 @@ import torch
 import fused_attn
 
 from . import common, decode, flex, plot, sweep, varlen
-from .common import DTYPES, Unsupported
+from .common import DTYPES
 from .providers import PROVIDERS, scoped
 
 # The sweep's own options; --varlen and --decode take the ones listed for them and refuse the others.
@@ -113,13 +113,7 @@ check = check_provider  # the name every benchmark module gives its check (commo
 
 def measure(name, cfg, device):
     """(status, ms, peak extra MiB) for one provider on one config."""
-    q, k, v = _inputs(cfg, device, cfg.mode != "fwd")
-    try:
-        fwd = PROVIDERS[name](cfg, q, k, v)
-    except Unsupported as e:
-        return "unsupported: " + str(e), None, None
-    do = torch.randn(cfg.batch, cfg.heads_q, cfg.seqlen, cfg.head_dim, device=device, dtype=q.dtype)
-    return common.time_call(scoped(name, fwd), cfg.mode, do, [q, k, v], lambda fn: scoped(name, fn))
+    return common.measure(PROVIDERS[name], cfg, _inputs(cfg, device, cfg.mode != "fwd"), lambda fn: scoped(name, fn))
 
 
 def label(cfg) -> str:

@@ -12,7 +12,7 @@ from fused_attn.mask import visible_pairs
 from fused_attn.varlen import cu_seqlens
 
 from . import common
-from .common import DTYPES, Unsupported, probe
+from .common import DTYPES, probe
 from .providers import flex
 from .sweep import HEAD_DIMS, MODE_FLOP_FACTOR, MODES
 # A fixed draw from 128..4096 summing to 16384 tokens.
@@ -148,12 +148,8 @@ def check(name, case, device, cache):
 
 
 def measure(name, case, device):
-    q, k, v, cu = packed_inputs(case, device, DTYPES[case.dtype], requires_grad=case.mode != "fwd")
-    try:
-        fwd = PROVIDERS[name](case, q, k, v, cu)
-    except Unsupported as e:
-        return "unsupported: " + str(e), None, None
-    return common.time_call(fwd, case.mode, torch.randn_like(q), [q, k, v])
+    return common.measure(PROVIDERS[name], case, packed_inputs(case, device, DTYPES[case.dtype],
+                                                               requires_grad=case.mode != "fwd"))
 
 
 def derived(case, name, ms) -> dict:

@@ -77,12 +77,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     query, (N, ..., H, S, E) key, (N, ..., H, S, Ev) value -> (N, ..., Hq, L, Ev); is_causal is top-left aligned.
     The Triton kernels run whenever they can compute the call (fp16/bf16/fp32 on CUDA, a bool attn_mask or none,
     ...); any other call -- a float attn_mask, float64, CPU tensors without the interpreter -- goes to torch's own
-    SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which and why. A bool attn_mask
-    runs on the kernels as block lists (fused_attn.attention's attn_mask); a row it hides entirely gets 0 (torch's
-    SDPA gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability dropped with
-    probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the kernels draw
-    theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the mask), so a
-    given seed gives another mask than torch's SDPA does."""
+    SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which and why. A bool attn_mask runs
+    on the kernels as block lists (fused_attn.attention's attn_mask); a row it hides entirely gets 0 (torch's SDPA
+    gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability
+    dropped with probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the
+    kernels draw theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the
+    mask), so a given seed gives another mask than torch's SDPA does."""
     plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)

@@ -13,8 +13,9 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _listed_range, _load_block, _load_tile,
-                     _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id, _visible)
+from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
+                     _load_tile, _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id,
+                     _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
                      tile_args)
@@ -49,14 +50,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                          cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                          seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
-                         TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
+                         TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
     sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.) LISTED: positions in the
     block mask's list TABLE of this key block's query blocks, partial ones (masked with their bits) first."""
     for pos in tl.range(lo, hi, BLOCK_M):
-        start_m, entry = _tile_at(pos, TABLE, block_q, LISTED)
+        start_m, entry = _tile_at(pos, TABLE, mrow, block_q, LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
                         True, HEAD_DIM != BLOCK_D, TMA)
@@ -72,7 +73,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
         if LISTED:  # read outside the branch below, so that the pipeliner makes it asynchronous
-            bits = _block_bits(SLOTS, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
+            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
         if (pos < full_lo) | (pos >= full_hi):
             ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
@@ -151,13 +152,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g
         h64 = h.to(tl.int64)
-        TABLE = MASK_TABLE
-        SLOTS = MASK_SLOTS
+        mrow = b64 * 0
         if LISTED:  # this head's query blocks that see this key tile's block
-            blocks = b64 * stride_tb + h64 * stride_th + (start_n // block_k) * stride_tr
-            TABLE += blocks
-            SLOTS += blocks
-            lo, full_lo, full_hi, hi = _listed_range(TABLE, block_q)
+            mrow = b64 * stride_tb + h64 * stride_th + (start_n // block_k) * stride_tr
+            lo, full_lo, full_hi, hi = _listed_range(MASK_TABLE + mrow, block_q)
         Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
         DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA)
         row = b64 * stride_lb + h64 * stride_lh + q0
@@ -168,7 +166,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                                       HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
                                       cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
                                       SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
-                                      DROPOUT, TABLE, SLOTS, MASK_BITS, block_q, block_k, LISTED)
+                                      DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -187,11 +185,11 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                        cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                        seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
-                       TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
+                       TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
     the forward's inner loop)."""
     for pos in tl.range(lo, hi, BLOCK_N):
-        start_n, entry = _tile_at(pos, TABLE, block_k, LISTED)
+        start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
                         MASKED, HEAD_DIM != BLOCK_D, TMA)
@@ -204,7 +202,8 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
-                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[:, None], offs_n[None, :], block_q, block_k)
+                ok = ok & _block_bits(SLOTS, mrow, BITS, entry, offs_m[:, None], offs_n[None, :], block_q,
+                                      block_k)
             p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), FP32_DOT)
         if DROPOUT:
@@ -255,16 +254,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
 
     Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
     Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
-    TABLE = MASK_TABLE
-    SLOTS = MASK_SLOTS
-    if LISTED:  # as in the forward
-        blocks = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
-        TABLE += blocks
-        SLOTS += blocks
-        lo, full_lo, full_hi, hi = _listed_range(TABLE, block_k)
-    else:
-        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
-                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    mrow, lo, full_lo, full_hi, hi = _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr,
+                                               block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
+                                               BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
     for seg in tl.static_range(3):
@@ -274,8 +266,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                                 stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
-                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT, TABLE, SLOTS, MASK_BITS, block_q,
-                                block_k, LISTED)
+                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
+                                MASK_BITS, block_q, block_k, LISTED)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)

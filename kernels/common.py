@@ -248,21 +248,38 @@ def _listed_range(TABLE, per):
 
 
 @triton.jit
-def _tile_at(pos, TABLE, per, LISTED: tl.constexpr):
+def _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr, block_q, block_k, seqlen_q, seqlen_k,
+              offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
+              HAS_RIGHT: tl.constexpr, LISTED: tl.constexpr):
+    """(row, lo, full_lo, full_hi, hi): the key tiles a query tile at start_m walks -- on a block mask (LISTED) its
+    query block's list, `row` the list's offset in the tables; else the band's range (_block_range), row 0."""
+    if LISTED:
+        row = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
+        lo, full_lo, full_hi, hi = _listed_range(MASK_TABLE + row, block_k)
+    else:
+        row = b64 * 0
+        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right, BLOCK_M, BLOCK_N,
+                                                HAS_LEFT, HAS_RIGHT)
+    return row, lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _tile_at(pos, TABLE, row, per, LISTED: tl.constexpr):
     """(first row / column of the tile at loop position pos, its list entry): pos itself on a range walk; on a list
-    walk (LISTED) position pos lies in entry pos // per of TABLE, whose block starts at TABLE[3 + entry] * per."""
+    walk (LISTED) position pos lies in entry pos // per of the list at TABLE + row, whose block starts at
+    TABLE[row + 3 + entry] * per."""
     if LISTED:
         entry = pos // per
-        return tl.load(TABLE + 3 + entry) * per + pos % per, entry
+        return tl.load(TABLE + row + 3 + entry) * per + pos % per, entry
     else:
         return pos, pos
 
 
 @triton.jit
-def _block_bits(SLOTS, BITS, entry, i, j, block_q, block_k):
+def _block_bits(SLOTS, row, BITS, entry, i, j, block_q, block_k):
     """The stored mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation): True
-    where the pair takes part. SLOTS holds the block's slot in BITS (slots, block_q, block_k) uint8, or -1 for a
-    full block (all True, nothing read)."""
-    slot = tl.load(SLOTS + 3 + entry).to(tl.int64)
+    where the pair takes part. SLOTS + row holds the block's slot in BITS (slots, block_q, block_k) uint8, or -1
+    for a full block (all True, nothing read)."""
+    slot = tl.load(SLOTS + row + 3 + entry).to(tl.int64)
     ptrs = BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k
     return tl.load(ptrs, mask=(i * 0 + j * 0 + slot) >= 0, other=1) != 0

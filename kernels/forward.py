@@ -3,8 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _listed_range, _load_block, _load_kv,
-                     _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _visible)
+from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
+                     _score, _sequence, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, grid_dims, modifier_args,
                      reverse_tiles, run, tile_args)
@@ -20,14 +20,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr,
                     cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
-                    TABLE, SLOTS, BITS, block_q, block_k, LISTED: tl.constexpr):
+                    TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
     K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI modify the scores (_score;
     slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what multiplies V,
     after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi) are positions
     in a block mask's list TABLE (common._tile_at), whose partial blocks' stored bits join the mask."""
     for pos in tl.range(lo, hi, BLOCK_N):
-        start_n, entry = _tile_at(pos, TABLE, block_k, LISTED)
+        start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
                      BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
@@ -38,7 +38,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
-                ok = ok & _block_bits(SLOTS, BITS, entry, offs_m[:, None], offs_n[None, :], block_q, block_k)
+                ok = ok & _block_bits(SLOTS, mrow, BITS, entry, offs_m[:, None], offs_n[None, :], block_q,
+                                      block_k)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = m_new
@@ -96,16 +97,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
 
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
-    TABLE = MASK_TABLE
-    SLOTS = MASK_SLOTS
-    if LISTED:  # the block mask's key blocks of this query tile's block: partial ones, then full ones
-        blocks = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
-        TABLE += blocks
-        SLOTS += blocks
-        lo, full_lo, full_hi, hi = _listed_range(TABLE, block_k)
-    else:
-        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right,
-                                                BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    mrow, lo, full_lo, full_hi, hi = _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr,
+                                               block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
+                                               BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
     # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge (list walk: masked
     # partial blocks, unmasked full blocks, nothing).
     for seg in tl.static_range(3):
@@ -116,7 +110,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
-                                        DROPOUT, TABLE, SLOTS, MASK_BITS, block_q, block_k, LISTED)
+                                        DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0

@@ -51,11 +51,11 @@ class Modifiers:
 class BlockTables:
     """A block mask as the kernels walk it (fused_attn.BlockMask builds it). Per (batch, head, query block): the key
     blocks it sees, as one int32 row [n_lead, n_full, n_trail, blocks in ascending order..., unused] of `kv`
-    (B', H', n_q_blocks, 3 + n_kv_blocks padded to a multiple of 16) -- the n_full after the first n_lead are full (run without mask
-    arithmetic, inside both lengths), the others masked; `q` is the transpose (per key block its query blocks) for
-    the dK/dV kernel. B' and H' are 1 where the mask is the same for every batch row / head. A masked entry's value
-    in `kv_slots` / `q_slots` (same shapes) is its block's slot in `bits` (slots, block_q, block_k) uint8, the
-    pairs that take part, or -1 for a full block; blocks not listed are skipped."""
+    (B', H', n_q_blocks, 3 + n_kv_blocks padded to a multiple of 16) -- the n_full after the first n_lead are full
+    (run without mask arithmetic, inside both lengths), the others masked; `q` is the transpose (per key block its
+    query blocks) for the dK/dV kernel. B' and H' are 1 where the mask is the same for every batch row / head. A
+    masked entry's value in `kv_slots` / `q_slots` (same shapes) is its block's slot in `bits` (slots, block_q,
+    block_k) uint8, the pairs that take part, or -1 for a full block; blocks not listed are skipped."""
     kv: torch.Tensor
     kv_slots: torch.Tensor
     q: torch.Tensor
