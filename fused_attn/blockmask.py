@@ -155,7 +155,7 @@ def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None)
         classes[:, :, q0:q1] = cls
         bits.append(m[partial].to(torch.uint8))
         n_slots += n
-    bits = torch.cat(bits) if bits else torch.zeros(0, bq, bk, dtype=torch.uint8, device=device)
+    bits = torch.cat(bits + [torch.zeros(1 if n_slots == 0 else 0, bq, bk, dtype=torch.uint8, device=device)])
     kv, kv_slots = _table(classes, slots)
     q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
     return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits.contiguous(), bq, bk),

@@ -278,8 +278,9 @@ def _tile_at(pos, TABLE, row, per, LISTED: tl.constexpr):
 @triton.jit
 def _block_bits(SLOTS, row, BITS, entry, i, j, block_q, block_k):
     """The stored mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation): True
-    where the pair takes part. SLOTS + row holds the block's slot in BITS (slots, block_q, block_k) uint8, or -1
-    for a full block (all True, nothing read)."""
+    where the pair takes part. SLOTS + row holds the block's slot in BITS (slots >= 1, block_q, block_k) uint8, or
+    -1 for a full block (all True). The load itself is unmasked (slot 0 stands in for a full block), so the
+    pipeliner makes it asynchronous like the tiles'."""
     slot = tl.load(SLOTS + row + 3 + entry).to(tl.int64)
-    ptrs = BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k
-    return tl.load(ptrs, mask=(i * 0 + j * 0 + slot) >= 0, other=1) != 0
+    bits = tl.load(BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k)
+    return (bits != 0) | (slot < 0)
