@@ -4,6 +4,7 @@ equals one (the cost of a mask function over the band it equals). Masks: documen
 mixed lengths, causal within each), prefix-LM (a bidirectional prefix of 1024), a sliding window of 1024 and
 causal, each written as a mask function. Rows also record the time to build the block mask. TF/s count the pairs
 the mask leaves visible, exactly."""
+import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -130,10 +131,15 @@ def mask_build_ms(name, case, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+@functools.lru_cache(maxsize=None)
+def mask_pairs(mask: str, seqlen: int, device: str = "cuda") -> int:
+    """The visible pairs of a case's mask, built once per (mask, length) for every row that counts its FLOPs."""
+    fn, _ = mask_function(mask, seqlen, device)
+    return visible_pairs(fused_attn.create_block_mask(fn, None, None, seqlen, seqlen, device))
+
+
 def derived(case, name, ms) -> dict:
-    fn, _ = mask_function(case.mask, case.seqlen, "cuda")
-    pairs = visible_pairs(fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, "cuda"))
-    flops = 4.0 * case.heads * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
+    flops = 4.0 * case.heads * case.head_dim * mask_pairs(case.mask, case.seqlen) * MODE_FLOP_FACTOR[case.mode]
     return {"tflops": flops / (ms * 1e-3) / 1e12, "mask_build_ms": mask_build_ms(name, case, "cuda")}
 
 

@@ -234,6 +234,7 @@ def test_flex_cases_count_visible_pairs_exactly(capsys):
     fn, band = flex.mask_function("sliding100", 1000, "cpu")
     bm = fused_attn.create_block_mask(fn, None, None, 1000, 1000, "cpu")
     assert band == (True, (99, 0)) and flex.visible_pairs(bm) == 100 * 101 // 2 + 900 * 100
+    assert flex.mask_pairs("sliding100", 1000, "cpu") == flex.visible_pairs(bm)
     assert run.main(["--flex", "--dry-run", "--head-dims", "64", "--masks", "documents", "sliding512"]) == 0
     assert "flex: 4 configurations x 3 providers" in capsys.readouterr().out
 
