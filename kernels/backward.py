@@ -55,7 +55,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
     sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.) LISTED: positions in the
-    block mask's list TABLE of this key block's query blocks, partial ones (masked with their bits) first."""
+    block mask's list TABLE of this key block's query blocks (ascending; [full_lo, full_hi) the full ones, the rest
+    masked with their bits)."""
     for pos in tl.range(lo, hi, BLOCK_M):
         start_m, entry = _tile_at(pos, TABLE, mrow, block_q, LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
