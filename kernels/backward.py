@@ -17,8 +17,8 @@ from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk
                      _load_tile, _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id,
                      _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, grid_dims, modifier_args, reverse_tiles, run,
-                     tile_args)
+from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims, modifier_args,
+                     reverse_tiles, run, tile_args)
 
 
 @triton.jit
@@ -50,7 +50,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                          cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                          seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
-                         TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
+                         TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
+                         SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                         MASK_ARGS):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
@@ -71,14 +73,19 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
             st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
         else:
             st = _dot(k, tl.trans(q), FP32_DOT)
-        st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
+        st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
+                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_ARGS)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
-        if LISTED:  # read outside the branch below, so that the pipeliner makes it asynchronous
-            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k)
+        if LISTED and MASK_MOD is None:  # read outside the branch below, so that the pipeliner makes it asynchronous
+            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
+                               seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
         if (pos < full_lo) | (pos >= full_hi):
             ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
+                if MASK_MOD is not None:
+                    bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k,
+                                       b, h, seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
                 ok = ok & bits
             pt = tl.where(ok, pt, 0.0)
         if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
@@ -94,7 +101,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
             if DROPOUT:
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             dst = pt * (dpt - delta[None, :])
-            if SOFTCAP:
+            if SOFTCAP or SCORE_GRAD is not None:
                 dst = dst * dcap
             dk += _dot(dst.to(q.dtype), q, FP32_DOT)
     return dk, dv
@@ -103,7 +110,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                          MASK_BITS,
+                          MASK_BITS, SCORE_ARGS, MASK_ARGS,
                           stride_qb, stride_qh, stride_qs, stride_qd,
                           stride_kb, stride_kh, stride_ks, stride_kd,
                           stride_vb, stride_vh, stride_vs, stride_vd,
@@ -120,7 +127,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                           TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                           VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                          LISTED: tl.constexpr):
+                          LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                          MASK_MOD: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
     accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
     start_n = _tile_id(REVERSE) * BLOCK_N
@@ -167,7 +175,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                                       HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
                                       cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
                                       SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
-                                      DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED)
+                                      DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
+                                      SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -186,9 +195,12 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                        cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                        seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
-                       TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
+                       TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
+                       h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                       MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
-    the forward's inner loop)."""
+    the forward's inner loop). BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before
+    the sum over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart)."""
     for pos in tl.range(lo, hi, BLOCK_N):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -197,29 +209,34 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
         v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
                         MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
         s, dcap = _score(_dot(q, tl.trans(k), FP32_DOT), offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out,
-                         slope, SOFTCAP, ALIBI)
+                         slope, SOFTCAP, ALIBI, b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD,
+                         SCORE_ARGS)
         p = tl.math.exp2((s - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
                 ok = ok & _block_bits(SLOTS, mrow, BITS, entry, offs_m[:, None], offs_n[None, :], block_q,
-                                      block_k)
+                                      block_k, b, h, seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
             p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), FP32_DOT)
         if DROPOUT:
             dp = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), dp * drop_scale,
                           0.0)
         ds = p * (dp - delta[:, None])
-        if SOFTCAP:
+        if BIAS_GRAD:
+            tl.store(DBIAS + offs_m[:, None] * stride_dbs + offs_n[None, :], ds,
+                     mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
+        if SOFTCAP or SCORE_GRAD is not None:
             ds = ds * dcap
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     return dq
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+                        SCORE_ARGS, MASK_ARGS, DBIAS,
                         stride_qb, stride_qh, stride_qs, stride_qd,
                         stride_kb, stride_kh, stride_ks, stride_kd,
                         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -228,12 +245,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                         stride_lb, stride_lh, stride_ab, stride_ah,
                         head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
                         cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
+                        stride_dbb, stride_dbh, stride_dbs,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                         TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr):
+                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
+                        SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
+                        BIAS_GRAD: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -260,6 +280,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
+    if BIAS_GRAD:
+        DBIAS += b64 * stride_dbb + h64 * stride_dbh
     for seg in tl.static_range(3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
         seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
@@ -268,18 +290,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
                                 seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
-                                MASK_BITS, block_q, block_k, LISTED)
+                                MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD,
+                                MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs, packed=None, mods=None, blocks=None):
+                      right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
-    attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config)."""
+    attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config); dbias: (B, Hq, Sq, Sk) float32
+    (rows contiguous) that the dQ kernel fills with dS where the bias (mods.bias) needs a gradient."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
+    fn_args, fns = function_args(mods, blocks)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     c_kv, c_q = (block_tiles(c, blocks) for c in cfgs)
@@ -288,7 +313,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                     (out, do, delta, *out.stride(), *do.stride(), start, Hq, q.shape[2]),
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
                    for start, count in head_chunks(q.shape[0] * Hq)]
-    shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32)
+    shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32, **fns)
     rows = strides(delta)[:2]
 
     # Key tiles: the mask transposed.
@@ -298,7 +323,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
     launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
-                     (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs,
+                     (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs, *fn_args,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
                       *slope_strides, start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
                       *values, *t_values),
@@ -309,25 +334,26 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
-                     (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs,
+                     (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
                       start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,
-                      *mask_values), kwargs)
+                      *mask_values, *(dbias.stride()[:3] if dbias is not None else (0, 0, 0))), kwargs)
                     for start, count in head_chunks(B * Hq) if Sq > 0]
     return launch_list
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None, packed=None, mods=None, blocks=None):
+                       right: int, config=None, packed=None, mods=None, blocks=None, dbias=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
-    same rng: the backward regenerates the forward's dropout mask). `blocks`: the forward's block mask."""
+    same rng: the backward regenerates the forward's dropout mask). `blocks`: the forward's block mask. `dbias`:
+    where given, filled with the gradient of the scores after the modifiers (see backward_launches)."""
     if config is None:
         config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None,
                                  mods is not None and mods.dropout)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
-                          mods, blocks), "bwd")
+                          mods, blocks, dbias), "bwd")
     return dq, dk, dv

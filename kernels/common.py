@@ -37,15 +37,20 @@ def _tanh(x):
 
 
 @triton.jit
-def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
-    """Raw scores s = q.k of rows i, columns j (broadcastable, either orientation) -> (the modified score divided by
-    the softmax scale, d(it) / ds). Keeping the kernels' unit (score / scale) leaves the online softmax, the stats
-    and P = exp2((s - m) * scale * log2 e - log2 l) as they are without modifiers:
+def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+           b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS):
+    """Raw scores s = q.k of rows i, columns j (broadcastable, either orientation) of batch row b, query head h ->
+    (the modified score divided by the softmax scale, d(it) / ds). Keeping the kernels' unit (score / scale) leaves
+    the online softmax, the stats and P = exp2((s - m) * scale * log2 e - log2 l) as they are without modifiers:
 
         softcap (cap_in = scale / softcap, cap_out = softcap / scale):  s -> cap_out * tanh(cap_in * s)
         ALiBi (slope already divided by the scale):                     s -> s - slope * |i + offset - j|
+        SCORE_MOD (a @triton.jit function, FlexAttention's score_mod):  x = s * scale -> SCORE_MOD(x, b, h, i, j,
+            *SCORE_ARGS) / scale, its derivative SCORE_GRAD(x, b, h, i, j, *SCORE_ARGS) (None: 1)
 
-    The derivative is 1 - tanh^2 with the softcap (ALiBi adds a constant), else 1 (and unused)."""
+    The derivative is the product of 1 - tanh^2 (softcap) and SCORE_GRAD's, else 1 (and unused). SCORE_MOD sees the
+    indices clamped into [0, seqlen): a tile's rows and columns past the end (masked anyway) index nothing outside
+    the tables it may read."""
     ds = 1.0
     if SOFTCAP:
         t = _tanh(s * cap_in)
@@ -53,7 +58,28 @@ def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI
         ds = 1.0 - t * t
     if ALIBI:
         s = s - slope * tl.abs(i + offset - j).to(tl.float32)
+    if SCORE_MOD is not None:
+        scale = qk_scale * 0.6931471805599453
+        qi = tl.minimum(i, seqlen_q - 1)
+        kj = tl.minimum(j, seqlen_k - 1)
+        x = s * scale
+        s = SCORE_MOD(x, b, h, qi, kj, *SCORE_ARGS) * (1.0 / scale)
+        if SCORE_GRAD is not None:
+            ds = ds * SCORE_GRAD(x, b, h, qi, kj, *SCORE_ARGS)
     return s, ds
+
+
+@triton.jit
+def _add_bias(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j):
+    """A float attention bias (B, Hq, Sq, Sk)-indexed (stride 0 where broadcast) as a score function."""
+    return score + tl.load(BIAS + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + i.to(tl.int64) * stride_i
+                           + j.to(tl.int64) * stride_j).to(tl.float32)
+
+
+@triton.jit
+def _unit_grad(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j):
+    """d(_add_bias) / d(score)."""
+    return 1.0
 
 
 @triton.jit
@@ -276,11 +302,17 @@ def _tile_at(pos, TABLE, row, per, LISTED: tl.constexpr):
 
 
 @triton.jit
-def _block_bits(SLOTS, row, BITS, entry, i, j, block_q, block_k):
-    """The stored mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation): True
-    where the pair takes part. SLOTS + row holds the block's slot in BITS (slots >= 1, block_q, block_k) uint8, or
-    -1 for a full block (all True). The load itself is unmasked (slot 0 stands in for a full block), so the
-    pipeliner makes it asynchronous like the tiles'."""
-    slot = tl.load(SLOTS + row + 3 + entry).to(tl.int64)
-    bits = tl.load(BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k)
-    return (bits != 0) | (slot < 0)
+def _block_bits(SLOTS, row, BITS, entry, i, j, block_q, block_k, b, h, seqlen_q, seqlen_k, MASK_MOD: tl.constexpr,
+                MASK_ARGS):
+    """The block mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation) of
+    batch row b, head h: True where the pair takes part. MASK_MOD (a @triton.jit mask function) is evaluated there,
+    on indices clamped into [0, seqlen) (the pairs past the ends are masked by _visible); else the stored bits:
+    SLOTS + row holds the block's slot in BITS (slots >= 1, block_q, block_k) uint8, or -1 for a full block (all
+    True). The load itself is unmasked (slot 0 stands in for a full block), so the pipeliner makes it asynchronous
+    like the tiles'."""
+    if MASK_MOD is not None:
+        return MASK_MOD(b, h, tl.minimum(i, seqlen_q - 1), tl.minimum(j, seqlen_k - 1), *MASK_ARGS)
+    else:
+        slot = tl.load(SLOTS + row + 3 + entry).to(tl.int64)
+        bits = tl.load(BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k)
+        return (bits != 0) | (slot < 0)

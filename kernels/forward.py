@@ -6,8 +6,8 @@ import triton.language as tl
 from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
                      _score, _sequence, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, grid_dims, modifier_args,
-                     reverse_tiles, run, tile_args)
+from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args, grid_dims,
+                     modifier_args, reverse_tiles, run, tile_args)
 
 
 @triton.jit
@@ -20,30 +20,34 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     PAGES, page_size, stride_kp, stride_vp, PAGED: tl.constexpr,
                     cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
-                    TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr):
+                    TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
+                    h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                    MASK_ARGS):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
-    K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI modify the scores (_score;
-    slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what multiplies V,
-    after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi) are positions
-    in a block mask's list TABLE (common._tile_at), whose partial blocks' stored bits join the mask."""
+    K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI / SCORE_MOD modify the
+    scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what
+    multiplies V, after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi)
+    are positions in a block mask's list TABLE (common._tile_at), whose partial blocks' bits (or MASK_MOD) join the
+    mask. A score function may hide pairs (-inf) in any tile, so with one every tile guards its empty rows."""
     for pos in tl.range(lo, hi, BLOCK_N):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
                      BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
-        if SOFTCAP or ALIBI:
-            s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI)
+        if SOFTCAP or ALIBI or SCORE_MOD is not None:
+            s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
+                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_ARGS)
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
             if LISTED:
                 ok = ok & _block_bits(SLOTS, mrow, BITS, entry, offs_m[:, None], offs_n[None, :], block_q,
-                                      block_k)
+                                      block_k, b, h, seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = m_new
-        if MASKED:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
+        if MASKED or SCORE_MOD is not None:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
@@ -59,7 +63,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SCORE_ARGS,
+                     MASK_ARGS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
@@ -72,7 +77,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr):
+                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
+                     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -110,7 +116,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
-                                        DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED)
+                                        DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
+                                        h, SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
@@ -134,13 +141,14 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
     mask_ptrs, mask_values = block_args(blocks)
+    fn_args, fns = function_args(mods, blocks)
     cfg = block_tiles(cfg, blocks)
     Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
     src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
-                  FP32_DOT=fp32_dot(q.dtype))
+                  FP32_DOT=fp32_dot(q.dtype), **fns)
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *strides(q), *strides(k), *strides(v), *strides(out),
+             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *fn_args, *strides(q), *strides(k), *strides(v), *strides(out),
               *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
               *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]

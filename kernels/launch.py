@@ -11,6 +11,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .common import _add_bias, _unit_grad
 from .configs import head_block, interpreter_active
 
 # Kernel launches since import, per launcher call ("fwd", "bwd", "decode", with ":tma" / ":ptr") and per kernel;
@@ -31,15 +32,30 @@ class Packed:
 
 
 @dataclass(frozen=True)
+class ScoreMod:
+    """A score function for the kernels (FlexAttention's score_mod): `fn(score, b, h, q_idx, kv_idx, *args)`, a
+    @triton.jit function of the scaled score (q.k * scale) of query q_idx, key kv_idx of batch row b, query head h
+    (tensors of broadcastable shapes), returning the new score; `grad(score, b, h, q_idx, kv_idx, *args)` its
+    derivative with respect to `score`, elementwise (needed for a backward; None: no backward)."""
+    fn: object
+    grad: object = None
+
+
+@dataclass(frozen=True)
 class Modifiers:
     """Score modifiers and dropout, each off by default. softcap > 0: scores capped to softcap * tanh(score /
     softcap); alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + offset - j|; dropout_p > 0 with rng, the
     call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
-    by 1 / (1 - p)."""
+    by 1 / (1 - p). bias: a float additive bias, expanded to (B, Hq, Sq, Sk) (stride 0 where broadcast), added to
+    the scaled scores (common._add_bias, the kernels' one built-in score function); score_mod with score_args: a
+    ScoreMod applied after softcap and ALiBi (not with a bias)."""
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
     rng: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    score_mod: Optional[ScoreMod] = None
+    score_args: tuple = ()
 
     @property
     def dropout(self) -> bool:
@@ -55,7 +71,9 @@ class BlockTables:
     (run without mask arithmetic, inside both lengths), the others masked; `q` is the transpose (per key block its
     query blocks) for the dK/dV kernel. B' and H' are 1 where the mask is the same for every batch row / head. A
     masked entry's value in `kv_slots` / `q_slots` (same shapes) is its block's slot in `bits` (slots, block_q,
-    block_k) uint8, the pairs that take part, or -1 for a full block; blocks not listed are skipped."""
+    block_k) uint8, the pairs that take part, or -1 for a full block; blocks not listed are skipped. mask_mod: a
+    @triton.jit mask function (b, h, q_idx, kv_idx, *mask_args) -> bool the kernels evaluate on the masked entries
+    instead of reading bits."""
     kv: torch.Tensor
     kv_slots: torch.Tensor
     q: torch.Tensor
@@ -63,6 +81,8 @@ class BlockTables:
     bits: torch.Tensor
     block_q: int
     block_k: int
+    mask_mod: object = None
+    mask_args: tuple = ()
 
 
 def block_args(blocks: Optional[BlockTables], transposed: bool = False):
@@ -94,6 +114,7 @@ FEATURES = {
     "ALIBI": lambda args: args["SLOPES"] is not None,
     "DROPOUT": lambda args: args["RNG"] is not None,
     "LISTED": lambda args: args["MASK_TABLE"] is not None,
+    "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
 }
 
 
@@ -113,6 +134,19 @@ def modifier_args(mods: Optional[Modifiers], scale: float):
     return ((slopes, mods.rng if drop else None), strides,
             (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
              1.0 / (1.0 - p) if drop else 1.0))
+
+
+def function_args(mods: Optional[Modifiers], blocks: Optional[BlockTables]):
+    """A kernel's @triton.jit functions: the argument tuples (SCORE_ARGS, MASK_ARGS) and the constexpr kwargs that
+    name the functions (SCORE_MOD, SCORE_GRAD, MASK_MOD; None: off). A bias is the built-in score function
+    common._add_bias over the bias and its four strides."""
+    mods = mods or Modifiers()
+    score, args = mods.score_mod, mods.score_args
+    if mods.bias is not None:
+        score, args = ScoreMod(_add_bias, _unit_grad), (mods.bias, *mods.bias.stride())
+    mask_mod, mask_args = (None, ()) if blocks is None else (blocks.mask_mod, blocks.mask_args)
+    return (tuple(args), tuple(mask_args)), dict(SCORE_MOD=score and score.fn, SCORE_GRAD=score and score.grad,
+                                                 MASK_MOD=mask_mod)
 
 
 def dropout_threshold(p: float) -> int:
