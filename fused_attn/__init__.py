@@ -8,6 +8,7 @@ from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_att
                      scaled_dot_product_attention, sdpa_override)
 from .flex import flex_attention
 from .function import FusedAttentionFunction, attention, attention_probs, dropout_mask
+from .kernels import ScoreMod
 from .merge import merge_attention
 from .varlen import attention_varlen, cu_seqlens
 
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask",
            "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference", "scaled_dot_product_attention",
            "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
-           "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks"]
+           "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks", "ScoreMod"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

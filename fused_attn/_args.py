@@ -321,15 +321,14 @@ def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layo
 
 
 def check_attn_mask(attn_mask, shape, device):
-    """attn_mask: a bool tensor broadcastable to shape = (B, Hq, Sq, Sk) on the tensors' device (True: the pair
-    takes part, SDPA's convention). A float (additive) mask is not implemented on the kernels yet."""
+    """attn_mask: a tensor broadcastable to shape = (B, Hq, Sq, Sk) on the tensors' device, bool (True: the pair
+    takes part, SDPA's convention) or float16 / bfloat16 / float32 (an additive bias; -inf: the pair takes no
+    part)."""
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype.is_floating_point:
-        raise NotImplementedError("a float attn_mask (an additive bias) is not implemented on the kernels yet; "
-                                  "pass a bool mask (True: the pair takes part)")
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must be bool (True: the pair takes part), got {attn_mask.dtype}")
+    if attn_mask.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attn_mask must be bool (True: the pair takes part) or a float16 / bfloat16 / float32 bias, "
+                        f"got {attn_mask.dtype}")
     try:
         if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, shape) != torch.Size(shape):
             raise RuntimeError

@@ -6,7 +6,8 @@ from typing import Callable, Tuple
 
 import torch
 
-from .kernels import BlockTables
+from ._args import check_device
+from .kernels import BlockTables, count_visible
 
 CHUNK = 1 << 24  # (b, h, q, kv) pairs a mask function is evaluated on at once: bounded memory for long sequences
 
@@ -101,8 +102,9 @@ class BlockMask:
         return 100.0 * (1.0 - dense.sum().item() / dense.numel())
 
     def __repr__(self) -> str:
-        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
-                f"partial blocks={self.tables.bits.shape[0]})")
+        partial = (f"@triton.jit mask_mod={self.mask_mod.__name__}" if self.tables.mask_mod is not None
+                   else f"partial blocks={self.tables.bits.shape[0]}")
+        return f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, {partial})"
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, *, mod_args=()) -> BlockMask:
@@ -111,13 +113,15 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
     function is written for one pair of scalar index tensors and evaluated once, vectorized (torch.vmap), over every
     pair on `device` (default: CUDA if present, else the CPU), in chunks of query blocks (bounded memory); blocks
     it leaves all False are skipped by the kernels, all True run without mask arithmetic, the others keep their
-    bits. `mod_args`: extra tensors passed to mask_mod after kv_idx. A `@triton.jit` mask function (evaluated in
-    the kernels) is not implemented yet."""
+    bits. `mod_args`: extra tensors passed to mask_mod after kv_idx.
+
+    mask_mod may also be a `@triton.jit` function `mask_mod(b, h, q_idx, kv_idx, *mod_args)` over Triton tensors
+    (broadcastable index blocks; mod_args: tensors -- pointers there --, ints, floats). It is evaluated in the
+    kernels on the partial blocks instead of stored bits, and once here (a Triton kernel on `device`) to classify
+    the blocks; the BlockMask keeps it and mod_args. Each new @triton.jit function compiles the kernels once; new
+    lengths or mod_args values do not."""
     if not callable(mask_mod):
         raise TypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
-    if hasattr(mask_mod, "fn") and hasattr(mask_mod, "arg_names"):  # a triton.JITFunction
-        raise NotImplementedError("fused_attn.create_block_mask does not implement @triton.jit mask functions yet: "
-                                  "write mask_mod with torch operations")
     sizes = []
     for name, n, none_ok in (("B", B, True), ("H", H, True), ("Q_LEN", Q_LEN, False), ("KV_LEN", KV_LEN, False)):
         if n is None and none_ok:
@@ -127,8 +131,38 @@ def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128
         sizes.append(n)
     B, H, Q_LEN, KV_LEN = sizes
     device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if is_jit(mask_mod):
+        return _classify_jit(mask_mod, tuple(mod_args), B, H, Q_LEN, KV_LEN, _block_size(BLOCK_SIZE), device)
     return _classify(lambda rows: evaluate(mask_mod, B, H, rows, KV_LEN, device, mod_args), B, H, Q_LEN, KV_LEN,
                      _block_size(BLOCK_SIZE), device, mask_mod)
+
+
+def is_jit(fn) -> bool:
+    """Whether fn is a @triton.jit function (compiled, or interpreted under TRITON_INTERPRET=1)."""
+    return hasattr(fn, "fn") and hasattr(fn, "arg_names")
+
+
+def _classify_jit(mask_mod, mod_args, B, H, Q_LEN, KV_LEN, block_size, device) -> BlockMask:
+    """The BlockMask of a @triton.jit mask function: its blocks classified by counting its pairs on the device
+    (kernels.count_visible); no bits (the kernels evaluate mask_mod on the partial blocks)."""
+    check_device(device)
+    for x in mod_args:
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"mod_args tensors must be on the mask's device {device}, got one on {x.device}")
+        if not isinstance(x, (torch.Tensor, int, float)) or isinstance(x, bool):
+            raise TypeError(f"mod_args of a @triton.jit mask_mod must be tensors, ints or floats, got "
+                            f"{type(x).__name__}")
+    bq, bk = block_size
+    counts = count_visible(mask_mod, mod_args, B, H, Q_LEN, KV_LEN, bq, bk, device)
+    rows = (Q_LEN - torch.arange(counts.shape[2], device=device) * bq).clamp(max=bq)
+    cols = (KV_LEN - torch.arange(counts.shape[3], device=device) * bk).clamp(max=bk)
+    classes = torch.where(counts == rows[:, None] * cols[None, :], 2, (counts > 0).to(torch.int64))
+    slots = torch.zeros(counts.shape, dtype=torch.int32, device=device)  # no bits: slot 0 is never read
+    kv, kv_slots = _table(classes, slots)
+    q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
+    bits = torch.zeros(1, bq, bk, dtype=torch.uint8, device=device)
+    return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits, bq, bk, mask_mod,
+                                                            mod_args), mask_mod)
 
 
 def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None) -> BlockMask:
@@ -195,8 +229,18 @@ def as_block_mask(block_mask) -> BlockMask:
                     f"{type(block_mask).__name__}")
 
 
+def _python_masks(mask_mods):
+    if not mask_mods:
+        raise ValueError("and_masks / or_masks need at least one mask function")
+    for m in mask_mods:
+        if is_jit(m) or not callable(m):
+            raise TypeError(f"and_masks / or_masks combine Python mask functions; got {m!r} (combine @triton.jit mask "
+                            f"functions in one @triton.jit function)")
+
+
 def and_masks(*mask_mods):
-    """The mask function true where every one of mask_mods is."""
+    """The mask function true where every one of mask_mods (Python mask functions) is."""
+    _python_masks(mask_mods)
     def mask(b, h, q_idx, kv_idx):
         out = mask_mods[0](b, h, q_idx, kv_idx)
         for m in mask_mods[1:]:
@@ -206,7 +250,8 @@ def and_masks(*mask_mods):
 
 
 def or_masks(*mask_mods):
-    """The mask function true where any of mask_mods is."""
+    """The mask function true where any of mask_mods (Python mask functions) is."""
+    _python_masks(mask_mods)
     def mask(b, h, q_idx, kv_idx):
         out = mask_mods[0](b, h, q_idx, kv_idx)
         for m in mask_mods[1:]:

@@ -8,7 +8,7 @@ import operator
 import torch
 
 from ._args import check_attn_mask, check_modifiers, kernel_args
-from .function import _attention, attention, attention_probs, dense_blocks
+from .function import _attention, attention, attention_probs, masked
 from .reference import row_slopes
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -41,8 +41,6 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_ca
     check_args, device, offsets, the attn_mask check."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None, "query, key, value are not all tensors"
-    if isinstance(attn_mask, torch.Tensor) and attn_mask.dtype.is_floating_point:
-        return None, "a float attn_mask (an additive bias is not implemented on the kernels yet)"
     if attn_mask is not None and is_causal:
         return None, "attn_mask together with is_causal (torch's SDPA refuses the pair)"
     if not (query.dim() == key.dim() == value.dim() >= 3):
@@ -66,8 +64,9 @@ def explain(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, s
     """Which path fused_attn.scaled_dot_product_attention takes for these arguments, and why."""
     _, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is None:
-        return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "") + (
-            " with the bool attn_mask as block lists" if attn_mask is not None else "")
+        kind = "" if attn_mask is None else (" with the bool attn_mask as block lists" if attn_mask.dtype == torch.bool
+                                              else " with the float attn_mask as a bias (its -inf blocks skipped)")
+        return "fused_attn Triton kernels" + (" (causal, top-left aligned)" if is_causal else "") + kind
     return f"torch scaled_dot_product_attention: {reason}"
 
 
@@ -75,11 +74,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                  enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention with the same signature and semantics: (N, ..., Hq, L, E)
     query, (N, ..., H, S, E) key, (N, ..., H, S, Ev) value -> (N, ..., Hq, L, Ev); is_causal is top-left aligned.
-    The Triton kernels run whenever they can compute the call (fp16/bf16/fp32 on CUDA, a bool attn_mask or none,
-    ...); any other call -- a float attn_mask, float64, CPU tensors without the interpreter -- goes to torch's own
-    SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says which and why. A bool attn_mask runs
-    on the kernels as block lists (fused_attn.attention's attn_mask); a row it hides entirely gets 0 (torch's SDPA
-    gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability
+    The Triton kernels run whenever they can compute the call (fp16/bf16/fp32 on CUDA, any attn_mask); the calls
+    they cannot -- float64, CPU tensors without the interpreter, attn_mask together with is_causal (torch raises
+    for the pair) -- go to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says
+    which and why. attn_mask runs on the kernels as fused_attn.attention's does: a bool mask as block lists, a float
+    one as an additive bias (with its gradient) whose all -inf blocks are skipped; a row it hides entirely gets 0
+    (torch's SDPA gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability
     dropped with probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the
     kernels draw theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the
     mask), so a given seed gives another mask than torch's SDPA does."""
@@ -92,7 +92,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     a, mods, mask = plan
     # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
     a = dataclasses.replace(a, offset=0, left=-1, right=0 if is_causal else -1)
-    out, _ = _attention(a, mods, blocks=None if mask is None else dense_blocks(a, mask))
+    mods, blocks = masked(a, mods, mask)
+    out, _ = _attention(a, mods, blocks=blocks)
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*query.shape[:-3], *out.shape[1:])

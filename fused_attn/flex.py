@@ -1,8 +1,36 @@
-"""flex_attention on the Triton kernels: PyTorch FlexAttention's call, masks as BlockMasks (fused_attn.blockmask)."""
+"""flex_attention on the Triton kernels: PyTorch FlexAttention's call, masks as BlockMasks (fused_attn.blockmask),
+score functions as @triton.jit functions the kernels call (fused_attn.ScoreMod)."""
+import torch
+
 from ._args import kernel_args
-from .blockmask import as_block_mask
+from .blockmask import as_block_mask, is_jit
 from .function import _attention
-from .kernels import Modifiers
+from .kernels import Modifiers, ScoreMod
+
+_HOW = ("write it as a @triton.jit function score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score over Triton "
+        "tensors (tables it reads go in mod_args, as tensors) and pass fused_attn.ScoreMod(score_mod, grad=dscore) "
+        "with dscore(score, b, h, q_idx, kv_idx, *mod_args) its derivative with respect to score")
+
+
+def check_score_mod(score_mod, mod_args, device):
+    """score_mod (a ScoreMod, a @triton.jit function, or None) and its mod_args -> (ScoreMod or None, tuple)."""
+    args = tuple(mod_args)
+    if score_mod is None:
+        if args:
+            raise ValueError("mod_args are score_mod's extra arguments: pass a score_mod with them")
+        return None, args
+    mod = score_mod if isinstance(score_mod, ScoreMod) else ScoreMod(score_mod)
+    if not is_jit(mod.fn):
+        raise TypeError(f"score_mod {getattr(mod.fn, '__name__', mod.fn)!r} is a Python function; the kernels call "
+                        f"score functions compiled with them: {_HOW}")
+    if mod.grad is not None and not is_jit(mod.grad):
+        raise TypeError(f"ScoreMod's grad must be a @triton.jit function, got {type(mod.grad).__name__}")
+    for x in args:
+        if not isinstance(x, (torch.Tensor, int, float)) or isinstance(x, bool):
+            raise TypeError(f"mod_args must be tensors, ints or floats, got {type(x).__name__}")
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"mod_args tensors must be on the inputs' device {device}, got one on {x.device}")
+    return mod, args
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,
@@ -10,25 +38,28 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     """PyTorch FlexAttention's flex_attention with its semantics, on the Triton kernels (forward and deterministic
     backward):
 
-        out = softmax(q k^T * scale, the pairs block_mask hides removed) v
+        out = softmax(score_mod(q k^T * scale), the pairs block_mask hides removed) v
 
     Args:
         query (B, Hq, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv): float16 / bfloat16 / float32, any strides;
             Hq != Hkv needs enable_gqa=True (query head h reads kv head h // (Hq / Hkv)).
+        score_mod: None, a @triton.jit function `score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score` or a
+            fused_attn.ScoreMod(score_mod, grad=dscore). The kernels call it on every block they visit, with the
+            scaled scores (float32) of query rows q_idx, keys kv_idx of batch row b, query head h (broadcastable
+            Triton tensors); -inf removes a pair. The backward needs dscore(score, b, h, q_idx, kv_idx, *mod_args),
+            d(new score) / d(score) elementwise: without it a call whose inputs require grad raises a ValueError.
+            No gradient flows to mod_args (a learned bias: fused_attn.attention's attn_mask). A Python (torch)
+            score function raises a TypeError: the kernels cannot call it.
         block_mask: a fused_attn.BlockMask (create_block_mask) or one made by PyTorch's create_block_mask
             (converted once: its mask_mod is evaluated into ours), for (1 or B, 1 or Hq, Sq, Sk); None: every key.
             The kernels skip the blocks it leaves empty and run the full ones without mask arithmetic.
         scale: default 1 / sqrt(D).
         return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log.
-        score_mod, mod_args: not implemented yet (NotImplementedError); the built-in causal / window / softcap /
-            ALiBi of fused_attn.attention cover the common score and mask functions on faster paths.
+        mod_args: score_mod's extra arguments after kv_idx: tensors (on the inputs' device; pointers in the
+            function), ints, floats. New values never recompile; a new score_mod compiles the kernels once.
 
-    Rows that see no key get out 0 and lse -inf (and no gradient)."""
-    if score_mod is not None:
-        raise NotImplementedError("fused_attn.flex_attention does not implement score_mod yet")
-    if mod_args:
-        raise NotImplementedError("fused_attn.flex_attention does not implement mod_args yet (they are for "
-                                  "@triton.jit mask and score functions)")
+    Rows that see no key get out 0 and lse -inf (and no gradient). Calls with a @triton.jit function launch the
+    kernels directly, not through the custom ops: torch.compile breaks its graph there."""
     if not isinstance(enable_gqa, bool) or not isinstance(return_lse, bool):
         raise TypeError(f"enable_gqa and return_lse must be bools, got {enable_gqa!r}, {return_lse!r}")
     a = kernel_args(query, key, value, scale=scale)
@@ -36,6 +67,12 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     if Hq != Hkv and not enable_gqa:
         raise ValueError(f"query has {Hq} heads and key / value {Hkv}: pass enable_gqa=True for grouped-query "
                          f"attention")
+    mod, args = check_score_mod(score_mod, mod_args, a.q.device)
+    if (mod is not None and mod.grad is None and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (query, key, value))):
+        raise ValueError(f"score_mod {mod.fn.__name__!r} has no derivative for the backward: pass "
+                         f"fused_attn.ScoreMod({mod.fn.__name__}, grad=...) (see flex_attention's docstring), or "
+                         f"call it under torch.no_grad()")
     blocks = None
     if block_mask is not None:
         bm = as_block_mask(block_mask)
@@ -46,5 +83,5 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
         if bm.tables.kv.device != a.q.device:
             raise ValueError(f"block_mask is on {bm.tables.kv.device}, the inputs on {a.q.device}")
         blocks = bm.tables
-    out, lse = _attention(a, Modifiers(), blocks=blocks)
+    out, lse = _attention(a, Modifiers(score_mod=mod, score_args=args), blocks=blocks)
     return (out, lse) if return_lse else out

@@ -1,5 +1,6 @@
 """The autograd Function over the Triton ops, the one internal call into it (`_attention`), and the public
 attention()."""
+import dataclasses
 import numbers
 
 import torch
@@ -14,13 +15,15 @@ from .reference import row_scores
 
 
 class FusedAttentionFunction(torch.autograd.Function):
-    """(q, k, v, call): (B, H, S, D)-indexed views of any strides and an ops.Call -> out (B, Hq, Sq, Dv) laid out
-    as call.layout and lse (B, Hq, Sq) float32. Saves q, k, v, out, the softmax stats and dropout's [seed, offset]
-    (not its mask: the backward draws the same mask again); forward and backward run the Triton kernels through
-    the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py)."""
+    """(q, k, v, bias, call): (B, H, S, D)-indexed views of any strides, the call's float bias (call.mods.bias, an
+    expanded (B, Hq, Sq, Sk) view, or None) and an ops.Call -> out (B, Hq, Sq, Dv) laid out as call.layout and lse
+    (B, Hq, Sq) float32. Saves q, k, v, out, the softmax stats and dropout's [seed, offset] (not its mask: the
+    backward draws the same mask again); forward and backward run the Triton kernels through the custom ops
+    fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's gradient is the dS the dQ kernel
+    writes once per element; autograd's expand backward sums it over the dimensions the bias broadcasts over."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: Call):
+    def forward(ctx, q, k, v, bias, call: Call):
         out, lse, stats, rng = ops.attention_forward(q, k, v, call)
         ctx.save_for_backward(q, k, v, out, stats, rng)
         ctx.call = call
@@ -30,7 +33,9 @@ class FusedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, stats, rng = ctx.saved_tensors
-        return (*ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call), None)
+        bias_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call, bias_grad)
+        return dq, dk, dv, dbias.to(ctx.call.mods.bias.dtype) if bias_grad else None, None
 
 
 def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, blocks: BlockTables = None):
@@ -43,10 +48,10 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
     call = Call.of(a, mods, packed, blocks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.q, a.k, a.v))
     bottom_right = a.offset == a.k.shape[2] - Sq or a.left < 0 and a.right < 0  # the split kernels' alignment
-    if (packed is None and blocks is None and not grad and not mods.dropout_p and bottom_right
-            and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
+    if (packed is None and blocks is None and not grad and not mods.dropout_p and mods.bias is None
+            and mods.score_mod is None and bottom_right and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
         return ops.attention_decode(a.q, a.k, a.v, call)
-    return FusedAttentionFunction.apply(a.q, a.k, a.v, call)
+    return FusedAttentionFunction.apply(a.q, a.k, a.v, mods.bias, call)
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
@@ -89,11 +94,16 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            default generator of the tensors' device, which every call advances: torch.manual_seed /
            torch.set_rng_state reproduce a call, and `fused_attn.dropout_mask` returns its keep-mask. The backward
            regenerates the mask (nothing of size Sq x Sk is stored); dropout_p = 0 is exactly no dropout.
-        attn_mask: None, or a bool tensor broadcastable to (B, Hq, Sq, Sk) -- in both layouts -- True where the
-           pair takes part (SDPA's convention), together with causal / window_size (both must let a pair take
-           part). It is classified into blocks once per call (fused_attn.create_block_mask's lists): blocks it
-           leaves empty are skipped, full ones run without mask arithmetic. Rows that see nothing: out 0, lse -inf.
-           A float (additive) mask is not implemented yet (NotImplementedError).
+        attn_mask: None, or a tensor broadcastable to (B, Hq, Sq, Sk) -- in both layouts -- combined with causal /
+           window_size (both must let a pair take part), SDPA's conventions:
+           - bool: True where the pair takes part;
+           - float16 / bfloat16 / float32: an additive bias on the scaled scores (after softcap and ALiBi), -inf
+             where the pair takes no part. If it requires grad it gets its gradient, deterministic, shaped like
+             it (summed over the dimensions it broadcasts over); computing it takes a float32 (B, Hq, Sq, Sk)
+             buffer in the backward.
+           It is classified into blocks once per call (fused_attn.create_block_mask's lists): blocks it leaves
+           empty (all False / -inf) are skipped, full ones run without mask arithmetic. Rows that see nothing:
+           out 0, lse -inf.
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
@@ -104,19 +114,30 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
     mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
                            dropout_p=dropout_p)
-    out, lse = _attention(a, mods, blocks=None if attn_mask is None else dense_blocks(a, attn_mask))
+    mods, blocks = masked(a, mods, attn_mask)
+    out, lse = _attention(a, mods, blocks=blocks)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
 
 
-def dense_blocks(a: Args, attn_mask) -> BlockTables:
-    """A bool attn_mask (broadcastable to (B, Hq, Sq, Sk)) and the window of checked Args as the block lists the
-    kernels walk: both must let a pair take part; blocks the two leave empty are skipped."""
+def masked(a: Args, mods: Modifiers, attn_mask):
+    """(Modifiers, block tables or None) of a call with attn_mask (broadcastable to (B, Hq, Sq, Sk)) and the window
+    of checked Args: both must let a pair take part, and the block lists skip the blocks the two leave empty. A
+    bool mask is all in the lists (its partial blocks' bits); a float one is also the Modifiers' bias, expanded to
+    (B, Hq, Sq, Sk) (a view), its -inf entries the mask of the lists."""
+    if attn_mask is None:
+        return mods, None
     B, Hq, Sq = a.q.shape[:3]
     Sk = a.k.shape[2]
     check_attn_mask(attn_mask, (B, Hq, Sq, Sk), a.q.device)
-    return from_dense(attn_mask, B, Hq, Sq, Sk, lambda rows: visible_rows(rows, Sk, a.left, a.right, a.offset)).tables
+    visible = (lambda rows: visible_rows(rows, Sk, a.left, a.right, a.offset))
+    if attn_mask.dtype == torch.bool:
+        return mods, from_dense(attn_mask, B, Hq, Sq, Sk, visible).tables
+    with torch.no_grad():
+        blocks = from_dense(attn_mask != float("-inf"), B, Hq, Sq, Sk, visible).tables
+    bias = attn_mask[(None,) * (4 - attn_mask.dim())].expand(B, Hq, Sq, Sk)
+    return dataclasses.replace(mods, bias=bias), blocks
 
 
 def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,

@@ -8,6 +8,7 @@ their fields.
 Dense batches pass no cu_seqlens. Packed sequences (attention_varlen) pass (1, H, total, D) views and
 cu_seqlens_q / cu_seqlens_k with the max lengths; rows past the last sequence are read by no kernel, so their
 buffers start as out 0, lse -inf and gradients 0."""
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -46,17 +47,40 @@ def _flat(c: Call) -> dict:
                 cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
                 softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p,
                 mask_kv=m.kv, mask_kv_slots=m.kv_slots, mask_q=m.q, mask_q_slots=m.q_slots, mask_bits=m.bits,
-                mask_block_q=m.block_q, mask_block_k=m.block_k)
+                mask_block_q=m.block_q, mask_block_k=m.block_k, bias=c.mods.bias)
+
+
+def _unflat(scale, offset, left, right, layout="bhsd", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+            max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None,
+            mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None,
+            rng=None) -> Call:
+    """The Call that _flat flattened (rng: a dropout call's [seed, offset] joins the Modifiers)."""
+    packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    blocks = None if mask_kv is None else BlockTables(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits,
+                                                      mask_block_q, mask_block_k)
+    return Call(scale, offset, left, right, layout, Modifiers(softcap, alibi_slopes, dropout_p, rng, bias), packed,
+                blocks)
+
+
+def _opaque(c: Call) -> bool:
+    """Whether the call carries what the custom ops' schema cannot: @triton.jit score or mask functions (and their
+    argument tuples). Such calls launch the kernels directly (torch.compile breaks its graph there)."""
+    return c.mods.score_mod is not None or (c.blocks is not None and c.blocks.mask_mod is not None)
 
 
 def attention_forward(q, k, v, c: Call):
     """(out, lse, stats, rng) of `forward` for (B, H, S, D)-indexed q, k, v."""
+    if _opaque(c):
+        return _forward(q, k, v, c)
     return forward(q, k, v, layout=c.layout, **_flat(c))
 
 
-def attention_backward(dout, q, k, v, out, stats, rng, c: Call):
-    """(dq, dk, dv) of `backward`: rng is the forward's [seed, offset]."""
-    return backward(dout, q, k, v, out, stats, rng=rng, **_flat(c))
+def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool = False):
+    """(dq, dk, dv, dbias) of `backward`: rng is the forward's [seed, offset]; dbias (B, Hq, Sq, Sk) float32, the
+    gradient of the bias before any broadcast sum, where bias_grad asks for it, else an empty tensor."""
+    if _opaque(c):
+        return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
+    return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, **_flat(c))
 
 
 def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
@@ -75,15 +99,6 @@ def draw_rng(device) -> Tensor:
     [0, 2^31). No host synchronization: the kernels read it from the device."""
     seed = torch.randint(0, 2 ** 63 - 1, (1,), device=device, dtype=torch.int64)
     return torch.cat([seed, torch.randint(0, 2 ** 31, (1,), device=device, dtype=torch.int64)])
-
-
-def _packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    return None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-
-
-def _blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q, mask_block_k):
-    return None if mask_kv is None else BlockTables(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits,
-                                                    mask_block_q, mask_block_k)
 
 
 def _out_lse(q, v, layout, packed: bool = False):
@@ -113,36 +128,55 @@ def _rng_buffer(q, dropout_p):
     return q.new_empty(2 if dropout_p > 0 else 0, dtype=torch.int64)
 
 
+def _forward(q, k, v, c: Call):
+    out, lse, stats = _forward_buffers(q, v, c.layout, c.packed is not None)
+    rng = draw_rng(q.device) if c.mods.dropout_p > 0 else _rng_buffer(q, 0.0)
+    kernels.attention_forward(q, k, v, out, lse, stats, scale=c.scale, offset=c.offset, left=c.left, right=c.right,
+                              packed=c.packed, mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks)
+    return out, lse, stats, rng
+
+
 @torch.library.custom_op("fused_attn::forward", mutates_args=())
 def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int, layout: str,
             cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
             max_seqlen_k: int = 0, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
             dropout_p: float = 0.0, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
             mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
-            mask_bits: Optional[Tensor] = None, mask_block_q: int = 1,
-            mask_block_k: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
+            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward) and the
     dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
-    out, lse, stats = _forward_buffers(q, v, layout, cu_seqlens_q is not None)
-    rng = draw_rng(q.device) if dropout_p > 0 else _rng_buffer(q, 0.0)
-    kernels.attention_forward(q, k, v, out, lse, stats, scale=scale, offset=offset, left=left, right=right,
-                              packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                              mods=Modifiers(softcap, alibi_slopes, dropout_p, rng),
-                              blocks=_blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
-                                             mask_block_k))
-    return out, lse, stats, rng
+    return _forward(q, k, v, _unflat(scale, offset, left, right, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, softcap, alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q,
+                                     mask_q_slots, mask_bits, mask_block_q, mask_block_k, bias))
 
 
 @forward.register_fake
 def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None, mask_q=None,
-      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1):
+      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None):
     return (*_forward_buffers(q, v, layout, cu_seqlens_q is not None), _rng_buffer(q, dropout_p))
 
 
-def _grad_buffers(q, k, v, packed: bool):
+def _grad_buffers(q, k, v, packed: bool, dbias_shape):
     new = torch.zeros_like if packed else torch.empty_like
-    return new(q), new(k), new(v)
+    return new(q), new(k), new(v), q.new_zeros(dbias_shape, dtype=torch.float32)
+
+
+def _backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool):
+    dq, dk, dv, dbias = _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad))
+    delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
+    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=c.scale, offset=c.offset,
+                               left=c.left, right=c.right, packed=c.packed,
+                               mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks,
+                               dbias=dbias if bias_grad else None)
+    return dq, dk, dv, dbias
+
+
+def _dbias_shape(q, k, bias_grad: bool):
+    """dS of every (b, h, i, j) where a bias needs its gradient (the kernels write each once: no atomics), else
+    nothing."""
+    return (*q.shape[:3], k.shape[2]) if bias_grad else (0,)
 
 
 @torch.library.custom_op("fused_attn::backward", mutates_args=())
@@ -152,24 +186,21 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
              softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
              rng: Optional[Tensor] = None, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
              mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
-             mask_bits: Optional[Tensor] = None, mask_block_q: int = 1,
-             mask_block_k: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (kernels.attention_backward); rng: the forward's [seed, offset]."""
-    dq, dk, dv = _grad_buffers(q, k, v, cu_seqlens_q is not None)
-    delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
-    kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=scale, offset=offset, left=left,
-                               right=right, packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                               mods=Modifiers(softcap, alibi_slopes, dropout_p, rng),
-                               blocks=_blocks(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
-                                              mask_block_k))
-    return dq, dk, dv
+             mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
+             bias: Optional[Tensor] = None, bias_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (kernels.attention_backward) and dbias (attention_backward); rng: the forward's [seed,
+    offset]."""
+    c = _unflat(scale, offset, left, right, "bhsd", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
+                alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
+                mask_block_k, bias)
+    return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None, mask_kv=None, mask_kv_slots=None,
-      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1):
-    return _grad_buffers(q, k, v, cu_seqlens_q is not None)
+      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, bias_grad=False):
+    return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad))
 
 
 @torch.library.custom_op("fused_attn::decode", mutates_args=())
