@@ -104,7 +104,8 @@ class BlockMask:
     def __repr__(self) -> str:
         partial = (f"@triton.jit mask_mod={self.mask_mod.__name__}" if self.tables.mask_mod is not None
                    else f"partial blocks={self.tables.bits.shape[0]}")
-        return f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, {partial})"
+        return (f"BlockMask(shape={self.shape}, BLOCK_SIZE={self.BLOCK_SIZE}, sparsity={self.sparsity():.2f}%, "
+                f"{partial})")
 
 
 def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device=None, BLOCK_SIZE=128, *, mod_args=()) -> BlockMask:

@@ -79,10 +79,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     for the pair) -- go to torch's own SDPA. `fused_attn.explain(...)` (or the "fused_attn" logger at DEBUG) says
     which and why. attn_mask runs on the kernels as fused_attn.attention's does: a bool mask as block lists, a float
     one as an additive bias (with its gradient) whose all -inf blocks are skipped; a row it hides entirely gets 0
-    (torch's SDPA gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each probability
-    dropped with probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random bits: the
-    kernels draw theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows the
-    mask), so a given seed gives another mask than torch's SDPA does."""
+    (torch's SDPA gives NaN there). dropout_p > 0 runs in the kernels with the same distribution as torch's (each
+    probability dropped with probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random
+    bits: the kernels draw theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows
+    the mask), so a given seed gives another mask than torch's SDPA does."""
     plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is not None:
         log.debug("scaled_dot_product_attention -> torch: %s", reason)

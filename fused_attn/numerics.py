@@ -16,7 +16,8 @@ in fp32, while PyTorch's softmax backward uses rowsum(P * dP). Where a row sees 
 in PyTorch (pt error 0, ref 0) but only to fp32 rounding noise in the kernel. Their floor therefore adds that noise,
 carried through to the gradient: 2 * eps32 * scale * max_id c_i sum_j P_ij |k_jd| for dq and
 2 * eps32 * scale * max_jd sum_i P_ij c_i |q_id| for dk, with c_i = sum_d |dO_id O_id| (the magnitude of delta's
-terms; for GQA the sum over i runs over the group's query heads too).
+terms; for GQA the sum over i runs over the group's query heads too). A float bias's gradient is dS itself, summed
+over the dimensions the bias broadcasts over: 2 * eps32 * max (P_ij c_i summed the same way).
 
 One for attention weights rebuilt from the kernels' lse (`attention_probs`: P = exp(score - lse) in fp32, where
 PyTorch's softmax subtracts the row max): the lse is a float32 of magnitude |lse| and the score it is subtracted
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}
+FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0}
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -39,15 +40,17 @@ def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     return max(noise, torch.finfo(dtype).eps * finite.abs().max().item())
 
 
-def delta_noise(q, k, out, do, probs, scale) -> dict:
-    """fp32 rounding noise of delta carried into dq and dk (see the module docstring); (B, H, S, D) views."""
+def delta_noise(q, k, out, do, probs, scale, bias_shape=None) -> dict:
+    """fp32 rounding noise of delta carried into dq and dk, and into the gradient of a bias of bias_shape (see the
+    module docstring); (B, H, S, D) views."""
     c = (do.abs() * out.abs()).sum(-1, keepdim=True)  # (B, Hq, Sq, 1)
     B, Hkv, Sk, D = k.shape
     group = q.shape[1] // Hkv
     dq = c * (probs @ k.abs().repeat_interleave(group, dim=1))
     dk = ((probs * c).transpose(-1, -2) @ q.abs()).reshape(B, Hkv, group, Sk, D).sum(2)
-    noise = 2 * torch.finfo(torch.float32).eps * scale
-    return {"dq": noise * dq.max().item(), "dk": noise * dk.max().item()}
+    eps = 2 * torch.finfo(torch.float32).eps
+    return {"dq": eps * scale * dq.max().item(), "dk": eps * scale * dk.max().item(),
+            "dbias": eps * (probs * c).sum_to_size(bias_shape or probs.shape).max().item()}
 
 
 def lse_noise(probs: torch.Tensor, lse: torch.Tensor) -> float:

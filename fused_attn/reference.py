@@ -67,7 +67,7 @@ def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
               upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None):
+              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None, score_mod=None):
     """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
 
     Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
@@ -77,8 +77,10 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     fused_attn.attention; dropout takes its keep-mask explicitly, dropout_mask (B, Hq, Sq, Sk) bool (from
     fused_attn.dropout_mask): out = (P * mask / (1 - dropout_p)) v. mask_mod(b, h, q_idx, kv_idx) -> bool
     (FlexAttention's mask function; h the query head) hides the pairs where it is False, on top of the window;
+    score_mod(score, b, h, q_idx, kv_idx) -> score (FlexAttention's score function, over torch tensors: b (B, 1, 1,
+    1), h (1, Hq, 1, 1), q_idx (Sq, 1), kv_idx (1, Sk)) modifies the scores after the scale, softcap and ALiBi;
     attn_mask, broadcastable to (B, Hq, Sq, Sk): bool hides the pairs where it is False, float is added to the
-    scores (after the scale, softcap and ALiBi).
+    scores (after all of the above).
     """
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
                    dtypes=DTYPES + (torch.float64,))
@@ -95,11 +97,16 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
 
     scores, visible = modified_scores(qc, kc, a, softcap, alibi_slopes)
+    if score_mod is not None:
+        idx = (lambda n, dims: torch.arange(n, device=qc.device).reshape(dims))
+        scores = score_mod(scores, idx(B, (B, 1, 1, 1)), idx(Hq, (1, Hq, 1, 1)), idx(Sq, (Sq, 1)),
+                           idx(Sk, (1, Sk))).to(scores.dtype)
     if mask_mod is not None:
         visible = visible & evaluate(mask_mod, B, Hq, torch.arange(Sq, device=qc.device), Sk, qc.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask
-    elif attn_mask is not None:
+    elif attn_mask is not None:  # -inf hides the pair (a row it hides entirely sees nothing: out 0, lse -inf)
+        visible = visible & (attn_mask != float("-inf"))
         scores = scores + attn_mask.to(scores.dtype)
     scores, probs, seen = _softmax(scores, visible)
     dropped = probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)

@@ -17,8 +17,8 @@ from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk
                      _load_tile, _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id,
                      _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims, modifier_args,
-                     reverse_tiles, run, tile_args)
+from .launch import (LENGTHS, LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
+                     modifier_args, reverse_tiles, run, tile_args)
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
                           MASK_BITS, SCORE_ARGS, MASK_ARGS,
                           stride_qb, stride_qh, stride_qs, stride_qd,
@@ -234,7 +234,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
-@triton.jit
+@triton.jit(do_not_specialize=LENGTHS)
 def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
                         SCORE_ARGS, MASK_ARGS, DBIAS,
                         stride_qb, stride_qh, stride_qs, stride_qd,

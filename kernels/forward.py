@@ -6,8 +6,8 @@ import triton.language as tl
 from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
                      _score, _sequence, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args, grid_dims,
-                     modifier_args, reverse_tiles, run, tile_args)
+from .launch import (LENGTHS, LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
+                     grid_dims, modifier_args, reverse_tiles, run, tile_args)
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = m_new
-        if MASKED or SCORE_MOD is not None:  # a row may have seen nothing yet: subtract 0 instead of -inf so exp2 gives 0, not NaN
+        if MASKED or SCORE_MOD is not None:  # a row may have seen nothing yet: subtract 0, not -inf (exp2 gives 0)
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2((s - m_sub[:, None]) * qk_scale)
         alpha = tl.math.exp2((m_i - m_sub) * qk_scale)
@@ -62,9 +62,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
-@triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SCORE_ARGS,
-                     MASK_ARGS,
+@triton.jit(do_not_specialize=LENGTHS)
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+                     SCORE_ARGS, MASK_ARGS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
@@ -148,9 +148,9 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype), **fns)
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *fn_args, *strides(q), *strides(k), *strides(v), *strides(out),
-              *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E,
-              *values, *mask_values), kwargs)
+             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *fn_args, *strides(q), *strides(k), *strides(v),
+              *strides(out), *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right,
+              scale * LOG2E, *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 
 

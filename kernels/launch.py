@@ -20,6 +20,12 @@ launches = Counter()
 
 LOG2E = math.log2(math.e)
 
+# The attention kernels' arguments the JIT must not specialize on (it specializes an int on == 1 and on divisibility
+# by 16): the query length. The key length keeps its divisibility: the masked key tiles' bounds use it, and
+# unspecialized it cost the sm_90 forward with every modifier 29 registers and a 52-byte spill (compile-time gate).
+# So a new length compiles a kernel at most once more: for the other class of Sk % 16 == 0.
+LENGTHS = ("seqlen_q",)
+
 
 @dataclass(frozen=True)
 class Packed:

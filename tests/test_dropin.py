@@ -45,36 +45,46 @@ def test_sdpa_matches_torch_and_runs_the_kernels(shapes, kwargs):
         assert torch.isfinite(a).all() and (a.double() - b).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("q_shape,kv_len,mask_shape", [
-    pytest.param((2, 4, 33, 32), 47, (33, 47), id="LS"),
-    pytest.param((2, 4, 33, 32), 47, (2, 1, 1, 47), id="key-padding"),
-    pytest.param((2, 4, 33, 32), 47, (2, 4, 33, 47), id="full"),
-    pytest.param((3, 19, 16), 23, (3, 19, 23), id="3d"),
-    pytest.param((2, 3, 2, 17, 16), 29, (3, 1, 17, 29), id="5d-broadcast"),
+@pytest.mark.parametrize("q_shape,kv_len,mask_shape,kind", [
+    pytest.param((2, 4, 33, 32), 47, (33, 47), "bool", id="LS"),
+    pytest.param((2, 4, 33, 32), 47, (2, 1, 1, 47), "bool", id="key-padding"),
+    pytest.param((2, 4, 33, 32), 47, (2, 4, 33, 47), "bool", id="full"),
+    pytest.param((3, 19, 16), 23, (3, 19, 23), "bool", id="3d"),
+    pytest.param((2, 3, 2, 17, 16), 29, (3, 1, 17, 29), "bool", id="5d-broadcast"),
+    pytest.param((2, 4, 33, 32), 47, (2, 1, 33, 47), "float", id="float-bias-with-grad"),
+    pytest.param((2, 3, 2, 17, 16), 29, (1, 17, 29), "float", id="float-5d-broadcast"),
 ])
-def test_sdpa_bool_masks_run_on_the_kernels(q_shape, kv_len, mask_shape):
-    """A bool attn_mask (True: take part) runs on the kernels as block lists; against torch's SDPA in float64 on
-    rows that see a key (a fully masked row: 0 here, NaN in torch)."""
+def test_sdpa_masks_run_on_the_kernels(q_shape, kv_len, mask_shape, kind):
+    """attn_mask runs on the kernels -- bool (True: take part) as block lists, float as an additive bias (-inf:
+    hidden) with its gradient; against torch's SDPA in float64 on rows that see a key (a fully masked row: 0 here,
+    NaN in torch)."""
     q = rand(*q_shape, grad=True)
     k, v = (rand(*q_shape[:-2], kv_len, q_shape[-1], grad=True) for _ in range(2))
-    mask = rand(*mask_shape) > -0.5
-    mask[..., 0, :] = False  # the first query row sees nothing
+    if kind == "bool":
+        mask = rand(*mask_shape) > -0.5
+        mask[..., 0, :] = False  # the first query row sees nothing
+        inputs, visible = (q, k, v), mask
+    else:
+        mask = rand(*mask_shape).masked_fill(rand(*mask_shape) < -0.5, float("-inf"))
+        mask[..., 0, :] = float("-inf")
+        mask.requires_grad_()
+        inputs, visible = (q, k, v, mask), mask != float("-inf")
     got, n = launched(lambda: fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    assert n == 1 and "attn_mask as block lists" in fused_attn.explain(q, k, v, attn_mask=mask)
-    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask)
+    assert n == 1 and f"the {kind} attn_mask" in fused_attn.explain(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)),
+                                         attn_mask=mask if kind == "bool" else mask.double())
     pt = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    rows = mask.expand(*got.shape[:-1], kv_len).any(-1)
+    rows = visible.expand(*got.shape[:-1], kv_len).any(-1)
     assert torch.equal(got[~rows], torch.zeros_like(got[~rows]))
     assert Metric.measure(got[rows], ref[rows], pt[rows], q.dtype, FACTORS["out"]).ok
     do = torch.randn_like(got) * rows[..., None]
-    grads = torch.autograd.grad(got, (q, k, v), do)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), do.double(), allow_unused=True)
+    grads = torch.autograd.grad(got, inputs, do)
+    ref_grads = torch.autograd.grad(ref, inputs, do.double(), allow_unused=True)
     for a, b in zip(grads, ref_grads):
-        assert (a.double() - torch.nan_to_num(b)).abs().max() < 1e-4
+        assert a.shape == b.shape and (a.double() - torch.nan_to_num(b)).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    pytest.param({"attn_mask": "additive"}, "a float attn_mask", id="additive-mask"),
     pytest.param({"attn_mask": "bool", "is_causal": True}, "attn_mask together with is_causal", id="mask-and-causal"),
     pytest.param({"dropout_p": 1.0}, r"dropout_p must be in [0, 1), got 1.0", id="dropout-1"),
     pytest.param({"dtype": torch.float64}, "unsupported dtype torch.float64", id="float64"),
@@ -86,8 +96,6 @@ def test_sdpa_falls_back_to_torch_and_says_why(kwargs, reason):
     q, k, v = rand(2, 2, 9, 16, dtype=dtype), rand(2, 2, 11, 16, dtype=dtype), rand(2, 2, 11, 16, dtype=dtype)
     if kwargs.get("attn_mask") == "bool":
         kwargs["attn_mask"] = rand(9, 11) > 0
-    elif kwargs.get("attn_mask") == "additive":
-        kwargs["attn_mask"] = rand(2, 1, 9, 11)
     assert reason in fused_attn.explain(q, k, v, **kwargs)
     torch.manual_seed(0)
     def run(fn):

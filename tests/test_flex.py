@@ -6,9 +6,12 @@ import warnings
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 import fused_attn
 from fused_attn import kernels
-from fused_attn.testing import Case, _measure, make_inputs
+from fused_attn.testing import Case, _measure, kernel_modifiers, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32 = torch.float16, torch.float32
@@ -141,7 +144,19 @@ def test_broadcast_and_combinators():
 
 @pytest.mark.parametrize("call,exc,match", [
     pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, score_mod=lambda s, b, h, i, j: s),
-                 NotImplementedError, "score_mod", id="score-mod"),
+                 TypeError, "is a Python function; the kernels call score functions compiled", id="python-score-mod"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q.requires_grad_(), q, q, score_mod=_hide_odd_keys),
+                 ValueError, r"'_hide_odd_keys' has no derivative for the backward: pass fused_attn.ScoreMod",
+                 id="score-mod-without-grad"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, mod_args=(1.0,)), ValueError,
+                 "mod_args are score_mod's extra arguments", id="mod-args-alone"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, score_mod=_tanh_cap, mod_args=("5",)), TypeError,
+                 "mod_args must be tensors, ints or floats, got str", id="mod-args-type"),
+    pytest.param(lambda q, bm: fused_attn.flex_attention(q, q, q, fused_attn.ScoreMod(_tanh_cap, grad=abs),
+                                                         mod_args=(5.0,)), TypeError,
+                 "ScoreMod's grad must be a @triton.jit function", id="python-grad"),
+    pytest.param(lambda q, bm: fused_attn.and_masks(sliding(4), _documents_jit), TypeError,
+                 "and_masks / or_masks combine Python mask functions", id="jit-in-and-masks"),
     pytest.param(lambda q, bm: fused_attn.flex_attention(q, q[:, :1], q[:, :1]), ValueError, "enable_gqa=True",
                  id="gqa-without-flag"),
     pytest.param(lambda q, bm: fused_attn.flex_attention(q[:, :, :20], q[:, :, :20], q[:, :, :20], block_mask=bm),
@@ -183,8 +198,132 @@ def test_attn_mask_against_reference(mask_shape, case):
     assert res.ok, res.describe()
 
 
+@pytest.mark.parametrize("bias_shape,case,repeat", [
+    pytest.param((70, 100), Case(2, 4, 2, 70, 100, 32, causal=True), True, id="LS-causal-gqa"),
+    pytest.param((2, 1, 1, 100), Case(2, 2, 2, 70, 100, 40, window=(30, 5), dtype=F16), False,
+                 id="key-bias-window-f16"),
+    pytest.param((2, 2, 100, 60), Case(2, 2, 1, 100, 60, 16, 24, layout="bshd", softcap=20.0, alibi="heads"), False,
+                 id="full-shape-mqa-bshd-softcap-alibi"),
+])
+def test_float_bias_and_its_gradient_against_reference(bias_shape, case, repeat):
+    """attention(..., attn_mask=float) with the band on top: out, lse, dq, dk, dv and the bias's own gradient (summed
+    over the dimensions it broadcasts over; deterministic: a second backward is bitwise equal) against the float64
+    reference; -inf entries hide pairs, whole blocks and the first rows (out 0, lse -inf, gradient 0)."""
+    q, k, v, do = make_inputs(case, DEVICE)
+    g = torch.Generator().manual_seed(2)
+    bias = torch.randn(bias_shape, generator=g).mul(2).to(DEVICE, case.dtype)
+    bias[..., :3, :] = float("-inf")
+    bias[..., :, 32:64] = float("-inf")
+    bias[torch.rand(bias_shape, generator=g).to(DEVICE) < 0.2] = float("-inf")
+    bias.requires_grad_()
+    mods = kernel_modifiers(case, case.batch, DEVICE)
+    out, lse = fused_attn.attention(q, k, v, causal=case.causal, window_size=case.window, layout=case.layout,
+                                    attn_mask=bias, return_lse=True, **mods)
+    grads = torch.autograd.grad(out, (q, k, v, bias), do, retain_graph=repeat)
+    assert grads[3].shape == bias.shape and torch.isneginf(lse[..., :3]).all()
+    if repeat:
+        assert all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(out, (q, k, v, bias), do)))
+    got = dict(out=out, lse=lse, **dict(zip(("dq", "dk", "dv", "dbias"), grads)))
+    res = _measure(case, got, q, k, v, do, True, mods=dict(mods, attn_mask=bias))
+    assert res.ok, res.describe()
+
+
+# Score functions, each as the kernels take it (@triton.jit, with its derivative) and as the reference does (torch).
+@triton.jit
+def _tanh_cap(score, b, h, q_idx, kv_idx, CAP):
+    t = 2.0 / (1.0 + tl.exp(-2.0 * score / CAP)) - 1.0
+    return CAP * t
+
+
+@triton.jit
+def _tanh_cap_grad(score, b, h, q_idx, kv_idx, CAP):
+    t = 2.0 / (1.0 + tl.exp(-2.0 * score / CAP)) - 1.0
+    return 1.0 - t * t
+
+
+@triton.jit
+def _relative_bias(score, b, h, q_idx, kv_idx, TABLE, span):
+    """T5-style: a learned (frozen here) bias per head and clipped distance, read from a table in mod_args."""
+    d = tl.minimum(tl.maximum(kv_idx - q_idx, -span), span) + span
+    return score + tl.load(TABLE + h * (2 * span + 1) + d) + b * 0.25
+
+
+@triton.jit
+def _unit(score, b, h, q_idx, kv_idx, TABLE, span):
+    return 1.0
+
+
+@triton.jit
+def _hide_odd_keys(score, b, h, q_idx, kv_idx):
+    """-inf from a score function: a mask in any tile, including rows it hides entirely (rows 0 and 1)."""
+    return tl.where((kv_idx % 2 == 1) | (q_idx < 2), float("-inf"), score)
+
+
+def _relative_reference(table, span):
+    def mod(score, b, h, q, kv):
+        d = (kv - q).clamp(-span, span) + span
+        return score + table[h, d] + b * 0.25
+    return mod
+
+
+_TABLE = torch.randn(4, 2 * 8 + 1, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("score_mod,reference_mod,mod_args,case,mask_mod", [
+    pytest.param(fused_attn.ScoreMod(_tanh_cap, _tanh_cap_grad), lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0),
+                 (5.0,), Case(2, 4, 2, 100, 100, 32), None, id="tanh-cap-gqa"),
+    pytest.param(fused_attn.ScoreMod(_relative_bias, _unit), _relative_reference(_TABLE.to(DEVICE), 8),
+                 (_TABLE.to(DEVICE), 8), Case(2, 4, 4, 90, 130, 40, dtype=F16), prefix_lm(30),
+                 id="relative-bias-prefix-lm-f16"),
+    pytest.param(fused_attn.ScoreMod(_hide_odd_keys), None, (), Case(1, 2, 2, 64, 64, 16), None,
+                 id="minus-inf-no-grad"),
+])
+def test_score_mod_against_reference(score_mod, reference_mod, mod_args, case, mask_mod):
+    """flex_attention with a @triton.jit score_mod (and its derivative), on top of a block mask or none, against the
+    float64 reference given the same score function in torch."""
+    q, k, v, do = make_inputs(case, DEVICE)
+    bm = None if mask_mod is None else fused_attn.create_block_mask(mask_mod, None, None, case.seqlen_q,
+                                                                   case.seqlen_k, DEVICE, BLOCK_SIZE=32)
+    grad = score_mod.grad is not None
+    with torch.set_grad_enabled(grad):
+        out, lse = fused_attn.flex_attention(q, k, v, score_mod, bm, enable_gqa=True, return_lse=True,
+                                             mod_args=mod_args)
+    got = dict(out=out, lse=lse)
+    if grad:
+        got.update(zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), do)))
+    if reference_mod is None:  # the same mask written as a mask (the reference has no -inf scores of its own)
+        mods = dict(mask_mod=lambda b, h, q, kv: (kv % 2 == 0) & (q >= 2))
+    else:
+        mods = dict(score_mod=reference_mod, mask_mod=mask_mod)
+    res = _measure(case, got, q, k, v, do, grad, mods=mods)
+    assert res.ok, res.describe()
+
+
+@triton.jit
+def _documents_jit(b, h, q_idx, kv_idx, DOC):
+    return (tl.load(DOC + q_idx) == tl.load(DOC + kv_idx)) & (q_idx >= kv_idx)
+
+
+def test_jit_mask_mod_equals_python_mask_mod_bitwise():
+    """The same document mask as a @triton.jit function (evaluated in the kernels, classified by a counting kernel)
+    and as a Python one (bits): the same block lists, and out, lse and gradients bitwise equal."""
+    lengths = [7, 1, 30, 12, 50, 3, 20, 37]
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(DEVICE)
+    jit = fused_attn.create_block_mask(_documents_jit, None, None, 160, 160, DEVICE, BLOCK_SIZE=32, mod_args=(doc,))
+    py = fused_attn.create_block_mask(documents(lengths), None, None, 160, 160, DEVICE, BLOCK_SIZE=32)
+    assert torch.equal(jit.tables.kv, py.tables.kv) and torch.equal(jit.tables.q, py.tables.q)
+    assert "@triton.jit mask_mod=_documents_jit" in repr(jit)
+    case = Case(1, 2, 2, 160, 160, 32)
+    q, k, v, do = make_inputs(case, DEVICE)
+    got, want = (list(fused_attn.flex_attention(q, k, v, block_mask=m, return_lse=True)) for m in (jit, py))
+    got += torch.autograd.grad(got[0], (q, k, v), do)
+    want += torch.autograd.grad(want[0], (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("mask,exc,match", [
-    pytest.param(torch.zeros(8, 8), NotImplementedError, "a float attn_mask", id="float"),
+    pytest.param(torch.zeros(8, 8, dtype=torch.float64), TypeError, "float16 / bfloat16 / float32 bias, got "
+                 "torch.float64", id="float64"),
     pytest.param(torch.zeros(8, 8, dtype=torch.int32), TypeError, "attn_mask must be bool", id="int"),
     pytest.param(torch.zeros(3, 8, 8, dtype=torch.bool), ValueError, r"does not broadcast to \(B, Hq, Sq, Sk\)",
                  id="shape"),
