@@ -17,7 +17,7 @@ from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk
                      _load_tile, _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id,
                      _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
-from .launch import (LENGTHS, LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
+from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args)
 
 
@@ -51,7 +51,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                          seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                          TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
-                         SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                         SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
+                         MASK_MOD: tl.constexpr,
                          MASK_ARGS):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
@@ -74,7 +75,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         else:
             st = _dot(k, tl.trans(q), FP32_DOT)
         st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
-                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_ARGS)
+                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
         if LISTED and MASK_MOD is None:  # read outside the branch below, so that the pipeliner makes it asynchronous
             bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
@@ -108,7 +109,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
                           MASK_BITS, SCORE_ARGS, MASK_ARGS,
                           stride_qb, stride_qh, stride_qs, stride_qd,
@@ -128,6 +129,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                           TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
                           VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                           LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                          SCORE_BOUNDED: tl.constexpr,
                           MASK_MOD: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
     accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
@@ -176,7 +178,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                                       cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
                                       SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
                                       DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                      SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS)
+                                      SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -196,7 +198,8 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                        seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                        TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
-                       h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                       h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
+                       MASK_MOD: tl.constexpr,
                        MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
     the forward's inner loop). BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before
@@ -210,7 +213,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                         MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
         s, dcap = _score(_dot(q, tl.trans(k), FP32_DOT), offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out,
                          slope, SOFTCAP, ALIBI, b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD,
-                         SCORE_ARGS)
+                         SCORE_BOUNDED, SCORE_ARGS)
         p = tl.math.exp2((s - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
@@ -234,7 +237,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
                         SCORE_ARGS, MASK_ARGS, DBIAS,
                         stride_qb, stride_qh, stride_qs, stride_qd,
@@ -252,7 +255,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                         TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
-                        SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
+                        SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
+                        MASK_MOD: tl.constexpr,
                         BIAS_GRAD: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
@@ -290,7 +294,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
                                 seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
-                                MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD,
+                                MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
+                                SCORE_ARGS, MASK_MOD,
                                 MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,

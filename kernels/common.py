@@ -38,7 +38,8 @@ def _tanh(x):
 
 @triton.jit
 def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-           b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS):
+           b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+           SCORE_BOUNDED: tl.constexpr, SCORE_ARGS):
     """Raw scores s = q.k of rows i, columns j (broadcastable, either orientation) of batch row b, query head h ->
     (the modified score divided by the softmax scale, d(it) / ds). Keeping the kernels' unit (score / scale) leaves
     the online softmax, the stats and P = exp2((s - m) * scale * log2 e - log2 l) as they are without modifiers:
@@ -48,9 +49,10 @@ def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI
         SCORE_MOD (a @triton.jit function, FlexAttention's score_mod):  x = s * scale -> SCORE_MOD(x, b, h, i, j,
             *SCORE_ARGS) / scale, its derivative SCORE_GRAD(x, b, h, i, j, *SCORE_ARGS) (None: 1)
 
-    The derivative is the product of 1 - tanh^2 (softcap) and SCORE_GRAD's, else 1 (and unused). SCORE_MOD sees the
-    indices clamped into [0, seqlen): a tile's rows and columns past the end (masked anyway) index nothing outside
-    the tables it may read."""
+    The derivative is the product of 1 - tanh^2 (softcap) and SCORE_GRAD's, else 1 (and unused). SCORE_BOUNDED:
+    SCORE_MOD sees the indices clamped into [0, seqlen) (a tile's rows and columns past the ends, masked anyway,
+    index nothing outside the tables it reads); else as they are, which keeps them contiguous, so that a function
+    loading a tile along them (a bias, which masks its own loads) gets vectorized, pipelined loads."""
     ds = 1.0
     if SOFTCAP:
         t = _tanh(s * cap_in)
@@ -60,8 +62,10 @@ def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI
         s = s - slope * tl.abs(i + offset - j).to(tl.float32)
     if SCORE_MOD is not None:
         scale = qk_scale * 0.6931471805599453
-        qi = tl.minimum(i, seqlen_q - 1)
-        kj = tl.minimum(j, seqlen_k - 1)
+        qi, kj = i, j
+        if SCORE_BOUNDED:
+            qi = tl.minimum(i, seqlen_q - 1)
+            kj = tl.minimum(j, seqlen_k - 1)
         x = s * scale
         s = SCORE_MOD(x, b, h, qi, kj, *SCORE_ARGS) * (1.0 / scale)
         if SCORE_GRAD is not None:
@@ -70,14 +74,15 @@ def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI
 
 
 @triton.jit
-def _add_bias(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j):
-    """A float attention bias (B, Hq, Sq, Sk)-indexed (stride 0 where broadcast) as a score function."""
+def _add_bias(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j, n_i, n_j):
+    """A float attention bias (B, Hq, n_i, n_j)-indexed (stride 0 where broadcast) as an unbounded score function
+    (ScoreMod.bounded False): its loads masked to the bias's extent instead."""
     return score + tl.load(BIAS + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + i.to(tl.int64) * stride_i
-                           + j.to(tl.int64) * stride_j).to(tl.float32)
+                           + j.to(tl.int64) * stride_j, mask=(i < n_i) & (j < n_j), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _unit_grad(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j):
+def _unit_grad(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j, n_i, n_j):
     """d(_add_bias) / d(score)."""
     return 1.0
 

@@ -93,7 +93,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
                                         PAGES, page_size, stride_kb, stride_vb, PAGED,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
-                                        None, None, 0, None, 1, 1, False, heads, None, None, (), None, ())
+                                        None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
+                                        ())
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

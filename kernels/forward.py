@@ -6,7 +6,7 @@ import triton.language as tl
 from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
                      _score, _sequence, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
-from .launch import (LENGTHS, LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
+from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args)
 
 
@@ -21,7 +21,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
                     TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
-                    h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_ARGS, MASK_MOD: tl.constexpr,
+                    h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
+                    MASK_MOD: tl.constexpr,
                     MASK_ARGS):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
     K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI / SCORE_MOD modify the
@@ -37,7 +38,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
         if SOFTCAP or ALIBI or SCORE_MOD is not None:
             s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
-                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_ARGS)
+                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS)
         if MASKED:
             ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
                           HAS_RIGHT)
@@ -62,7 +63,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
-@triton.jit(do_not_specialize=LENGTHS)
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
                      SCORE_ARGS, MASK_ARGS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
@@ -78,7 +79,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
-                     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, MASK_MOD: tl.constexpr):
+                     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
+                     MASK_MOD: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -117,7 +119,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
                                         DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                        h, SCORE_MOD, SCORE_GRAD, SCORE_ARGS, MASK_MOD, MASK_ARGS)
+                                        h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS)
 
     # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0

@@ -20,12 +20,6 @@ launches = Counter()
 
 LOG2E = math.log2(math.e)
 
-# The attention kernels' arguments the JIT must not specialize on (it specializes an int on == 1 and on divisibility
-# by 16): the query length. The key length keeps its divisibility: the masked key tiles' bounds use it, and
-# unspecialized it cost the sm_90 forward with every modifier 29 registers and a 52-byte spill (compile-time gate).
-# So a new length compiles a kernel at most once more: for the other class of Sk % 16 == 0.
-LENGTHS = ("seqlen_q",)
-
 
 @dataclass(frozen=True)
 class Packed:
@@ -42,9 +36,12 @@ class ScoreMod:
     """A score function for the kernels (FlexAttention's score_mod): `fn(score, b, h, q_idx, kv_idx, *args)`, a
     @triton.jit function of the scaled score (q.k * scale) of query q_idx, key kv_idx of batch row b, query head h
     (tensors of broadcastable shapes), returning the new score; `grad(score, b, h, q_idx, kv_idx, *args)` its
-    derivative with respect to `score`, elementwise (needed for a backward; None: no backward)."""
+    derivative with respect to `score`, elementwise (needed for a backward; None: no backward). bounded: the
+    indices are clamped into the sequences (the kernels' last tiles run past the ends; those pairs are masked
+    afterwards); False passes them as they are, contiguous, for a function that masks its own loads."""
     fn: object
     grad: object = None
+    bounded: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,10 +146,11 @@ def function_args(mods: Optional[Modifiers], blocks: Optional[BlockTables]):
     mods = mods or Modifiers()
     score, args = mods.score_mod, mods.score_args
     if mods.bias is not None:
-        score, args = ScoreMod(_add_bias, _unit_grad), (mods.bias, *mods.bias.stride())
+        score, args = ScoreMod(_add_bias, _unit_grad, bounded=False), (mods.bias, *mods.bias.stride(),
+                                                                        *mods.bias.shape[2:])
     mask_mod, mask_args = (None, ()) if blocks is None else (blocks.mask_mod, blocks.mask_args)
     return (tuple(args), tuple(mask_args)), dict(SCORE_MOD=score and score.fn, SCORE_GRAD=score and score.grad,
-                                                 MASK_MOD=mask_mod)
+                                                 SCORE_BOUNDED=score is None or score.bounded, MASK_MOD=mask_mod)
 
 
 def dropout_threshold(p: float) -> int:

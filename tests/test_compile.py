@@ -1,6 +1,7 @@
 """The compile-time gate (tests/aot_compile.py) in the suite: every kernel compiled for sm_90, sm_80 and the 99 KB
 GPUs with the JIT's specializations of the benchmark shapes, and judged (wgmma, pipelined async loads, spills,
 shared memory). Plus the gate's own judges on hand-written inputs, so a broken judge cannot pass silently."""
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,22 @@ def test_kernels_pass_the_compile_time_gate():
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("sm_90 ") >= 150 and out.stdout.count("smoke sm_90") == 4, out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the suite compiles and runs the kernels itself")
+def test_new_masks_lengths_and_mod_args_do_not_recompile():
+    """Block masks of other functions and lengths, a float bias, @triton.jit mask and score functions with other
+    mod_args: one compiled kernel each (for sm_90, by the JIT's own cache keys); a length of the other class of
+    Sk % 16 == 0 compiles once more (the control: the count sees recompiles)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, str(Path(gate.__file__)), "--recompiles"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    for kind in ("python-mask", "jit-mask", "bias", "score-mod"):
+        assert set(counts[kind].values()) == {1}, (kind, counts[kind])
+    assert counts["python-mask-both-classes"]["_attn_fwd_kernel"] == 2
 
 
 def test_loop_tile_loads_are_found():
