@@ -87,6 +87,11 @@ class BlockMask:
         """(batch, heads, Q_LEN, KV_LEN); batch / heads 1 where the mask is the same for all."""
         return (*self.tables.kv.shape[:2], *self.seq_lengths)
 
+    @property
+    def ndim(self) -> int:
+        """4, as the (batch, heads, Q_LEN, KV_LEN) masks it stands for (code that checks a mask's rank sees one)."""
+        return 4
+
     def to_dense(self) -> torch.Tensor:
         """(B, H, n_q_blocks, n_kv_blocks) int32: 1 where the kernels visit the block (partly or wholly)."""
         table = self.tables.kv

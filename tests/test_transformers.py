@@ -154,7 +154,8 @@ def test_packed_batch_equals_sequences_one_by_one(kind, how, caplog):
 
 
 def test_packed_detection_refuses_other_masks():
-    """A 4-D mask that is not causal-within-sequences stays a 4-D mask (the SDPA fallback)."""
+    """A 4-D mask that is not causal-within-sequences is not taken for packed sequences (it becomes a block
+    mask)."""
     from fused_attn.integrations.transformers import _sequence_ids
     i = torch.arange(6)
     causal = (i[:, None] >= i[None, :])
@@ -168,8 +169,8 @@ def test_packed_detection_refuses_other_masks():
 
 
 def test_padding_with_holes_runs_its_mask_on_the_kernels(caplog):
-    """transformers' 4-D bool mask (here: padding with a hole, which no packed layout expresses) runs on the
-    kernels as block lists (it used to go to transformers' SDPA)."""
+    """transformers' mask function (here: padding with a hole, which no packed layout expresses) runs on the
+    kernels as block lists."""
     eager, fused, ref = models("mistral")
     ids, mask = padded("left")
     mask[1, 6] = 0  # a hole: not left or right padding
@@ -179,7 +180,7 @@ def test_padding_with_holes_runs_its_mask_on_the_kernels(caplog):
         pt = eager(input_ids=ids, attention_mask=mask).logits
         want = ref(input_ids=ids, attention_mask=mask).logits
     assert kernels.launches["fwd"] == before + 2  # one per layer
-    assert "4-D mask as block lists" in caplog.text and "transformers SDPA" not in caplog.text
+    assert "mask function's block lists" in caplog.text
     keep = mask.bool()
     m = Metric.measure(got[keep], want[keep], pt[keep], DTYPE, 2.0)
     assert m.ok, m
@@ -259,13 +260,15 @@ def test_static_cache_generation_runs_on_the_kernels(caplog):
     with torch.no_grad(), caplog.at_level("DEBUG", logger="fused_attn"):
         got = fused.generate(ids, **kw)
         want = eager.generate(ids, **kw)
-    assert kernels.launches["fwd"] - before == 2 * 4 and "transformers SDPA" not in caplog.text
+    assert kernels.launches["fwd"] - before == 2 * 4 and "mask function's block lists" in caplog.text
     assert torch.equal(got, want)
 
 
-def test_user_supplied_4d_mask_runs_on_the_kernels():
-    """A 4-D bool attention mask given by the user (a bidirectional prefix of 5 tokens, causal after; True: attend)
-    against the same mask in transformers' SDPA attention (eager would add a bool mask to the scores instead)."""
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_user_supplied_4d_mask_runs_on_the_kernels(kind):
+    """A 4-D attention mask given by the user (a bidirectional prefix of 5 tokens, causal after; bool True or float
+    0: attend, float -inf: not) against the same mask in transformers' SDPA attention (eager would add a bool mask
+    to the scores instead)."""
     eager, fused, _ = models("llama")
     sdpa, ref = (transformers.AutoModelForCausalLM.from_config(config("llama"), attn_implementation="sdpa")
                  for _ in range(2))
@@ -275,6 +278,8 @@ def test_user_supplied_4d_mask_runs_on_the_kernels():
     ids = torch.randint(0, 96, (2, 14), generator=torch.Generator().manual_seed(6)).to(DEVICE)
     i = torch.arange(14, device=DEVICE)
     mask = ((i[:, None] >= i[None, :]) | (i[None, :] < 5))[None, None].expand(2, 1, 14, 14)
+    if kind == "float":
+        mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, float("-inf"))
     before = kernels.launches["fwd"]
     with torch.no_grad():
         got = fused(input_ids=ids, attention_mask=mask).logits
@@ -284,3 +289,80 @@ def test_user_supplied_4d_mask_runs_on_the_kernels():
     assert kernels.launches["fwd"] - before == 2
     assert Metric.measure(got, want, pt, DTYPE, 2.0).ok
     assert not Metric.measure(causal_only, want, pt, DTYPE, 2.0).ok  # the mask matters here
+
+
+def family(make_config, cls=None):
+    """(eager, fused, float64 eager) models of one random config, the same weights; cls None: AutoModelForCausalLM."""
+    import copy
+    name = register()
+    build = (lambda cfg, impl: (cls._from_config(cfg, attn_implementation=impl) if cls is not None else
+                                transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)))
+    cfg = make_config()
+    torch.manual_seed(0)
+    eager = build(copy.deepcopy(cfg), "eager")
+    fused, ref = build(copy.deepcopy(cfg), name), build(copy.deepcopy(cfg), "eager")
+    fused.load_state_dict(eager.state_dict())
+    ref.load_state_dict(eager.state_dict())
+    return eager.to(DEVICE, DTYPE), fused.to(DEVICE, DTYPE), ref.to(DEVICE, torch.float64)
+
+
+def llama4_config():
+    """Llama 4 text: a chunked-attention layer (chunks of 8, shorter than the sequences) and a full one."""
+    return transformers.Llama4TextConfig(vocab_size=96, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, max_position_embeddings=512, attention_chunk_size=8,
+                                         num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                         layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0],
+                                         use_qk_norm=False)
+
+
+def test_llama4_chunked_attention_matches_eager(caplog):
+    """Chunked attention (Llama 4): transformers' chunked mask function as block lists on the kernels -- logits and
+    loss gradients against the float64 model, then greedy generation with a cache (decode steps over chunks)."""
+    eager, fused, ref = family(llama4_config)
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    before = kernels.launches.copy()
+    with caplog.at_level("DEBUG", logger="fused_attn"):
+        got = logits_and_grads(fused, ids)
+    assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
+    assert "mask function's block lists" in caplog.text  # the chunked layer
+    assert_matches(got, logits_and_grads(eager, ids), logits_and_grads(ref, ids))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(fused.generate(ids[:1, :5], **kw), ref.generate(ids[:1, :5], **kw))
+
+
+def gemma3_config():
+    """Gemma 3 with a tiny SigLIP tower: image tokens attend to each other bidirectionally (token_type_ids), the
+    text causally; sliding (window 6) and full layers."""
+    text = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=512, sliding_window=6, query_pre_attn_scalar=16,
+                                         layer_types=["sliding_attention", "full_attention"])
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=4)
+    return transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                     image_token_index=95, boi_token_index=93, eoi_token_index=94)
+
+
+def test_gemma3_bidirectional_image_tokens_match_eager():
+    """Gemma 3's token-type mask (each image's tokens see each other both ways) as block lists on the kernels:
+    logits and loss gradients (vision tower included) against the float64 model; the mask matters here."""
+    eager, fused, ref = family(gemma3_config, transformers.Gemma3ForConditionalGeneration)
+    ids = torch.randint(0, 90, (2, 20), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    ids[:, 3:7] = 95
+    g = torch.Generator().manual_seed(9)
+    kw = dict(token_type_ids=(ids == 95).long(), pixel_values=torch.randn(2, 3, 16, 16, generator=g).to(DEVICE))
+
+    def run(model, **extra):
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, **dict(kw, pixel_values=kw["pixel_values"].to(model.dtype), **extra))
+        out.loss.backward()
+        return out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    before = kernels.launches.copy()
+    got = run(fused)
+    assert kernels.launches["fwd"] - before["fwd"] == 3 and kernels.launches["bwd"] - before["bwd"] == 3  # + SigLIP
+    want = run(ref)
+    assert_matches(got, run(eager), want)
+    causal_text = run(ref, token_type_ids=torch.zeros_like(ids))
+    assert not torch.allclose(causal_text[0], want[0])

@@ -17,10 +17,14 @@ What the registered mask function hands the attention function, and what then ru
   sequence" -> `attention_varlen` over the sequences. The `cu_seq_lens_q / cu_seq_lens_k / max_length_q /
   max_length_k` keyword arguments of flattened batches (DataCollatorWithFlattening) are used as given, as
   FlashAttention does.
-- anything else (custom / chunked masks, holes in the padding, static caches): transformers' 4-D SDPA mask; a
-  bool one runs on the kernels as block lists (`attention(..., attn_mask=)`), a float one goes to transformers'
-  own SDPA attention (`sdpa_attention_forward`) -- the documented fallback, logged on the "fused_attn" logger at
-  DEBUG.
+- anything else (chunked attention, bidirectional / token-type overlays, holes in the padding, static caches,
+  packed position ids whose mask is more than causal-within-sequences): transformers' mask function itself,
+  evaluated into a fused_attn.BlockMask (block lists; partial blocks' bits) in chunks of query blocks -- no
+  (B, 1, Sq, Sk) mask is materialized -- and run by the kernels over those lists.
+- a 4-D mask the user passes to the model (transformers hands it through unchanged): bool or float, it runs on
+  the kernels as `attention(..., attn_mask=)` does.
+Every mask transformers makes or passes runs on the kernels; an attention_mask of any other form raises a
+TypeError naming it (no fallback).
 
 Attention dropout (training mode with attention_dropout > 0) and logit softcapping (Gemma 2's
 attn_logit_softcapping) run in the kernels on every path above (dropout with the kernels' own Philox stream).
@@ -29,7 +33,9 @@ import logging
 
 import torch
 
-from ..function import attention
+from .._args import check_modifiers, kernel_args
+from ..blockmask import BlockMask, _classify, _vmapped
+from ..function import _attention, attention
 from ..varlen import attention_varlen
 
 NAME = "fused_attn"
@@ -68,8 +74,11 @@ def _sequence_ids(mask: torch.Tensor, config):
 
 def fused_attn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None,
                     allow_is_causal_skip=True, local_size=None, **kwargs):
-    """transformers mask function: None, a 2-D padding mask, (B, S) sequence ids, or sdpa_mask (module docstring)."""
+    """transformers mask function: None, a 2-D padding mask, (B, S) sequence ids, or a BlockMask (module
+    docstring)."""
     from transformers.masking_utils import sdpa_mask
+    if isinstance(attention_mask, BlockMask):  # made for this step already (generate's static-cache path)
+        return attention_mask
     aligned = not isinstance(q_offset, torch.Tensor) and q_offset + q_length == kv_offset + kv_length
     # Chunked attention (Llama 4) passes its chunk size as local_size, sliding windows their window.
     chunk = getattr(kwargs.get("config"), "attention_chunk_size", None)
@@ -80,11 +89,40 @@ def fused_attn_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, at
             return None
         if padding.shape[-1] == kv_length and _contiguous_rows(padding):
             return padding
-    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
-                     allow_is_causal_skip=False, local_size=local_size, **kwargs)
     packed = attention_mask is None and aligned and not chunked and q_offset == 0 and q_length == kv_length
-    ids = _sequence_ids(mask, kwargs.get("config")) if packed and isinstance(mask, torch.Tensor) else None
-    return mask if ids is None else ids
+    if packed:  # position ids that restart: packed sequences?
+        mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, local_size=local_size, **kwargs)
+        ids = _sequence_ids(mask, kwargs.get("config")) if isinstance(mask, torch.Tensor) else None
+        if ids is not None:
+            return ids
+    return block_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                      **kwargs)
+
+
+def block_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+               use_vmap=False, device="cpu", block_size=128, **kwargs) -> BlockMask:
+    """transformers' mask function (default causal) and 2-D padding mask as a BlockMask over (batch_size, 1,
+    q_length, kv_length): evaluated at query positions q_offset.. and key positions kv_offset.., by broadcasting
+    index tensors as transformers' sdpa_mask does (or with torch.vmap where it asks, use_vmap: custom functions)."""
+    from transformers.masking_utils import (and_masks, causal_mask_function, padding_mask_function,
+                                            prepare_padding_mask)
+    fn = mask_function or causal_mask_function
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is not None:
+        fn = and_masks(fn, padding_mask_function(padding))
+    device = torch.device(device)
+    b = torch.arange(batch_size, device=device)
+    h = torch.zeros(1, dtype=torch.long, device=device)
+    kv = torch.arange(kv_length, device=device) + kv_offset
+
+    def rows_mask(rows):
+        q = rows + q_offset
+        if use_vmap:
+            return _vmapped(fn, 0)(b, h, q, kv).bool()
+        out = fn(b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :])
+        return out.bool().expand(batch_size, 1, len(rows), kv_length)
+    return _classify(rows_mask, batch_size, 1, q_length, kv_length, (block_size, block_size), device)
 
 
 def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -139,21 +177,22 @@ def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, s
                        sliding_window=None, softcap=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                        max_length_k=None, **kwargs):
     """transformers attention function: (B, Hq, S, D) query, (B, Hkv, S, D) key / value -> ((B, S, Hq, Dv), None)."""
-    runs = attention_mask is None or (attention_mask.dim() == 2 and (
-        attention_mask.dtype == torch.bool or attention_mask.dtype == torch.int64)) or (
-        attention_mask.dim() == 4 and attention_mask.dtype == torch.bool)
-    if not runs:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        if softcap:
-            raise NotImplementedError("fused_attn's SDPA fallback (a custom mask) cannot apply softcap; "
-                                      "use attn_implementation='eager' for this model and mask")
-        log.debug("transformers attention -> transformers SDPA: a custom mask")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
     kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
-    if attention_mask is not None and attention_mask.dim() == 4:  # transformers' own mask: it holds the band
-        log.debug("transformers attention -> fused_attn kernels with the 4-D mask as block lists")
+    if isinstance(attention_mask, BlockMask):  # transformers' mask function: it holds the band
+        log.debug("transformers attention -> fused_attn kernels over the mask function's block lists")
+        a = kernel_args(q, k, v, scale=scaling, layout="bshd")
+        mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=kw["softcap"],
+                               dropout_p=kw["dropout_p"])
+        out, _ = _attention(a, mods, blocks=attention_mask.tables)
+        return out.transpose(1, 2).contiguous(), None
+    if not (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype in (torch.bool, torch.int64))
+            or attention_mask.dim() == 4):
+        raise TypeError(f"fused_attn's attention function takes the masks its mask function makes (None, a 2-D "
+                        f"padding mask, sequence ids, a BlockMask) or a 4-D mask; got {attention_mask.dtype} "
+                        f"{tuple(attention_mask.shape)}")
+    if attention_mask is not None and attention_mask.dim() == 4:  # a user's mask: it holds the band
+        log.debug("transformers attention -> fused_attn kernels with the 4-D mask")
         kw.update(causal=False, window_size=(-1, -1))
         return attention(q, k, v, layout="bshd", attn_mask=attention_mask, **kw).contiguous(), None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
