@@ -2,13 +2,18 @@
 FlexAttention (compiled) on the same mask functions, and beside fused_attn's built-in mask where the function
 equals one (the cost of a mask function over the band it equals). Masks: documents (16k tokens in 50 documents of
 mixed lengths, causal within each), prefix-LM (a bidirectional prefix of 1024), a sliding window of 1024 and
-causal, each written as a mask function. Rows also record the time to build the block mask. TF/s count the pairs
-the mask leaves visible, exactly."""
+causal, each written as a mask function -- in Python (`fused_attn-flex`, bits for the partial blocks) and as a
+@triton.jit function (`fused_attn-flex-jit`, evaluated in the kernels). The same masks as dense bool tensors run
+through the SDPA drop-in (`fused_attn-sdpa-mask`) beside torch's SDPA on its memory-efficient backend
+(`sdpa-efficient`, the one that takes an arbitrary mask). Rows also record the time to build the block mask. TF/s
+count the pairs the mask leaves visible, exactly."""
 import functools
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 import fused_attn
 
@@ -41,6 +46,30 @@ def mask_function(name: str, seqlen: int, device):
         w = int(name[len("sliding"):])
         return (lambda b, h, q, kv: (q >= kv) & (q - kv < w)), (True, (w - 1, 0))
     return (lambda b, h, q, kv: q >= kv), (True, (-1, -1))
+
+
+@triton.jit
+def _documents_jit(b, h, q_idx, kv_idx, DOC):
+    return (tl.load(DOC + q_idx) == tl.load(DOC + kv_idx)) & (q_idx >= kv_idx)
+
+
+@triton.jit
+def _prefix_lm_jit(b, h, q_idx, kv_idx, prefix):
+    return (kv_idx < prefix) | (q_idx >= kv_idx)
+
+
+@triton.jit
+def _sliding_jit(b, h, q_idx, kv_idx, window):
+    return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+
+def jit_mask_function(name: str, seqlen: int, device):
+    """The case's mask as a @triton.jit function and its mod_args."""
+    if name == "documents":
+        return _documents_jit, (document_ids(seqlen, device),)
+    if name == "prefix_lm":
+        return _prefix_lm_jit, (PREFIX,)
+    return _sliding_jit, (int(name[len("sliding"):]) if name.startswith("sliding") else seqlen,)
 
 
 @dataclass(frozen=True)
@@ -79,10 +108,50 @@ def _inputs(case, device, requires_grad, seed=0):
                              generator=g).requires_grad_(requires_grad) for _ in range(3))
 
 
+def _block_mask(case, device):
+    fn, _ = mask_function(case.mask, case.seqlen, device)
+    return fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=device)
+
+
+def _block_mask_jit(case, device):
+    fn, args = jit_mask_function(case.mask, case.seqlen, device)
+    return fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=device, mod_args=args)
+
+
+def _flex_block_mask(case, device):
+    fn, _ = mask_function(case.mask, case.seqlen, device)
+    return flex()[1](fn, None, None, case.seqlen, case.seqlen, device=device)
+
+
 def _ours(case, q, k, v):
-    fn, _ = mask_function(case.mask, case.seqlen, q.device)
-    bm = fused_attn.create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=q.device)
+    bm = _block_mask(case, q.device)
     return lambda: fused_attn.flex_attention(q, k, v, block_mask=bm)
+
+
+def _ours_jit(case, q, k, v):
+    bm = _block_mask_jit(case, q.device)
+    return lambda: fused_attn.flex_attention(q, k, v, block_mask=bm)
+
+
+def _dense_mask(case, device):
+    fn, _ = mask_function(case.mask, case.seqlen, device)
+    i = torch.arange(case.seqlen, device=device)
+    return fn(0, 0, i[:, None], i[None, :])
+
+
+def _sdpa_mask(case, q, k, v):
+    mask = _dense_mask(case, q.device)
+    return lambda: fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _sdpa_efficient(case, q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    mask = _dense_mask(case, q.device)
+
+    def run():
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return run
 
 
 def _builtin(case, q, k, v):
@@ -94,15 +163,13 @@ def _builtin(case, q, k, v):
 
 
 def _flex(case, q, k, v):
-    flex_attention, create_block_mask = flex()
-    fn, _ = mask_function(case.mask, case.seqlen, q.device)
-    bm = create_block_mask(fn, None, None, case.seqlen, case.seqlen, device=q.device)
-    return lambda: flex_attention(q, k, v, block_mask=bm)
+    bm = _flex_block_mask(case, q.device)
+    return lambda: flex()[0](q, k, v, block_mask=bm)
 
 
-PROVIDERS = {"fused_attn-flex": _ours, "fused_attn-builtin": _builtin, "flex": _flex}
-BUILDERS = {"fused_attn-flex": lambda fn, s, device: fused_attn.create_block_mask(fn, None, None, s, s, device),
-            "flex": lambda fn, s, device: flex()[1](fn, None, None, s, s, device=device)}
+PROVIDERS = {"fused_attn-flex": _ours, "fused_attn-flex-jit": _ours_jit, "fused_attn-builtin": _builtin, "flex": _flex,
+             "fused_attn-sdpa-mask": _sdpa_mask, "sdpa-efficient": _sdpa_efficient}
+BUILDERS = {"fused_attn-flex": _block_mask, "fused_attn-flex-jit": _block_mask_jit, "flex": _flex_block_mask}
 
 
 def check(name, case, device, cache):
@@ -122,11 +189,10 @@ def mask_build_ms(name, case, device) -> float:
     """Milliseconds to build the provider's block mask (after one warm-up build), None where it builds none."""
     if name not in BUILDERS:
         return None
-    fn, _ = mask_function(case.mask, case.seqlen, device)
-    BUILDERS[name](fn, case.seqlen, device)
+    BUILDERS[name](case, device)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    BUILDERS[name](fn, case.seqlen, device)
+    BUILDERS[name](case, device)
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3
 

@@ -236,10 +236,12 @@ def test_flex_cases_count_visible_pairs_exactly(capsys):
     assert band == (True, (99, 0)) and flex.visible_pairs(bm) == 100 * 101 // 2 + 900 * 100
     assert flex.mask_pairs("sliding100", 1000, "cpu") == flex.visible_pairs(bm)
     assert run.main(["--flex", "--dry-run", "--head-dims", "64", "--masks", "documents", "sliding512"]) == 0
-    assert "flex: 4 configurations x 3 providers" in capsys.readouterr().out
+    assert "flex: 4 configurations x 6 providers" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,mask,status", [("fused_attn-flex", "documents", "ok"),
+                                              ("fused_attn-flex-jit", "documents", "ok"),
+                                              ("fused_attn-sdpa-mask", "prefix_lm", "ok"),
                                               ("fused_attn-builtin", "sliding1024", "ok"),
                                               ("fused_attn-builtin", "prefix_lm", "unsupported")])
 def test_flex_providers_pass_their_check(name, mask, status, monkeypatch):
