@@ -156,9 +156,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    # Query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right).
-    lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
-                                            BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
+    if not LISTED:  # query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right)
+        lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
+                                                BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
     seed, rng_offset = _rng(RNG, DROPOUT)
     for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
         h = hk * group + g

@@ -11,7 +11,7 @@ import triton.language as tl
 
 import fused_attn
 from fused_attn import kernels
-from fused_attn.testing import Case, _measure, kernel_modifiers, make_inputs
+from fused_attn.testing import Case, _measure, kernel_modifiers, make_inputs, run_with_mask
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F16, F32 = torch.float16, torch.float32
@@ -53,7 +53,7 @@ CASES = [
     pytest.param(documents([7, 1, 30, 12, 50, 3, 20, 37]), None, None, Case(1, 2, 2, 160, 160, 64), 32,
                  id="documents-bs32"),
     pytest.param(prefix_lm(45), None, None, Case(2, 4, 2, 130, 130, 40, dtype=F16), 64, id="prefix-lm-gqa-d40"),
-    pytest.param(sliding(33), None, None, Case(1, 2, 1, 97, 150, 32, 16), 16, id="sliding-sq<sk-dv16-bs16"),
+    pytest.param(sliding(33), None, None, Case(1, 2, 1, 97, 150, 31, 16), 16, id="sliding-sq<sk-d31-dv16-bs16"),
     pytest.param(dilated, None, None, Case(1, 2, 2, 150, 90, 24, dtype=F16), 128, id="dilated-sq>sk-bs128"),
     pytest.param(per_head, 2, 4, Case(2, 4, 4, 100, 100, 32), 32, id="per-batch-and-head"),
     pytest.param(late_rows, None, None, Case(1, 2, 2, 140, 140, 32), 32, id="fully-masked-rows"),
@@ -180,21 +180,25 @@ def test_invalid_inputs(call, exc, match):
 @pytest.mark.parametrize("mask_shape,case", [
     pytest.param((90, 130), Case(2, 4, 2, 90, 130, 32, causal=True), id="LS-causal-gqa"),
     pytest.param((2, 1, 1, 130), Case(2, 4, 2, 90, 130, 40, window=(30, 5), dtype=F16), id="key-padding-window"),
-    pytest.param((1, 4, 90, 130), Case(1, 4, 4, 90, 130, 32, layout="bshd"), id="per-head-bshd"),
+    pytest.param((1, 4, 90, 130), Case(1, 4, 4, 90, 130, 33, layout="bshd", dropout=0.2),
+                 id="per-head-bshd-odd-d-dropout"),
     pytest.param((2, 4, 130, 60), Case(2, 4, 1, 130, 60, 16, 24), id="full-shape-mqa-dv24"),
 ])
 def test_attn_mask_against_reference(mask_shape, case):
-    """attention(..., attn_mask=bool) with the band on top, forward and backward, against the float64 reference;
-    some rows see nothing (out 0, lse -inf)."""
+    """attention(..., attn_mask=bool) with the band (and dropout, replayed for the reference) on top, forward and
+    backward, against the float64 reference; some rows see nothing (out 0, lse -inf)."""
     q, k, v, do = make_inputs(case, DEVICE)
     g = torch.Generator().manual_seed(1)
     mask = (torch.rand(mask_shape, generator=g) > 0.4).to(DEVICE)
     mask[..., :3, :] = False
-    out, lse = fused_attn.attention(q, k, v, causal=case.causal, window_size=case.window, layout=case.layout,
-                                    attn_mask=mask, return_lse=True)
+    mods = kernel_modifiers(case, case.batch, DEVICE)
+    (out, lse), keep = run_with_mask(lambda: fused_attn.attention(
+        q, k, v, causal=case.causal, window_size=case.window, layout=case.layout, attn_mask=mask, return_lse=True,
+        **mods), mods, DEVICE, (case.batch, case.heads_q, case.seqlen_q, case.seqlen_k))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     assert torch.isneginf(lse[..., :3]).all()
-    res = _measure(case, dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), q, k, v, do, True, mods=dict(attn_mask=mask))
+    res = _measure(case, dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv), q, k, v, do, True,
+                   mods=dict(mods, attn_mask=mask, dropout_mask=keep))
     assert res.ok, res.describe()
 
 
@@ -271,7 +275,7 @@ _TABLE = torch.randn(4, 2 * 8 + 1, generator=torch.Generator().manual_seed(3))
 
 @pytest.mark.parametrize("score_mod,reference_mod,mod_args,case,mask_mod", [
     pytest.param(fused_attn.ScoreMod(_tanh_cap, _tanh_cap_grad), lambda s, b, h, q, kv: 5.0 * torch.tanh(s / 5.0),
-                 (5.0,), Case(2, 4, 2, 100, 100, 32), None, id="tanh-cap-gqa"),
+                 (5.0,), Case(2, 4, 2, 100, 100, 33), None, id="tanh-cap-gqa-odd-d"),
     pytest.param(fused_attn.ScoreMod(_relative_bias, _unit), _relative_reference(_TABLE.to(DEVICE), 8),
                  (_TABLE.to(DEVICE), 8), Case(2, 4, 4, 90, 130, 40, dtype=F16), prefix_lm(30),
                  id="relative-bias-prefix-lm-f16"),
