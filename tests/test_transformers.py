@@ -366,3 +366,36 @@ def test_gemma3_bidirectional_image_tokens_match_eager():
     assert_matches(got, run(eager), want)
     causal_text = run(ref, token_type_ids=torch.zeros_like(ids))
     assert not torch.allclose(causal_text[0], want[0])
+
+
+def paligemma_config():
+    """PaliGemma: a prefix-LM -- the image tokens and the text prefix (token_type_ids 0) attend bidirectionally,
+    the suffix causally."""
+    text = transformers.GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    max_position_embeddings=512)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=8)
+    cfg = transformers.PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=95, projection_dim=64)
+    cfg.text_config.num_image_tokens = 4
+    return cfg
+
+
+def test_paligemma_prefix_lm_matches_eager():
+    """PaliGemma's prefix-LM mask (image + prefix bidirectional, suffix causal) as block lists on the kernels:
+    logits against the float64 model; the prefix matters here."""
+    eager, fused, ref = family(paligemma_config, transformers.PaliGemmaForConditionalGeneration)
+    ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    ids[:, :4] = 95
+    prefix = torch.zeros_like(ids)
+    prefix[:, 10:] = 1  # suffix
+    pix = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    run = (lambda model, tt=prefix: model.eval()(input_ids=ids, token_type_ids=tt, pixel_values=pix.to(model.dtype),
+                                                 labels=ids).logits)
+    before = kernels.launches["fwd"]
+    with torch.no_grad():
+        got, pt, want = run(fused), run(eager), run(ref)
+        all_causal = run(ref, torch.ones_like(ids))
+    assert kernels.launches["fwd"] - before == 3  # SigLIP's layer, then the two text layers
+    assert Metric.measure(got, want, pt, DTYPE, 2.0).ok
+    assert not torch.allclose(all_causal, want)
