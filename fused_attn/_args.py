@@ -93,9 +93,10 @@ def check_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layou
                 diagonal_offset(Sq, Sk, alignment), layout)
 
 
-def check_modifiers(batch, heads_q, device, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0) -> Modifiers:
-    """softcap (finite, >= 0; 0 = off), alibi_slopes (None, or float32 (Hq,) / (B, Hq) on the tensors' device) and
-    dropout_p (in [0, 1)), as a Modifiers."""
+def check_modifiers(batch, heads_q, device, *, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
+                    sinks=None) -> Modifiers:
+    """softcap (finite, >= 0; 0 = off), alibi_slopes (None, or float32 (Hq,) / (B, Hq) on the tensors' device),
+    dropout_p (in [0, 1)) and sinks (None, or float32 (Hq,) on the tensors' device), as a Modifiers."""
     for name, x in (("softcap", softcap), ("dropout_p", dropout_p)):
         if isinstance(x, bool) or not isinstance(x, numbers.Real):
             raise TypeError(f"{name} must be a float, got {x!r} ({type(x).__name__})")
@@ -113,7 +114,16 @@ def check_modifiers(batch, heads_q, device, *, softcap=0.0, alibi_slopes=None, d
                              f"shape {tuple(alibi_slopes.shape)}")
         if alibi_slopes.device != device:
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, the tensors on {device}")
-    return Modifiers(float(softcap), alibi_slopes, float(dropout_p))
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor):
+            raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+        if sinks.dtype != torch.float32:
+            raise TypeError(f"sinks must be float32 (one logit per query head), got {sinks.dtype}")
+        if tuple(sinks.shape) != (heads_q,):
+            raise ValueError(f"sinks must be (Hq,) = ({heads_q},), got shape {tuple(sinks.shape)}")
+        if sinks.device != device:
+            raise ValueError(f"sinks is on {sinks.device}, the tensors on {device}")
+    return Modifiers(float(softcap), alibi_slopes, float(dropout_p), sinks=sinks)
 
 
 def _check_length(name, value):

@@ -18,7 +18,7 @@ def _append(cache, new, cache_seqlens, block_table, page):
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False, softcap=0.0,
-                           alibi_slopes=None):
+                           alibi_slopes=None, sinks=None):
     """Attention of new queries against a KV cache, optionally appending new keys and values to it first
     (FlashAttention-2's flash_attn_with_kvcache; inference only). Split-KV kernels: the keys of each row are cut
     into ranges run by separate programs and merged by their log-sum-exps (deterministic).
@@ -38,6 +38,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         num_splits: key ranges per query tile; 0 picks from the batch, heads, cache length and SM count; 1: none.
         return_lse: also return the log-sum-exp (B, Hq, Sq) float32.
         softcap, alibi_slopes: as in `attention` (ALiBi's distance |i + Sk_b - Sq - j| per row).
+        sinks: as in `attention` (float32 (Hq,)): their terms join in the split-KV combine kernel.
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse). Rows that see no key get out 0, lse -inf.
@@ -50,7 +51,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     a = check_args(q, *(c if block_table is None else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
                    causal=causal, window_size=window_size, scale=scale, layout="bshd")
     s_new = 0 if k is None else k.shape[1]
-    mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes)
+    mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])

@@ -150,18 +150,19 @@ def _fa_window(causal, window_size):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None):
     """FlashAttention-2's flash_attn_func: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) ->
     out (B, Sq, Hq, Dv); bottom-right aligned causal / window_size as in flash_attn. As there, causal=True sets
     the window's right side to 0. The backward is always deterministic (no atomics), so `deterministic` is
     honoured either way. return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)),
     the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes; before dropout --
     fused_attn.dropout_mask gives the mask). dropout_p, softcap, alibi_slopes ((Hq,) or (B, Hq) float32): as in
-    fused_attn.attention (dropout_p applies whenever > 0, as in flash_attn)."""
+    fused_attn.attention (dropout_p applies whenever > 0, as in flash_attn). s_aux: attention sinks, float32 (Hq,)
+    (vLLM's name; fused_attn.attention's `sinks`)."""
     window_size = _fa_window(causal, window_size)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
-                         return_lse=True, dropout_p=dropout_p, **mods)
+                         return_lse=True, dropout_p=dropout_p, sinks=s_aux, **mods)
     if not return_attn_probs:
         return out
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
@@ -171,20 +172,20 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, *, s_aux=None):
     """FlashAttention-2's flash_attn_varlen_func: packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv,
     Dv) with int32 cu_seqlens_q / cu_seqlens_k (B + 1,) -> out (total_q, Hq, Dv) (fused_attn.attention_varlen).
     causal / window_size bottom-right aligned within each sequence, causal=True setting the window's right side
     to 0; deterministic as in flash_attn_func. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
     probs (B, Hq, max_seqlen_q, max_seqlen_k)), each sequence's probabilities rebuilt exactly from the lse in the
     top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes; before dropout).
-    dropout_p, softcap, alibi_slopes: as in fused_attn.attention_varlen. Not implemented (NotImplementedError):
-    block_table."""
+    dropout_p, softcap, alibi_slopes, s_aux (sinks): as in fused_attn.attention_varlen. Not implemented
+    (NotImplementedError): block_table."""
     _not_implemented("flash_attn_varlen_func", block_table=block_table)
     window_size = _fa_window(causal, window_size)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                 window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
-                                softcap=softcap, alibi_slopes=alibi_slopes)
+                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux)
     if not return_attn_probs:
         return out
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -201,11 +202,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
+                            s_aux=None):
     """FlashAttention-2's flash_attn_with_kvcache (fused_attn.attention_with_kvcache): q (B, Sq, Hq, D) against a
     contiguous (B, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) + block_table cache, k / v appended in
     place at cache_seqlens first; causal / window_size bottom-right aligned per row. Returns out (B, Sq, Hq, Dv),
-    or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse; softcap and alibi_slopes as in fused_attn.attention.
+    or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse; softcap, alibi_slopes and s_aux (sinks) as in
+    fused_attn.attention.
     Not implemented (NotImplementedError): rotary_cos / rotary_sin, cache_batch_idx, cache_leftpad
     (rotary_interleaved only matters with rotary)."""
     _not_implemented("flash_attn_with_kvcache", rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -213,5 +216,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, window_size=_fa_window(causal, window_size),
                                       scale=softmax_scale, num_splits=num_splits, return_lse=True, softcap=softcap,
-                                      alibi_slopes=alibi_slopes)
+                                      alibi_slopes=alibi_slopes, sinks=s_aux)
     return (out, lse) if return_softmax_lse else out

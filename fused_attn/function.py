@@ -15,15 +15,16 @@ from .reference import row_scores
 
 
 class FusedAttentionFunction(torch.autograd.Function):
-    """(q, k, v, bias, call): (B, H, S, D)-indexed views of any strides, the call's float bias (call.mods.bias, an
-    expanded (B, Hq, Sq, Sk) view, or None) and an ops.Call -> out (B, Hq, Sq, Dv) laid out as call.layout and lse
-    (B, Hq, Sq) float32. Saves q, k, v, out, the softmax stats and dropout's [seed, offset] (not its mask: the
-    backward draws the same mask again); forward and backward run the Triton kernels through the custom ops
-    fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's gradient is the dS the dQ kernel
-    writes once per element; autograd's expand backward sums it over the dimensions the bias broadcasts over."""
+    """(q, k, v, bias, sinks, call): (B, H, S, D)-indexed views of any strides, the call's float bias (call.mods.bias,
+    an expanded (B, Hq, Sq, Sk) view, or None), its sinks (call.mods.sinks or None) and an ops.Call -> out (B, Hq,
+    Sq, Dv) laid out as call.layout and lse (B, Hq, Sq) float32. Saves q, k, v, out, the softmax stats and dropout's
+    [seed, offset] (not its mask: the backward draws the same mask again); forward and backward run the Triton
+    kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's
+    gradient is the dS the dQ kernel writes once per element; autograd's expand backward sums it over the dimensions
+    the bias broadcasts over. The sinks' gradient is summed from per-row terms (ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, call: Call):
+    def forward(ctx, q, k, v, bias, sinks, call: Call):
         out, lse, stats, rng = ops.attention_forward(q, k, v, call)
         ctx.save_for_backward(q, k, v, out, stats, rng)
         ctx.call = call
@@ -34,8 +35,9 @@ class FusedAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, stats, rng = ctx.saved_tensors
         bias_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call, bias_grad)
-        return dq, dk, dv, dbias.to(ctx.call.mods.bias.dtype) if bias_grad else None, None
+        dq, dk, dv, dbias, dsinks = ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call, bias_grad)
+        return (dq, dk, dv, dbias.to(ctx.call.mods.bias.dtype) if bias_grad else None,
+                dsinks if ctx.needs_input_grad[4] else None, None)
 
 
 def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, blocks: BlockTables = None):
@@ -51,11 +53,11 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
     if (packed is None and blocks is None and not grad and not mods.dropout_p and mods.bias is None
             and mods.score_mod is None and bottom_right and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
         return ops.attention_decode(a.q, a.k, a.v, call)
-    return FusedAttentionFunction.apply(a.q, a.k, a.v, mods.bias, call)
+    return FusedAttentionFunction.apply(a.q, a.k, a.v, mods.bias, mods.sinks, call)
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
-              softcap=0.0, alibi_slopes=None, dropout_p=0.0, attn_mask=None):
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, attn_mask=None, sinks=None):
     """Exact attention softmax(q k^T * scale + mask) v with FlashAttention-style Triton kernels.
 
     Args:
@@ -104,6 +106,11 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            It is classified into blocks once per call (fused_attn.create_block_mask's lists): blocks it leaves
            empty (all False / -inf) are skipped, full ones run without mask arithmetic. Rows that see nothing:
            out 0, lse -inf.
+        sinks: None, or float32 (Hq,) on the tensors' device: attention sinks (gpt-oss; StreamingLLM's sink as a
+           learned logit), one logit per query head that joins each row's softmax denominator and contributes
+           nothing to the output, in the units of the scaled scores (not scaled again, not softcapped, no ALiBi):
+           P_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij)). The lse includes it; a row that sees no key gets
+           out 0 (and lse = sink_h). If it requires grad it gets its gradient, deterministic.
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
@@ -113,7 +120,7 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     """
     a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
     mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
-                           dropout_p=dropout_p)
+                           dropout_p=dropout_p, sinks=sinks)
     mods, blocks = masked(a, mods, attn_mask)
     out, lse = _attention(a, mods, blocks=blocks)
     if layout == "bshd":

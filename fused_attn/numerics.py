@@ -17,7 +17,8 @@ in PyTorch (pt error 0, ref 0) but only to fp32 rounding noise in the kernel. Th
 carried through to the gradient: 2 * eps32 * scale * max_id c_i sum_j P_ij |k_jd| for dq and
 2 * eps32 * scale * max_jd sum_i P_ij c_i |q_id| for dk, with c_i = sum_d |dO_id O_id| (the magnitude of delta's
 terms; for GQA the sum over i runs over the group's query heads too). A float bias's gradient is dS itself, summed
-over the dimensions the bias broadcasts over: 2 * eps32 * max (P_ij c_i summed the same way).
+over the dimensions the bias broadcasts over: 2 * eps32 * max (P_ij c_i summed the same way). A sink's gradient
+is -sum_i P_sink,i delta_i over its head's rows: 2 * eps32 * max_h sum_i P_sink,i c_i.
 
 One for attention weights rebuilt from the kernels' lse (`attention_probs`: P = exp(score - lse) in fp32, where
 PyTorch's softmax subtracts the row max): the lse is a float32 of magnitude |lse| and the score it is subtracted
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0}
+FACTORS = {"out": 2.0, "lse": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0, "dbias": 3.0, "dsinks": 3.0}
 
 
 def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
@@ -40,9 +41,9 @@ def rounding_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     return max(noise, torch.finfo(dtype).eps * finite.abs().max().item())
 
 
-def delta_noise(q, k, out, do, probs, scale, bias_shape=None) -> dict:
-    """fp32 rounding noise of delta carried into dq and dk, and into the gradient of a bias of bias_shape (see the
-    module docstring); (B, H, S, D) views."""
+def delta_noise(q, k, out, do, probs, scale, bias_shape=None, lse=None, sinks=None) -> dict:
+    """fp32 rounding noise of delta carried into dq and dk, into the gradient of a bias of bias_shape, and into the
+    sinks' (given the lse, which includes them) (see the module docstring); (B, H, S, D) views."""
     c = (do.abs() * out.abs()).sum(-1, keepdim=True)  # (B, Hq, Sq, 1)
     B, Hkv, Sk, D = k.shape
     group = q.shape[1] // Hkv
@@ -50,7 +51,9 @@ def delta_noise(q, k, out, do, probs, scale, bias_shape=None) -> dict:
     dk = ((probs * c).transpose(-1, -2) @ q.abs()).reshape(B, Hkv, group, Sk, D).sum(2)
     eps = 2 * torch.finfo(torch.float32).eps
     return {"dq": eps * scale * dq.max().item(), "dk": eps * scale * dk.max().item(),
-            "dbias": eps * (probs * c).sum_to_size(bias_shape or probs.shape).max().item()}
+            "dbias": eps * (probs * c).sum_to_size(bias_shape or probs.shape).max().item(),
+            "dsinks": 0.0 if sinks is None else eps * (
+                torch.exp(sinks.double().view(1, -1, 1) - lse.double()) * c[..., 0]).sum((0, 2)).max().item()}
 
 
 def lse_noise(probs: torch.Tensor, lse: torch.Tensor) -> float:

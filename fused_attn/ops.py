@@ -47,19 +47,19 @@ def _flat(c: Call) -> dict:
                 cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
                 softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p,
                 mask_kv=m.kv, mask_kv_slots=m.kv_slots, mask_q=m.q, mask_q_slots=m.q_slots, mask_bits=m.bits,
-                mask_block_q=m.block_q, mask_block_k=m.block_k, bias=c.mods.bias)
+                mask_block_q=m.block_q, mask_block_k=m.block_k, bias=c.mods.bias, sinks=c.mods.sinks)
 
 
 def _unflat(scale, offset, left, right, layout="bhsd", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
             max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None,
-            mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None,
+            mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, sinks=None,
             rng=None) -> Call:
     """The Call that _flat flattened (rng: a dropout call's [seed, offset] joins the Modifiers)."""
     packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     blocks = None if mask_kv is None else BlockTables(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits,
                                                       mask_block_q, mask_block_k)
-    return Call(scale, offset, left, right, layout, Modifiers(softcap, alibi_slopes, dropout_p, rng, bias), packed,
-                blocks)
+    return Call(scale, offset, left, right, layout, Modifiers(softcap, alibi_slopes, dropout_p, rng, bias, sinks=sinks),
+                packed, blocks)
 
 
 def _opaque(c: Call) -> bool:
@@ -76,8 +76,9 @@ def attention_forward(q, k, v, c: Call):
 
 
 def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool = False):
-    """(dq, dk, dv, dbias) of `backward`: rng is the forward's [seed, offset]; dbias (B, Hq, Sq, Sk) float32, the
-    gradient of the bias before any broadcast sum, where bias_grad asks for it, else an empty tensor."""
+    """(dq, dk, dv, dbias, dsinks) of `backward`: rng is the forward's [seed, offset]; dbias (B, Hq, Sq, Sk) float32,
+    the gradient of the bias before any broadcast sum, where bias_grad asks for it, else an empty tensor; dsinks
+    (Hq,) float32 with sinks, else empty."""
     if _opaque(c):
         return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
     return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, **_flat(c))
@@ -90,7 +91,7 @@ def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_si
         raise ValueError("the split-KV kernels take neither packed sequences, dropout nor block masks")
     max_seqlen_k = k.shape[2] if block_table is None else block_table.shape[1] * page_size
     return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
-                  c.layout, c.mods.softcap, c.mods.alibi_slopes)
+                  c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks)
 
 
 def draw_rng(device) -> Tensor:
@@ -143,34 +144,39 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: in
             dropout_p: float = 0.0, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
             mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
             mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
-            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward) and the
     dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
     return _forward(q, k, v, _unflat(scale, offset, left, right, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, softcap, alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q,
-                                     mask_q_slots, mask_bits, mask_block_q, mask_block_k, bias))
+                                     mask_q_slots, mask_bits, mask_block_q, mask_block_k, bias, sinks))
 
 
 @forward.register_fake
 def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None, mask_q=None,
-      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None):
+      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, sinks=None):
     return (*_forward_buffers(q, v, layout, cu_seqlens_q is not None), _rng_buffer(q, dropout_p))
 
 
-def _grad_buffers(q, k, v, packed: bool, dbias_shape):
+def _grad_buffers(q, k, v, packed: bool, dbias_shape, sinks: bool):
     new = torch.zeros_like if packed else torch.empty_like
-    return new(q), new(k), new(v), q.new_zeros(dbias_shape, dtype=torch.float32)
+    return (new(q), new(k), new(v), q.new_zeros(dbias_shape, dtype=torch.float32),
+            q.new_zeros(q.shape[1] if sinks else 0, dtype=torch.float32))
 
 
 def _backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool):
-    dq, dk, dv, dbias = _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad))
+    sinks = c.mods.sinks is not None
+    dq, dk, dv, dbias, dsinks = _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad), sinks)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
+    dsink_rows = torch.zeros(stats.shape[:-1], device=q.device, dtype=torch.float32) if sinks else None
     kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=c.scale, offset=c.offset,
                                left=c.left, right=c.right, packed=c.packed,
                                mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks,
-                               dbias=dbias if bias_grad else None)
-    return dq, dk, dv, dbias
+                               dbias=dbias if bias_grad else None, dsink=dsink_rows)
+    if sinks:  # each row's term, summed per head in a fixed order (no atomics)
+        dsinks = dsink_rows.sum((0, 2))
+    return dq, dk, dv, dbias, dsinks
 
 
 def _dbias_shape(q, k, bias_grad: bool):
@@ -187,36 +193,39 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
              rng: Optional[Tensor] = None, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
              mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
              mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
-             bias: Optional[Tensor] = None, bias_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (kernels.attention_backward) and dbias (attention_backward); rng: the forward's [seed,
+             bias: Optional[Tensor] = None, bias_grad: bool = False,
+             sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv (kernels.attention_backward), dbias and dsinks (attention_backward); rng: the forward's [seed,
     offset]."""
     c = _unflat(scale, offset, left, right, "bhsd", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
                 alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
-                mask_block_k, bias)
+                mask_block_k, bias, sinks)
     return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None, mask_kv=None, mask_kv_slots=None,
-      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, bias_grad=False):
-    return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad))
+      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, bias_grad=False,
+      sinks=None):
+    return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad), sinks is not None)
 
 
 @torch.library.custom_op("fused_attn::decode", mutates_args=())
 def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
-           layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+           layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+           sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
     out, lse = _out_lse(q, v, layout)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
-                             mods=Modifiers(softcap, alibi_slopes))
+                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks))
     return out, lse
 
 
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
-      alibi_slopes=None):
+      alibi_slopes=None, sinks=None):
     return _out_lse(q, v, layout)

@@ -67,7 +67,7 @@ def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
               upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None, score_mod=None):
+              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None, score_mod=None, sinks=None):
     """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
 
     Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
@@ -80,7 +80,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     score_mod(score, b, h, q_idx, kv_idx) -> score (FlexAttention's score function, over torch tensors: b (B, 1, 1,
     1), h (1, Hq, 1, 1), q_idx (Sq, 1), kv_idx (1, Sk)) modifies the scores after the scale, softcap and ALiBi;
     attn_mask, broadcastable to (B, Hq, Sq, Sk): bool hides the pairs where it is False, float is added to the
-    scores (after all of the above).
+    scores (after all of the above). sinks (Hq,): one more logit per head in each row's softmax (a column that is
+    always visible and multiplies nothing); the lse includes it, and a row that sees no key gets out 0, lse = sink.
     """
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
                    dtypes=DTYPES + (torch.float64,))
@@ -89,7 +90,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
     B, Hq, Sq = a.q.shape[:3]
     Sk = a.k.shape[2]
-    mods = check_modifiers(B, Hq, a.q.device, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+    mods = check_modifiers(B, Hq, a.q.device, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                           sinks=sinks)
     softcap, alibi_slopes, dropout_p = mods.softcap, mods.alibi_slopes, mods.dropout_p
     _check_dropout_mask(dropout_mask, dropout_p, (B, Hq, Sq, Sk), a.q.device)
     qc, kc, vc = (t.to(dtype) for t in (a.q, a.k, a.v))
@@ -108,7 +110,12 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     elif attn_mask is not None:  # -inf hides the pair (a row it hides entirely sees nothing: out 0, lse -inf)
         visible = visible & (attn_mask != float("-inf"))
         scores = scores + attn_mask.to(scores.dtype)
+    if sinks is not None:  # the sink column: always visible, dropped after the softmax
+        visible = torch.cat([visible.expand(scores.shape), torch.ones_like(scores[..., :1], dtype=torch.bool)], -1)
+        scores = torch.cat([scores, sinks.to(scores.dtype).view(1, Hq, 1, 1).expand(B, Hq, Sq, 1)], -1)
     scores, probs, seen = _softmax(scores, visible)
+    if sinks is not None:
+        probs = probs[..., :-1]
     dropped = probs if dropout_mask is None else probs * dropout_mask / (1 - dropout_p)
     out = torch.matmul(dropped, vc)
     if layout == "bshd":
@@ -127,9 +134,16 @@ def row_slopes(alibi_slopes, b):
     return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
 
 
+def _empty_lse(heads, rows, sinks, device):
+    """The lse of rows that see no key: -inf, or each head's sink."""
+    if sinks is None:
+        return torch.full((heads, rows), float("-inf"), device=device)
+    return sinks.double()[:, None].expand(heads, rows)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32, softcap=0.0,
-                     alibi_slopes=None, dropout_p=0.0, dropout_mask=None):
+                     alibi_slopes=None, dropout_p=0.0, dropout_mask=None, sinks=None):
     """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
     the compute dtype (and lse (Hq, total_q)). The cu_seqlens values are always checked (this reads them, on any
     device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
@@ -141,7 +155,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     dtype = q.dtype if upcast is None else upcast
     cq, ck = packed.cu_seqlens_q.tolist(), packed.cu_seqlens_k.tolist()
     check_modifiers(len(cq) - 1, q.shape[1], q.device, softcap=softcap, alibi_slopes=alibi_slopes,
-                    dropout_p=dropout_p)
+                    dropout_p=dropout_p, sinks=sinks)
     if dropout_p > 0 and (not isinstance(dropout_mask, torch.Tensor) or dropout_mask.dim() != 4):
         raise ValueError("dropout_p > 0 needs dropout_mask (B, Hq, Sq_max, Sk_max) bool")
     Hq, Dv = q.shape[1], v.shape[2]
@@ -149,14 +163,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
         if q1 == q0:
             continue
-        if k1 == k0:  # no keys: nothing visible
+        if k1 == k0:  # no keys: nothing visible (but the sinks)
             outs.append(q.new_zeros(q1 - q0, Hq, Dv, dtype=dtype))
-            lses.append(torch.full((Hq, q1 - q0), float("-inf"), device=q.device))
+            lses.append(_empty_lse(Hq, q1 - q0, sinks, q.device))
             continue
         mask = None if dropout_p == 0 else dropout_mask[b:b + 1, :, :q1 - q0, :k1 - k0]
         out, lse = attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal=causal, window_size=window_size,
                              scale=a.scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
-                             alibi_slopes=row_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask)
+                             alibi_slopes=row_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_mask=mask,
+                             sinks=sinks)
         outs.append(out[0])
         lses.append(lse[0])
     tail = q.shape[0] - cq[-1]  # rows of no sequence
@@ -169,7 +184,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
 
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32,
-                           softcap=0.0, alibi_slopes=None):
+                           softcap=0.0, alibi_slopes=None, sinks=None):
     """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to its first
     cache_seqlens[b] cached keys followed by its new ones, run row by row through `attention`. Returns out
     (B, Sq, Hq, Dv) in the compute dtype (and lse (B, Hq, Sq)); rows that see no key: out 0, lse -inf."""
@@ -178,7 +193,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     dtype = q.dtype if upcast is None else upcast
     s_new = 0 if k is None else k.shape[1]
     check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
-    check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes)
+    check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
         if block_table is None:
@@ -190,11 +205,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             keys, values = torch.cat([keys, k[b]]), torch.cat([values, v[b]])
         if keys.shape[0] == 0:
             outs.append(q.new_zeros(q.shape[1], q.shape[2], v_cache.shape[3], dtype=dtype))
-            lses.append(torch.full((q.shape[2], q.shape[1]), float("-inf"), device=q.device))
+            lses.append(_empty_lse(q.shape[2], q.shape[1], sinks, q.device))
             continue
         out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal, window_size=window_size,
                              scale=scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
-                             alibi_slopes=row_slopes(alibi_slopes, b))
+                             alibi_slopes=row_slopes(alibi_slopes, b), sinks=sinks)
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.stack(outs)

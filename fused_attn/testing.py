@@ -134,40 +134,42 @@ class Result:
             f"{n} err {m.err:.2e} (pt {m.pt_err:.2e}, budget {m.budget:.2e})" for n, m in self.metrics.items())
 
 
-def _run(fn, q, k, v, do, grad, bias=None):
-    """fn(q, k, v) -> (out, lse), and with grad the gradients of q, k, v (and of a float bias requiring grad that fn
-    uses: "dbias")."""
+def _run(fn, q, k, v, do, grad, extras=None):
+    """fn(q, k, v) -> (out, lse), and with grad the gradients of q, k, v and of the `extras` ({name: tensor}, e.g.
+    "dbias": a float attn_mask, "dsinks": the sinks) that fn uses."""
     out, lse = fn(q, k, v)
-    inputs = (q, k, v) if bias is None else (q, k, v, bias)
-    grads = torch.autograd.grad(out, inputs, do.to(out.dtype)) if grad else ()
-    return dict(zip(("out", "lse", "dq", "dk", "dv", "dbias"), (out, lse, *grads)))
+    extras = extras or {}
+    grads = torch.autograd.grad(out, (q, k, v, *extras.values()), do.to(out.dtype)) if grad else ()
+    return dict(zip(("out", "lse", "dq", "dk", "dv", *extras), (out, lse, *grads)))
 
 
 def _measure(case: Case, got: dict, q, k, v, do, grad: bool, launched=None, mods=None) -> Result:
     """Metrics of the kernels' results `got` for inputs q, k, v (and output gradient do) of `case` against the
     float64 reference, with PyTorch in the input dtype as the yardstick. mods: the reference's softcap /
-    alibi_slopes / dropout_p / dropout_mask / mask_mod / score_mod / attn_mask; got["dbias"], where measured, is a
-    float attn_mask's gradient."""
+    alibi_slopes / dropout_p / dropout_mask / mask_mod / score_mod / attn_mask / sinks; got["dbias"] and
+    got["dsinks"], where measured, are a float attn_mask's and the sinks' gradients."""
     kw = dict(causal=case.causal, window_size=case.window, layout=case.layout, scale=case.scale, return_lse=True,
               **(mods or {}))
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    bias = None
-    if "dbias" in got:
-        bias = kw["attn_mask"] = kw["attn_mask"].detach().requires_grad_()
+    extras = {}
+    for name, arg in (("dbias", "attn_mask"), ("dsinks", "sinks")):
+        if name in got:
+            extras[name] = kw[arg] = kw[arg].detach().requires_grad_()
     probs = []
 
     def ref_fn(*a):
         out, lse, p = reference.attention(*a, **kw, upcast=torch.float64, return_probs=True)
         probs.append(p)
         return out, lse
-    ref = _run(ref_fn, q, k, v, do, grad, bias)
-    pt = _run(lambda *a: reference.attention(*a, **kw, upcast=None), q, k, v, do, grad, bias)
+    ref = _run(ref_fn, q, k, v, do, grad, extras)
+    pt = _run(lambda *a: reference.attention(*a, **kw, upcast=None), q, k, v, do, grad, extras)
     extra = {}
     if grad:
         bhsd = (lambda t: t.transpose(1, 2)) if case.layout == "bshd" else (lambda t: t)
         scale = case.head_dim ** -0.5 if case.scale is None else case.scale
         extra = delta_noise(bhsd(q.double()), bhsd(k.double()), bhsd(ref["out"].detach()), bhsd(do.double()),
-                             probs[0].detach(), scale, None if bias is None else bias.shape)
+                             probs[0].detach(), scale, extras["dbias"].shape if "dbias" in extras else None,
+                             ref["lse"].detach(), kw.get("sinks"))
     res = Result(case, launches=launched or {})
     for name in got:
         res.metrics[name] = Metric.measure(got[name], ref[name], pt[name], case.dtype, FACTORS[name],

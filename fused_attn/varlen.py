@@ -7,7 +7,7 @@ from .function import _attention
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
-                     dropout_p=0.0):
+                     dropout_p=0.0, sinks=None):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -38,6 +38,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         softcap, alibi_slopes ((Hq,) or (B, Hq): per sequence), dropout_p: as in `attention`, within each sequence
            (ALiBi's distance |i + Sk_b - Sq_b - j|; sequence b's dropout mask is
            fused_attn.dropout_mask(B, Hq, max_seqlen_q, max_seqlen_k)[b, :, :Sq_b, :Sk_b] of the same generator state).
+        sinks: as in `attention`, per query head, in every sequence.
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -54,7 +55,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                   window_size=window_size, scale=scale)
     check_kernel_inputs(a, packed)
     mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap=softcap,
-                           alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
     out, lse = _attention(a, mods, packed)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out

@@ -14,19 +14,23 @@ import triton
 import triton.language as tl
 
 from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
-                     _load_tile, _query_program, _rng, _score, _sequence, _slope, _store_tile, _tile_at, _tile_id,
-                     _visible)
+                     _load_tile, _query_program, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at,
+                     _tile_id, _visible)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args)
 
 
+@features("HAS_SINKS")
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA,
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK,
                                 stride_ob, stride_oh, stride_os, stride_od,
                                 stride_dob, stride_doh, stride_dos, stride_dod,
-                                head_start, n_heads, seqlen_q,
-                                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+                                head_start, n_heads, seqlen_q, qk_scale,
+                                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                HAS_SINKS: tl.constexpr):
+    """delta = rowsum(dO * O); with sinks, also each row's term of its head's sink gradient, -P_sink * delta
+    (P_sink = exp(sink - lse), from the forward's stats; at most 1, also on rows no packed sequence covers)."""
     bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
@@ -37,7 +41,13 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA,
     do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q,
                     HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+    rows = bh.to(tl.int64) * seqlen_q + offs_m
+    tl.store(DELTA + rows, delta, mask=offs_m < seqlen_q)
+    if HAS_SINKS:
+        m = tl.load(STATS + 2 * rows, mask=offs_m < seqlen_q, other=0.0)
+        log2_l = tl.load(STATS + 2 * rows + 1, mask=offs_m < seqlen_q, other=0.0)
+        p_sink = tl.minimum(tl.math.exp2((_sink(SINKS, h, qk_scale, HAS_SINKS) - m) * qk_scale - log2_l), 1.0)
+        tl.store(DSINK + rows, -p_sink * delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -303,10 +313,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None):
+                      right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None, dsink=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
     attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config); dbias: (B, Hq, Sq, Sk) float32
-    (rows contiguous) that the dQ kernel fills with dS where the bias (mods.bias) needs a gradient."""
+    (rows contiguous) that the dQ kernel fills with dS where the bias (mods.bias) needs a gradient; dsink: (B, Hq, Sq)
+    float32 contiguous, each row's term of the sinks' gradient (with mods.sinks)."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
     fn_args, fns = function_args(mods, blocks)
@@ -314,8 +325,10 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
     c_kv, c_q = (block_tiles(c, blocks) for c in cfgs)
     # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
+    sinks = None if mods is None or dsink is None else mods.sinks  # the sinks' gradient terms, where asked for
     launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(q.shape[2], c_q.block_m), count),
-                    (out, do, delta, *out.stride(), *do.stride(), start, Hq, q.shape[2]),
+                    (out, do, delta, stats, sinks, dsink, *out.stride(), *do.stride(), start, Hq, q.shape[2],
+                     scale * LOG2E),
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
                    for start, count in head_chunks(q.shape[0] * Hq)]
     shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32, **fns)
@@ -348,17 +361,18 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None, packed=None, mods=None, blocks=None, dbias=None):
+                       right: int, config=None, packed=None, mods=None, blocks=None, dbias=None, dsink=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
     same rng: the backward regenerates the forward's dropout mask). `blocks`: the forward's block mask. `dbias`:
-    where given, filled with the gradient of the scores after the modifiers (see backward_launches)."""
+    where given, filled with the gradient of the scores after the modifiers; `dsink`, with sinks, each row's term
+    of their gradient (see backward_launches)."""
     if config is None:
         config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None,
                                  mods is not None and mods.dropout)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
-                          mods, blocks, dbias), "bwd")
+                          mods, blocks, dbias, dsink), "bwd")
     return dq, dk, dv

@@ -139,6 +139,15 @@ def _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI: tl.constexpr):
 
 
 @triton.jit
+def _sink(SINKS, h, qk_scale, HAS_SINKS: tl.constexpr):
+    """Query head h's sink logit in the kernels' score unit (divided by the softmax scale); -inf without sinks."""
+    sink = tl.full([], float("-inf"), tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + h) * (1.4426950408889634 / qk_scale)
+    return sink
+
+
+@triton.jit
 def _rng(RNG, DROPOUT: tl.constexpr):
     """(seed, offset) of a dropout call from its int64 [seed, offset] tensor (drawn from torch's generator)."""
     seed = tl.zeros([], tl.int64)

@@ -108,19 +108,25 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
     tl.store(LSE + split * stride_ls + b64 * stride_lb + heads64 * stride_lh + pos, lse, mask=row_ok)
 
 
+@features("HAS_SINKS")
 @triton.jit
-def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, head_start, n_splits, n_heads, seqlen_q, stride_ps, stride_ls,
-                         stride_ob, stride_oh, stride_om, stride_od,
-                         HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, head_start, n_splits, n_heads, seqlen_q, stride_ps,
+                         stride_ls, stride_ob, stride_oh, stride_om, stride_od,
+                         HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
     """lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s, in fp32 and in split order (merge_attention's
-    formula); rows empty in every split get out 0, lse -inf. Partials: out (n_splits, B, Hq, Sq, Dv) and lse
+    formula); rows empty in every split get out 0, lse -inf. With sinks, exp(sink) of the row's head joins the
+    sum (and so lse), as a split whose output is 0. Partials: out (n_splits, B, Hq, Sq, Dv) and lse
     (n_splits, B, Hq, Sq), contiguous within a split; lse (B, Hq, Sq) contiguous, out any strides."""
     bh = tl.program_id(1) + head_start
+    sink = tl.full([], float("-inf"), tl.float32)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + bh % n_heads)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < seqlen_q
     row = bh.to(tl.int64) * seqlen_q + offs_m  # (b, h, m) flattened
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.maximum(tl.full([BLOCK_M], float("-inf"), tl.float32), sink)
     for s in range(n_splits):
         m = tl.maximum(m, tl.load(LSE_PART + s * stride_ls + row, mask=m_ok, other=float("-inf")))
     m_sub = tl.where(m == float("-inf"), 0.0, m)
@@ -132,6 +138,8 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, head_start, n_splits, n_heads
                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += w[:, None] * o
         l_i += w
+    if HAS_SINKS:
+        l_i += tl.exp(sink - m_sub)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     b = (bh // n_heads).to(tl.int64)
@@ -177,7 +185,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. k, v: (B, Hkv, S, D)-indexed
     views of a contiguous cache, or, with block_table (B, max_pages) int32, (pages, Hkv, page_size, D)-indexed
     views of a paged one. seqlens_k: int32 (B,) keys per row (None: max_seqlen_k for every row). mods: a
-    forward.Modifiers with softcap / ALiBi (no dropout: inference only)."""
+    forward.Modifiers with softcap / ALiBi / sinks (no dropout: inference only); sinks join in the combine kernel,
+    which then runs even for one split."""
     B, Hq, Sq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
@@ -186,7 +195,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
     grid0 = triton.cdiv(pack * Sq, block_m)
     splits = split_count(num_splits, grid0 * B * Hq // pack, triton.cdiv(max_seqlen_k, block_n), q.device)
-    if splits == 1:  # straight into out and lse
+    sinks = None if mods is None else mods.sinks
+    if splits == 1 and sinks is None:  # straight into out and lse (the combine adds the sinks)
         o, o_lse = out, lse
         o_strides, l_strides = (0, *out.stride()), (0, *lse.stride()[:2])
     else:
@@ -209,10 +219,11 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
                      *slope_strides, start, Hq, group, Sq, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out),
                     kwargs)
                    for start, count in head_chunks(B * Hq // pack)]
-    if splits > 1:
+    if o is not out:
         block = min(64, max(16, triton.next_power_of_2(Sq)))
         launch_list += [(_attn_combine_kernel, (triton.cdiv(Sq, block), count),
-                         (o, o_lse, out, lse, start, splits, Hq, Sq, o.stride(0), o_lse.stride(0), *out.stride()),
+                         (o, o_lse, out, lse, sinks, start, splits, Hq, Sq, o.stride(0), o_lse.stride(0),
+                          *out.stride()),
                          dict(HEAD_DIM_V=Dv, BLOCK_M=block, BLOCK_DV=head_block(Dv)))
                         for start, count in head_chunks(B * Hq)]
     return launch_list

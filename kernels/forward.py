@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
-                     _score, _sequence, _slope, _store_tile, _tile_at, _visible)
+                     _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args)
@@ -62,9 +62,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     return acc, l_i, m_i
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS")
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SINKS,
                      SCORE_ARGS, MASK_ARGS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
@@ -80,7 +80,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
                      SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                     MASK_MOD: tl.constexpr):
+                     MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -121,7 +121,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
                                         h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS)
 
-    # Rows that saw no key: out 0, lse -inf; their stats make the backward's P exactly 0.
+    if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
+        sink = _sink(SINKS, h, qk_scale, HAS_SINKS)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2((sink - m_new) * qk_scale)
+        m_i = m_new
+
+    # Rows that saw no key (and no sink): out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -150,9 +158,9 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype), **fns)
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, *fn_args, *strides(q), *strides(k), *strides(v),
-              *strides(out), *strides(lse)[:2], *slope_strides, start, Hq, Hq // Hkv, Sq, Sk, offset, left, right,
-              scale * LOG2E, *values, *mask_values), kwargs)
+             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *fn_args,
+              *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides, start, Hq,
+              Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E, *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 
 

@@ -51,7 +51,8 @@ class Modifiers:
     call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
     by 1 / (1 - p). bias: a float additive bias, expanded to (B, Hq, Sq, Sk) (stride 0 where broadcast), added to
     the scaled scores (common._add_bias, the kernels' one built-in score function); score_mod with score_args: a
-    ScoreMod applied after softcap and ALiBi (not with a bias)."""
+    ScoreMod applied after softcap and ALiBi (not with a bias). sinks: float32 (Hq,), one logit per query head (in the
+    units of the scaled scores) that joins each row's softmax denominator and nothing else (attention sinks)."""
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
@@ -59,6 +60,7 @@ class Modifiers:
     bias: Optional[torch.Tensor] = None
     score_mod: Optional[ScoreMod] = None
     score_args: tuple = ()
+    sinks: Optional[torch.Tensor] = None
 
     @property
     def dropout(self) -> bool:
@@ -118,6 +120,7 @@ FEATURES = {
     "DROPOUT": lambda args: args["RNG"] is not None,
     "LISTED": lambda args: args["MASK_TABLE"] is not None,
     "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
+    "HAS_SINKS": lambda args: args["SINKS"] is not None,
 }
 
 

@@ -70,7 +70,7 @@ class TargetOnly:
 def jobs(quick: bool):
     """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "packed" (varlen),
     "decode" or "paged" (split-KV over a contiguous / paged cache), "modifiers" (the dense kernels with softcap,
-    ALiBi and dropout all on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are
+    ALiBi, dropout and sinks all on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are
     compiled inside each job.
     sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
     with another element type: causal MHA at every D on both paths. Packed sequences (the VARLEN kernels, pointer
@@ -134,17 +134,18 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     cu = torch.empty(PACKED_SEQS + 1, dtype=torch.int32, device="meta")
     pk = launch.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
     blocks = _document_tables(S) if kind == "blockmask" else None
-    mods = dbias = None
+    mods = dbias = dsink = None
     if kind == "bias":  # a float attn_mask with its gradient: the score function _add_bias, dS written, its -inf blocks
         blocks = _document_tables(S)
         mods = launch.Modifiers(bias=torch.empty(S, S, dtype=dtype, device="meta").expand(B, Hq, S, S))
         dbias = torch.empty(B, Hq, S, S, device="meta")
     if kind == "modifiers":
         mods = launch.Modifiers(50.0, torch.empty(Hq, device="meta"), 0.1,
-                                 torch.empty(2, dtype=torch.int64, device="meta"))
+                                 torch.empty(2, dtype=torch.int64, device="meta"), sinks=torch.empty(Hq, device="meta"))
+        dsink = torch.empty(B, Hq, S, device="meta")
     return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks)
             + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods, blocks,
-                                         dbias))
+                                         dbias, dsink))
 
 
 def _document_tables(S):

@@ -291,8 +291,9 @@ def test_user_supplied_4d_mask_runs_on_the_kernels(kind):
     assert not Metric.measure(causal_only, want, pt, DTYPE, 2.0).ok  # the mask matters here
 
 
-def family(make_config, cls=None):
-    """(eager, fused, float64 eager) models of one random config, the same weights; cls None: AutoModelForCausalLM."""
+def family(make_config, cls=None, init=None):
+    """(eager, fused, float64 eager) models of one random config, the same weights (init(model) changes eager's
+    first); cls None: AutoModelForCausalLM."""
     import copy
     name = register()
     build = (lambda cfg, impl: (cls._from_config(cfg, attn_implementation=impl) if cls is not None else
@@ -300,6 +301,8 @@ def family(make_config, cls=None):
     cfg = make_config()
     torch.manual_seed(0)
     eager = build(copy.deepcopy(cfg), "eager")
+    if init is not None:
+        init(eager)
     fused, ref = build(copy.deepcopy(cfg), name), build(copy.deepcopy(cfg), "eager")
     fused.load_state_dict(eager.state_dict())
     ref.load_state_dict(eager.state_dict())
@@ -399,3 +402,36 @@ def test_paligemma_prefix_lm_matches_eager():
     assert kernels.launches["fwd"] - before == 3  # SigLIP's layer, then the two text layers
     assert Metric.measure(got, want, pt, DTYPE, 2.0).ok
     assert not torch.allclose(all_causal, want)
+
+
+def gpt_oss_config():
+    """gpt-oss: attention sinks (one learned logit per head), sliding (window 6) and full layers, GQA, MoE."""
+    return transformers.GptOssConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=512, sliding_window=6, num_local_experts=2,
+                                     num_experts_per_tok=1, layer_types=["sliding_attention", "full_attention"],
+                                     experts_implementation="eager")  # grouped_mm takes no float64
+
+
+def _large_sinks(model):
+    """Sinks of a few units (the default init, std 0.02, would barely matter)."""
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+
+
+def test_gpt_oss_sinks_match_eager():
+    """gpt-oss's sinks (passed as s_aux) run in the kernels: logits and loss gradients -- the sinks' own included --
+    against the float64 model, and greedy generation with the cache."""
+    eager, fused, ref = family(gpt_oss_config, init=_large_sinks)
+    ids = torch.randint(0, 96, (2, 21), generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    before = kernels.launches.copy()
+    got = logits_and_grads(fused, ids)
+    assert kernels.launches["fwd"] - before["fwd"] == 2 and kernels.launches["bwd"] - before["bwd"] == 2
+    assert any(name.endswith("sinks") for name in got[1])
+    assert_matches(got, logits_and_grads(eager, ids), logits_and_grads(ref, ids))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(fused.generate(ids[:1, :6], **kw), ref.generate(ids[:1, :6], **kw))

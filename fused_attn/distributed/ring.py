@@ -162,7 +162,7 @@ def _ring_backward(dout, q, k, v, out, stats, call, plan, last, group, rank, wor
         dks, dvs = _unpack(contrib, k.shape, v.shape)
         for c in calls:
             rows, cols = slice(c.q0, c.q1), slice(c.k0, c.k1)
-            g_q, g_k, g_v, _ = ops.attention_backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols],
+            g_q, g_k, g_v, *_ = ops.attention_backward(dout[:, :, rows], q[:, :, rows], ks[:, :, cols],
                                                       vs[:, :, cols], out[:, :, rows], stats[c.q0, c.q1], None,
                                                       _step(call, c))
             dq[:, :, rows] += g_q.float()

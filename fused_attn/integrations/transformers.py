@@ -165,25 +165,27 @@ def _from_ids(ids: torch.Tensor):
     return _cu_seqlens(lengths), int(lengths.max())
 
 
-def kernel_kwargs(module, is_causal=None, sliding_window=None, scaling=None, softcap=None, dropout=0.0) -> dict:
+def kernel_kwargs(module, is_causal=None, sliding_window=None, scaling=None, softcap=None, dropout=0.0,
+                  sinks=None) -> dict:
     """The kernels' mask and modifier arguments for a transformers attention call: causal from the call or the
-    module, HF's sliding_window=W as window_size=(W - 1, 0)."""
+    module, HF's sliding_window=W as window_size=(W - 1, 0), attention sinks (gpt-oss's s_aux) as float32."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     return dict(causal=causal, window_size=(sliding_window - 1 if sliding_window else -1, 0 if causal else -1),
-                scale=scaling, softcap=softcap or 0.0, dropout_p=dropout)
+                scale=scaling, softcap=softcap or 0.0, dropout_p=dropout,
+                sinks=None if sinks is None else sinks.float())
 
 
 def fused_attn_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                        sliding_window=None, softcap=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
-                       max_length_k=None, **kwargs):
+                       max_length_k=None, s_aux=None, **kwargs):
     """transformers attention function: (B, Hq, S, D) query, (B, Hkv, S, D) key / value -> ((B, S, Hq, Dv), None)."""
-    kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout)
+    kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout, s_aux)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
     if isinstance(attention_mask, BlockMask):  # transformers' mask function: it holds the band
         log.debug("transformers attention -> fused_attn kernels over the mask function's block lists")
         a = kernel_args(q, k, v, scale=scaling, layout="bshd")
         mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=kw["softcap"],
-                               dropout_p=kw["dropout_p"])
+                               dropout_p=kw["dropout_p"], sinks=kw["sinks"])
         out, _ = _attention(a, mods, blocks=attention_mask.tables)
         return out.transpose(1, 2).contiguous(), None
     if not (attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype in (torch.bool, torch.int64))
