@@ -188,9 +188,11 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
     return a, Packed(cu_seqlens_q, cu_seqlens_k, *lengths)
 
-def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True):
+def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True,
+                  cache_batch_idx=None, cache_leftpad=None):
     """Shapes, dtypes and devices of attention_with_kvcache's arguments (beyond check_args'); returns
-    (cache_seqlens as int32 (B,), capacity of a row in keys, page size or 0)."""
+    (cache_seqlens as int32 (B,), capacity of a row in keys, page size or 0). cache_batch_idx / cache_leftpad:
+    int32 (B,) on q's device, contiguous caches only; with cache_batch_idx the cache may hold any number of rows."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -205,7 +207,23 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     B = q.shape[0]
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen automatically), got {num_splits!r}")
-    if block_table is None:
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.int32 or tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be int32 of shape ({B},), got {t.dtype} {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if block_table is not None:
+            raise ValueError(f"{name} takes a contiguous cache, not a paged one (block_table), as in FlashAttention")
+    if block_table is None and cache_batch_idx is not None:
+        if k_cache.shape[0] != v_cache.shape[0]:
+            raise ValueError(f"k_cache / v_cache must have as many rows, got {tuple(k_cache.shape)} and "
+                             f"{tuple(v_cache.shape)}")
+        capacity, page = k_cache.shape[1], 0
+    elif block_table is None:
         if k_cache.shape[0] != B or v_cache.shape[0] != B:
             raise ValueError(f"k_cache / v_cache must be (B, S_cache, Hkv, D) with B = {B} (q's batch), got "
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -250,13 +268,40 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     return cache_seqlens, capacity, page
 
 
-def check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, n_pages):
-    """What can only be read from the values: lengths within the cache, pages that exist (CPU tensors only)."""
+def check_rotary(q, k, rotary_cos, rotary_sin):
+    """rotary_cos / rotary_sin: both or neither; (seqlen_ro, rotary_dim / 2) in q's dtype and device, rotary_dim even
+    and <= the head dim; they rotate the new keys, so k must be given."""
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is None:
+        return
+    if k is None:
+        raise ValueError("rotary_cos / rotary_sin rotate the new keys and the queries: pass k and v (as in "
+                         "FlashAttention)")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape != rotary_cos.shape or 2 * t.shape[1] > q.shape[-1]:
+            raise ValueError(f"{name} must be (seqlen_ro, rotary_dim / 2) with rotary_dim <= the head dim "
+                             f"{q.shape[-1]}, both alike; got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
+                            f"{t.device}")
+
+
+def check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, n_pages, cache_batch_idx=None,
+                         cache_leftpad=None, n_rows=None):
+    """What can only be read from the values: lengths within the cache, pages and cache rows that exist, left
+    padding within each row's length (CPU tensors only)."""
     lengths = cache_seqlens.tolist()
     for b, n in enumerate(lengths):
         if n < 0 or n + s_new > capacity:
             raise ValueError(f"row {b}: cache_seqlens {n} + {s_new} new keys must lie in [0, {capacity}] (the cache "
                              f"holds {capacity} keys per row)")
+        if cache_batch_idx is not None and not 0 <= int(cache_batch_idx[b]) < n_rows:
+            raise ValueError(f"row {b}: cache_batch_idx {int(cache_batch_idx[b])} names no cache row (0..{n_rows - 1})")
+        if cache_leftpad is not None and not 0 <= int(cache_leftpad[b]) <= n:
+            raise ValueError(f"row {b}: cache_leftpad {int(cache_leftpad[b])} must lie in [0, cache_seqlens {n}]")
         if block_table is not None:
             used = block_table[b, :-(-(n + s_new) // page)].tolist() if n + s_new else []
             bad = [p for p in used if not 0 <= p < n_pages]

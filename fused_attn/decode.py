@@ -1,24 +1,55 @@
 """Decoding: attention_with_kvcache, the split-KV kernels over a contiguous or paged KV cache."""
+import dataclasses
+
 import torch
 
 from . import ops
-from ._args import check_args, check_kernel_inputs, check_kvcache, check_kvcache_values, check_modifiers
+from ._args import check_args, check_kernel_inputs, check_kvcache, check_kvcache_values, check_modifiers, check_rotary
 from .ops import Call
 
 
-def _append(cache, new, cache_seqlens, block_table, page):
-    """cache[b, cache_seqlens[b] + i] = new[b, i] in place (through the block table when paged); no sync."""
+def _append(cache, new, cache_seqlens, block_table, page, rows=None):
+    """cache[rows[b], cache_seqlens[b] + i] = new[b, i] in place (rows: cache_batch_idx, default b; through the
+    block table when paged); no sync."""
     B, S_new = new.shape[:2]
     pos = cache_seqlens[:, None].long() + torch.arange(S_new, device=new.device)
     if block_table is None:
-        cache[torch.arange(B, device=new.device)[:, None], pos] = new
+        cache[(torch.arange(B, device=new.device) if rows is None else rows.long())[:, None], pos] = new
     else:
         cache[block_table.gather(1, pos // page).long(), pos % page] = new
 
 
+def rotary(x, cos, sin, positions, interleaved: bool):
+    """x (B, S, H, D) with its first rotary_dim = 2 * cos.shape[1] dims rotated by the angles of rows `positions`
+    (B, S) of cos / sin (seqlen_ro, rotary_dim / 2), in float32: pairs (2i, 2i + 1) if interleaved (GPT-J), else
+    (i, i + rotary_dim / 2) (GPT-NeoX); the other dims as they are (FlashAttention's apply_rotary_emb)."""
+    rd = 2 * cos.shape[1]
+    c, s = (t[positions][:, :, None].float() for t in (cos, sin))
+    head = x[..., :rd].float()
+    if interleaved:
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        head = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+    else:
+        x1, x2 = head.chunk(2, -1)
+        head = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], -1)
+    return torch.cat([head.to(x.dtype), x[..., rd:]], -1)
+
+
+def _row_pages(k_cache, v_cache, rows, start):
+    """A contiguous cache read through rows and left padding as pages of one key: the (B, S) int32 table naming,
+    for batch row b, cache row rows[b]'s keys start[b], start[b] + 1, ... (the last ones clamped in; the lengths
+    stop before them), and the caches viewed as (rows * S, Hkv, 1, D) pages."""
+    S = k_cache.shape[1]
+    j = torch.arange(S, device=k_cache.device)
+    table = (rows[:, None] * S + (start[:, None] + j).clamp(max=S - 1)).to(torch.int32)
+    pages = (lambda c: c.reshape(-1, 1, *c.shape[2:]).transpose(1, 2))
+    return table, pages(k_cache), pages(v_cache)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False, softcap=0.0,
-                           alibi_slopes=None, sinks=None):
+                           alibi_slopes=None, sinks=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                           cache_batch_idx=None, cache_leftpad=None):
     """Attention of new queries against a KV cache, optionally appending new keys and values to it first
     (FlashAttention-2's flash_attn_with_kvcache; inference only). Split-KV kernels: the keys of each row are cut
     into ranges run by separate programs and merged by their log-sum-exps (deterministic).
@@ -39,6 +70,14 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         return_lse: also return the log-sum-exp (B, Hq, Sq) float32.
         softcap, alibi_slopes: as in `attention` (ALiBi's distance |i + Sk_b - Sq - j| per row).
         sinks: as in `attention` (float32 (Hq,)): their terms join in the split-KV combine kernel.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) in q's dtype (FlashAttention-2's): the new keys are
+            rotated at positions cache_seqlens[b] + i before they are written, and q at the same positions if causal
+            or windowed, else all at cache_seqlens[b]; rotary_interleaved: pairs (2i, 2i + 1) (GPT-J) or halves
+            (GPT-NeoX). Needs k and v.
+        cache_batch_idx: int32 (B,): batch row b reads and appends to cache row cache_batch_idx[b] (the cache may
+            hold more rows); cache_leftpad: int32 (B,): row b's cache starts at that position (its keys are
+            cache_leftpad[b] .. cache_seqlens[b] - 1, then the new ones; the mask aligns to that length). Both take
+            contiguous caches (as in FlashAttention) and read them through a one-key-per-page table.
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse). Rows that see no key get out 0, lse -inf.
@@ -47,21 +86,37 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     CPU tensors (reading them from a GPU would synchronize it) and trusted on a GPU, as in FlashAttention:
     cache_seqlens + S_new <= the cache's capacity, and every block_table entry a row uses naming a page that exists.
     """
-    cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits)
-    a = check_args(q, *(c if block_table is None else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
+    cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits,
+                                                  cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    check_rotary(q, k, rotary_cos, rotary_sin)
+    whole = block_table is None and cache_batch_idx is None
+    a = check_args(q, *(c if whole else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
                    causal=causal, window_size=window_size, scale=scale, layout="bshd")
     s_new = 0 if k is None else k.shape[1]
     mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
+        check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
+                             cache_leftpad, k_cache.shape[0])
     with torch.no_grad():
+        if rotary_cos is not None:
+            pos = cache_seqlens[:, None].long() + torch.arange(max(q.shape[1], s_new), device=q.device)
+            moving = causal or tuple(window_size) != (-1, -1)
+            q = rotary(q, rotary_cos, rotary_sin, pos[:, :q.shape[1]] if moving else pos[:, :1].expand(-1, q.shape[1]),
+                       rotary_interleaved)
+            k = rotary(k, rotary_cos, rotary_sin, pos[:, :s_new], rotary_interleaved)
+            a = dataclasses.replace(a, q=q.transpose(1, 2))
         if k is not None:
-            _append(k_cache, k, cache_seqlens, block_table, page)
-            _append(v_cache, v, cache_seqlens, block_table, page)
+            _append(k_cache, k, cache_seqlens, block_table, page, cache_batch_idx)
+            _append(v_cache, v, cache_seqlens, block_table, page, cache_batch_idx)
         kv = (lambda t: t.transpose(1, 2))  # (B, S, H, D) and (pages, page_size, H, D) alike
-        out, lse = ops.attention_decode(a.q, kv(k_cache), kv(v_cache), Call.of(a, mods),
-                                        seqlens_k=cache_seqlens + s_new, block_table=block_table, page_size=page,
-                                        num_splits=num_splits)
+        seqlens_k, table, keys, values = cache_seqlens + s_new, block_table, kv(k_cache), kv(v_cache)
+        if cache_batch_idx is not None or cache_leftpad is not None:
+            rows = torch.arange(q.shape[0], device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
+            start = torch.zeros_like(rows) if cache_leftpad is None else cache_leftpad.long()
+            table, keys, values = _row_pages(k_cache, v_cache, rows, start)
+            seqlens_k, page = seqlens_k - start.to(torch.int32), 1
+        out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods), seqlens_k=seqlens_k, block_table=table,
+                                        page_size=page, num_splits=num_splits)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

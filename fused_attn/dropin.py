@@ -208,13 +208,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     contiguous (B, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) + block_table cache, k / v appended in
     place at cache_seqlens first; causal / window_size bottom-right aligned per row. Returns out (B, Sq, Hq, Dv),
     or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse; softcap, alibi_slopes and s_aux (sinks) as in
-    fused_attn.attention.
-    Not implemented (NotImplementedError): rotary_cos / rotary_sin, cache_batch_idx, cache_leftpad
-    (rotary_interleaved only matters with rotary)."""
-    _not_implemented("flash_attn_with_kvcache", rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                     cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    fused_attn.attention; rotary_cos / rotary_sin / rotary_interleaved, cache_batch_idx and cache_leftpad with
+    FlashAttention-2's semantics (fused_attn.attention_with_kvcache)."""
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, window_size=_fa_window(causal, window_size),
                                       scale=softmax_scale, num_splits=num_splits, return_lse=True, softcap=softcap,
-                                      alibi_slopes=alibi_slopes, sinks=s_aux)
+                                      alibi_slopes=alibi_slopes, sinks=s_aux, rotary_cos=rotary_cos,
+                                      rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+                                      cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     return (out, lse) if return_softmax_lse else out

@@ -2,7 +2,8 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import DTYPES, check_args, check_kvcache, check_kvcache_values, check_modifiers, check_varlen_args
+from ._args import (DTYPES, check_args, check_kvcache, check_kvcache_values, check_modifiers, check_rotary,
+                    check_varlen_args)
 from .blockmask import evaluate
 from .mask import visible_mask
 
@@ -182,22 +183,50 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     return (out, torch.cat([x.to(lse_dtype) for x in lses], dim=1)) if return_lse else out
 
 
+def _rotated(x, cos, sin, first, same, interleaved):
+    """x (S, H, D) with its first 2 * cos.shape[1] dims rotated as complex numbers by the angles at positions
+    first, first + 1, ... (first None: all at position `same`); pairs (2i, 2i + 1) if interleaved, else (i,
+    i + rotary_dim / 2). In float64."""
+    rd = 2 * cos.shape[1]
+    pos = torch.arange(x.shape[0], device=x.device) + first if first is not None else torch.full(
+        (x.shape[0],), same, device=x.device)
+    turn = torch.complex(cos[pos].double(), sin[pos].double())  # cos + i sin, as given
+    head = x[..., :rd].double()
+    pairs = head.unflatten(-1, (rd // 2, 2)) if interleaved else torch.stack(head.chunk(2, -1), -1)
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.contiguous()) * turn[:, None])
+    head = rotated.flatten(-2) if interleaved else torch.cat([rotated[..., 0], rotated[..., 1]], -1)
+    return torch.cat([head.to(x.dtype), x[..., rd:]], -1)
+
+
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32,
-                           softcap=0.0, alibi_slopes=None, sinks=None):
-    """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to its first
-    cache_seqlens[b] cached keys followed by its new ones, run row by row through `attention`. Returns out
+                           softcap=0.0, alibi_slopes=None, sinks=None, rotary_cos=None, rotary_sin=None,
+                           rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None):
+    """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to cache row
+    cache_batch_idx[b]'s (default b) keys cache_leftpad[b] (default 0) .. cache_seqlens[b] - 1 followed by its new
+    ones (rotated with rotary_cos / rotary_sin, as q, where given), run row by row through `attention`. Returns out
     (B, Sq, Hq, Dv) in the compute dtype (and lse (B, Hq, Sq)); rows that see no key: out 0, lse -inf."""
     cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 0,
-                                                  inference_only=False)
+                                                  inference_only=False, cache_batch_idx=cache_batch_idx,
+                                                  cache_leftpad=cache_leftpad)
+    check_rotary(q, k, rotary_cos, rotary_sin)
     dtype = q.dtype if upcast is None else upcast
     s_new = 0 if k is None else k.shape[1]
-    check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0])
+    check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
+                         cache_leftpad, k_cache.shape[0])
     check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    if rotary_cos is not None:
+        moving = causal or tuple(window_size) != (-1, -1)
+        q = torch.stack([_rotated(q[b], rotary_cos, rotary_sin, n if moving else None, n, rotary_interleaved)
+                         for b, n in enumerate(cache_seqlens.tolist())])
+        k = torch.stack([_rotated(k[b], rotary_cos, rotary_sin, n, n, rotary_interleaved)
+                         for b, n in enumerate(cache_seqlens.tolist())])
+    rows = range(q.shape[0]) if cache_batch_idx is None else cache_batch_idx.tolist()
+    starts = [0] * q.shape[0] if cache_leftpad is None else cache_leftpad.tolist()
     outs, lses = [], []
     for b, n in enumerate(cache_seqlens.tolist()):
         if block_table is None:
-            keys, values = k_cache[b, :n], v_cache[b, :n]
+            keys, values = k_cache[rows[b], starts[b]:n], v_cache[rows[b], starts[b]:n]
         else:
             pages = block_table[b].long()[:-(-n // page)] if n else block_table[b, :0].long()
             keys, values = (c[pages].flatten(0, 1)[:n] for c in (k_cache, v_cache))

@@ -167,9 +167,48 @@ def test_flash_attn_with_kvcache_dropin():
                                              alibi_slopes=slopes)
     assert torch.equal(out, fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table,
                                                               softcap=5.0, alibi_slopes=slopes))
-    for name, value in (("rotary_cos", torch.ones(1)), ("cache_batch_idx", lens), ("cache_leftpad", lens)):
-        with pytest.raises(NotImplementedError, match=name):
+    for name, value in (("cache_batch_idx", lens), ("cache_leftpad", lens)):  # contiguous caches only
+        with pytest.raises(ValueError, match=f"{name} takes a contiguous cache"):
             fused_attn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, **{name: value})
+
+
+@pytest.mark.parametrize("interleaved,causal,batch_idx,leftpad", [
+    pytest.param(True, True, False, False, id="rotary-gptj-causal"),
+    pytest.param(False, False, True, False, id="rotary-neox-noncausal-batch-idx"),
+    pytest.param(False, True, True, True, id="rotary-neox-causal-batch-idx-leftpad"),
+    pytest.param(None, True, False, True, id="leftpad"),
+])
+def test_flash_attn_kvcache_rotary_batch_idx_leftpad(interleaved, causal, batch_idx, leftpad):
+    """FlashAttention-2's rotary_cos / rotary_sin (GPT-J pairs or GPT-NeoX halves, rotary_dim < D), cache_batch_idx
+    (a cache of 5 rows, 3 used in shuffled order) and cache_leftpad, against the reference (its rotary computed as
+    complex products in float64): out, lse, and the cache rows written (rotated keys, at the right rows and
+    positions; nothing else changed)."""
+    g = torch.Generator().manual_seed(4)
+    B, Sq, S_new, Hq, Hkv, D, S = 3, 2, 2, 4, 2, 32, 64
+    rnd = (lambda *shape: torch.randn(*shape, generator=g).to(DEVICE))
+    q, k, v = rnd(B, Sq, Hq, D), rnd(B, S_new, Hkv, D), rnd(B, S_new, Hkv, D)
+    rows = 5 if batch_idx else B
+    kc, vc = rnd(rows, S, Hkv, D), rnd(rows, S, Hkv, D)
+    lens = torch.tensor([40, 0, 61], dtype=torch.int32, device=DEVICE)
+    idx = torch.tensor([3, 0, 4], dtype=torch.int32, device=DEVICE) if batch_idx else None
+    pad = torch.tensor([7, 0, 30], dtype=torch.int32, device=DEVICE) if leftpad else None
+    kw = dict(cache_seqlens=lens, causal=causal, cache_batch_idx=idx, cache_leftpad=pad)
+    if interleaved is not None:
+        angle = torch.rand(S + 4, 12, generator=g).to(DEVICE) * 6.3
+        kw.update(rotary_cos=angle.cos(), rotary_sin=angle.sin(), rotary_interleaved=interleaved)
+    want, want_lse = fused_attn.reference.attention_with_kvcache(q, kc, vc, k, v, return_lse=True,
+                                                                 upcast=torch.float64, **kw)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out, lse = fused_attn.flash_attn_with_kvcache(q, kc, vc, k, v, return_softmax_lse=True, **kw)
+    assert (out - want).abs().max() < 1e-5 and (lse - want_lse).abs().max() < 1e-5
+    written = kc2.clone()
+    for b, r in enumerate(idx.tolist() if batch_idx else range(B)):
+        n = int(lens[b])
+        new_k = k[b] if interleaved is None else fused_attn.reference._rotated(
+            k[b], kw["rotary_cos"], kw["rotary_sin"], n, n, interleaved)
+        written[r, n:n + S_new] = new_k
+        vc2[r, n:n + S_new] = v[b]
+    assert (kc - written).abs().max() < 1e-6 and torch.equal(vc, vc2)
 
 
 def test_opcheck_decode():
