@@ -148,13 +148,16 @@ def masked(a: Args, mods: Modifiers, attn_mask):
 
 
 def attention_probs(q, k, lse, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,
-                    alignment="bottom_right", softcap=0.0, alibi_slopes=None):
+                    alignment="bottom_right", softcap=0.0, alibi_slopes=None, sinks=None):
     """The attention weights P = exp(score - lse), masked, rebuilt exactly from the kernel's lse for the
     query rows `queries` (a slice or index tensor; default all): (B, Hq, n_queries, Sk), float32; score = q k^T *
     scale with `attention`'s softcap and ALiBi (the probabilities before any dropout).
-    Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for."""
+    Only the selected rows are materialized, so long sequences stay cheap when a few rows are asked for. sinks: the
+    call's attention sinks, if it had any (its lse includes them, so the weights need nothing more; they are
+    checked)."""
     a = check_args(q, k, k, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment)
-    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes)
+    mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
+                           sinks=sinks)
     scores, visible, rows = row_scores(a, torch.float32, queries, mods.softcap, mods.alibi_slopes)
     lse_rows = lse[:, :, rows, None]
     p = torch.exp(scores - torch.where(torch.isinf(lse_rows), 0.0, lse_rows))

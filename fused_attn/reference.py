@@ -48,14 +48,20 @@ def _softmax(scores, visible):
 
 
 def probs(q, k, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", queries=None,
-          upcast=torch.float64, softcap=0.0, alibi_slopes=None):
+          upcast=torch.float64, softcap=0.0, alibi_slopes=None, sinks=None):
     """The attention probabilities of `attention` (before dropout) for the query rows `queries` (a slice or index
-    tensor; default all) only: (B, Hq, n_queries, Sk) in `upcast` (None: the inputs' dtype)."""
+    tensor; default all) only: (B, Hq, n_queries, Sk) in `upcast` (None: the inputs' dtype); with sinks, the keys'
+    share of a softmax that includes them."""
     a = check_args(q, k, k, causal=causal, window_size=window_size, scale=scale, layout=layout,
                    dtypes=DTYPES + (torch.float64,))
-    check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes)
+    check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     scores, visible, _ = row_scores(a, a.q.dtype if upcast is None else upcast, queries, softcap, alibi_slopes)
-    return _softmax(scores, visible)[1]
+    if sinks is None:
+        return _softmax(scores, visible)[1]
+    scores = torch.cat([scores, sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+    visible = torch.cat([visible.expand(scores.shape[:3] + (-1,)), torch.ones_like(scores[..., :1], dtype=torch.bool)],
+                        -1)
+    return _softmax(scores, visible)[1][..., :-1]
 
 
 def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):

@@ -94,3 +94,14 @@ def test_sinks_invalid(sinks, exc, match):
     q = torch.randn(1, 4, 8, 16, device=DEVICE)
     with pytest.raises(exc, match=match):
         fused_attn.attention(q, q, q, sinks=sinks.to(DEVICE) if isinstance(sinks, torch.Tensor) else sinks)
+
+
+def test_weights_rebuilt_from_an_lse_with_sinks():
+    """attention_probs from the kernels' lse (which includes the sinks) against the reference's probabilities of a
+    softmax that includes them: the keys' share only, rows summing to less than 1."""
+    q, k = (torch.randn(1, 4, 30, 16, device=DEVICE) for _ in range(2))
+    sinks = sinks_for(4)
+    _, lse = fused_attn.attention(q, k, k, causal=True, sinks=sinks, return_lse=True)
+    got = fused_attn.attention_probs(q, k, lse, causal=True, sinks=sinks)
+    want = reference.probs(q, k, causal=True, sinks=sinks)
+    assert (got - want).abs().max() < 1e-5 and (want.sum(-1) < 1).all()

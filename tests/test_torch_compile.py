@@ -32,6 +32,22 @@ def test_opcheck_modifiers():
                                          slopes, 0.0, rng))
 
 
+def test_opcheck_bias_and_sinks():
+    """A float bias (an expanded view, with its gradient) and sinks through the ops: real and fake implementations
+    agree (shapes, strides, dtypes of every output, the gradients' included)."""
+    q, k, v, do = (t.detach() for t in make_inputs(Case(1, 4, 2, 40, 56, 32, dtype=torch.float32), DEVICE))
+    bias = torch.randn(4, 40, 56, device=DEVICE)[None].expand(1, 4, 40, 56)
+    sinks = torch.randn(4, device=DEVICE)
+    args = (q, k, v, 32 ** -0.5, 16, -1, -1, "bhsd")
+    torch.library.opcheck(ops.forward, args, dict(bias=bias, sinks=sinks))
+    out, lse, stats, rng = ops.forward(*args, bias=bias, sinks=sinks)
+    grads = ops.backward(do, q, k, v, out, stats, 32 ** -0.5, 16, -1, -1, rng=rng, bias=bias, bias_grad=True,
+                         sinks=sinks)
+    assert grads[3].shape == (1, 4, 40, 56) and grads[4].shape == (4,)
+    torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, -1, -1),
+                          dict(rng=rng, bias=bias, bias_grad=True, sinks=sinks))
+
+
 def check_fullgraph(loss_fn, q, k, v, do):
     """loss_fn compiled with fullgraph=True (any graph break fails) runs one forward and one backward launch
     (AOTAutograd compiles the backward graph, our backward op, too) and gives eager's gradients exactly (from the
@@ -67,6 +83,16 @@ def test_fullgraph_compile_with_modifiers():
     def loss_fn(q, k, v, do):
         out = fused_attn.attention(q, k, v, causal=True, softcap=3.0, alibi_slopes=slopes, dropout_p=0.2)
         return (out * do).sum()
+    check_fullgraph(loss_fn, *make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE))
+
+
+def test_fullgraph_compile_with_sinks():
+    """Sinks with their gradient trace through the ops (a float attn_mask does not: classifying its blocks reads
+    its values, a graph break)."""
+    sinks = torch.randn(4, device=DEVICE, requires_grad=True)
+
+    def loss_fn(q, k, v, do):
+        return (fused_attn.attention(q, k, v, causal=True, sinks=sinks) * do).sum()
     check_fullgraph(loss_fn, *make_inputs(Case(2, 4, 2, 50, 70, 32, dtype=torch.float32), DEVICE))
 
 

@@ -39,11 +39,11 @@ class Run:
 
 
 def _forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-             sliding_window=None, softcap=None, **_):
+             sliding_window=None, softcap=None, s_aux=None, **_):
     """transformers attention function: fused_attn.attention, keeping q, k and the lse of the layer."""
     if attention_mask is not None:
         raise ValueError("the explorer runs one unpadded sequence (no attention mask)")
-    kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout)
+    kw = kernel_kwargs(module, is_causal, sliding_window, scaling, softcap, dropout, s_aux)
     out, lse = attention(*(t.transpose(1, 2) for t in (query, key, value)), layout="bshd", return_lse=True, **kw)
     kw.pop("dropout_p")
     _capture.layers[module.layer_idx] = Layer(query.detach(), key.detach(), lse, kw)
