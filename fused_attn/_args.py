@@ -268,6 +268,19 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     return cache_seqlens, capacity, page
 
 
+def check_mod_args(mod_args, device, whose: str) -> tuple:
+    """The extra arguments of a @triton.jit mask or score function (`whose` names it): tensors on `device`
+    (pointers in the function), ints, floats."""
+    args = tuple(mod_args)
+    for x in args:
+        if not isinstance(x, (torch.Tensor, int, float)) or isinstance(x, bool):
+            raise TypeError(f"mod_args must be tensors, ints or floats, got {type(x).__name__} (an argument of "
+                            f"{whose})")
+        if isinstance(x, torch.Tensor) and x.device != device:
+            raise ValueError(f"mod_args tensors must be on {device}, got one on {x.device} (an argument of {whose})")
+    return args
+
+
 def check_rotary(q, k, rotary_cos, rotary_sin):
     """rotary_cos / rotary_sin: both or neither; (seqlen_ro, rotary_dim / 2) in q's dtype and device, rotary_dim even
     and <= the head dim; they rotate the new keys, so k must be given."""

@@ -6,7 +6,7 @@ from typing import Callable, Tuple
 
 import torch
 
-from ._args import check_device
+from ._args import check_device, check_mod_args
 from .kernels import BlockTables, count_visible
 
 CHUNK = 1 << 24  # (b, h, q, kv) pairs a mask function is evaluated on at once: bounded memory for long sequences
@@ -152,23 +152,26 @@ def _classify_jit(mask_mod, mod_args, B, H, Q_LEN, KV_LEN, block_size, device) -
     """The BlockMask of a @triton.jit mask function: its blocks classified by counting its pairs on the device
     (kernels.count_visible); no bits (the kernels evaluate mask_mod on the partial blocks)."""
     check_device(device)
-    for x in mod_args:
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise ValueError(f"mod_args tensors must be on the mask's device {device}, got one on {x.device}")
-        if not isinstance(x, (torch.Tensor, int, float)) or isinstance(x, bool):
-            raise TypeError(f"mod_args of a @triton.jit mask_mod must be tensors, ints or floats, got "
-                            f"{type(x).__name__}")
+    mod_args = check_mod_args(mod_args, device, "a @triton.jit mask_mod")
     bq, bk = block_size
     counts = count_visible(mask_mod, mod_args, B, H, Q_LEN, KV_LEN, bq, bk, device)
     rows = (Q_LEN - torch.arange(counts.shape[2], device=device) * bq).clamp(max=bq)
     cols = (KV_LEN - torch.arange(counts.shape[3], device=device) * bk).clamp(max=bk)
     classes = torch.where(counts == rows[:, None] * cols[None, :], 2, (counts > 0).to(torch.int64))
     slots = torch.zeros(counts.shape, dtype=torch.int32, device=device)  # no bits: slot 0 is never read
+    bits = torch.zeros(1, bq, bk, dtype=torch.uint8, device=device)
+    return _block_mask(classes, slots, bits, (Q_LEN, KV_LEN), block_size, mask_mod, jit=True, mask_args=mod_args)
+
+
+def _block_mask(classes, slots, bits, seq_lengths, block_size, mask_mod, jit=False, mask_args=()) -> BlockMask:
+    """The BlockMask of per-block classes (0 empty, 1 partial, 2 full) and the partial blocks' slots in `bits`:
+    the kernels' lists per query block and, transposed, per key block (_table). jit: mask_mod is a @triton.jit
+    function (with mask_args) that the kernels evaluate instead of reading the bits."""
     kv, kv_slots = _table(classes, slots)
     q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
-    bits = torch.zeros(1, bq, bk, dtype=torch.uint8, device=device)
-    return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits, bq, bk, mask_mod,
-                                                            mod_args), mask_mod)
+    tables = BlockTables(kv, kv_slots, q, q_slots, bits.contiguous(), *block_size, mask_mod if jit else None,
+                         mask_args)
+    return BlockMask(seq_lengths, block_size, tables, mask_mod)
 
 
 def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None) -> BlockMask:
@@ -196,10 +199,7 @@ def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None)
         bits.append(m[partial].to(torch.uint8))
         n_slots += n
     bits = torch.cat(bits + [torch.zeros(1 if n_slots == 0 else 0, bq, bk, dtype=torch.uint8, device=device)])
-    kv, kv_slots = _table(classes, slots)
-    q, q_slots = _table(classes.transpose(-1, -2), slots.transpose(-1, -2))
-    return BlockMask((Q_LEN, KV_LEN), (bq, bk), BlockTables(kv, kv_slots, q, q_slots, bits.contiguous(), bq, bk),
-                     mask_mod)
+    return _block_mask(classes, slots, bits, (Q_LEN, KV_LEN), block_size, mask_mod)
 
 
 def from_dense(mask: torch.Tensor, B: int, H: int, Q_LEN: int, KV_LEN: int, visible=None,

@@ -2,7 +2,7 @@
 score functions as @triton.jit functions the kernels call (fused_attn.ScoreMod)."""
 import torch
 
-from ._args import kernel_args
+from ._args import check_mod_args, kernel_args
 from .blockmask import as_block_mask, is_jit
 from .function import _attention
 from .kernels import Modifiers, ScoreMod
@@ -25,12 +25,7 @@ def check_score_mod(score_mod, mod_args, device):
                         f"score functions compiled with them: {_HOW}")
     if mod.grad is not None and not is_jit(mod.grad):
         raise TypeError(f"ScoreMod's grad must be a @triton.jit function, got {type(mod.grad).__name__}")
-    for x in args:
-        if not isinstance(x, (torch.Tensor, int, float)) or isinstance(x, bool):
-            raise TypeError(f"mod_args must be tensors, ints or floats, got {type(x).__name__}")
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise ValueError(f"mod_args tensors must be on the inputs' device {device}, got one on {x.device}")
-    return mod, args
+    return mod, check_mod_args(args, device, "a score_mod")
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None, enable_gqa=False,

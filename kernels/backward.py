@@ -62,8 +62,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                          TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                          SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                         MASK_MOD: tl.constexpr,
-                         MASK_ARGS):
+                         MASK_MOD: tl.constexpr, MASK_ARGS):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
@@ -209,8 +208,7 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                        TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                        h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                       MASK_MOD: tl.constexpr,
-                       MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr):
+                       MASK_MOD: tl.constexpr, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
     the forward's inner loop). BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before
     the sum over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart)."""
@@ -266,8 +264,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                         TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                         SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
                         SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                        MASK_MOD: tl.constexpr,
-                        BIAS_GRAD: tl.constexpr):
+                        MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -305,8 +302,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                                 HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
                                 seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
                                 MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                                SCORE_ARGS, MASK_MOD,
-                                MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD)
+                                SCORE_ARGS, MASK_MOD, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import _bounded
 from .launch import run
 
 
@@ -17,7 +18,8 @@ def _count_kernel(COUNTS, MASK_ARGS, n_heads, seqlen_q, seqlen_k, stride_cb, str
     b, h = bh // n_heads, bh % n_heads
     i = (qb * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]
     j = (kb * BLOCK_K + tl.arange(0, BLOCK_K))[None, :]
-    ok = MASK_MOD(b, h, tl.minimum(i, seqlen_q - 1), tl.minimum(j, seqlen_k - 1), *MASK_ARGS)
+    qi, kj = _bounded(i, j, seqlen_q, seqlen_k)
+    ok = MASK_MOD(b, h, qi, kj, *MASK_ARGS)
     ok = ok & (i < seqlen_q) & (j < seqlen_k)
     n = tl.sum(tl.sum(ok.to(tl.int32), 1), 0)
     tl.store(COUNTS + b.to(tl.int64) * stride_cb + h * stride_ch + qb * stride_cq + kb, n)

@@ -37,6 +37,13 @@ def _tanh(x):
 
 
 @triton.jit
+def _bounded(i, j, seqlen_q, seqlen_k):
+    """Row and column indices clamped into [0, seqlen): what mask and score functions see, so the rows and columns
+    of a tile past the sequence ends (masked anyway) index nothing outside the tables those functions read."""
+    return tl.minimum(i, seqlen_q - 1), tl.minimum(j, seqlen_k - 1)
+
+
+@triton.jit
 def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
            b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
            SCORE_BOUNDED: tl.constexpr, SCORE_ARGS):
@@ -64,8 +71,7 @@ def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI
         scale = qk_scale * 0.6931471805599453
         qi, kj = i, j
         if SCORE_BOUNDED:
-            qi = tl.minimum(i, seqlen_q - 1)
-            kj = tl.minimum(j, seqlen_k - 1)
+            qi, kj = _bounded(i, j, seqlen_q, seqlen_k)
         x = s * scale
         s = SCORE_MOD(x, b, h, qi, kj, *SCORE_ARGS) * (1.0 / scale)
         if SCORE_GRAD is not None:
@@ -320,12 +326,13 @@ def _block_bits(SLOTS, row, BITS, entry, i, j, block_q, block_k, b, h, seqlen_q,
                 MASK_ARGS):
     """The block mask of list entry `entry`'s block at rows i, columns j (broadcastable, either orientation) of
     batch row b, head h: True where the pair takes part. MASK_MOD (a @triton.jit mask function) is evaluated there,
-    on indices clamped into [0, seqlen) (the pairs past the ends are masked by _visible); else the stored bits:
-    SLOTS + row holds the block's slot in BITS (slots >= 1, block_q, block_k) uint8, or -1 for a full block (all
-    True). The load itself is unmasked (slot 0 stands in for a full block), so the pipeliner makes it asynchronous
-    like the tiles'."""
+    on indices clamped into [0, seqlen) (_bounded; the pairs past the ends are masked by _visible); else the
+    stored bits: SLOTS + row holds the block's slot in BITS (slots >= 1, block_q, block_k) uint8, or -1 for a full
+    block (all True). The load itself is unmasked (slot 0 stands in for a full block), so the pipeliner makes it
+    asynchronous like the tiles'."""
     if MASK_MOD is not None:
-        return MASK_MOD(b, h, tl.minimum(i, seqlen_q - 1), tl.minimum(j, seqlen_k - 1), *MASK_ARGS)
+        qi, kj = _bounded(i, j, seqlen_q, seqlen_k)
+        return MASK_MOD(b, h, qi, kj, *MASK_ARGS)
     else:
         slot = tl.load(SLOTS + row + 3 + entry).to(tl.int64)
         bits = tl.load(BITS + tl.maximum(slot, 0) * block_q * block_k + (i % block_q) * block_k + j % block_k)

@@ -22,8 +22,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
                     TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                     h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                    MASK_MOD: tl.constexpr,
-                    MASK_ARGS):
+                    MASK_MOD: tl.constexpr, MASK_ARGS):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
     K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI / SCORE_MOD modify the
     scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what
