@@ -188,6 +188,100 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
     return a, Packed(cu_seqlens_q, cu_seqlens_k, *lengths)
 
+def _check_int32_rows(name, t, rows, device):
+    """An int32 (rows,) tensor on `device` (cache_seqlens, seqused_k, cache_batch_idx, ...)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32 or tuple(t.shape) != (rows,):
+        raise ValueError(f"{name} must be int32 of shape ({rows},), got {t.dtype} {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, the tensors on {device}")
+
+
+def _check_block_table(block_table, batch, device):
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be int32 (B={batch}, max_pages), got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device}, the tensors on {device}")
+
+
+def _check_page_size(page):
+    if page % 16:
+        raise ValueError(f"the page size (k_cache.shape[1]) must be a multiple of 16, got {page}")
+
+
+def _check_inference(fn, **tensors):
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{fn} is inference only: {name} requires grad (use torch.no_grad() or .detach())")
+
+
+def _check_num_splits(num_splits):
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: chosen automatically), got {num_splits!r}")
+
+
+def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
+                         num_splits, *, causal=False, window_size=(-1, -1), scale=None):
+    """attention_varlen over a KV cache (inference only): packed q (total_q, Hq, D); k, v paged (num_pages,
+    page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,) int32 -- or
+    packed (total_k, Hkv, D) with cu_seqlens_k, seqused_k optional. The values (cu_seqlens_q, seqused_k within
+    each sequence's capacity and max_seqlen_k, pages that exist) are read only on the CPU outside torch.compile.
+    Returns (Args of (1, H, total, D) views -- one page of k, v when paged --, Packed, page size or 0)."""
+    _check_inference("attention_varlen with seqused_k / block_table", q=q, k=k, v=v)
+    _check_num_splits(num_splits)
+    if block_table is None:
+        a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal=causal, window_size=window_size, scale=scale, values=False)
+        page = 0
+    else:
+        if cu_seqlens_k is not None:
+            raise ValueError("with block_table the keys are paged: pass cu_seqlens_k=None and each sequence's key "
+                             "count in seqused_k")
+        if seqused_k is None:
+            raise ValueError("block_table needs seqused_k (B,) int32: each sequence's number of cached keys")
+        if isinstance(q, torch.Tensor) and q.dim() != 3:
+            raise ValueError(f"q must be 3-D (total_q, Hq, D) for packed sequences, got shape {tuple(q.shape)}")
+        for name, t in (("k", k), ("v", v)):
+            if isinstance(t, torch.Tensor) and t.dim() != 4:
+                raise ValueError(f"{name} must be a paged cache (num_pages, page_size, Hkv, D) with block_table, "
+                                 f"got shape {tuple(t.shape)}")
+        a = check_args(q.unsqueeze(0), k[:1], v[:1], causal=causal, window_size=window_size, scale=scale,
+                       layout="bshd")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k and v caches must agree but for the head dim: {tuple(k.shape)} vs {tuple(v.shape)}")
+        page = k.shape[1]
+        _check_page_size(page)
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+        _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, q.device)
+        packed = Packed(cu_seqlens_q, None, *(_check_length(n, m) for n, m in (("max_seqlen_q", max_seqlen_q),
+                                                                              ("max_seqlen_k", max_seqlen_k))))
+    batch = cu_seqlens_q.shape[0] - 1
+    if seqused_k is not None:
+        _check_int32_rows("seqused_k", seqused_k, batch, q.device)
+    if cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], packed.max_seqlen_q, "q")
+        if block_table is None:
+            lengths = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None, "k")
+        else:
+            lengths = [block_table.shape[1] * page] * batch
+        used = lengths if seqused_k is None else seqused_k.tolist()
+        for b, (n, cap) in enumerate(zip(used, lengths)):
+            if not 0 <= n <= min(cap, packed.max_seqlen_k):
+                raise ValueError(f"sequence {b}: seqused_k {n} must lie in [0, {min(cap, packed.max_seqlen_k)}] "
+                                 f"(its {'cache holds' if page else 'cu_seqlens_k gives'} {cap} keys, max_seqlen_k "
+                                 f"{packed.max_seqlen_k})")
+            pages = block_table[b, :-(-n // page)].tolist() if page and n else []
+            bad = [p for p in pages if not 0 <= p < k.shape[0]]
+            if bad:
+                raise ValueError(f"sequence {b}: block_table names page {bad[0]}, but the cache has pages "
+                                 f"0..{k.shape[0] - 1}")
+    return a, packed, page
+
+
 def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True,
                   cache_batch_idx=None, cache_leftpad=None):
     """Shapes, dtypes and devices of attention_with_kvcache's arguments (beyond check_args'); returns
@@ -198,24 +292,16 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
-        if inference_only and isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
-            raise ValueError(f"attention_with_kvcache is inference only: {name} requires grad (use torch.no_grad() "
-                             f"or .detach())")
+    if inference_only:
+        _check_inference("attention_with_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append) or both be None")
     B = q.shape[0]
-    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0: chosen automatically), got {num_splits!r}")
+    _check_num_splits(num_splits)
     for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.dtype != torch.int32 or tuple(t.shape) != (B,):
-            raise ValueError(f"{name} must be int32 of shape ({B},), got {t.dtype} {tuple(t.shape)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        _check_int32_rows(name, t, B, q.device)
         if block_table is not None:
             raise ValueError(f"{name} takes a contiguous cache, not a paged one (block_table), as in FlashAttention")
     if block_table is None and cache_batch_idx is not None:
@@ -229,16 +315,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
         capacity, page = k_cache.shape[1], 0
     else:
-        if not isinstance(block_table, torch.Tensor):
-            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
-        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
-            raise ValueError(f"block_table must be int32 (B={B}, max_pages), got {block_table.dtype} "
-                             f"{tuple(block_table.shape)}")
-        if block_table.device != q.device:
-            raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
+        _check_block_table(block_table, B, q.device)
         page = k_cache.shape[1]
-        if page % 16:
-            raise ValueError(f"the page size (k_cache.shape[1]) must be a multiple of 16, got {page}")
+        _check_page_size(page)
         capacity = block_table.shape[1] * page
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"k_cache and v_cache must agree but for the head dim: {tuple(k_cache.shape)} vs "
@@ -260,11 +339,7 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
         cache_seqlens = torch.full((B,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an int32 (B,) tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must be int32 of shape ({B},), got {cache_seqlens.dtype} "
-                         f"{tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device}, q on {q.device}")
+    _check_int32_rows("cache_seqlens", cache_seqlens, B, q.device)
     return cache_seqlens, capacity, page
 
 

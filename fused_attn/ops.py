@@ -86,12 +86,16 @@ def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool 
 
 def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
     """(out, lse) of `decode` (split-KV) against k, v: (B, Hkv, S, D)-indexed caches, or paged (pages, Hkv,
-    page_size, D)-indexed with block_table; seqlens_k: keys per row (None: all S)."""
-    if c.packed is not None or c.mods.dropout_p or c.blocks is not None:
-        raise ValueError("the split-KV kernels take neither packed sequences, dropout nor block masks")
-    max_seqlen_k = k.shape[2] if block_table is None else block_table.shape[1] * page_size
+    page_size, D)-indexed with block_table; seqlens_k: keys per row (None: all S, or c.packed's cu_seqlens_k).
+    Packed (c.packed): (1, H, total, D) views of q (and of k, v unless paged)."""
+    if c.mods.dropout_p or c.blocks is not None or c.mods.bias is not None or c.mods.score_mod is not None:
+        raise ValueError("the split-KV kernels take neither dropout, block masks, biases nor score functions")
+    p = c.packed or Packed(None, None, 0, 0)
+    max_seqlen_k = p.max_seqlen_k if c.packed is not None else (
+        k.shape[2] if block_table is None else block_table.shape[1] * page_size)
     return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
-                  c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks)
+                  c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
+                  p.max_seqlen_q)
 
 
 def draw_rng(device) -> Tensor:
@@ -215,17 +219,20 @@ def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, 
 def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
            layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-           sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+           sinks: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
+           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
-    k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table."""
-    out, lse = _out_lse(q, v, layout)
+    k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table. Packed
+    sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers."""
+    packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = _out_lse(q, v, layout, packed is not None)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
-                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks))
+                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks), packed=packed)
     return out, lse
 
 
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
-      alibi_slopes=None, sinks=None):
-    return _out_lse(q, v, layout)
+      alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0):
+    return _out_lse(q, v, layout, cu_seqlens_q is not None)

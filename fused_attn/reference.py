@@ -150,12 +150,16 @@ def _empty_lse(heads, rows, sinks, device):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32, softcap=0.0,
-                     alibi_slopes=None, dropout_p=0.0, dropout_mask=None, sinks=None):
+                     alibi_slopes=None, dropout_p=0.0, dropout_mask=None, sinks=None, seqused_k=None,
+                     block_table=None):
     """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
-    the compute dtype (and lse (Hq, total_q)). The cu_seqlens values are always checked (this reads them, on any
+    the compute dtype (and lse (Hq, total_q)). seqused_k / block_table (paged k, v): each sequence's keys are
+    gathered by indexing (its first seqused_k[b] rows, or slots of its pages) first. The cu_seqlens values are always checked (this reads them, on any
     device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
     dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :, :Sq_b, :Sk_b] (as fused_attn.dropout_mask
     (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
+    if seqused_k is not None or block_table is not None:
+        k, v, cu_seqlens_k = _used_keys(k, v, cu_seqlens_k, seqused_k, block_table)
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   window_size=window_size, scale=scale, dtypes=DTYPES + (torch.float64,),
                                   values=True)
@@ -187,6 +191,24 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lse_dtype = torch.promote_types(dtype, torch.float32)
     out = torch.cat(outs)
     return (out, torch.cat([x.to(lse_dtype) for x in lses], dim=1)) if return_lse else out
+
+
+def _used_keys(k, v, cu_seqlens_k, seqused_k, block_table):
+    """(k, v, cu_seqlens_k) packed from the keys each sequence uses: rows cu_seqlens_k[b] : + seqused_k[b] of
+    packed k, v, or, paged (block_table), slots 0 .. seqused_k[b] - 1 of its pages in order."""
+    if block_table is not None and (seqused_k is None or cu_seqlens_k is not None):
+        raise ValueError("paged keys (block_table) take seqused_k and cu_seqlens_k=None")
+    used, ks, vs = seqused_k.tolist(), [], []
+    for b, n in enumerate(used):
+        r = torch.arange(n, device=k.device)
+        if block_table is None:
+            idx = (int(cu_seqlens_k[b]) + r,)
+        else:
+            idx = (block_table[b].long()[r // k.shape[1]], r % k.shape[1])
+        ks.append(k[idx])
+        vs.append(v[idx])
+    cu = torch.tensor([0] + used, dtype=torch.int64).cumsum(0).to(device=k.device, dtype=torch.int32)
+    return torch.cat(ks), torch.cat(vs), cu
 
 
 def _rotated(x, cos, sin, first, same, interleaved):

@@ -1,13 +1,16 @@
 """Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen, and cu_seqlens."""
 import torch
 
-from ._args import check_kernel_inputs, check_modifiers, check_varlen_args
+from . import ops
+from ._args import check_kernel_inputs, check_modifiers, check_serving_varlen, check_varlen_args
 from .function import _attention
+from .kernels import Packed
+from .ops import Call
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
-                     dropout_p=0.0, sinks=None):
+                     dropout_p=0.0, sinks=None, seqused_k=None, block_table=None, num_splits=0):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -39,6 +42,24 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
            (ALiBi's distance |i + Sk_b - Sq_b - j|; sequence b's dropout mask is
            fused_attn.dropout_mask(B, Hq, max_seqlen_q, max_seqlen_k)[b, :, :Sq_b, :Sk_b] of the same generator state).
         sinks: as in `attention`, per query head, in every sequence.
+        seqused_k: int32 (B,): sequence b uses only its first seqused_k[b] keys (FlashAttention-3's convention):
+           rows cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b], or of its pages; the mask aligns to that length.
+        block_table: int32 (B, max_pages): k and v are paged KV caches (num_pages, page_size, Hkv, D / Dv), page
+           size a multiple of 16, sequence b's keys in pages block_table[b, 0], block_table[b, 1], ... (key j at
+           slot j % page_size of page block_table[b, j // page_size]); then cu_seqlens_k is None and seqused_k
+           gives each sequence's key count (vLLM's call, with max_seqlen_k >= every seqused_k):
+
+               attention_varlen(q, k_pages, v_pages, cu_seqlens_q, None, max_seqlen_q, max_seqlen_k,
+                                seqused_k=seqused_k, block_table=block_table, causal=True)
+
+           A batch may mix prefill chunks, speculative drafts and single-token decodes (each sequence's mask
+           bottom-right aligned to its own (Sq_b, Sk_b)): with seqused_k or block_table the call runs the split-KV
+           kernels of `attention_with_kvcache` (inference only: no gradient; no dropout), which balance the
+           work themselves -- sequences with more queries than one tile take the tiled grid, the others have their
+           keys split over up to 32 programs merged by their log-sum-exps (deterministic; a sequence gives bitwise
+           the same result alone and in any batch).
+        num_splits: with seqused_k / block_table, the most key ranges a short sequence is split into (1: none;
+           0: chosen from the keys, ranges of at least 4 key tiles); 0 otherwise.
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -51,6 +72,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     FlashAttention, they are trusted, since reading them would synchronize the device -- wrong values there give
     wrong results, not an error (`fused_attn.reference.attention_varlen` checks them anywhere).
     """
+    if seqused_k is not None or block_table is not None:
+        out, lse = _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
+                            num_splits, dict(causal=causal, window_size=window_size, scale=scale),
+                            dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks))
+        return (out, lse) if return_lse else out
+    if num_splits != 0:
+        raise ValueError(f"num_splits ({num_splits!r}) applies to calls over a KV cache (seqused_k / block_table); "
+                         f"pass 0")
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   window_size=window_size, scale=scale)
     check_kernel_inputs(a, packed)
@@ -59,6 +88,24 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out, lse = _attention(a, mods, packed)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out
+
+
+def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
+             mask: dict, modifiers: dict):
+    """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, inference only."""
+    a, packed, page = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           seqused_k, block_table, num_splits, **mask)
+    check_kernel_inputs(a, Packed(cu_seqlens_q, cu_seqlens_k, packed.max_seqlen_q,
+                                  page if page else packed.max_seqlen_k))
+    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, **modifiers)
+    if mods.dropout_p:
+        raise ValueError(f"dropout_p ({mods.dropout_p}) is for training: attention_varlen over a KV cache "
+                         f"(seqused_k / block_table) is inference only")
+    keys, values = (t.transpose(1, 2) if page else t.unsqueeze(0).transpose(1, 2) for t in (k, v))
+    with torch.no_grad():
+        out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods, packed), seqlens_k=seqused_k,
+                                        block_table=block_table, page_size=page, num_splits=num_splits)
+    return out.transpose(1, 2)[0], lse[0]
 
 
 def cu_seqlens(lengths, device=None) -> torch.Tensor:

@@ -1,18 +1,24 @@
-"""Split-KV decoding (flash-decoding): the visible keys of each query tile are cut into num_splits ranges, one
-program each, running the forward's inner loop (`_attn_fwd_inner`) over its range of a contiguous or paged KV
-cache; a combine kernel merges the partial outputs by their log-sum-exps in fp32 (deterministic, no atomics).
+"""Split-KV attention for inference (flash-decoding), dense or packed: each sequence's query tiles run the forward's
+inner loop (`_attn_fwd_inner`) over its keys -- a contiguous or paged cache -- and a sequence whose queries fit one
+tile (decode steps, speculative drafts) has its keys cut into ranges run by separate programs, merged by their
+log-sum-exps in fp32 by a combine kernel (deterministic, no atomics). One launch sequence serves a packed batch
+mixing prefill chunks and decodes: long sequences take the tiled grid, short ones split.
 
-GQA packing: for few query rows the `pack` query heads of one kv group share a program, their rows stacked into
-one tile (row r: head h0 + r // Sq, position r % Sq), so each K/V tile is read once per group.
+GQA packing: a program holds the `pack` query heads of one kv group for BLOCK_Q query positions, heads innermost
+(row r: position start + r // pack, head h0 + r % pack), so each K/V tile is read once per group.
+
+Work items (grid axis 0): first every (sequence, query tile) -- packed sequences in order, sequence b's tiles
+starting at item cu_seqlens_q[b] // BLOCK_Q + b (found by binary search), so the grid is sized by the total query
+rows, not batch x longest -- then, per sequence, splits 1 .. max_splits - 1 of its one tile. Grid axis 1: the
+query-head groups.
 """
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range, _slope
-from .configs import capability, head_block, head_chunks, interpreter_active, smem_limit
+from .common import _block_range, _sink, _slope
+from .configs import capability, head_block, interpreter_active, smem_limit
 from .forward import _attn_fwd_inner
 from .launch import LOG2E, features, fp32_dot, modifier_args, run
 
@@ -22,62 +28,116 @@ def _clamp(x, lo, hi):
     return tl.minimum(tl.maximum(x, lo), hi)
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "SOFTCAP", "ALIBI")
 @triton.jit
-def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
+def _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr):
+    """(sequence b, query tile, split) of this program's work item (module docstring)."""
+    t = tl.program_id(0)
+    if t < n_main:
+        if VARLEN:  # the last b whose first item cu_q[b] // BLOCK_Q + b is <= t (they strictly increase)
+            lo = t * 0
+            hi = lo + n_seqs
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                ok = tl.load(CU_Q + mid) // BLOCK_Q + mid <= t
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            b = lo
+            tile = t - (tl.load(CU_Q + b) // BLOCK_Q + b)
+        else:
+            b = t // tiles
+            tile = t % tiles
+        split = t * 0
+    else:
+        extra = t - n_main
+        per = tl.maximum(max_splits - 1, 1)
+        b = extra // per
+        tile = t * 0
+        split = 1 + extra % per
+    return b, tile, split
+
+
+@triton.jit
+def _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr, HAS_CU_K: tl.constexpr,
+                      HAS_SEQLENS: tl.constexpr):
+    """(q0, k0, seqlen_q, seqlen_k) of sequence b: its first query / key row in packed tensors (0 in dense ones),
+    its query count (cu_seqlens_q) and key count: seqlens_k[b] where given (FlashAttention-3's seqused_k, a cache's
+    filled length), else from cu_seqlens_k, else the launch's."""
+    q0 = tl.zeros([], tl.int64)
+    k0 = tl.zeros([], tl.int64)
+    if VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+    if HAS_CU_K:
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        seqlen_k = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+    if HAS_SEQLENS:
+        seqlen_k = tl.load(SEQLENS_K + b)
+    return q0, k0, seqlen_q, seqlen_k
+
+
+@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS")
+@triton.jit
+def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K, SEQLENS_K, PAGES, SLOPES, SINKS,
                            stride_qb, stride_qh, stride_qs, stride_qd,
                            stride_kb, stride_kh, stride_ks, stride_kd,
                            stride_vb, stride_vh, stride_vs, stride_vd,
-                           stride_os, stride_ob, stride_oh, stride_om, stride_od,
-                           stride_ls, stride_lb, stride_lh,
-                           stride_pb, page_size, stride_ab, stride_ah, head_start,
+                           stride_ob, stride_oh, stride_os, stride_od,
+                           stride_lb, stride_lh, stride_pb, page_size, stride_ab, stride_ah,
+                           n_main, n_seqs, tiles, max_splits, min_tiles, part_rows,
                            n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PACK: tl.constexpr,
                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                           PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, SOFTCAP: tl.constexpr,
-                           ALIBI: tl.constexpr):
-    """One (query tile, batch * query-head group, split): partial out (fp32, or the output dtype when there is one
-    split) and lse of the split's key range. K, V: contiguous (B, Hkv, S, D)-indexed, or paged (pages, Hkv,
+                           PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
+                           HAS_CU_K: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                           HAS_SINKS: tl.constexpr, COMBINE: tl.constexpr):
+    """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
+    when the sequence is not split (sinks folded in), else as fp32 partials (O_PART (splits, n_seqs * part_rows,
+    Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq)) for the combine kernel, SPLITS[b] the split count.
+    K, V: (B, Hkv, S, D)-indexed (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv,
     page_size, D)-indexed with PAGES the (B, max_pages) block table."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bg = tl.program_id(1) + head_start
-    split = tl.program_id(2)
-    n_splits = tl.num_programs(2)
-    b = bg // (n_heads // PACK)
-    h0 = bg % (n_heads // PACK) * PACK
-    hk = h0 // group
-    if HAS_SEQLENS:  # this row's keys: its cached length (plus the appended ones, counted by the launcher)
-        seqlen_k = tl.load(SEQLENS_K + b)
-    offset = seqlen_k - seqlen_q  # bottom-right per batch row
-    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    b, tile, split = _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, VARLEN)
+    q0, k0, seqlen_q, seqlen_k = _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN, HAS_CU_K,
+                                                   HAS_SEQLENS)
+    pos_start = tile * BLOCK_Q
+    if pos_start >= seqlen_q:  # the items cover each sequence's tiles rounded up
+        return
+    offset = seqlen_k - seqlen_q  # bottom-right per sequence
+    lo, full_lo, full_hi, hi = _block_range(pos_start, seqlen_q, seqlen_k, offset, left, right, BLOCK_Q, BLOCK_N,
+                                            HAS_LEFT, HAS_RIGHT)
+    # A sequence of one tile splits its key tiles into ranges of at least min_tiles; depends on the sequence alone
+    # (and the launch's max_splits, which only caps it), so a sequence splits the same alone or in any batch.
+    n_split = 1
+    if COMBINE:
+        n_split = tl.where(seqlen_q <= BLOCK_Q, _clamp((hi - lo) // BLOCK_N // min_tiles, 1, max_splits), 1)
+        if split >= n_split:
+            return
+        if (split == 0) & (tl.program_id(1) == 0):
+            tl.store(SPLITS + b, n_split)
+    per_split = tl.cdiv((hi - lo) // BLOCK_N, n_split) * BLOCK_N
+    s_lo = tl.minimum(lo + split * per_split, hi)
+    s_hi = tl.minimum(s_lo + per_split, hi)
 
-    # Row r of the tile: query head h0 + r // Sq at position r % Sq (PACK = 1: head h0, position r).
-    rows = start_m + tl.arange(0, BLOCK_M)
-    heads = h0 + rows // seqlen_q
-    pos = rows % seqlen_q
-    row_ok = rows < PACK * seqlen_q
+    h0 = tl.program_id(1) * PACK
+    hk = h0 // group
+    b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    pos = pos_start + rows // PACK
+    heads = h0 + rows % PACK
+    row_ok = (rows < BLOCK_Q * PACK) & (pos < seqlen_q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (Q + b64 * stride_qb + heads.to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_qs
+    q_ptrs = (Q + b64 * stride_qb + heads.to(tl.int64)[:, None] * stride_qh + (q0 + pos)[:, None] * stride_qs
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-
     if PAGED:
         Kh = K + hk64 * stride_kh
         Vh = V + hk64 * stride_vh
         PAGES += b64 * stride_pb
     else:
-        Kh = K + b64 * stride_kb + hk64 * stride_kh
-        Vh = V + b64 * stride_vb + hk64 * stride_vh
+        Kh = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks
+        Vh = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs
 
-    # Key tiles the tile's positions see ([0, Sq) when heads are packed: one tile holds every position).
-    pos_start = start_m if PACK == 1 else 0
-    lo, full_lo, full_hi, hi = _block_range(pos_start, seqlen_q, seqlen_k, offset, left, right,
-                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    per_split = tl.cdiv((hi - lo) // BLOCK_N, n_splits) * BLOCK_N
-    s_lo = tl.minimum(lo + split * per_split, hi)
-    s_hi = tl.minimum(s_lo + per_split, hi)
     slope = _slope(SLOPES, b, heads, stride_ab, stride_ah, qk_scale, ALIBI)  # one per row: heads are packed
     if ALIBI:
         slope = slope[:, None]
@@ -96,45 +156,67 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, SEQLENS_K, PAGES, SLOPES,
                                         None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
                                         ())
 
+    if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
+        if n_split == 1:
+            sink = _sink(SINKS, heads, qk_scale, HAS_SINKS)
+            m_new = tl.maximum(m_i, sink)
+            alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha + tl.math.exp2((sink - m_new) * qk_scale)
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = (tl.where(empty, 0.0, m_i) * qk_scale + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
     lse = tl.where(empty, float("-inf"), lse)
-    heads64 = heads.to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_ptrs = (O + split * stride_os + b64 * stride_ob + heads64[:, None] * stride_oh + pos[:, None] * stride_om
-              + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + split * stride_ls + b64 * stride_lb + heads64 * stride_lh + pos, lse, mask=row_ok)
+    mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if n_split == 1:
+        heads64 = heads.to(tl.int64)
+        o_rows = b64 * stride_ob + heads64 * stride_oh + (q0 + pos) * stride_os
+        tl.store(O + o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=mask)
+        tl.store(LSE + b64 * stride_lb + heads64 * stride_lh + q0 + pos, lse, mask=row_ok)
+    else:
+        part = ((split * n_seqs + b64) * part_rows + pos) * n_heads + heads
+        tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
+        tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
-@features("HAS_SINKS")
+@features("VARLEN", "HAS_SINKS")
 @triton.jit
-def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, head_start, n_splits, n_heads, seqlen_q, stride_ps,
-                         stride_ls, stride_ob, stride_oh, stride_om, stride_od,
+def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, n_heads, seqlen_q, part_rows,
+                         stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh,
                          HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         HAS_SINKS: tl.constexpr):
-    """lse = log sum_s exp(lse_s), out = sum_s exp(lse_s - lse) out_s, in fp32 and in split order (merge_attention's
-    formula); rows empty in every split get out 0, lse -inf. With sinks, exp(sink) of the row's head joins the
-    sum (and so lse), as a split whose output is 0. Partials: out (n_splits, B, Hq, Sq, Dv) and lse
-    (n_splits, B, Hq, Sq), contiguous within a split; lse (B, Hq, Sq) contiguous, out any strides."""
-    bh = tl.program_id(1) + head_start
-    sink = tl.full([], float("-inf"), tl.float32)
-    if HAS_SINKS:
-        sink = tl.load(SINKS + bh % n_heads)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+                         BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Sequence b = program_id(0), query head h = program_id(1), if it was split: lse = log sum_s exp(lse_s),
+    out = sum_s exp(lse_s - lse) out_s, in fp32 and in split order (merge_attention's formula), exp(sink) of the
+    head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.zeros([], tl.int64)
+    if VARLEN:
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        seqlen_q = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+    if (seqlen_q == 0) | (seqlen_q > BLOCK_Q):  # no rows, or a sequence of several tiles: never split
+        return
+    n_split = tl.load(SPLITS + b)
+    if n_split == 1:
+        return
+    pos = tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    m_ok = offs_m < seqlen_q
-    row = bh.to(tl.int64) * seqlen_q + offs_m  # (b, h, m) flattened
+    m_ok = pos < seqlen_q
+    b64 = b.to(tl.int64)
+    part = (b64 * part_rows + pos) * n_heads + h  # split 0's row
+    step = (b64 * 0 + n_seqs) * part_rows * n_heads
+    sink = _sink(SINKS, h, 1.4426950408889634, HAS_SINKS)  # in natural-log units
     m = tl.maximum(tl.full([BLOCK_M], float("-inf"), tl.float32), sink)
-    for s in range(n_splits):
-        m = tl.maximum(m, tl.load(LSE_PART + s * stride_ls + row, mask=m_ok, other=float("-inf")))
+    for s in range(n_split):
+        m = tl.maximum(m, tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
     m_sub = tl.where(m == float("-inf"), 0.0, m)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(n_splits):
-        w = tl.exp(tl.load(LSE_PART + s * stride_ls + row, mask=m_ok, other=float("-inf")) - m_sub)
-        o = tl.load(O_PART + s * stride_ps + row[:, None] * HEAD_DIM_V + offs_dv[None, :],
+    for s in range(n_split):
+        w = tl.exp(tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")) - m_sub)
+        o = tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += w[:, None] * o
         l_i += w
@@ -142,96 +224,114 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SINKS, head_start, n_splits, 
         l_i += tl.exp(sink - m_sub)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + row, tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i))), mask=m_ok)
+    row = b64 * stride_ob + h.to(tl.int64) * stride_oh + (q0 + pos) * stride_os
+    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q0 + pos,
+             tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i))), mask=m_ok)
 
 
-# Tiles: decode is memory-bound, so small query tiles (all of a kv group's rows, up to PACK_ROWS) and 64 keys.
-PACK_ROWS = 128
+# Tiles: decode is memory-bound, so a program's rows are a kv group's query heads at BLOCK_Q positions, up to ROWS
+# (fewer under the interpreter, where every row costs CPU time), against 64 keys at a time.
+ROWS, INTERPRETER_ROWS = 64, 16
 INTERPRETER_BLOCK_N = 32
+# A sequence of one query tile splits its keys into at most MAX_SPLITS ranges of at least MIN_TILES key tiles:
+# enough programs for a GPU even at batch 1, while the partials stay a small fraction of the keys' bytes.
+MAX_SPLITS, MIN_TILES = 32, 4
 
 
-def pack_heads(group: int, seqlen_q: int) -> int:
-    """Query heads per program: the whole kv group where its rows fit one tile, else 1."""
-    return group if 1 < group and group * seqlen_q <= PACK_ROWS else 1
+def serving_tiles(group: int, seqlen_q=None):
+    """(pack, block_q, block_m): query heads per program (the whole kv group), query positions per tile and the
+    tile's rows. Packed batches (seqlen_q None) take the same tiles whatever the batch holds, so a sequence gives
+    bitwise the same result alone and in any batch; a dense batch's tiles shrink to its query length."""
+    rows = INTERPRETER_ROWS if interpreter_active() else ROWS
+    pack = group if group <= rows else 1
+    block_q = max(1, rows // triton.next_power_of_2(pack))
+    if seqlen_q is not None:
+        block_q = min(block_q, triton.next_power_of_2(max(seqlen_q, 1)))
+    return pack, block_q, max(16, triton.next_power_of_2(block_q * pack))
 
 
-def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device; 8 under the interpreter (so the CPU takes the same paths)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-
-
-def split_count(num_splits: int, programs: int, key_tiles: int, device) -> int:
-    """num_splits, or (0) enough splits for about two programs per SM, at most one per key tile and 64."""
+def split_plan(num_splits: int, max_seqlen_k: int, block_n: int):
+    """(max_splits, min_tiles): num_splits ranges of any size where given (FlashAttention's num_splits; 1: none),
+    else (0) as many ranges of at least MIN_TILES key tiles as the keys allow, up to MAX_SPLITS."""
     if num_splits > 0:
-        return num_splits
-    return max(1, min(64, key_tiles, math.ceil(2 * sm_count(device) / max(programs, 1))))
+        return num_splits, 1
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_seqlen_k, block_n) // MIN_TILES)), MIN_TILES
 
 
 def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) -> bool:
     """Whether the dense forward should take the split-KV path: few query rows (decode steps, Sq <= 16), so its grid
     of (batch * heads) programs would leave SMs idle, and keys for several tiles to split."""
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
-    return seqlen_q <= 16 and batch * heads_q < sm_count(device) and seqlen_k >= 4 * block_n
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return seqlen_q <= 16 and batch * heads_q < sms and seqlen_k >= 4 * block_n
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                    left: int, right: int, num_splits: int = 0, cc=None, mods=None):
-    """The split-KV launches as (kernel, grid, args, kwargs), and the scratch they need allocated.
+                    left: int, right: int, num_splits: int = 0, cc=None, mods=None, packed=None):
+    """The split-KV launches as (kernel, grid, args, kwargs), their scratch allocated.
 
-    q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. k, v: (B, Hkv, S, D)-indexed
-    views of a contiguous cache, or, with block_table (B, max_pages) int32, (pages, Hkv, page_size, D)-indexed
-    views of a paged one. seqlens_k: int32 (B,) keys per row (None: max_seqlen_k for every row). mods: a
-    forward.Modifiers with softcap / ALiBi / sinks (no dropout: inference only); sinks join in the combine kernel,
-    which then runs even for one split."""
-    B, Hq, Sq, D = q.shape
+    q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. Packed (a Packed): B = 1, rows
+    cu_seqlens_q[b] .. of sequence b; cu_seqlens_k None where the keys are paged (or per sequence in seqlens_k).
+    k, v: (B, Hkv, S, D)-indexed views of a contiguous cache, or, with block_table (B, max_pages) int32,
+    (pages, Hkv, page_size, D)-indexed views of a paged one. seqlens_k: int32 (B,) keys per sequence (None: from
+    cu_seqlens_k, else max_seqlen_k for every row). mods: a Modifiers with softcap / ALiBi / sinks (no dropout:
+    inference only)."""
+    Hq, D = q.shape[1], q.shape[3]
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
-    pack = pack_heads(group, Sq)
-    block_m = max(16, triton.next_power_of_2(pack * Sq)) if pack > 1 else min(64, max(16, triton.next_power_of_2(Sq)))
-    block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
-    grid0 = triton.cdiv(pack * Sq, block_m)
-    splits = split_count(num_splits, grid0 * B * Hq // pack, triton.cdiv(max_seqlen_k, block_n), q.device)
-    sinks = None if mods is None else mods.sinks
-    if splits == 1 and sinks is None:  # straight into out and lse (the combine adds the sinks)
-        o, o_lse = out, lse
-        o_strides, l_strides = (0, *out.stride()), (0, *lse.stride()[:2])
+    if packed is None:
+        n_seqs, seqlen_q, cu_q, cu_k = q.shape[0], q.shape[2], None, None
     else:
-        o = torch.empty(splits, B, Hq, Sq, Dv, device=q.device, dtype=torch.float32)
-        o_lse = torch.empty(splits, B, Hq, Sq, device=q.device, dtype=torch.float32)
-        o_strides, l_strides = o.stride(), o_lse.stride()[:3]
+        n_seqs, seqlen_q = packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q
+        cu_q, cu_k = packed.cu_seqlens_q, packed.cu_seqlens_k
+    if n_seqs == 0 or seqlen_q == 0 or q.shape[2] == 0:
+        return []
+    pack, block_q, block_m = serving_tiles(group, None if packed else seqlen_q)
+    block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
+    tiles = triton.cdiv(seqlen_q, block_q)
+    n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
+    splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n)
+    part_rows = min(block_q, seqlen_q)
+    combine = splits > 1
+    dev, f32 = q.device, torch.float32
+    o_part = torch.empty(splits, n_seqs * part_rows, Hq, Dv, device=dev, dtype=f32) if combine else None
+    lse_part = torch.empty(splits, n_seqs * part_rows, Hq, device=dev, dtype=f32) if combine else None
+    split_counts = torch.empty(n_seqs, device=dev, dtype=torch.int32) if combine else None
     paged = block_table is not None
-    cc = capability(q.device) if cc is None and q.device.type != "meta" else cc
+    batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
+    kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
+    cc = capability(dev) if cc is None and dev.type != "meta" else cc
     bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
     # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
     # gate), keeping ~12% for the compiler's own buffers.
     room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
-    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, BLOCK_DV=bdv, PACK=pack,
-                  FP32_DOT=fp32_dot(q.dtype), num_warps=4, num_stages=stages)
+    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=bd,
+                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine, num_warps=4,
+                  num_stages=stages)
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
-    launch_list = [(_attn_fwd_split_kernel, (grid0, count, splits),
-                    (q, k, v, o, o_lse, seqlens_k, block_table, slopes, *q.stride(), *k.stride(), *v.stride(),
-                     *o_strides, *l_strides, block_table.stride(0) if paged else 0, page_size if paged else 0,
-                     *slope_strides, start, Hq, group, Sq, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out),
-                    kwargs)
-                   for start, count in head_chunks(B * Hq // pack)]
-    if o is not out:
-        block = min(64, max(16, triton.next_power_of_2(Sq)))
-        launch_list += [(_attn_combine_kernel, (triton.cdiv(Sq, block), count),
-                         (o, o_lse, out, lse, sinks, start, splits, Hq, Sq, o.stride(0), o_lse.stride(0),
-                          *out.stride()),
-                         dict(HEAD_DIM_V=Dv, BLOCK_M=block, BLOCK_DV=head_block(Dv)))
-                        for start, count in head_chunks(B * Hq)]
+    sinks = None if mods is None else mods.sinks
+    lse_strides = batch0(lse)[:2]
+    launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // pack),
+                    (q, k, v, out, lse, o_part, lse_part, split_counts, cu_q, cu_k, seqlens_k, block_table, slopes,
+                     sinks, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out), *lse_strides,
+                     block_table.stride(0) if paged else 0, page_size if paged else 0, *slope_strides,
+                     n_main, n_seqs, tiles, splits, min_tiles, part_rows, Hq, group, seqlen_q, max_seqlen_k, left,
+                     right, scale * LOG2E, cap_in, cap_out), kwargs)]
+    if combine:
+        launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
+                            (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,
+                             *batch0(out), *lse_strides),
+                            dict(HEAD_DIM_V=Dv, BLOCK_M=triton.next_power_of_2(part_rows), BLOCK_DV=bdv,
+                                 BLOCK_Q=block_q)))
     return launch_list
 
 
 def attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                     left: int, right: int, num_splits: int = 0, mods=None):
+                     left: int, right: int, num_splits: int = 0, mods=None, packed=None):
     """Launch split-KV attention (decode_launches) and count it as "decode"; writes out and lse."""
     run(decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                        num_splits, mods=mods), "decode")
+                        num_splits, mods=mods, packed=packed), "decode")
     return out, lse

@@ -115,6 +115,7 @@ FEATURES = {
     "VARLEN": lambda args: args["CU_Q"] is not None,
     "PAGED": lambda args: args["PAGES"] is not None,
     "HAS_SEQLENS": lambda args: args["SEQLENS_K"] is not None,
+    "HAS_CU_K": lambda args: args["CU_K"] is not None,
     "SOFTCAP": lambda args: args["cap_out"] > 0,
     "ALIBI": lambda args: args["SLOPES"] is not None,
     "DROPOUT": lambda args: args["RNG"] is not None,
