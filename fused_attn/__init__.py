@@ -3,7 +3,7 @@ import importlib
 
 from . import reference
 from .blockmask import BlockMask, and_masks, create_block_mask, or_masks
-from .decode import attention_with_kvcache
+from .decode import attention_with_kvcache, write_kv_cache
 from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                      scaled_dot_product_attention, sdpa_override)
 from .flex import flex_attention
@@ -13,10 +13,11 @@ from .merge import merge_attention
 from .varlen import attention_varlen, cu_seqlens
 
 __version__ = "0.1.0"
-__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "attention_probs", "dropout_mask",
-           "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference", "scaled_dot_product_attention",
-           "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
-           "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks", "ScoreMod"]
+__all__ = ["attention", "attention_varlen", "attention_with_kvcache", "write_kv_cache", "attention_probs",
+           "dropout_mask", "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference",
+           "scaled_dot_product_attention", "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache", "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
+           "ScoreMod"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

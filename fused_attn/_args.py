@@ -343,6 +343,64 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     return cache_seqlens, capacity, page
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_cache_scale(name, scale, heads, device):
+    """An FP8 cache's scale: a float32 tensor of one value or one per kv head (Hkv,)."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 tensor for an FP8 cache, got {type(scale).__name__}")
+    if scale.dtype != torch.float32 or scale.numel() not in (1, heads) or scale.dim() > 1:
+        raise ValueError(f"{name} must be float32 of one value or ({heads},) (one per kv head), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"{name} is on {scale.device}, the caches on {device}")
+
+
+def check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    """write_kv_cache's arguments: key (T, Hkv, D), value (T, Hkv, Dv) into caches (num_pages, page_size, Hkv, D /
+    Dv) of their dtype, or FP8 with k_scale / v_scale; slot_mapping int64 or int32 (T,), its values (CPU only) in
+    [-1, num_pages * page_size)."""
+    for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache),
+                    ("slot_mapping", slot_mapping)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != key.device:
+            raise ValueError(f"{name} is on {t.device}, key on {key.device}")
+    for name, t, rank in (("key", key, 3), ("value", value, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        if t.dim() != rank:
+            dims = "(T, Hkv, D)" if rank == 3 else "(num_pages, page_size, Hkv, D)"
+            raise ValueError(f"{name} must be {rank}-D {dims}, got shape {tuple(t.shape)}")
+    if key.shape[:2] != value.shape[:2] or k_cache.shape[:3] != v_cache.shape[:3]:
+        raise ValueError(f"key {tuple(key.shape)} / value {tuple(value.shape)} and k_cache {tuple(k_cache.shape)} / "
+                         f"v_cache {tuple(v_cache.shape)} must agree but for the head dims")
+    if (key.shape[1], key.shape[2], value.shape[2]) != (k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]):
+        raise ValueError(f"key / value (T, Hkv, D) = {tuple(key.shape)} / {tuple(value.shape)} do not match the "
+                         f"caches' (Hkv, D) {tuple(k_cache.shape[2:])} / {tuple(v_cache.shape[2:])}")
+    if key.dtype not in DTYPES or value.dtype != key.dtype:
+        raise TypeError(f"key and value must have one dtype of {', '.join(map(str, DTYPES))}, got {key.dtype} and "
+                        f"{value.dtype}")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (key.dtype,) + FP8_DTYPES:
+        raise TypeError(f"the caches must have key's dtype {key.dtype} or an FP8 one, got {k_cache.dtype} and "
+                        f"{v_cache.dtype}")
+    fp8 = k_cache.dtype in FP8_DTYPES
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8:
+            check_cache_scale(name, s, key.shape[1], key.device)
+        elif s is not None:
+            raise ValueError(f"{name} is for FP8 caches; these hold {k_cache.dtype}")
+    if slot_mapping.dtype not in (torch.int64, torch.int32) or tuple(slot_mapping.shape) != (key.shape[0],):
+        raise ValueError(f"slot_mapping must be int64 (or int32) of shape ({key.shape[0]},), got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if slot_mapping.device.type == "cpu" and not torch.compiler.is_compiling() and slot_mapping.numel():
+        n = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"slot_mapping holds {lo if lo < -1 else hi}, outside [-1, {n}) (-1: padding; the "
+                             f"caches hold {k_cache.shape[0]} pages of {k_cache.shape[1]} slots)")
+    check_device(key.device)
+
+
 def check_mod_args(mod_args, device, whose: str) -> tuple:
     """The extra arguments of a @triton.jit mask or score function (`whose` names it): tensors on `device`
     (pointers in the function), ints, floats."""

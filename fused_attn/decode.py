@@ -1,22 +1,46 @@
-"""Decoding: attention_with_kvcache, the split-KV kernels over a contiguous or paged KV cache."""
+"""Decoding: attention_with_kvcache, the split-KV kernels over a contiguous or paged KV cache, and write_kv_cache."""
 import dataclasses
 
 import torch
 
 from . import ops
-from ._args import check_args, check_kernel_inputs, check_kvcache, check_kvcache_values, check_modifiers, check_rotary
+from ._args import (check_args, check_kernel_inputs, check_kvcache, check_kvcache_values, check_modifiers, check_rotary,
+                    check_write_kv)
 from .ops import Call
 
 
-def _append(cache, new, cache_seqlens, block_table, page, rows=None):
-    """cache[rows[b], cache_seqlens[b] + i] = new[b, i] in place (rows: cache_batch_idx, default b; through the
-    block table when paged); no sync."""
-    B, S_new = new.shape[:2]
-    pos = cache_seqlens[:, None].long() + torch.arange(S_new, device=new.device)
-    if block_table is None:
-        cache[(torch.arange(B, device=new.device) if rows is None else rows.long())[:, None], pos] = new
+def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None):
+    """cache[rows[b], cache_seqlens[b] + i] = new[b, i] in place for k and v (rows: cache_batch_idx, default b;
+    through the block table when paged), by write_kv_cache's kernel; no sync."""
+    B, S_new = k.shape[:2]
+    pos = cache_seqlens[:, None].long() + torch.arange(S_new, device=k.device)
+    if block_table is None:  # a contiguous cache is a paged one whose page b is row b
+        first = (torch.arange(B, device=k.device) if rows is None else rows.long())[:, None] * k_cache.shape[1]
+        slots = first + pos
     else:
-        cache[block_table.gather(1, pos // page).long(), pos % page] = new
+        slots = block_table.gather(1, pos // page).long() * page + pos % page
+    ops.write_kv_cache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots.flatten())
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
+    """Write new keys and values into a paged KV cache in place (vLLM's reshape_and_cache_flash), one Triton kernel
+    for any page size.
+
+    Args:
+        key: (num_tokens, Hkv, D), value: (num_tokens, Hkv, Dv), float16 / bfloat16 / float32.
+        k_cache, v_cache: (num_pages, page_size, Hkv, D / Dv) in key's dtype, or FP8 (torch.float8_e4m3fn /
+            float8_e5m2): then each value is stored as x / scale, clamped to the type's finite range and rounded to
+            nearest (ties to even), with k_scale / v_scale float32 tensors of one value or one per kv head (Hkv,)
+            -- attention then takes k_descale = k_scale (expanded to (B, Hkv)).
+        slot_mapping: int64 (or int32) (num_tokens,): token t goes to slot s = page * page_size + offset, i.e.
+            k_cache[s // page_size, s % page_size]; -1 marks a padding token, which writes nothing.
+
+    Nothing else in the caches changes. Checked: shapes, dtypes, devices; the slot values only on CPU tensors
+    (reading them from a GPU would synchronize it).
+    """
+    check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    with torch.no_grad():
+        ops.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotary(x, cos, sin, positions, interleaved: bool):
@@ -107,8 +131,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             k = rotary(k, rotary_cos, rotary_sin, pos[:, :s_new], rotary_interleaved)
             a = dataclasses.replace(a, q=q.transpose(1, 2))
         if k is not None:
-            _append(k_cache, k, cache_seqlens, block_table, page, cache_batch_idx)
-            _append(v_cache, v, cache_seqlens, block_table, page, cache_batch_idx)
+            _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, cache_batch_idx)
         kv = (lambda t: t.transpose(1, 2))  # (B, S, H, D) and (pages, page_size, H, D) alike
         seqlens_k, table, keys, values = cache_seqlens + s_new, block_table, kv(k_cache), kv(v_cache)
         if cache_batch_idx is not None or cache_leftpad is not None:

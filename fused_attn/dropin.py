@@ -170,24 +170,47 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return out, lse, probs
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None, *, s_aux=None):
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None, *,
+                           seqused_k=None, out=None, return_softmax_lse=False, num_splits=0, s_aux=None,
+                           fa_version=None, q_descale=None, k_descale=None, v_descale=None, scheduler_metadata=None,
+                           q_v=None):
     """FlashAttention-2's flash_attn_varlen_func: packed q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv,
     Dv) with int32 cu_seqlens_q / cu_seqlens_k (B + 1,) -> out (total_q, Hq, Dv) (fused_attn.attention_varlen).
     causal / window_size bottom-right aligned within each sequence, causal=True setting the window's right side
     to 0; deterministic as in flash_attn_func. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
     probs (B, Hq, max_seqlen_q, max_seqlen_k)), each sequence's probabilities rebuilt exactly from the lse in the
     top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes; before dropout).
-    dropout_p, softcap, alibi_slopes, s_aux (sinks): as in fused_attn.attention_varlen. Not implemented
-    (NotImplementedError): block_table."""
-    _not_implemented("flash_attn_varlen_func", block_table=block_table)
+    dropout_p, softcap, alibi_slopes, s_aux (sinks): as in fused_attn.attention_varlen.
+
+    The call vLLM's FlashAttention backend makes, by keyword (FlashAttention-3's conventions): k, v paged caches
+    (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,)
+    int32 keys per sequence (or packed k, v with cu_seqlens_k and seqused_k); num_splits as in
+    attention_varlen; out: a (total_q, Hq, Dv) tensor the result is copied into (and returned);
+    return_softmax_lse: return (out, softmax_lse). fa_version (2 or 3) selects nothing: one implementation serves
+    both. Not implemented (NotImplementedError, by name): q_descale / k_descale / v_descale (FP8),
+    scheduler_metadata, q_v."""
+    _not_implemented("flash_attn_varlen_func", q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+                     scheduler_metadata=scheduler_metadata, q_v=q_v)
+    if fa_version not in (None, 2, 3):
+        raise ValueError(f"fa_version must be None, 2 or 3, got {fa_version!r}")
+    serving = block_table is not None or seqused_k is not None
+    if serving and return_attn_probs:
+        raise NotImplementedError("flash_attn_varlen_func does not implement return_attn_probs over a KV cache "
+                                  "(block_table / seqused_k)")
     window_size = _fa_window(causal, window_size)
-    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
-                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux)
+    result, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                   window_size=window_size, scale=softmax_scale, return_lse=True,
+                                   dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux,
+                                   seqused_k=seqused_k, block_table=block_table, num_splits=num_splits)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
+            raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+        result = out.copy_(result)
     if not return_attn_probs:
-        return out
+        return (result, lse) if return_softmax_lse else result
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     probs = lse.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
     for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
@@ -196,7 +219,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                 q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
                 window_size=window_size, scale=softmax_scale, layout="bshd", softcap=softcap,
                 alibi_slopes=row_slopes(alibi_slopes, b))[0]
-    return out, lse, probs
+    return result, lse, probs
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

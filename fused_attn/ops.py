@@ -236,3 +236,15 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_t
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
       alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0):
     return _out_lse(q, v, layout, cu_seqlens_q is not None)
+
+
+@torch.library.custom_op("fused_attn::write_kv_cache", mutates_args=("k_cache", "v_cache"))
+def write_kv_cache(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                   k_scale: Optional[Tensor] = None, v_scale: Optional[Tensor] = None) -> None:
+    """k_cache / v_cache (pages, page_size, Hkv, D) written in place at slot_mapping (kernels.write_kv)."""
+    kernels.write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+@write_kv_cache.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    return None

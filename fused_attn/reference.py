@@ -154,10 +154,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                      block_table=None):
     """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
     the compute dtype (and lse (Hq, total_q)). seqused_k / block_table (paged k, v): each sequence's keys are
-    gathered by indexing (its first seqused_k[b] rows, or slots of its pages) first. The cu_seqlens values are always checked (this reads them, on any
-    device); max_seqlen None: not checked. Rows of no sequence, and sequences with no keys: out 0, lse -inf.
-    dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :, :Sq_b, :Sk_b] (as fused_attn.dropout_mask
-    (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
+    gathered by indexing (its first seqused_k[b] rows, or slots of its pages) first. The cu_seqlens values are
+    always checked (this reads them, on any device); max_seqlen None: not checked. Rows of no sequence, and
+    sequences with no keys: out 0, lse -inf. dropout_mask: (B, Hq, Sq_max, Sk_max) bool, sequence b using [b, :,
+    :Sq_b, :Sk_b] (as fused_attn.dropout_mask (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
     if seqused_k is not None or block_table is not None:
         k, v, cu_seqlens_k = _used_keys(k, v, cu_seqlens_k, seqused_k, block_table)
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,

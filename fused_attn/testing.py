@@ -323,3 +323,32 @@ def evaluate_kvcache(q, k_cache, v_cache, block_table, k, v, cache_seqlens, num_
     pt = reference.attention_with_kvcache(q, k_cache, v_cache, k, v, upcast=None, **ref_kw)
     got = attention_with_kvcache(q, k_cache, v_cache, k, v, num_splits=num_splits, **ref_kw)
     return got, {n: Metric.measure(x, r, p, q.dtype, FACTORS[n]) for n, x, r, p in zip(("out", "lse"), got, ref, pt)}
+
+
+def make_serving_inputs(lens_q, lens_k, Hq, Hkv, D, dtype, device, page, seed=0, dv=None):
+    """A packed batch over a paged cache: q (sum(lens_q) + 2 rows no sequence covers, Hq, D), caches (num_pages,
+    page, Hkv, D / dv) whose pages are handed out in shuffled order (a few unused), cu_seqlens_q, seqused_k =
+    lens_k and the block table: (q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = (lambda *shape: torch.randn(*shape, generator=g).to(device, dtype))
+    per_seq = [-(-n // page) for n in lens_k]
+    n_pages = sum(per_seq) + 3
+    order = torch.randperm(n_pages, generator=g).tolist()
+    table = torch.zeros(len(lens_k), max(max(per_seq), 1), dtype=torch.int32)
+    for b, n in enumerate(per_seq):
+        table[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
+        order = order[n:]
+    q = rand(sum(lens_q) + 2, Hq, D)
+    return (q, rand(n_pages, page, Hkv, D), rand(n_pages, page, Hkv, dv or D), cu_seqlens(lens_q, device),
+            torch.tensor(lens_k, dtype=torch.int32, device=device), table.to(device))
+
+
+def evaluate_serving(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, num_splits=0, **kw):
+    """attention_varlen over a paged cache against the float64 reference (each sequence's keys gathered from its
+    pages): ((out, lse), {"out": Metric, "lse": Metric})."""
+    args = (q, k_cache, v_cache, cu_seqlens_q, None, int(torch.diff(cu_seqlens_q).max()), int(seqused_k.max()))
+    ref_kw = dict(seqused_k=seqused_k, block_table=block_table, return_lse=True, **kw)
+    ref = reference.attention_varlen(*args, upcast=torch.float64, **ref_kw)
+    pt = reference.attention_varlen(*args, upcast=None, **ref_kw)
+    got = attention_varlen(*args, num_splits=num_splits, **ref_kw)
+    return got, {n: Metric.measure(x, r, p, q.dtype, FACTORS[n]) for n, x, r, p in zip(("out", "lse"), got, ref, pt)}

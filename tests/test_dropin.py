@@ -216,8 +216,12 @@ def test_flash_attn_varlen_func_layout_and_probs():
 
 def test_flash_attn_varlen_func_rejects_what_it_does_not_implement():
     q, cu = rand(8, 4, 16), torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
+    for name in ("scheduler_metadata", "q_v"):
+        with pytest.raises(NotImplementedError, match=name):
+            fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, **{name: q})
+    with pytest.raises(NotImplementedError, match="return_attn_probs over a KV cache"):
+        fused_attn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, seqused_k=torch.tensor([3, 5], dtype=torch.int32),
+                                          return_attn_probs=True)
 
 
 def test_flash_attn_varlen_func_modifiers():
