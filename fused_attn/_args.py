@@ -15,6 +15,7 @@ from .mask import ALIGNMENTS, diagonal_offset, window_bounds
 
 LAYOUTS = ("bhsd", "bshd")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV caches
 MAX_HEAD_DIM = 256
 
 
@@ -42,7 +43,8 @@ def _check_window(window_size):
 
 
 def check_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd",
-               alignment="bottom_right", dtypes=DTYPES) -> Args:
+               alignment="bottom_right", dtypes=DTYPES, kv_fp8=False) -> Args:
+    """q, k, v and the mask; kv_fp8: k and v are an FP8 cache (one FP8 dtype) for a q of `dtypes`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -54,12 +56,14 @@ def check_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layou
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D {dims} for layout {layout!r}, got shape {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+        allowed = FP8_DTYPES if kv_fp8 and name != "q" else dtypes
+        if t.dtype not in allowed:
+            raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: {', '.join(map(str, allowed))}")
         if 0 in t.shape:
             raise ValueError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (k.dtype == v.dtype and (kv_fp8 or q.dtype == k.dtype)):
+        raise TypeError(f"q, k, v must share one dtype{' (k, v: one FP8 dtype)' if kv_fp8 else ''}, got {q.dtype}, "
+                        f"{k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not isinstance(causal, bool):
@@ -165,7 +169,7 @@ def check_cu_values(name, cu, total, max_seqlen, tensor_name):
 
 
 def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
-                      window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None):
+                      window_size=(-1, -1), scale=None, dtypes=DTYPES, values=None, kv_fp8=False):
     """check_args for packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), cu_seqlens
     int32 (B + 1,). The cu_seqlens values are read (check_cu_values) when values is True, or when None and they
     are on the CPU (reading them from a GPU would synchronize it) outside torch.compile (which cannot trace a
@@ -175,7 +179,7 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         if isinstance(t, torch.Tensor) and t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (total, H, D) for packed sequences, got shape {tuple(t.shape)}")
     a = check_args(*(t.unsqueeze(0) if isinstance(t, torch.Tensor) else t for t in (q, k, v)), causal=causal,
-                   window_size=window_size, scale=scale, layout="bshd", dtypes=dtypes)
+                   window_size=window_size, scale=scale, layout="bshd", dtypes=dtypes, kv_fp8=kv_fp8)
     lengths = [m if m is None else _check_length(name, m)
                for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
@@ -228,14 +232,17 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                          num_splits, *, causal=False, window_size=(-1, -1), scale=None):
     """attention_varlen over a KV cache (inference only): packed q (total_q, Hq, D); k, v paged (num_pages,
     page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,) int32 -- or
-    packed (total_k, Hkv, D) with cu_seqlens_k, seqused_k optional. The values (cu_seqlens_q, seqused_k within
-    each sequence's capacity and max_seqlen_k, pages that exist) are read only on the CPU outside torch.compile.
+    packed (total_k, Hkv, D) with cu_seqlens_k, seqused_k optional; either in q's dtype or FP8. The values
+    (cu_seqlens_q, seqused_k within each sequence's capacity and max_seqlen_k, pages that exist) are read only on
+    the CPU outside torch.compile.
     Returns (Args of (1, H, total, D) views -- one page of k, v when paged --, Packed, page size or 0)."""
     _check_inference("attention_varlen with seqused_k / block_table", q=q, k=k, v=v)
     _check_num_splits(num_splits)
+    fp8 = isinstance(k, torch.Tensor) and k.dtype in FP8_DTYPES
     if block_table is None:
         a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                      causal=causal, window_size=window_size, scale=scale, values=False)
+                                      causal=causal, window_size=window_size, scale=scale, values=False,
+                                      kv_fp8=fp8)
         page = 0
     else:
         if cu_seqlens_k is not None:
@@ -250,7 +257,7 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                 raise ValueError(f"{name} must be a paged cache (num_pages, page_size, Hkv, D) with block_table, "
                                  f"got shape {tuple(t.shape)}")
         a = check_args(q.unsqueeze(0), k[:1], v[:1], causal=causal, window_size=window_size, scale=scale,
-                       layout="bshd")
+                       layout="bshd", kv_fp8=fp8)
         if k.shape[:3] != v.shape[:3]:
             raise ValueError(f"k and v caches must agree but for the head dim: {tuple(k.shape)} vs {tuple(v.shape)}")
         page = k.shape[1]
@@ -330,9 +337,10 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
             if t.dim() != 4 or tuple(t.shape) != want:
                 raise ValueError(f"{name} must be (B, S_new, Hkv, D) = {want} to match q and the cache, got "
                                  f"{tuple(t.shape)}")
-            if t.dtype != k_cache.dtype or t.device != k_cache.device:
-                raise TypeError(f"{name} must have the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
-                                f"got {t.dtype}, {t.device}")
+            want = q.dtype if k_cache.dtype in FP8_DTYPES else k_cache.dtype  # written quantized to an FP8 cache
+            if t.dtype != want or t.device != k_cache.device:
+                raise TypeError(f"{name} must have dtype {want} and the cache's device {k_cache.device}, got "
+                                f"{t.dtype}, {t.device}")
     if cache_seqlens is None:
         cache_seqlens = capacity - (0 if k is None else k.shape[1])
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
@@ -343,7 +351,29 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     return cache_seqlens, capacity, page
 
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+def check_descales(k_descale, v_descale, cache_dtype, batch, heads_kv, device):
+    """FP8 caches' dequantization factors (FlashAttention-3's): float32 (B, Hkv), or one value, for both k and v,
+    given exactly when the caches hold FP8. Returns them as contiguous (B, Hkv) tensors, or (None, None)."""
+    fp8 = cache_dtype in FP8_DTYPES
+    if not fp8:
+        for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+            if d is not None:
+                raise ValueError(f"{name} is for FP8 caches; these hold {cache_dtype}")
+        return None, None
+    out = []
+    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is None:
+            raise ValueError(f"an FP8 cache ({cache_dtype}) needs {name}: float32 (B, Hkv) = ({batch}, {heads_kv}) "
+                             f"or one value")
+        if not isinstance(d, torch.Tensor):
+            raise TypeError(f"{name} must be a float32 tensor, got {type(d).__name__}")
+        if d.dtype != torch.float32 or (d.numel() != 1 and tuple(d.shape) != (batch, heads_kv)):
+            raise ValueError(f"{name} must be float32 (B, Hkv) = ({batch}, {heads_kv}) or one value, got {d.dtype} "
+                             f"{tuple(d.shape)}")
+        if d.device != device:
+            raise ValueError(f"{name} is on {d.device}, the tensors on {device}")
+        out.append(d.reshape(-1, 1).expand(batch, heads_kv).contiguous() if d.numel() == 1 else d.contiguous())
+    return tuple(out)
 
 
 def check_cache_scale(name, scale, heads, device):

@@ -4,14 +4,15 @@ import dataclasses
 import torch
 
 from . import ops
-from ._args import (check_args, check_kernel_inputs, check_kvcache, check_kvcache_values, check_modifiers, check_rotary,
-                    check_write_kv)
+from ._args import (FP8_DTYPES, check_args, check_descales, check_kernel_inputs, check_kvcache, check_kvcache_values,
+                    check_modifiers, check_rotary, check_write_kv)
 from .ops import Call
 
 
-def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None):
+def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None, descales=(None, None)):
     """cache[rows[b], cache_seqlens[b] + i] = new[b, i] in place for k and v (rows: cache_batch_idx, default b;
-    through the block table when paged), by write_kv_cache's kernel; no sync."""
+    through the block table when paged), by write_kv_cache's kernel, quantized with row b's descales (B, Hkv) to an
+    FP8 cache; no sync."""
     B, S_new = k.shape[:2]
     pos = cache_seqlens[:, None].long() + torch.arange(S_new, device=k.device)
     if block_table is None:  # a contiguous cache is a paged one whose page b is row b
@@ -19,7 +20,8 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None)
         slots = first + pos
     else:
         slots = block_table.gather(1, pos // page).long() * page + pos % page
-    ops.write_kv_cache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots.flatten())
+    per_token = (lambda d: None if d is None else d[:, None].expand(-1, S_new, -1).flatten(0, 1))
+    ops.write_kv_cache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots.flatten(), *map(per_token, descales))
 
 
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
@@ -73,7 +75,7 @@ def _row_pages(k_cache, v_cache, rows, start):
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False, softcap=0.0,
                            alibi_slopes=None, sinks=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                           cache_batch_idx=None, cache_leftpad=None):
+                           cache_batch_idx=None, cache_leftpad=None, k_descale=None, v_descale=None):
     """Attention of new queries against a KV cache, optionally appending new keys and values to it first
     (FlashAttention-2's flash_attn_with_kvcache; inference only). Split-KV kernels: the keys of each row are cut
     into ranges run by separate programs and merged by their log-sum-exps (deterministic).
@@ -102,6 +104,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             hold more rows); cache_leftpad: int32 (B,): row b's cache starts at that position (its keys are
             cache_leftpad[b] .. cache_seqlens[b] - 1, then the new ones; the mask aligns to that length). Both take
             contiguous caches (as in FlashAttention) and read them through a one-key-per-page table.
+        k_descale, v_descale: for FP8 caches (torch.float8_e4m3fn / float8_e5m2; q float16 / bfloat16 / float32):
+            float32 (B, Hkv) (or one value), row b's kv head h reading keys k_cache * k_descale[b, h] and values
+            v_cache * v_descale[b, h] (FlashAttention-3's convention; the FP8 tiles are converted in registers, the
+            descales multiply the scores and the output). New k / v (in q's dtype) are written quantized with the
+            same factors, as write_kv_cache does. Output in q's dtype.
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse). Rows that see no key get out 0, lse -inf.
@@ -114,10 +121,13 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     check_rotary(q, k, rotary_cos, rotary_sin)
     whole = block_table is None and cache_batch_idx is None
+    fp8 = k_cache.dtype in FP8_DTYPES
     a = check_args(q, *(c if whole else c[:1].expand(q.shape[0], -1, -1, -1) for c in (k_cache, v_cache)),
-                   causal=causal, window_size=window_size, scale=scale, layout="bshd")
+                   causal=causal, window_size=window_size, scale=scale, layout="bshd", kv_fp8=fp8)
     s_new = 0 if k is None else k.shape[1]
     mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    descales = check_descales(k_descale, v_descale, k_cache.dtype, q.shape[0], k_cache.shape[2], q.device)
+    mods = dataclasses.replace(mods, k_descale=descales[0], v_descale=descales[1])
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
@@ -131,7 +141,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             k = rotary(k, rotary_cos, rotary_sin, pos[:, :s_new], rotary_interleaved)
             a = dataclasses.replace(a, q=q.transpose(1, 2))
         if k is not None:
-            _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, cache_batch_idx)
+            _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, cache_batch_idx, descales)
         kv = (lambda t: t.transpose(1, 2))  # (B, S, H, D) and (pages, page_size, H, D) alike
         seqlens_k, table, keys, values = cache_seqlens + s_new, block_table, kv(k_cache), kv(v_cache)
         if cache_batch_idx is not None or cache_leftpad is not None:

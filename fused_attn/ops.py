@@ -95,7 +95,7 @@ def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_si
         k.shape[2] if block_table is None else block_table.shape[1] * page_size)
     return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
                   c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
-                  p.max_seqlen_q)
+                  p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale)
 
 
 def draw_rng(device) -> Tensor:
@@ -220,21 +220,25 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_t
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
            layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
            sinks: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
-           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0) -> Tuple[Tensor, Tensor]:
+           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, k_descale: Optional[Tensor] = None,
+           v_descale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table. Packed
-    sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers."""
+    sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers. FP8 k, v: k_descale /
+    v_descale (B, Hkv) float32; out in q's dtype."""
     packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = _out_lse(q, v, layout, packed is not None)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
-                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks), packed=packed)
+                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks, k_descale=k_descale,
+                                            v_descale=v_descale), packed=packed)
     return out, lse
 
 
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
-      alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0):
+      alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, k_descale=None,
+      v_descale=None):
     return _out_lse(q, v, layout, cu_seqlens_q is not None)
 
 

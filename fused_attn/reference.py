@@ -2,8 +2,8 @@
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
 import torch
 
-from ._args import (DTYPES, check_args, check_kvcache, check_kvcache_values, check_modifiers, check_rotary,
-                    check_varlen_args)
+from ._args import (DTYPES, FP8_DTYPES, check_args, check_descales, check_kvcache, check_kvcache_values,
+                    check_modifiers, check_rotary, check_varlen_args)
 from .blockmask import evaluate
 from .mask import visible_mask
 
@@ -151,7 +151,7 @@ def _empty_lse(heads, rows, sinks, device):
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32, softcap=0.0,
                      alibi_slopes=None, dropout_p=0.0, dropout_mask=None, sinks=None, seqused_k=None,
-                     block_table=None):
+                     block_table=None, k_descale=None, v_descale=None):
     """fused_attn.attention_varlen's semantics, `attention` run sequence by sequence: out (total_q, Hq, Dv) in
     the compute dtype (and lse (Hq, total_q)). seqused_k / block_table (paged k, v): each sequence's keys are
     gathered by indexing (its first seqused_k[b] rows, or slots of its pages) first. The cu_seqlens values are
@@ -160,6 +160,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     :Sq_b, :Sk_b] (as fused_attn.dropout_mask (B, Hq, max_seqlen_q, max_seqlen_k) gives it)."""
     if seqused_k is not None or block_table is not None:
         k, v, cu_seqlens_k = _used_keys(k, v, cu_seqlens_k, seqused_k, block_table)
+    if k.dtype in FP8_DTYPES:  # dequantized sequence by sequence, in the compute dtype (q too)
+        dtype = q.dtype if upcast is None else upcast
+        ends = cu_seqlens_k[1:].long()
+        rows = torch.searchsorted(ends, torch.arange(k.shape[0], device=k.device), right=True).clamp(max=len(ends) - 1)
+        k_descale, v_descale = check_descales(k_descale, v_descale, k.dtype, len(cu_seqlens_k) - 1, k.shape[1],
+                                              k.device)
+        q, k, v = q.to(dtype), _dequantized(k, k_descale[rows], dtype), _dequantized(v, v_descale[rows], dtype)
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   window_size=window_size, scale=scale, dtypes=DTYPES + (torch.float64,),
                                   values=True)
@@ -191,6 +198,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lse_dtype = torch.promote_types(dtype, torch.float32)
     out = torch.cat(outs)
     return (out, torch.cat([x.to(lse_dtype) for x in lses], dim=1)) if return_lse else out
+
+
+def _dequantized(x, descale, dtype):
+    """An FP8 cache's rows x (S, Hkv, D) times their descales (S, Hkv), computed in float64, as dtype."""
+    return (x.double() * descale.double()[..., None]).to(dtype)
+
+
+def _quantized(x, descale, fp8_dtype):
+    """What write_kv_cache stores for x (S, Hkv, D) in an FP8 cache: x / descale (S, Hkv), clamped, rounded."""
+    fmax = torch.finfo(fp8_dtype).max
+    return (x.double() / descale.double()[..., None]).clamp(-fmax, fmax).to(fp8_dtype)
 
 
 def _used_keys(k, v, cu_seqlens_k, seqused_k, block_table):
@@ -229,10 +247,13 @@ def _rotated(x, cos, sin, first, same, interleaved):
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, return_lse=False, upcast=torch.float32,
                            softcap=0.0, alibi_slopes=None, sinks=None, rotary_cos=None, rotary_sin=None,
-                           rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None):
+                           rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None, k_descale=None,
+                           v_descale=None):
     """fused_attn.attention_with_kvcache's semantics without touching the caches: row b attends to cache row
     cache_batch_idx[b]'s (default b) keys cache_leftpad[b] (default 0) .. cache_seqlens[b] - 1 followed by its new
-    ones (rotated with rotary_cos / rotary_sin, as q, where given), run row by row through `attention`. Returns out
+    ones (rotated with rotary_cos / rotary_sin, as q, where given), run row by row through `attention`. FP8
+    caches: the keys dequantized in float64 (new ones quantized first, as the cache write stores them), q and
+    they then in the compute dtype. Returns out
     (B, Sq, Hq, Dv) in the compute dtype (and lse (B, Hq, Sq)); rows that see no key: out 0, lse -inf."""
     cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 0,
                                                   inference_only=False, cache_batch_idx=cache_batch_idx,
@@ -243,6 +264,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
                          cache_leftpad, k_cache.shape[0])
     check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    descales = check_descales(k_descale, v_descale, k_cache.dtype, q.shape[0], k_cache.shape[2], q.device)
     if rotary_cos is not None:
         moving = causal or tuple(window_size) != (-1, -1)
         q = torch.stack([_rotated(q[b], rotary_cos, rotary_sin, n if moving else None, n, rotary_interleaved)
@@ -258,14 +280,21 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         else:
             pages = block_table[b].long()[:-(-n // page)] if n else block_table[b, :0].long()
             keys, values = (c[pages].flatten(0, 1)[:n] for c in (k_cache, v_cache))
-        if k is not None:
+        if k is not None and descales[0] is not None:
+            keys, values = (torch.cat([c, _quantized(x[b], d[b].expand(x.shape[1], -1), c.dtype)])
+                            for c, x, d in ((keys, k, descales[0]), (values, v, descales[1])))
+        elif k is not None:
             keys, values = torch.cat([keys, k[b]]), torch.cat([values, v[b]])
+        if descales[0] is not None:
+            keys, values = (_dequantized(c, d[b].expand(c.shape[0], -1), dtype) for c, d in zip((keys, values),
+                                                                                                  descales))
         if keys.shape[0] == 0:
             outs.append(q.new_zeros(q.shape[1], q.shape[2], v_cache.shape[3], dtype=dtype))
             lses.append(_empty_lse(q.shape[2], q.shape[1], sinks, q.device))
             continue
-        out, lse = attention(q[b:b + 1], keys[None], values[None], causal=causal, window_size=window_size,
-                             scale=scale, layout="bshd", return_lse=True, upcast=upcast, softcap=softcap,
+        out, lse = attention(q[b:b + 1].to(keys.dtype), keys[None], values[None], causal=causal,
+                             window_size=window_size, scale=scale, layout="bshd", return_lse=True, upcast=upcast,
+                             softcap=softcap,
                              alibi_slopes=row_slopes(alibi_slopes, b), sinks=sinks)
         outs.append(out[0])
         lses.append(lse[0])

@@ -1,8 +1,10 @@
 """Packed variable-length batches (FlashAttention-2's "varlen" layout): attention_varlen, and cu_seqlens."""
+import dataclasses
+
 import torch
 
 from . import ops
-from ._args import check_kernel_inputs, check_modifiers, check_serving_varlen, check_varlen_args
+from ._args import check_descales, check_kernel_inputs, check_modifiers, check_serving_varlen, check_varlen_args
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
@@ -10,7 +12,8 @@ from .ops import Call
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
-                     dropout_p=0.0, sinks=None, seqused_k=None, block_table=None, num_splits=0):
+                     dropout_p=0.0, sinks=None, seqused_k=None, block_table=None, num_splits=0, k_descale=None,
+                     v_descale=None):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -60,6 +63,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
            the same result alone and in any batch).
         num_splits: with seqused_k / block_table, the most key ranges a short sequence is split into (1: none;
            0: chosen from the keys, ranges of at least 4 key tiles); 0 otherwise.
+        k_descale, v_descale: with seqused_k / block_table, k and v may be FP8 caches (torch.float8_e4m3fn /
+           float8_e5m2, as `write_kv_cache` fills them) for a float16 / bfloat16 / float32 q: float32 (B, Hkv)
+           (or one value), sequence b's kv head h reading keys k * k_descale[b, h] and values v * v_descale[b, h]
+           (FlashAttention-3's convention). The kernels load the FP8 tiles -- half the bytes of a 16-bit cache --
+           and convert them in registers; k_descale multiplies the scores, v_descale the output. Output in q's
+           dtype.
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -75,11 +84,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if seqused_k is not None or block_table is not None:
         out, lse = _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
                             num_splits, dict(causal=causal, window_size=window_size, scale=scale),
-                            dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks))
+                            dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
+                            (k_descale, v_descale))
         return (out, lse) if return_lse else out
-    if num_splits != 0:
-        raise ValueError(f"num_splits ({num_splits!r}) applies to calls over a KV cache (seqused_k / block_table); "
-                         f"pass 0")
+    for name, x in (("num_splits", num_splits or None), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if x is not None:
+            raise ValueError(f"{name} applies to calls over a KV cache (seqused_k / block_table); pass "
+                             f"{'0' if name == 'num_splits' else 'None'}")
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   window_size=window_size, scale=scale)
     check_kernel_inputs(a, packed)
@@ -91,13 +102,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
-             mask: dict, modifiers: dict):
+             mask: dict, modifiers: dict, descales):
     """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, inference only."""
     a, packed, page = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                            seqused_k, block_table, num_splits, **mask)
     check_kernel_inputs(a, Packed(cu_seqlens_q, cu_seqlens_k, packed.max_seqlen_q,
                                   page if page else packed.max_seqlen_k))
-    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, **modifiers)
+    batch = cu_seqlens_q.shape[0] - 1
+    mods = check_modifiers(batch, q.shape[1], q.device, **modifiers)
+    k_descale, v_descale = check_descales(*descales, k.dtype, batch, a.k.shape[1], q.device)
+    mods = dataclasses.replace(mods, k_descale=k_descale, v_descale=v_descale)
     if mods.dropout_p:
         raise ValueError(f"dropout_p ({mods.dropout_p}) is for training: attention_varlen over a KV cache "
                          f"(seqused_k / block_table) is inference only")

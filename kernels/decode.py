@@ -75,14 +75,16 @@ def _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN: tl.c
     return q0, k0, seqlen_q, seqlen_k
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS")
+@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS",
+          "FP8_KV")
 @triton.jit
 def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K, SEQLENS_K, PAGES, SLOPES, SINKS,
+                           K_DESCALE, V_DESCALE,
                            stride_qb, stride_qh, stride_qs, stride_qd,
                            stride_kb, stride_kh, stride_ks, stride_kd,
                            stride_vb, stride_vh, stride_vs, stride_vd,
                            stride_ob, stride_oh, stride_os, stride_od,
-                           stride_lb, stride_lh, stride_pb, page_size, stride_ab, stride_ah,
+                           stride_lb, stride_lh, stride_pb, page_size, stride_ab, stride_ah, stride_db, stride_dh,
                            n_main, n_seqs, tiles, max_splits, min_tiles, part_rows,
                            n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -91,12 +93,13 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                            PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
                            HAS_CU_K: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                           HAS_SINKS: tl.constexpr, COMBINE: tl.constexpr):
+                           HAS_SINKS: tl.constexpr, FP8_KV: tl.constexpr, COMBINE: tl.constexpr):
     """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
     when the sequence is not split (sinks folded in), else as fp32 partials (O_PART (splits, n_seqs * part_rows,
     Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq)) for the combine kernel, SPLITS[b] the split count.
     K, V: (B, Hkv, S, D)-indexed (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv,
-    page_size, D)-indexed with PAGES the (B, max_pages) block table."""
+    page_size, D)-indexed with PAGES the (B, max_pages) block table. FP8_KV: K and V hold FP8, dequantized by
+    K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all)."""
     b, tile, split = _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, VARLEN)
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN, HAS_CU_K,
                                                    HAS_SEQLENS)
@@ -138,6 +141,10 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
         Kh = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks
         Vh = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs
 
+    k_descale, v_descale = 1.0, 1.0
+    if FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
+        k_descale = tl.load(K_DESCALE + b64 * stride_db + hk64 * stride_dh)
+        v_descale = tl.load(V_DESCALE + b64 * stride_db + hk64 * stride_dh)
     slope = _slope(SLOPES, b, heads, stride_ab, stride_ah, qk_scale, ALIBI)  # one per row: heads are packed
     if ALIBI:
         slope = slope[:, None]
@@ -154,7 +161,9 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                                         PAGES, page_size, stride_kb, stride_vb, PAGED,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
                                         None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
-                                        ())
+                                        (), k_descale, FP8_KV)
+    if FP8_KV:
+        acc = acc * v_descale
 
     if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
         if n_split == 1:
@@ -277,7 +286,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     k, v: (B, Hkv, S, D)-indexed views of a contiguous cache, or, with block_table (B, max_pages) int32,
     (pages, Hkv, page_size, D)-indexed views of a paged one. seqlens_k: int32 (B,) keys per sequence (None: from
     cu_seqlens_k, else max_seqlen_k for every row). mods: a Modifiers with softcap / ALiBi / sinks (no dropout:
-    inference only)."""
+    inference only) and, for FP8 caches, k_descale / v_descale float32 (B, Hkv), of the same strides."""
     Hq, D = q.shape[1], q.shape[3]
     Hkv, Dv = k.shape[1], v.shape[3]
     group = Hq // Hkv
@@ -313,13 +322,15 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
                   num_stages=stages)
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     sinks = None if mods is None else mods.sinks
+    k_descale, v_descale = (None, None) if mods is None else (mods.k_descale, mods.v_descale)
+    descale_strides = (0, 0) if k_descale is None else k_descale.stride()
     lse_strides = batch0(lse)[:2]
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // pack),
                     (q, k, v, out, lse, o_part, lse_part, split_counts, cu_q, cu_k, seqlens_k, block_table, slopes,
-                     sinks, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out), *lse_strides,
-                     block_table.stride(0) if paged else 0, page_size if paged else 0, *slope_strides,
-                     n_main, n_seqs, tiles, splits, min_tiles, part_rows, Hq, group, seqlen_q, max_seqlen_k, left,
-                     right, scale * LOG2E, cap_in, cap_out), kwargs)]
+                     sinks, k_descale, v_descale, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out),
+                     *lse_strides, block_table.stride(0) if paged else 0, page_size if paged else 0, *slope_strides,
+                     *descale_strides, n_main, n_seqs, tiles, splits, min_tiles, part_rows, Hq, group, seqlen_q,
+                     max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out), kwargs)]
     if combine:
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
                             (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,

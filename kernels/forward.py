@@ -22,9 +22,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
                     TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                     h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                    MASK_MOD: tl.constexpr, MASK_ARGS):
+                    MASK_MOD: tl.constexpr, MASK_ARGS, k_descale, DESCALE: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
-    K and V are read through the block table PAGES (kernels/decode.py). SOFTCAP / ALIBI / SCORE_MOD modify the
+    K and V are read through the block table PAGES (kernels/decode.py). K and V tiles of another dtype than q
+    (an FP8 cache) are converted to q's in registers; DESCALE multiplies the scores by k_descale (the caller
+    multiplies the output by v's). SOFTCAP / ALIBI / SCORE_MOD modify the
     scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what
     multiplies V, after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi)
     are positions in a block mask's list TABLE (common._tile_at), whose partial blocks' bits (or MASK_MOD) join the
@@ -33,8 +35,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
-                     BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED)
+                     BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED).to(q.dtype)
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
+        if DESCALE:
+            s = s * k_descale
         if SOFTCAP or ALIBI or SCORE_MOD is not None:
             s, _ = _score(s, offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
                           seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS)
@@ -55,7 +59,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         if DROPOUT:
             p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), p, 0.0)
         v = _load_kv(V, PAGES, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
-                     BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED)
+                     BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED).to(q.dtype)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
@@ -118,7 +122,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
                                         DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                        h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS)
+                                        h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS,
+                                        1.0, False)
 
     if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
         sink = _sink(SINKS, h, qk_scale, HAS_SINKS)

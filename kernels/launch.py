@@ -52,7 +52,9 @@ class Modifiers:
     by 1 / (1 - p). bias: a float additive bias, expanded to (B, Hq, Sq, Sk) (stride 0 where broadcast), added to
     the scaled scores (common._add_bias, the kernels' one built-in score function); score_mod with score_args: a
     ScoreMod applied after softcap and ALiBi (not with a bias). sinks: float32 (Hq,), one logit per query head (in the
-    units of the scaled scores) that joins each row's softmax denominator and nothing else (attention sinks)."""
+    units of the scaled scores) that joins each row's softmax denominator and nothing else (attention sinks).
+    k_descale / v_descale: float32 (B, Hkv) of the same strides, an FP8 KV cache's dequantization factors
+    (split-KV kernels only)."""
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
@@ -61,6 +63,8 @@ class Modifiers:
     score_mod: Optional[ScoreMod] = None
     score_args: tuple = ()
     sinks: Optional[torch.Tensor] = None
+    k_descale: Optional[torch.Tensor] = None
+    v_descale: Optional[torch.Tensor] = None
 
     @property
     def dropout(self) -> bool:
@@ -122,6 +126,7 @@ FEATURES = {
     "LISTED": lambda args: args["MASK_TABLE"] is not None,
     "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
     "HAS_SINKS": lambda args: args["SINKS"] is not None,
+    "FP8_KV": lambda args: args["K_DESCALE"] is not None,
 }
 
 

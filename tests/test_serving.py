@@ -107,6 +107,39 @@ def test_write_kv_cache(cache_dtype):
         assert torch.equal(k_cache.float(), want_k) and torch.equal(v_cache.float(), want_v)
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_fp8_caches(fp8):
+    """FP8 caches with per-(sequence, kv head) descales: paged attention_varlen (split and not) and
+    attention_with_kvcache appending new keys (quantized as write_kv_cache stores them), against the reference fed
+    the dequantized cache; the drop-ins pass k_descale / v_descale through."""
+    g = torch.Generator().manual_seed(5)
+    q, kc, vc, cu, used, table = make_serving_inputs(*SMALL, 8, 2, 32, F16, DEVICE, 16, seed=5)
+    kd, vd = (torch.rand(len(SMALL[0]), 2, generator=g).to(DEVICE) + 0.5 for _ in range(2))
+    kc, vc = kc.to(fp8), vc.to(fp8)
+    for splits in (1, 3):
+        check(q, kc, vc, cu, used, table, causal=True, num_splits=splits, k_descale=kd, v_descale=vd)
+    got = fused_attn.flash_attn_varlen_func(q=q, k=kc, v=vc, cu_seqlens_q=cu, max_seqlen_q=20, seqused_k=used,
+                                            max_seqlen_k=150, causal=True, block_table=table, k_descale=kd,
+                                            v_descale=vd)
+    assert torch.equal(got, fused_attn.attention_varlen(q, kc, vc, cu, None, 20, 150, seqused_k=used,
+                                                        block_table=table, causal=True, k_descale=kd, v_descale=vd))
+
+    qd, k_new, v_new = (torch.randn(2, 2, *hd, generator=g).to(DEVICE, F16) for hd in ((8, 32), (2, 32), (2, 32)))
+    kcache, vcache = (torch.randn(2, 64, 2, 32, generator=g).to(DEVICE, fp8) for _ in range(2))
+    lens = torch.tensor([10, 40], dtype=torch.int32, device=DEVICE)
+    one = torch.tensor(0.7, device=DEVICE)  # one value for every row and head
+    kw = dict(cache_seqlens=lens, causal=True, k_descale=one, v_descale=one, return_lse=True)
+    want = reference.attention_with_kvcache(qd, kcache, vcache, k_new, v_new, upcast=torch.float64, **kw)
+    pt = reference.attention_with_kvcache(qd, kcache, vcache, k_new, v_new, upcast=None, **kw)
+    got = fused_attn.flash_attn_with_kvcache(qd, kcache, vcache, k_new, v_new, cache_seqlens=lens, causal=True,
+                                             k_descale=one, v_descale=one, return_softmax_lse=True)
+    for x, w, p in zip(got, want, pt):
+        assert (x.double() - w).abs().max() <= 2 * (p.double() - w).abs().max() + 1e-3
+    written = (k_new[0, 1].double() / 0.7).clamp(-448, 448).to(fp8) if fp8 == torch.float8_e4m3fn else None
+    if written is not None:  # the second new key of row 0 sits at position 11, quantized
+        assert torch.equal(kcache[0, 11].view(torch.uint8), written.view(torch.uint8))
+
+
 def test_errors():
     q, kc, vc, cu, used, table = make_serving_inputs([2, 1], [20, 5], 4, 2, 16, F32, DEVICE, 16)
     base = dict(seqused_k=used, block_table=table)
@@ -129,6 +162,15 @@ def test_errors():
         run(seqused_k=used.long())
     with pytest.raises(ValueError, match="num_splits"):
         fused_attn.attention_varlen(q[:3], q[:3], q[:3], cu, cu, 2, 2, num_splits=2)
+    k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="needs k_descale"):
+        run(q, k8, v8, cu, None, 2, 20)
+    with pytest.raises(ValueError, match=r"v_descale must be float32 \(B, Hkv\)"):
+        run(q, k8, v8, cu, None, 2, 20, k_descale=torch.ones(2, 2, device=DEVICE), v_descale=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="k_descale is for FP8 caches"):
+        run(k_descale=torch.ones(2, 2, device=DEVICE), v_descale=torch.ones(2, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="k has unsupported dtype"):
+        fused_attn.attention(q[None], k8[:1], v8[:1])  # FP8 keys are for caches (the split-KV kernels)
     key = torch.randn(3, 2, 16, device=DEVICE)
     slots = torch.tensor([0, 1, 2], device=DEVICE)
     with pytest.raises(ValueError, match="outside"):
