@@ -67,15 +67,21 @@ def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=N
     """Launch _write_kv_kernel: key (T, Hkv, D), value (T, Hkv, Dv) into caches (pages, page_size, Hkv, D / Dv) at
     slot_mapping (T,); FP8 caches (FP8's types) take k_scale / v_scale, float32 tensors of one value, one per kv
     head (Hkv,) or one per token and kv head (T, Hkv): the cache holds round(x / scale)."""
+    run(write_launches(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale), "write_kv")
+
+
+def write_launches(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """write_kv's launch as [(kernel, grid, args, kwargs)] (empty for no tokens): write_kv runs it, the compile-time
+    gate compiles it."""
     T, H = key.shape[:2]
     if T == 0:
-        return
+        return []
     mantissa, min_exp, fp8_max = FP8.get(k_cache.dtype, (0, 0, 0.0))
     scale_strides = (lambda s: (0, 0) if s is None or s.numel() == 1 else ((0,) + s.stride())[-2:])
-    run([(_write_kv_kernel, (T,),
-          (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, k_cache.shape[1], H, fp8_max,
-           *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides(k_scale),
-           *scale_strides(v_scale)),
-          dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=triton.next_power_of_2(H),
-               BLOCK_D=head_block(key.shape[2]), BLOCK_DV=head_block(value.shape[2]), QUANT=k_cache.dtype in FP8,
-               MANTISSA=mantissa, MIN_EXP=min_exp))], "write_kv")
+    return [(_write_kv_kernel, (T,),
+             (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, k_cache.shape[1], H, fp8_max,
+              *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides(k_scale),
+              *scale_strides(v_scale)),
+             dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=triton.next_power_of_2(H),
+                  BLOCK_D=head_block(key.shape[2]), BLOCK_DV=head_block(value.shape[2]), QUANT=k_cache.dtype in FP8,
+                  MANTISSA=mantissa, MIN_EXP=min_exp))]

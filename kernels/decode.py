@@ -130,7 +130,10 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     heads = h0 + rows % PACK
     row_ok = (rows < BLOCK_Q * PACK) & (pos < seqlen_q)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = (Q + b64 * stride_qb + heads.to(tl.int64)[:, None] * stride_qh + (q0 + pos)[:, None] * stride_qs
+    Q += b64 * stride_qb + q0 * stride_qs  # at the sequence's first row: offsets within it stay 32-bit
+    O += b64 * stride_ob + q0 * stride_os
+    LSE += b64 * stride_lb + q0
+    q_ptrs = (Q + heads.to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_qs
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if PAGED:
@@ -181,9 +184,9 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if n_split == 1:
         heads64 = heads.to(tl.int64)
-        o_rows = b64 * stride_ob + heads64 * stride_oh + (q0 + pos) * stride_os
+        o_rows = heads64 * stride_oh + pos * stride_os
         tl.store(O + o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=mask)
-        tl.store(LSE + b64 * stride_lb + heads64 * stride_lh + q0 + pos, lse, mask=row_ok)
+        tl.store(LSE + heads64 * stride_lh + pos, lse, mask=row_ok)
     else:
         part = ((split * n_seqs + b64) * part_rows + pos) * n_heads + heads
         tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
@@ -317,8 +320,11 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     # gate), keeping ~12% for the compiler's own buffers.
     room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
+    # 8 warps from D = 128 on: no spills on sm_80 (the compile-time gate), for 16-row decode tiles and 64-row
+    # prefill tiles alike.
+    warps = 8 if max(bd, bdv) >= 128 else 4
     kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=bd,
-                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine, num_warps=4,
+                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine, num_warps=warps,
                   num_stages=stages)
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     sinks = None if mods is None else mods.sinks

@@ -69,14 +69,15 @@ class TargetOnly:
 
 def jobs(quick: bool):
     """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "packed" (varlen),
-    "decode" or "paged" (split-KV over a contiguous / paged cache), "modifiers" (the dense kernels with softcap,
-    ALiBi, dropout and sinks all on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are
-    compiled inside each job.
+    "decode" or "paged" (split-KV over a contiguous / paged cache), "serving" / "serving-fp8" (a packed step over
+    a paged cache, bf16 / FP8 caches), "modifiers" (the dense kernels with softcap, ALiBi, dropout and sinks all
+    on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are compiled inside each job.
     sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
     with another element type: causal MHA at every D on both paths. Packed sequences (the VARLEN kernels, pointer
     path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16. Decoding: sm_90 and sm_80 bf16 at every
-    D, contiguous and paged. Modifiers: sm_90 bf16 causal D = 64 / 128, sm_80 GQA 8. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86
-    does, so only its largest tiles, D = 256)."""
+    D, contiguous and paged. Serving: sm_90 and sm_80, D = 64 / 128, GQA 8. Modifiers: sm_90 bf16 causal D = 64 /
+    128, sm_80 GQA 8. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86 does, so
+    only its largest tiles, D = 256)."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     masks = ("causal",) if quick else tuple(MASKS)
     out = []
@@ -94,6 +95,9 @@ def jobs(quick: bool):
     out += [(arch, bf16, d, "causal", 4, False, False, kind) for arch in (80, 90) for d in (64, 128, 256)
             for kind in ("decode", "paged")]
     out += [(86, bf16, 256, "causal", 4, False, False, kind) for kind in ("decode", "paged")]
+    # Serving: a packed step over a paged cache; FP8 (e4m3) caches on sm_90 (Triton has no e4m3 before sm_89).
+    out += [(arch, bf16, d, "causal", 8, False, False, "serving") for arch in (80, 90) for d in (64, 128)]
+    out += [(90, bf16, d, "causal", 8, False, False, "serving-fp8") for d in (64, 128)]
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
@@ -118,6 +122,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     """The launchers' launches for the benchmark shape, on meta tensors (layout "packed": the varlen views)."""
     if kind in ("decode", "paged"):
         return decode_launch_list(arch, dtype, d, mask, group, kind == "paged")
+    if kind in ("serving", "serving-fp8"):
+        return serving_launch_list(arch, dtype, d, mask, group, kind == "serving-fp8")
     packed = kind == "packed"
     cc = (arch // 10, arch % 10)
     B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
@@ -173,6 +179,33 @@ def decode_launch_list(arch, dtype, d, mask, group, paged):
                                   DECODE["splits"], (arch // 10, arch % 10))
 
 
+SERVING = dict(seqs=64, tokens=2048 + 63, max_q=2048, cache=32768, page=16)
+
+
+def serving_launch_list(arch, dtype, d, mask, group, fp8):
+    """A serving step (attention_varlen over a paged cache): 64 sequences -- a 2,048-query chunk and 63 decodes --
+    over caches of up to 32k keys in pages of 16, with sinks; fp8: e4m3 caches with descales. Then the cache
+    write of the step's new keys (write_kv_cache's kernel)."""
+    n, T, P, S = SERVING["seqs"], SERVING["tokens"], SERVING["page"], SERVING["cache"]
+    Hq = HIDDEN // d
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    q, o = (_meta((1, Hq, T, d), dtype, "bshd") for _ in range(2))
+    k, v = (_meta((n * S // P, Hq // group, P, d), cache_dtype, "bshd") for _ in range(2))
+    lse = torch.empty(1, Hq, T, device="meta")
+    i32 = dict(dtype=torch.int32, device="meta")
+    cu, used, table = torch.empty(n + 1, **i32), torch.empty(n, **i32), torch.empty(n, S // P, **i32)
+    descale = torch.empty(n, Hq // group, device="meta") if fp8 else None
+    mods = launch.Modifiers(sinks=torch.empty(Hq, device="meta"), k_descale=descale, v_descale=descale)
+    packed = launch.Packed(cu, None, SERVING["max_q"], S)
+    new_k = torch.empty(T, Hq // group, d, dtype=dtype, device="meta")
+    scale = torch.empty(1, device="meta") if fp8 else None
+    from fused_attn.kernels import cache
+    return (decode.decode_launches(q, k, v, o, lse, used, table, P, S, d ** -0.5, *MASKS[mask], 0,
+                                   (arch // 10, arch % 10), mods, packed)
+            + cache.write_launches(new_k, new_k, k.transpose(1, 2), v.transpose(1, 2),
+                                   torch.empty(T, dtype=torch.int64, device="meta"), scale, scale))
+
+
 def _loop_tile_loads(ttgir: str) -> int:
     """Synchronous loads of 2-D tiles inside scf.for loops (a tile load the pipeliner did not make async)."""
     stack, count = [], 0
@@ -213,7 +246,7 @@ def verdict(arch, dtype, name, r) -> list:
     if name in DECODE_KERNELS:  # mma.sync for its 16-row tiles; K / V streamed asynchronously, without spills
         if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
             bad.append("synchronous tile loads in a loop")
-        if r["stages"] < 2 and r.get("layouts") != "paged":  # the block-table gather is not multi-buffered yet
+        if r["stages"] < 2:
             bad.append("loads not pipelined")
         if r["spill"]:
             bad.append("spills")
@@ -245,6 +278,11 @@ KNOWN = {
     # dK/dV reads a float bias transposed (key rows x query columns, the bias's contiguous axis along the rows):
     # that tile load stays synchronous; the forward and dQ kernels read it pipelined.
     ("bias", "_attn_bwd_dkdv_kernel", "synchronous tile loads in a loop"),
+    # Paged caches: the K / V loads through the block table are asynchronous (cp.async) but single-buffered -- their
+    # addresses come from a gather of page numbers the pipeliner does not hoist.
+    ("paged", "_attn_fwd_split_kernel", "loads not pipelined"),
+    ("serving", "_attn_fwd_split_kernel", "loads not pipelined"),
+    ("serving-fp8", "_attn_fwd_split_kernel", "loads not pipelined"),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again

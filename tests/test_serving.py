@@ -166,7 +166,8 @@ def test_errors():
     with pytest.raises(ValueError, match="needs k_descale"):
         run(q, k8, v8, cu, None, 2, 20)
     with pytest.raises(ValueError, match=r"v_descale must be float32 \(B, Hkv\)"):
-        run(q, k8, v8, cu, None, 2, 20, k_descale=torch.ones(2, 2, device=DEVICE), v_descale=torch.ones(3, device=DEVICE))
+        run(q, k8, v8, cu, None, 2, 20, k_descale=torch.ones(2, 2, device=DEVICE),
+            v_descale=torch.ones(3, device=DEVICE))
     with pytest.raises(ValueError, match="k_descale is for FP8 caches"):
         run(k_descale=torch.ones(2, 2, device=DEVICE), v_descale=torch.ones(2, 2, device=DEVICE))
     with pytest.raises(TypeError, match="k has unsupported dtype"):
