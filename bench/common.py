@@ -1,5 +1,6 @@
-"""What the three benchmarks (the sweep, --varlen, --decode) share: the environment recorded beside every row, the
-result files, the provider check against the float64 reference, the timer, and the one sweep loop."""
+"""What the benchmarks (the sweep, --varlen, --decode, --flex, --serving) share: the environment recorded beside
+every row, the result files, the provider check against the float64 reference, the timers, the K/V bandwidth,
+and the one sweep loop."""
 import csv
 import json
 import subprocess
@@ -82,6 +83,34 @@ def measure(make, case, inputs, wrap=lambda fn: fn):
         return "unsupported: " + str(e), None, None
     q, k, v = inputs[:3]
     return time_call(wrap(fwd), case.mode, torch.randn_like(q), [q, k, v], wrap)
+
+
+def time_step(make):
+    """(status, ms, None) of an inference call: fn = make() (a provider built on a case's inputs; Unsupported is
+    reported, not timed), triton's do_bench median. The decode and serving benchmarks time this way."""
+    import triton
+    try:
+        return "ok", triton.testing.do_bench(make(), warmup=25, rep=100, return_mode="median"), None
+    except Unsupported as e:
+        return "unsupported: " + str(e), None, None
+    except torch.cuda.OutOfMemoryError:
+        return "oom", None, None
+    finally:
+        torch.cuda.empty_cache()
+
+
+def peak_bandwidth(device) -> float:
+    """Bytes per second of the GPU's memory (2 transfers per clock), or None where torch does not say."""
+    props = torch.cuda.get_device_properties(device)
+    clock, width = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock * 1e3 * width / 8 if clock and width else None
+
+
+def bandwidth(kv_bytes: int, ms: float) -> dict:
+    """K/V bytes read per second, and as a fraction of the GPU's memory bandwidth."""
+    gbs = kv_bytes / (ms * 1e-3) / 1e9
+    peak = peak_bandwidth("cuda")
+    return {"kv_gb_per_s": gbs, "bandwidth_fraction": gbs * 1e9 / peak if peak else None}
 
 
 def time_call(fwd, mode, do, inputs, wrap=lambda fn: fn):

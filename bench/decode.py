@@ -125,32 +125,13 @@ def check(name, case, device, cache):
                         lambda upcast: fused_attn.reference.attention_with_kvcache(q, kc, vc, upcast=upcast, **kw))
 
 
-def peak_bandwidth(device) -> float:
-    """Bytes per second of the GPU's memory (2 transfers per clock), or None where torch does not say."""
-    props = torch.cuda.get_device_properties(device)
-    clock, width = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
-    return 2 * clock * 1e3 * width / 8 if clock and width else None
-
-
 def measure(name, case, device):
     """(status, ms, None): the median time of one call."""
-    import triton
-    try:
-        fn = PROVIDERS[name](case, *inputs(case, device))
-        return "ok", triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"), None
-    except Unsupported as e:
-        return "unsupported: " + str(e), None, None
-    except torch.cuda.OutOfMemoryError:
-        return "oom", None, None
-    finally:
-        torch.cuda.empty_cache()
+    return common.time_step(lambda: PROVIDERS[name](case, *inputs(case, device)))
 
 
 def derived(case, name, ms) -> dict:
-    """K/V bytes read per second, and as a fraction of the GPU's memory bandwidth."""
-    gbs = case.kv_bytes() / (ms * 1e-3) / 1e9
-    peak = peak_bandwidth("cuda")
-    return {"kv_gb_per_s": gbs, "bandwidth_fraction": gbs * 1e9 / peak if peak else None}
+    return common.bandwidth(case.kv_bytes(), ms)
 
 
 def label(case) -> str:

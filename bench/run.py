@@ -9,14 +9,14 @@ import torch
 
 import fused_attn
 
-from . import common, decode, flex, plot, sweep, varlen
+from . import common, decode, flex, plot, serving, sweep, varlen
 from .common import DTYPES
 from .providers import PROVIDERS, scoped
 
 # The sweep's own options; --varlen and --decode take the ones listed for them and refuse the others.
 SWEEP_OPTIONS = ("seqlens", "head_dims", "masks", "modes", "modifiers", "gqa_ratio", "gqa_only", "tokens", "hidden")
 TAKES = {"varlen": ("head_dims", "masks", "modes", "hidden"), "decode": ("seqlens", "head_dims"),
-         "flex": ("seqlens", "head_dims", "masks", "modes", "hidden")}
+         "flex": ("seqlens", "head_dims", "masks", "modes", "hidden"), "serving": ("seqlens", "head_dims")}
 DEFAULTS = dict(seqlens=list(sweep.SEQLENS), head_dims=list(sweep.HEAD_DIMS), masks=list(sweep.MASKS),
                 modes=list(sweep.MODES), modifiers=list(sweep.MODIFIERS), gqa_ratio=8, gqa_only=False, tokens=16384,
                 hidden=2048)
@@ -31,7 +31,8 @@ def parse_args(argv):
                    "--varlen: none, causal")
     p.add_argument("--modes", nargs="+", choices=sweep.MODES)
     p.add_argument("--providers", nargs="+",
-                   choices=sorted(set().union(PROVIDERS, varlen.PROVIDERS, decode.PROVIDERS, flex.PROVIDERS)),
+                   choices=sorted(set().union(PROVIDERS, varlen.PROVIDERS, decode.PROVIDERS, flex.PROVIDERS,
+                                              serving.PROVIDERS)),
                    help="default: every provider of the benchmark")
     p.add_argument("--varlen", action="store_true",
                    help="the packed-batch case instead of the sweep: 16k tokens in sequences of mixed lengths "
@@ -44,6 +45,11 @@ def parse_args(argv):
                    help="masks of any shape instead (bench/flex.py): flex_attention with block masks beside "
                         "FlexAttention and the built-in masks; --masks documents prefix_lm sliding<W> causal; takes "
                         "--seqlens (one), --head-dims, --modes, --hidden, --dtype")
+    p.add_argument("--serving", action="store_true",
+                   help="the serving step instead (bench/serving.py): a 2,048-query prefill chunk + 63 decodes, or "
+                        "64 decodes, over a paged cache (4k..32k keys per sequence, pages 16 / 256, bf16 / FP8); "
+                        "reports GB/s of K/V read and the bandwidth fraction; takes --seqlens (cache lengths), "
+                        "--head-dims, --dtype")
     p.add_argument("--modifiers", nargs="*", choices=sweep.MODIFIERS,
                    help="extra rows with softcap / ALiBi / dropout 0.1 (causal, D=128, S 4096 and 16384, where the "
                         "sweep has them; default all three); give none of them to leave them out")
@@ -56,9 +62,9 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit")
     p.add_argument("--plot-only", metavar="RESULTS_JSON", help="redraw the plots from a results file")
     args = p.parse_args(argv)
-    if args.varlen + args.decode + args.flex > 1:
-        p.error("--varlen, --decode and --flex are separate benchmarks: pick one")
-    kind = "varlen" if args.varlen else "decode" if args.decode else "flex" if args.flex else None
+    if args.varlen + args.decode + args.flex + args.serving > 1:
+        p.error("--varlen, --decode, --flex and --serving are separate benchmarks: pick one")
+    kind = next((k for k in ("varlen", "decode", "flex", "serving") if getattr(args, k)), None)
     if kind:
         refused = [o for o in SWEEP_OPTIONS if getattr(args, o) is not None and o not in TAKES[kind]]
         if refused:
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
         bench, title, out = decode, "decode", out / "decode"
     elif args.flex:
         bench, title, out = flex, "flex", out / "flex"
+    elif args.serving:
+        bench, title, out = serving, "serving", out / "serving"
     providers = args.providers or list(bench.PROVIDERS)
     unknown = [p for p in providers if p not in bench.PROVIDERS]
     if unknown:

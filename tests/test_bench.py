@@ -201,6 +201,7 @@ def test_decode_sweep_and_bytes(capsys):
     (["--varlen", "--masks", "window256"], "--varlen takes the masks none and causal"),
     (["--varlen", "--modifiers", "softcap"], "--varlen does not take --modifiers"),
     (["--dtype", "fp32"], "--dtype fp32 is for --decode only"),
+    (["--serving", "--masks", "causal"], "--serving does not take --masks"),
 ])
 def test_options_a_benchmark_does_not_take_are_refused(argv, refused, capsys):
     """A flag is honoured or refused with a message, never ignored."""
@@ -220,6 +221,25 @@ def test_varlen_honours_its_options(capsys):
 def test_decode_provider_passes_its_check(page):
     from bench import decode
     status, metric = decode.check("fused_attn-kvcache", decode.Case(1, 1, 4, page, dtype="fp32"), "cpu", {})
+    assert status == "ok", (status, metric)
+
+
+def test_serving_steps_and_bytes(capsys):
+    from bench import serving
+    cases = serving.build()
+    assert len(cases) == 2 * 3 * 2 * 2 and {c.kv for c in cases} == {"bf16", "fp8"}
+    c = serving.Case(2048, 63, 32768, 16, "fp8")
+    assert c.lens_q == [2048] + [1] * 63 and c.kv_bytes() == 2 * 64 * 32768 * 8 * 128 * 1
+    assert run.main(["--serving", "--dry-run", "--seqlens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "serving: 8 configurations x 4 providers" in out and "serving 2048+63x1 cache=  4096" in out
+
+
+@pytest.mark.parametrize("name", ["fused_attn-serving", "fused_attn-separate"])
+def test_serving_providers_pass_their_check(name):
+    """fused_attn's one call and its two separate calls on a small step, FP8 cache and pages of 16."""
+    from bench import serving
+    status, metric = serving.check(name, serving.Case(2048, 63, 32768, 16, "fp8", dtype="fp16"), "cpu", {})
     assert status == "ok", (status, metric)
 
 
