@@ -27,5 +27,7 @@ python -m bench --varlen --head-dims 64 128 --masks none causal --modes fwd fwd+
     > "$OUT/bench_varlen.txt" 2>&1; echo "bench --varlen rc=$?" >> "$OUT/bench_varlen.txt"
 python -m bench --decode --out "$OUT/bench" > "$OUT/bench_decode.txt" 2>&1; echo "bench --decode rc=$?" >> "$OUT/bench_decode.txt"
 python -m bench --flex --out "$OUT/bench" > "$OUT/bench_flex.txt" 2>&1; echo "bench --flex rc=$?" >> "$OUT/bench_flex.txt"
+python -m bench --serving --seqlens 4096 32768 --out "$OUT/bench" > "$OUT/bench_serving.txt" 2>&1
+echo "bench --serving rc=$?" >> "$OUT/bench_serving.txt"
 tail -n 3 "$OUT/pytest.txt" "$OUT/check.txt" "$OUT/bench.txt" "$OUT/bench_varlen.txt" "$OUT/bench_decode.txt" \
-    "$OUT/bench_flex.txt"
+    "$OUT/bench_flex.txt" "$OUT/bench_serving.txt"
