@@ -355,9 +355,10 @@ def check_descales(k_descale, v_descale, cache_dtype, batch, heads_kv, device):
     """FP8 caches' dequantization factors (FlashAttention-3's): float32 (B, Hkv), or one value, for both k and v,
     given exactly when the caches hold FP8. Returns them as contiguous (B, Hkv) tensors, or (None, None)."""
     fp8 = cache_dtype in FP8_DTYPES
-    if cache_dtype == torch.float8_e4m3fn and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if cache_dtype == torch.float8_e4m3fn and cc is not None and cc < (8, 9):
         raise ValueError(f"float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no e4m3 "
-                         f"before), this one is {torch.cuda.get_device_capability(device)}; use float8_e5m2")
+                         f"before), this one is {cc}; use float8_e5m2")
     if not fp8:
         for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
             if d is not None:

@@ -154,6 +154,15 @@ def _sink(SINKS, h, qk_scale, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit
+def _join_sink(acc, l_i, m_i, sink, qk_scale):
+    """The online softmax's state (acc, l, m) after a sink logit (kernel units) joins each row's denominator: its
+    term exp(sink) adds to l, nothing to acc."""
+    m_new = tl.maximum(m_i, sink)
+    alpha = tl.math.exp2((m_i - m_new) * qk_scale)
+    return acc * alpha[:, None], l_i * alpha + tl.math.exp2((sink - m_new) * qk_scale), m_new
+
+
+@triton.jit
 def _rng(RNG, DROPOUT: tl.constexpr):
     """(seed, offset) of a dropout call from its int64 [seed, offset] tensor (drawn from torch's generator)."""
     seed = tl.zeros([], tl.int64)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range, _sink, _slope
+from .common import _block_range, _join_sink, _sink, _slope
 from .configs import capability, head_block, interpreter_active, smem_limit
 from .forward import _attn_fwd_inner
 from .launch import LOG2E, features, fp32_dot, modifier_args, run
@@ -170,12 +170,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
 
     if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
         if n_split == 1:
-            sink = _sink(SINKS, heads, qk_scale, HAS_SINKS)
-            m_new = tl.maximum(m_i, sink)
-            alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha + tl.math.exp2((sink - m_new) * qk_scale)
-            m_i = m_new
+            acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, heads, qk_scale, HAS_SINKS), qk_scale)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = (tl.where(empty, 0.0, m_i) * qk_scale + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453

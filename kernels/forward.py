@@ -3,8 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _dot, _keep, _key_walk, _load_block, _load_kv, _query_program, _rng,
-                     _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
+from .common import (_at_head, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _query_program,
+                     _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args)
@@ -126,12 +126,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         1.0, False)
 
     if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
-        sink = _sink(SINKS, h, qk_scale, HAS_SINKS)
-        m_new = tl.maximum(m_i, sink)
-        alpha = tl.math.exp2((m_i - m_new) * qk_scale)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha + tl.math.exp2((sink - m_new) * qk_scale)
-        m_i = m_new
+        acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, h, qk_scale, HAS_SINKS), qk_scale)
 
     # Rows that saw no key (and no sink): out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
