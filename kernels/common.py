@@ -257,14 +257,19 @@ def _load_kv(X, PAGES, b, h, start, stride_r, stride_c, stride_page, page_size, 
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
              TMA: tl.constexpr, PAGED: tl.constexpr):
     """Key / value rows [start, start + BLOCK_R): _load_block, or (PAGED) through a block table: row j lives in page
-    PAGES[j // page_size] at slot j % page_size (X at the head, stride_page apart), so any page size works."""
+    PAGES[j // page_size] at slot j % page_size (X at the head, stride_page apart), so any page size works. A page
+    size (constexpr) that is a multiple of BLOCK_R puts each tile in one page: one page number, contiguous rows."""
     if PAGED:
         rows = start + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         ok = rows < n_rows
-        page = tl.load(PAGES + rows // page_size, mask=ok, other=0).to(tl.int64)
-        ptrs = X + page[:, None] * stride_page + (rows % page_size)[:, None] * stride_r + cols[None, :] * stride_c
-        return tl.load(ptrs, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+        if page_size % BLOCK_R == 0:
+            page = tl.load(PAGES + start // page_size).to(tl.int64)
+            ptrs = X + page * stride_page + (start % page_size + tl.arange(0, BLOCK_R))[:, None] * stride_r
+        else:
+            page = tl.load(PAGES + rows // page_size, mask=ok, other=0).to(tl.int64)
+            ptrs = X + page[:, None] * stride_page + (rows % page_size)[:, None] * stride_r
+        return tl.load(ptrs + cols[None, :] * stride_c, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
     else:
         return _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols, BLOCK_R, BLOCK_C, CHECK_ROWS,
                            CHECK_COLS, TMA)

@@ -84,7 +84,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                            stride_kb, stride_kh, stride_ks, stride_kd,
                            stride_vb, stride_vh, stride_vs, stride_vd,
                            stride_ob, stride_oh, stride_os, stride_od,
-                           stride_lb, stride_lh, stride_pb, page_size, stride_ab, stride_ah, stride_db, stride_dh,
+                           stride_lb, stride_lh, stride_pb, stride_ab, stride_ah, stride_db, stride_dh,
                            n_main, n_seqs, tiles, max_splits, min_tiles, part_rows,
                            n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -93,12 +93,14 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                            PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
                            HAS_CU_K: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                           HAS_SINKS: tl.constexpr, FP8_KV: tl.constexpr, COMBINE: tl.constexpr):
+                           HAS_SINKS: tl.constexpr, FP8_KV: tl.constexpr, COMBINE: tl.constexpr,
+                           PAGE_SIZE: tl.constexpr):
     """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
     when the sequence is not split (sinks folded in), else as fp32 partials (O_PART (splits, n_seqs * part_rows,
     Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq)) for the combine kernel, SPLITS[b] the split count.
     K, V: (B, Hkv, S, D)-indexed (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv,
-    page_size, D)-indexed with PAGES the (B, max_pages) block table. FP8_KV: K and V hold FP8, dequantized by
+    page_size, D)-indexed with PAGES the (B, max_pages) block table, PAGE_SIZE keys per page (a constant: a few
+    values in practice, and a multiple of BLOCK_N makes each tile one page). FP8_KV: K and V hold FP8, dequantized by
     K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all)."""
     b, tile, split = _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, VARLEN)
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN, HAS_CU_K,
@@ -161,7 +163,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                                         pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                         HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                         HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
-                                        PAGES, page_size, stride_kb, stride_vb, PAGED,
+                                        PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
                                         None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
                                         (), k_descale, FP8_KV)
@@ -319,8 +321,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     # prefill tiles alike.
     warps = 8 if max(bd, bdv) >= 128 else 4
     kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=bd,
-                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine, num_warps=warps,
-                  num_stages=stages)
+                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine,
+                  PAGE_SIZE=page_size if paged else 0, num_warps=warps, num_stages=stages)
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     sinks = None if mods is None else mods.sinks
     k_descale, v_descale = (None, None) if mods is None else (mods.k_descale, mods.v_descale)
@@ -329,7 +331,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // pack),
                     (q, k, v, out, lse, o_part, lse_part, split_counts, cu_q, cu_k, seqlens_k, block_table, slopes,
                      sinks, k_descale, v_descale, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out),
-                     *lse_strides, block_table.stride(0) if paged else 0, page_size if paged else 0, *slope_strides,
+                     *lse_strides, block_table.stride(0) if paged else 0, *slope_strides,
                      *descale_strides, n_main, n_seqs, tiles, splits, min_tiles, part_rows, Hq, group, seqlen_q,
                      max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out), kwargs)]
     if combine:
