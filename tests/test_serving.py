@@ -42,6 +42,13 @@ def test_mixed_batch_against_reference(page, Hq, Hkv, mods):
     check(q, kc, vc, cu, used, table, **kw)
 
 
+def test_long_chunk_over_a_long_cache():
+    """The issue's extremes: a 300-query chunk over 2,000 keys beside decodes over 2,000 and 1 keys (pages of 256,
+    shuffled), causal with a window on the chunk's far keys."""
+    q, kc, vc, cu, used, table = make_serving_inputs([300, 1, 1], [2000, 2000, 1], 2, 2, 16, F16, DEVICE, 256)
+    check(q, kc, vc, cu, used, table, causal=True, window_size=(1500, 0))
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_split_counts_and_bitwise_alone_or_in_a_batch(num_splits):
     """Split counts are exact; a sequence gives bitwise the same result alone and inside the mixed batch."""
