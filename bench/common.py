@@ -143,19 +143,24 @@ def time_call(fwd, mode, do, inputs, wrap=lambda fn: fn):
 
 def sweep(bench, cases, providers, env, out: Path, title: str):
     """The loop of every benchmark: each case x provider is checked (bench.check), timed where the check passed
-    (bench.measure -> (status, ms, peak MiB)), turned into a row with bench.derived(case, name, ms) (TF/s, GB/s, ...)
-    and shown with its label (bench.label(case)); the rows are written after every case (a crash keeps what was
-    measured). Progress: current case, done / total, elapsed and remaining time."""
+    (bench.measure -> (status, ms, peak MiB); an exception becomes the row's status "error: ..."), turned into a
+    row with bench.derived(case, name, ms) (TF/s, GB/s, ...) and shown with its label (bench.label(case)); the rows
+    are written after every case (a crash keeps what was measured). Progress: current case, done / total, elapsed
+    and remaining time."""
     print(f"{env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  {title}", flush=True)
     rows, checks = [], {}
     progress = Progress(len(cases) * len(providers), title)
     for case in cases:
         for name in providers:
             progress.current(f"{bench.label(case)} {name}")
-            status, metric = bench.check(name, case, "cuda", checks)
-            ms = peak = None
-            if status == "ok":
-                status, ms, peak = bench.measure(name, case, "cuda")
+            ms = peak = metric = None
+            try:
+                status, metric = bench.check(name, case, "cuda", checks)
+                if status == "ok":
+                    status, ms, peak = bench.measure(name, case, "cuda")
+            except Exception as e:  # one provider's failure is a row, not the end of a scarce GPU run
+                first = str(e).splitlines()[0][:200] if str(e) else ""
+                status, ms = f"error: {type(e).__name__}: {first}", None
             derived = bench.derived(case, name, ms) if ms else {}
             rows.append(dict(env, provider=name, **case.as_dict(), status=status, ms=ms, peak_mem_mb=peak, **derived,
                              check_err=metric.err if metric else None,

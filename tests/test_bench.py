@@ -269,3 +269,30 @@ def test_flex_providers_pass_their_check(name, mask, status, monkeypatch):
     monkeypatch.setitem(flex.DTYPES, "fp32", torch.float32)
     got, metric = flex.check(name, flex.Case(mask, 32, "fwd", 2, dtype="fp32"), "cpu", {})
     assert got.startswith(status), (got, metric)
+
+
+def test_a_provider_that_raises_becomes_an_error_row(tmp_path):
+    """One provider's exception is reported in its row; the sweep goes on (a GPU run is not lost to one crash)."""
+    import types
+    from dataclasses import dataclass
+
+    from bench import common
+
+    @dataclass(frozen=True)
+    class Case:
+        n: int
+
+        def as_dict(self):
+            return {"seqlen": self.n}
+
+    def check(name, case, device, cache):
+        if name == "broken":
+            raise KeyError("no such kernel")
+        return "ok", None
+
+    fake = types.SimpleNamespace(check=check, measure=lambda name, case, device: ("ok", 1.5, None),
+                                 derived=lambda case, name, ms: {}, label=lambda case: f"n={case.n}")
+    rows = common.sweep(fake, [Case(1), Case(2)], ["broken", "fine"], {"gpu": "none", "torch": "-", "triton": "-",
+                                                                       "commit": "-"}, tmp_path, "fake")
+    assert [r["status"] for r in rows] == ["error: KeyError: 'no such kernel'", "ok"] * 2
+    assert [r["ms"] for r in rows] == [None, 1.5] * 2 and (tmp_path / "results.json").exists()
