@@ -7,6 +7,7 @@ from .decode import attention_with_kvcache, write_kv_cache
 from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
                      scaled_dot_product_attention, sdpa_override)
 from .flex import flex_attention
+from .fp8 import quantize_fp8
 from .function import FusedAttentionFunction, attention, attention_probs, dropout_mask
 from .kernels import ScoreMod
 from .merge import merge_attention
@@ -17,7 +18,7 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "write_kv_
            "dropout_mask", "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference",
            "scaled_dot_product_attention", "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache", "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "ScoreMod"]
+           "ScoreMod", "quantize_fp8"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

@@ -1,6 +1,7 @@
 """Argument checking shared by the public functions and the reference: every invalid input gets a ValueError /
 TypeError that names the bad value. The checks return bundles -- Args (q, k, v and the mask), Modifiers, Packed --
 that the call path hands down to the ops as they are."""
+import dataclasses
 import math
 import numbers
 import re
@@ -351,24 +352,24 @@ def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_spl
     return cache_seqlens, capacity, page
 
 
-def check_descales(k_descale, v_descale, cache_dtype, batch, heads_kv, device):
-    """FP8 caches' dequantization factors (FlashAttention-3's): float32 (B, Hkv), or one value, for both k and v,
-    given exactly when the caches hold FP8. Returns them as contiguous (B, Hkv) tensors, or (None, None)."""
-    fp8 = cache_dtype in FP8_DTYPES
+def check_descales(descales: dict, dtype, batch, heads_kv, device, holder="caches"):
+    """FP8 dequantization factors (FlashAttention-3's): float32 (B, Hkv), or one value, each of `descales`
+    ({name: tensor or None}) given exactly when the tensors (`holder`) hold FP8 (`dtype`). Returns them as contiguous
+    (B, Hkv) tensors in order, or Nones."""
     cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    if cache_dtype == torch.float8_e4m3fn and cc is not None and cc < (8, 9):
-        raise ValueError(f"float8_e4m3fn caches need a GPU of compute capability 8.9 or newer (Triton has no e4m3 "
+    if dtype == torch.float8_e4m3fn and cc is not None and cc < (8, 9):
+        raise ValueError(f"float8_e4m3fn {holder} need a GPU of compute capability 8.9 or newer (Triton has no e4m3 "
                          f"before), this one is {cc}; use float8_e5m2")
-    if not fp8:
-        for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+    if dtype not in FP8_DTYPES:
+        for name, d in descales.items():
             if d is not None:
-                raise ValueError(f"{name} is for FP8 caches; these hold {cache_dtype}")
-        return None, None
+                raise ValueError(f"{name} is for FP8 {holder}; these hold {dtype}")
+        return tuple(None for _ in descales)
     out = []
-    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+    for name, d in descales.items():
         if d is None:
-            raise ValueError(f"an FP8 cache ({cache_dtype}) needs {name}: float32 (B, Hkv) = ({batch}, {heads_kv}) "
-                             f"or one value")
+            raise ValueError(f"FP8 {holder} ({dtype}) need {name}: float32 (B, Hkv) = ({batch}, {heads_kv}) or one "
+                             f"value")
         if not isinstance(d, torch.Tensor):
             raise TypeError(f"{name} must be a float32 tensor, got {type(d).__name__}")
         if d.dtype != torch.float32 or (d.numel() != 1 and tuple(d.shape) != (batch, heads_kv)):
@@ -378,6 +379,30 @@ def check_descales(k_descale, v_descale, cache_dtype, batch, heads_kv, device):
             raise ValueError(f"{name} is on {d.device}, the tensors on {device}")
         out.append(d.reshape(-1, 1).expand(batch, heads_kv).contiguous() if d.numel() == 1 else d.contiguous())
     return tuple(out)
+
+
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_fp8(a: Args, mods: Modifiers, batch: int, descales: dict, out_dtype, attn_mask=None):
+    """FP8 q, k, v (FlashAttention-3's FP8 forward): their descales (check_descales), forward only (no input
+    requires grad), no dropout, no attn_mask; out_dtype bfloat16 (default), float16 or float32. For other inputs
+    the descales and out_dtype must be absent. Returns (Modifiers with the descales, out_dtype or None)."""
+    dtype = a.q.dtype
+    qd, kd, vd = check_descales(descales, dtype, batch, a.k.shape[1], a.q.device, "q, k, v")
+    if dtype not in FP8_DTYPES:
+        if out_dtype is not None:
+            raise ValueError(f"out_dtype is for FP8 inputs; these are {dtype} (the output takes their dtype)")
+        return mods, None
+    _check_inference("attention with FP8 inputs", q=a.q, k=a.k, v=a.v)
+    if mods.dropout_p:
+        raise ValueError(f"dropout_p ({mods.dropout_p}) is for training; FP8 attention is forward only")
+    if attn_mask is not None:
+        raise ValueError("attn_mask is not implemented with FP8 inputs (causal / window_size are)")
+    out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype!r}")
+    return dataclasses.replace(mods, q_descale=qd, k_descale=kd, v_descale=vd), out_dtype
 
 
 def check_cache_scale(name, scale, heads, device):
@@ -549,8 +574,10 @@ def check_kernel_inputs(a: Args, packed: Packed = None):
 
 
 def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
-    """check_args plus check_kernel_inputs."""
-    a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
+    """check_args plus check_kernel_inputs (FP8 q, k, v allowed: check_fp8 checks what comes with them)."""
+    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
+    a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout,
+                   dtypes=FP8_DTYPES if fp8 else DTYPES)
     check_kernel_inputs(a)
     return a
 

@@ -126,7 +126,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                    causal=causal, window_size=window_size, scale=scale, layout="bshd", kv_fp8=fp8)
     s_new = 0 if k is None else k.shape[1]
     mods = check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-    descales = check_descales(k_descale, v_descale, k_cache.dtype, q.shape[0], k_cache.shape[2], q.device)
+    descales = check_descales(dict(k_descale=k_descale, v_descale=v_descale), k_cache.dtype, q.shape[0],
+                              k_cache.shape[2], q.device)
     mods = dataclasses.replace(mods, k_descale=descales[0], v_descale=descales[1])
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
     if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():

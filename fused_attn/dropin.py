@@ -150,7 +150,8 @@ def _fa_window(causal, window_size):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None, q_descale=None,
+                    k_descale=None, v_descale=None):
     """FlashAttention-2's flash_attn_func: q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv) ->
     out (B, Sq, Hq, Dv); bottom-right aligned causal / window_size as in flash_attn. As there, causal=True sets
     the window's right side to 0. The backward is always deterministic (no atomics), so `deterministic` is
@@ -158,11 +159,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes; before dropout --
     fused_attn.dropout_mask gives the mask). dropout_p, softcap, alibi_slopes ((Hq,) or (B, Hq) float32): as in
     fused_attn.attention (dropout_p applies whenever > 0, as in flash_attn). s_aux: attention sinks, float32 (Hq,)
-    (vLLM's name; fused_attn.attention's `sinks`)."""
+    (vLLM's name; fused_attn.attention's `sinks`). FP8 q, k, v with q_descale / k_descale / v_descale:
+    FlashAttention-3's FP8 forward (fused_attn.attention's; output bfloat16)."""
     window_size = _fa_window(causal, window_size)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes)
     out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
-                         return_lse=True, dropout_p=dropout_p, sinks=s_aux, **mods)
+                         return_lse=True, dropout_p=dropout_p, sinks=s_aux, q_descale=q_descale, k_descale=k_descale,
+                         v_descale=v_descale, **mods)
     if not return_attn_probs:
         return out
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
@@ -188,10 +191,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
     (num_pages, page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,)
     int32 keys per sequence (or packed k, v with cu_seqlens_k and seqused_k); num_splits as in
     attention_varlen; out: a (total_q, Hq, Dv) tensor the result is copied into (and returned);
-    return_softmax_lse: return (out, softmax_lse); k_descale / v_descale: FP8 caches (attention_varlen's). fa_version
-    (2 or 3) selects nothing: one implementation serves both. Not implemented (NotImplementedError, by name):
-    q_descale (FP8 queries), scheduler_metadata, q_v."""
-    _not_implemented("flash_attn_varlen_func", q_descale=q_descale, scheduler_metadata=scheduler_metadata, q_v=q_v)
+    return_softmax_lse: return (out, softmax_lse); k_descale / v_descale: FP8 caches (attention_varlen's), or with
+    q_descale FP8 q, k, v (FlashAttention-3's FP8 forward, packed). fa_version (2 or 3) selects nothing: one
+    implementation serves both. Not implemented (NotImplementedError, by name): scheduler_metadata, q_v."""
+    _not_implemented("flash_attn_varlen_func", scheduler_metadata=scheduler_metadata, q_v=q_v)
     if fa_version not in (None, 2, 3):
         raise ValueError(f"fa_version must be None, 2 or 3, got {fa_version!r}")
     serving = block_table is not None or seqused_k is not None
@@ -203,7 +206,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                                    window_size=window_size, scale=softmax_scale, return_lse=True,
                                    dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux,
                                    seqused_k=seqused_k, block_table=block_table, num_splits=num_splits,
-                                   k_descale=k_descale, v_descale=v_descale)
+                                   k_descale=k_descale, v_descale=v_descale, q_descale=q_descale)
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
             raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "

@@ -6,7 +6,8 @@ import numbers
 import torch
 
 from . import kernels, ops
-from ._args import Args, _check_length, check_args, check_attn_mask, check_device, check_modifiers, kernel_args
+from ._args import (Args, _check_length, check_args, check_attn_mask, check_device, check_fp8, check_modifiers,
+                    kernel_args)
 from .blockmask import from_dense
 from .kernels import BlockTables, Modifiers, Packed, dropout_keep_mask
 from .ops import Call
@@ -40,14 +41,18 @@ class FusedAttentionFunction(torch.autograd.Function):
                 dsinks if ctx.needs_input_grad[4] else None, None)
 
 
-def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, blocks: BlockTables = None):
+def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, blocks: BlockTables = None,
+               out_dtype=None):
     """The one call into the kernels for every entry point that computes attention over q, k, v (attention,
     attention_varlen, flex_attention, the drop-ins): checked Args and Modifiers (and Packed sequences, or a block
     mask's tables) -> (out, lse) as the ops return them, out laid out as a.layout, (B, Hq, Sq)-indexed. Decode steps
     (at most 16 query rows, fewer batch x heads than SMs, enough keys, no gradient to compute, no dropout, no
     block mask) take the split-KV kernels."""
     B, Hq, Sq = a.q.shape[:3]
-    call = Call.of(a, mods, packed, blocks)
+    call = Call.of(a, mods, packed, blocks, out_dtype)
+    if mods.q_descale is not None:  # FP8 inputs: forward only (check_fp8 refused gradients)
+        out, lse, _, _ = ops.attention_forward(a.q, a.k, a.v, call)
+        return out, lse
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.q, a.k, a.v))
     bottom_right = a.offset == a.k.shape[2] - Sq or a.left < 0 and a.right < 0  # the split kernels' alignment
     if (packed is None and blocks is None and not grad and not mods.dropout_p and mods.bias is None
@@ -57,7 +62,8 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
-              softcap=0.0, alibi_slopes=None, dropout_p=0.0, attn_mask=None, sinks=None):
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, attn_mask=None, sinks=None, q_descale=None,
+              k_descale=None, v_descale=None, out_dtype=None):
     """Exact attention softmax(q k^T * scale + mask) v with FlashAttention-style Triton kernels.
 
     Args:
@@ -111,6 +117,16 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            nothing to the output, in the units of the scaled scores (not scaled again, not softcapped, no ALiBi):
            P_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij)). The lse includes it; a row that sees no key gets
            out 0 (and lse = sink_h). If it requires grad it gets its gradient, deterministic.
+        q_descale, k_descale, v_descale, out_dtype: FP8 attention (FlashAttention-3's FP8 forward), forward only:
+           q, k, v in torch.float8_e4m3fn (GPUs from sm_89 on) or float8_e5m2, all alike, standing for q * q_descale,
+           k * k_descale, v * v_descale with descales float32 (B, Hkv) -- query head h takes its kv head's -- or
+           one value (`fused_attn.quantize_fp8` makes them). Both products run on FP8 tensor cores: the scores in
+           fp32 (times q_descale * k_descale, then softcap, ALiBi, the softmax in fp32 as usual), and P rounded to
+           FP8 for P.V, as FlashAttention-3 does -- that costs up to a relative 2^-4 (e4m3; 2^-3 for e5m2) of each
+           probability and flushes those below about 2^-10 (2^-17) of the row's largest: errors of a few percent of
+           |v| where attention is spread thin (fused_attn.numerics: the FP8 rule). out_dtype: bfloat16 (default),
+           float16 or float32. Causal, windows, GQA, softcap, ALiBi and sinks work; dropout, attn_mask and inputs
+           that require grad raise a ValueError.
 
     Returns:
         out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
@@ -121,8 +137,10 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
     mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
                            dropout_p=dropout_p, sinks=sinks)
+    mods, out_dtype = check_fp8(a, mods, a.q.shape[0], dict(q_descale=q_descale, k_descale=k_descale,
+                                                            v_descale=v_descale), out_dtype, attn_mask)
     mods, blocks = masked(a, mods, attn_mask)
-    out, lse = _attention(a, mods, blocks=blocks)
+    out, lse = _attention(a, mods, blocks=blocks, out_dtype=out_dtype)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

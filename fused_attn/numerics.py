@@ -20,6 +20,14 @@ terms; for GQA the sum over i runs over the group's query heads too). A float bi
 over the dimensions the bias broadcasts over: 2 * eps32 * max (P_ij c_i summed the same way). A sink's gradient
 is -sum_i P_sink,i delta_i over its head's rows: 2 * eps32 * max_h sum_i P_sink,i c_i.
 
+One for FP8 inputs (q, k, v in float8_e4m3fn / e5m2 with descales; ref and pt fed the dequantized tensors, pt in
+bfloat16). The kernels round each probability p = exp(s - m) to FP8 for the P.V product, as FlashAttention-3 does
+(m the running row max: p <= 1), which no reference reproduces; that rounding is the floor: a relative 2^-(mant+1)
+of p, and an absolute half of the smallest subnormal 2^(emin-mant-1) (2^-4 and 2^-10 for e4m3, 2^-3 and 2^-17 for
+e5m2), carried through the normalization and V: |out_id - ref_id| <= sum_j max(2^-(mant+1) P_ij,
+2^(emin-mant-1) max_j P_ij) |v_jd| (P the final probabilities; max_j P_ij = 1 / l_i), maximized over (i, d)
+(`fp8_p_floor`), on top of the rule with the output dtype's rounding floor.
+
 One for attention weights rebuilt from the kernels' lse (`attention_probs`: P = exp(score - lse) in fp32, where
 PyTorch's softmax subtracts the row max): the lse is a float32 of magnitude |lse| and the score it is subtracted
 from as large, so P carries a relative fp32 rounding of about eps32 * |lse| from each. Their floor adds
@@ -54,6 +62,18 @@ def delta_noise(q, k, out, do, probs, scale, bias_shape=None, lse=None, sinks=No
             "dbias": eps * (probs * c).sum_to_size(bias_shape or probs.shape).max().item(),
             "dsinks": 0.0 if sinks is None else eps * (
                 torch.exp(sinks.double().view(1, -1, 1) - lse.double()) * c[..., 0]).sum((0, 2)).max().item()}
+
+
+FP8_ROUNDING = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}  # (stored mantissa bits, emin)
+
+
+def fp8_p_floor(probs: torch.Tensor, v: torch.Tensor, fp8_dtype: torch.dtype) -> float:
+    """The floor of FP8 P rounding (module docstring): probs (..., Sq, Sk) of the reference, v (..., Sk, Dv) the
+    dequantized values (query heads' views)."""
+    mant, emin = FP8_ROUNDING[fp8_dtype]
+    p = probs.double()
+    step = p.amax(-1, keepdim=True) * 2.0 ** (emin - mant - 1)
+    return (torch.maximum(p * 2.0 ** -(mant + 1), step) @ v.double().abs()).max().item() if p.numel() else 0.0
 
 
 def lse_noise(probs: torch.Tensor, lse: torch.Tensor) -> float:

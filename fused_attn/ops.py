@@ -32,12 +32,13 @@ class Call:
     mods: Modifiers = Modifiers()
     packed: Optional[Packed] = None
     blocks: Optional[BlockTables] = None
+    out_dtype: Optional[torch.dtype] = None  # FP8 inputs: the output's dtype (else the inputs')
 
     @classmethod
     def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None,
-           blocks: Optional[BlockTables] = None) -> "Call":
+           blocks: Optional[BlockTables] = None, out_dtype: Optional[torch.dtype] = None) -> "Call":
         """The Call of checked Args `a` (fused_attn._args.Args)."""
-        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks)
+        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks, out_dtype)
 
 
 def _flat(c: Call) -> dict:
@@ -64,8 +65,10 @@ def _unflat(scale, offset, left, right, layout="bhsd", cu_seqlens_q=None, cu_seq
 
 def _opaque(c: Call) -> bool:
     """Whether the call carries what the custom ops' schema cannot: @triton.jit score or mask functions (and their
-    argument tuples). Such calls launch the kernels directly (torch.compile breaks its graph there)."""
-    return c.mods.score_mod is not None or (c.blocks is not None and c.blocks.mask_mod is not None)
+    argument tuples), FP8 inputs' descales. Such calls launch the kernels directly (torch.compile breaks its graph
+    there)."""
+    return (c.mods.score_mod is not None or (c.blocks is not None and c.blocks.mask_mod is not None)
+            or c.mods.q_descale is not None)
 
 
 def attention_forward(q, k, v, c: Call):
@@ -106,26 +109,26 @@ def draw_rng(device) -> Tensor:
     return torch.cat([seed, torch.randint(0, 2 ** 31, (1,), device=device, dtype=torch.int64)])
 
 
-def _out_lse(q, v, layout, packed: bool = False):
-    """out in `layout`'s memory order (like the inputs) and the float32 lse; packed: out 0, lse -inf on rows no
-    kernel writes."""
+def _out_lse(q, v, layout, packed: bool = False, dtype=None):
+    """out (in q's dtype, or `dtype`) in `layout`'s memory order (like the inputs) and the float32 lse; packed:
+    out 0, lse -inf on rows no kernel writes."""
     B, Hq, Sq, _ = q.shape
     Dv = v.shape[-1]
     new = q.new_zeros if packed else q.new_empty
     if layout == "bshd":
-        out = new(B, Sq, Hq, Dv).transpose(1, 2)
+        out = new(B, Sq, Hq, Dv, dtype=dtype).transpose(1, 2)
     else:
-        out = new(B, Hq, Sq, Dv)
+        out = new(B, Hq, Sq, Dv, dtype=dtype)
     lse = q.new_empty(B, Hq, Sq, dtype=torch.float32)
     if packed:
         lse.fill_(float("-inf"))
     return out, lse
 
 
-def _forward_buffers(q, v, layout, packed: bool):
+def _forward_buffers(q, v, layout, packed: bool, dtype=None):
     new = q.new_zeros if packed else q.new_empty
     stats = new(*q.shape[:3], 2, dtype=torch.float32)  # packed: defined on rows no kernel writes, like every output
-    return (*_out_lse(q, v, layout, packed), stats)
+    return (*_out_lse(q, v, layout, packed, dtype), stats)
 
 
 def _rng_buffer(q, dropout_p):
@@ -134,7 +137,7 @@ def _rng_buffer(q, dropout_p):
 
 
 def _forward(q, k, v, c: Call):
-    out, lse, stats = _forward_buffers(q, v, c.layout, c.packed is not None)
+    out, lse, stats = _forward_buffers(q, v, c.layout, c.packed is not None, c.out_dtype)
     rng = draw_rng(q.device) if c.mods.dropout_p > 0 else _rng_buffer(q, 0.0)
     kernels.attention_forward(q, k, v, out, lse, stats, scale=c.scale, offset=c.offset, left=c.left, right=c.right,
                               packed=c.packed, mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks)

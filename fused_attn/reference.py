@@ -1,5 +1,7 @@
 """The naive PyTorch reference: same signature and semantics as fused_attn.attention, materializing the
 (Sq, Sk) scores. The single reference used by the tests, the bench and the CLI."""
+import dataclasses
+
 import torch
 
 from ._args import (DTYPES, FP8_DTYPES, check_args, check_descales, check_kvcache, check_kvcache_values,
@@ -74,7 +76,8 @@ def row_scores(a, dtype, queries=None, softcap=0.0, alibi_slopes=None):
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,
               upcast=torch.float32, return_probs=False, alignment="bottom_right", softcap=0.0, alibi_slopes=None,
-              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None, score_mod=None, sinks=None):
+              dropout_p=0.0, dropout_mask=None, mask_mod=None, attn_mask=None, score_mod=None, sinks=None,
+              q_descale=None, k_descale=None, v_descale=None):
     """Attention computed in `upcast` (torch.float32 / torch.float64, or None: in the inputs' own dtype).
 
     Returns out in the compute dtype (and lse, float32-or-wider natural log (B, Hq, Sq), if return_lse; and
@@ -89,9 +92,20 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     attn_mask, broadcastable to (B, Hq, Sq, Sk): bool hides the pairs where it is False, float is added to the
     scores (after all of the above). sinks (Hq,): one more logit per head in each row's softmax (a column that is
     always visible and multiplies nothing); the lse includes it, and a row that sees no key gets out 0, lse = sink.
+    FP8 q, k, v with q_descale / k_descale / v_descale ((B, Hkv) or one value): dequantized in float64 first, then
+    computed in `upcast` (None: bfloat16, the FP8 forward's default output).
     """
+    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
-                   dtypes=DTYPES + (torch.float64,))
+                   dtypes=FP8_DTYPES if fp8 else DTYPES + (torch.float64,))
+    descales = check_descales(dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale), a.q.dtype,
+                              a.q.shape[0], a.k.shape[1], a.q.device, "q, k, v")
+    if fp8:
+        dtype = torch.bfloat16 if upcast is None else upcast
+        group = a.q.shape[1] // a.k.shape[1]
+        a = dataclasses.replace(a, **{n: _dequantized(t.transpose(1, 2), d.repeat_interleave(
+            group if n == "q" else 1, dim=1)[:, None].expand(-1, t.shape[2], -1), dtype).transpose(1, 2)
+            for n, t, d in zip("qkv", (a.q, a.k, a.v), descales)})
     dtype = a.q.dtype if upcast is None else upcast
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"upcast must be None, torch.float32 or torch.float64, got {upcast!r}")
@@ -164,8 +178,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         dtype = q.dtype if upcast is None else upcast
         ends = cu_seqlens_k[1:].long()
         rows = torch.searchsorted(ends, torch.arange(k.shape[0], device=k.device), right=True).clamp(max=len(ends) - 1)
-        k_descale, v_descale = check_descales(k_descale, v_descale, k.dtype, len(cu_seqlens_k) - 1, k.shape[1],
-                                              k.device)
+        k_descale, v_descale = check_descales(dict(k_descale=k_descale, v_descale=v_descale), k.dtype,
+                                              len(cu_seqlens_k) - 1, k.shape[1], k.device)
         q, k, v = q.to(dtype), _dequantized(k, k_descale[rows], dtype), _dequantized(v, v_descale[rows], dtype)
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                                   window_size=window_size, scale=scale, dtypes=DTYPES + (torch.float64,),
@@ -264,7 +278,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
                          cache_leftpad, k_cache.shape[0])
     check_modifiers(q.shape[0], q.shape[2], q.device, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-    descales = check_descales(k_descale, v_descale, k_cache.dtype, q.shape[0], k_cache.shape[2], q.device)
+    descales = check_descales(dict(k_descale=k_descale, v_descale=v_descale), k_cache.dtype, q.shape[0],
+                              k_cache.shape[2], q.device)
     if rotary_cos is not None:
         moving = causal or tuple(window_size) != (-1, -1)
         q = torch.stack([_rotated(q[b], rotary_cos, rotary_sin, n if moving else None, n, rotary_interleaved)

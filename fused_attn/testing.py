@@ -8,7 +8,7 @@ import torch
 from . import kernels, reference
 from .decode import attention_with_kvcache
 from .function import attention, dropout_mask
-from .numerics import FACTORS, Metric, delta_noise
+from .numerics import FACTORS, Metric, delta_noise, fp8_p_floor
 from .varlen import attention_varlen, cu_seqlens
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -352,3 +352,21 @@ def evaluate_serving(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, 
     pt = reference.attention_varlen(*args, upcast=None, **ref_kw)
     got = attention_varlen(*args, num_splits=num_splits, **ref_kw)
     return got, {n: Metric.measure(x, r, p, q.dtype, FACTORS[n]) for n, x, r, p in zip(("out", "lse"), got, ref, pt)}
+
+
+def evaluate_fp8(q, k, v, q_descale, k_descale, v_descale, layout="bhsd", out_dtype=None, **kw):
+    """FP8 attention (q, k, v FP8 with their descales) against the float64 reference fed the dequantized tensors,
+    by the FP8 rule (fused_attn.numerics: P's rounding to FP8 as the floor, PyTorch in the output dtype as pt):
+    ((out, lse), {"out": Metric, "lse": Metric})."""
+    d = dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, layout=layout, return_lse=True, **kw)
+    got = attention(q, k, v, out_dtype=out_dtype, **d)
+    ref, ref_lse, probs = reference.attention(q, k, v, upcast=torch.float64, return_probs=True, **d)
+    pt, pt_lse = reference.attention(q, k, v, upcast=out_dtype, **d)  # None: bfloat16
+    vh = v.transpose(1, 2) if layout == "bshd" else v
+    B, Hkv = vh.shape[:2]
+    vd = v_descale.double()
+    v_deq = vh.double() * (vd.reshape(1, 1) if vd.numel() == 1 else vd)[:, :, None, None]
+    floor = fp8_p_floor(probs, v_deq.repeat_interleave(probs.shape[1] // Hkv, dim=1), q.dtype)
+    out_dtype = got[0].dtype
+    return got, {"out": Metric.measure(got[0], ref, pt, out_dtype, FACTORS["out"], extra_floor=floor),
+                 "lse": Metric.measure(got[1], ref_lse, pt_lse, torch.float32, FACTORS["lse"])}

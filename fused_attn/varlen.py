@@ -4,7 +4,8 @@ import dataclasses
 import torch
 
 from . import ops
-from ._args import check_descales, check_kernel_inputs, check_modifiers, check_serving_varlen, check_varlen_args
+from ._args import (DTYPES, FP8_DTYPES, check_descales, check_fp8, check_kernel_inputs, check_modifiers,
+                    check_serving_varlen, check_varlen_args)
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
@@ -13,7 +14,7 @@ from .ops import Call
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, sinks=None, seqused_k=None, block_table=None, num_splits=0, k_descale=None,
-                     v_descale=None):
+                     v_descale=None, q_descale=None, out_dtype=None):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -69,6 +70,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
            (FlashAttention-3's convention). The kernels load the FP8 tiles -- half the bytes of a 16-bit cache --
            and convert them in registers; k_descale multiplies the scores, v_descale the output. Output in q's
            dtype.
+        q_descale, out_dtype: FP8 q, k, v (packed, without seqused_k / block_table): `attention`'s FP8 forward,
+           the descales (B, Hkv) per sequence (forward only).
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -82,21 +85,27 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     wrong results, not an error (`fused_attn.reference.attention_varlen` checks them anywhere).
     """
     if seqused_k is not None or block_table is not None:
+        if q_descale is not None or out_dtype is not None:
+            raise ValueError("q_descale / out_dtype (FP8 queries) are not implemented over a KV cache; FP8 caches "
+                             "take k_descale / v_descale with 16/32-bit queries")
         out, lse = _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
                             num_splits, dict(causal=causal, window_size=window_size, scale=scale),
                             dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
                             (k_descale, v_descale))
         return (out, lse) if return_lse else out
-    for name, x in (("num_splits", num_splits or None), ("k_descale", k_descale), ("v_descale", v_descale)):
-        if x is not None:
-            raise ValueError(f"{name} applies to calls over a KV cache (seqused_k / block_table); pass "
-                             f"{'0' if name == 'num_splits' else 'None'}")
+    if num_splits:
+        raise ValueError(f"num_splits ({num_splits!r}) applies to calls over a KV cache (seqused_k / block_table); "
+                         f"pass 0")
+    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  window_size=window_size, scale=scale)
+                                  window_size=window_size, scale=scale, dtypes=FP8_DTYPES if fp8 else DTYPES)
     check_kernel_inputs(a, packed)
-    mods = check_modifiers(cu_seqlens_q.shape[0] - 1, q.shape[1], q.device, softcap=softcap,
-                           alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks)
-    out, lse = _attention(a, mods, packed)
+    batch = cu_seqlens_q.shape[0] - 1
+    mods = check_modifiers(batch, q.shape[1], q.device, softcap=softcap, alibi_slopes=alibi_slopes,
+                           dropout_p=dropout_p, sinks=sinks)
+    mods, out_dtype = check_fp8(a, mods, batch, dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale),
+                                out_dtype)
+    out, lse = _attention(a, mods, packed, out_dtype=out_dtype)
     out = out.transpose(1, 2)[0]
     return (out, lse[0]) if return_lse else out
 
@@ -110,7 +119,8 @@ def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
                                   page if page else packed.max_seqlen_k))
     batch = cu_seqlens_q.shape[0] - 1
     mods = check_modifiers(batch, q.shape[1], q.device, **modifiers)
-    k_descale, v_descale = check_descales(*descales, k.dtype, batch, a.k.shape[1], q.device)
+    k_descale, v_descale = check_descales(dict(zip(("k_descale", "v_descale"), descales)), k.dtype, batch,
+                                          a.k.shape[1], q.device)
     mods = dataclasses.replace(mods, k_descale=k_descale, v_descale=v_descale)
     if mods.dropout_p:
         raise ValueError(f"dropout_p ({mods.dropout_p}) is for training: attention_varlen over a KV cache "

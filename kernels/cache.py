@@ -4,20 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import _fp8_round
 from .configs import head_block
 from .launch import run
-
-
-@triton.jit
-def _fp8_round(x, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, fp8_max):
-    """x (float32) clamped to +-fp8_max and rounded to the nearest FP8 value (ties to even) of an FP8 type with
-    MANTISSA stored bits and smallest normal exponent MIN_EXP, in float32 arithmetic, so that the cast after it is
-    exact on every target (the interpreter's casts to FP8 truncate)."""
-    x = tl.minimum(tl.maximum(x, -fp8_max), fp8_max)
-    exp = ((x.to(tl.int32, bitcast=True) >> 23) & 255) - 127
-    ulp = ((tl.maximum(exp, MIN_EXP) - MANTISSA + 127) << 23).to(tl.float32, bitcast=True)
-    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
-    return ((x / ulp + magic) - magic) * ulp
 
 
 @triton.jit

@@ -94,6 +94,30 @@ def _unit_grad(score, b, h, i, j, BIAS, stride_b, stride_h, stride_i, stride_j, 
 
 
 @triton.jit
+def _fp8_round(x, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr, fp8_max):
+    """x (float32) clamped to +-fp8_max and rounded to the nearest FP8 value (ties to even) of an FP8 type with
+    MANTISSA stored bits and smallest normal exponent MIN_EXP, in float32 arithmetic, so that the cast after it is
+    exact on every target (the interpreter's casts to FP8 truncate)."""
+    x = tl.minimum(tl.maximum(x, -fp8_max), fp8_max)
+    exp = ((x.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+    ulp = ((tl.maximum(exp, MIN_EXP) - MANTISSA + 127) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
+    return ((x / ulp + magic) - magic) * ulp
+
+
+@triton.jit
+def _p_for(p, v, FP32_DOT: tl.constexpr):
+    """The probabilities in V's dtype for the P.V product: FP8 V takes P rounded to FP8 (FlashAttention-3's P.V in
+    FP8), to nearest even -- by hand where the dots run on fp32 copies (the interpreter, whose FP8 casts truncate)."""
+    if FP32_DOT:
+        if v.dtype == tl.float8e4nv:
+            p = _fp8_round(p, 3, -6, 448.0)
+        elif v.dtype == tl.float8e5:
+            p = _fp8_round(p, 2, -14, 57344.0)
+    return p.to(v.dtype)
+
+
+@triton.jit
 def _keep(seed, rng_offset, bh, i, j, threshold):
     """The dropout keep-mask of rows i, columns j (broadcastable, either orientation) of query head bh (b * Hq + h):
     Philox-4x32-10 keyed by the 64-bit seed at counter (j, i, bh, rng_offset); kept where the top 24 bits of its

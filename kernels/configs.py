@@ -151,7 +151,7 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packe
     choice = _choice(cc, packed)
     if cc is None:
         return KernelConfig(*INTERPRETER, **choice)
-    if dtype.itemsize == 2:
+    if dtype.itemsize <= 2:  # fp16 / bf16, and FP8 (half the bytes per tile: the same tiles fit)
         return KernelConfig(*_tiles("fwd", cc, head_dim, head_dim_v, choice["tma"], packed), **choice)
     # fp32 (IEEE dots, no tensor cores): tiles that fit shared memory; the gate prints their spills.
     bd, bdv = head_block(head_dim), head_block(head_dim_v)

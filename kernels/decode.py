@@ -326,6 +326,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     sinks = None if mods is None else mods.sinks
     k_descale, v_descale = (None, None) if mods is None else (mods.k_descale, mods.v_descale)
+    if mods is not None and mods.q_descale is not None:
+        raise ValueError("the split-KV kernels take FP8 caches with 16/32-bit queries, not FP8 queries")
     descale_strides = (0, 0) if k_descale is None else k_descale.stride()
     lse_strides = batch0(lse)[:2]
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // pack),

@@ -3,10 +3,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _query_program,
-                     _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
+from .common import (_at_head, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
+                     _query_program, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
 from .configs import capability, forward_config, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp32_dot, function_args,
+from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args)
 
 
@@ -23,14 +23,15 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                     h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
                     MASK_MOD: tl.constexpr, MASK_ARGS, k_descale, DESCALE: tl.constexpr):
-    """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED:
-    K and V are read through the block table PAGES (kernels/decode.py). K and V tiles of another dtype than q
-    (an FP8 cache) are converted to q's in registers; DESCALE multiplies the scores by k_descale (the caller
-    multiplies the output by v's). SOFTCAP / ALIBI / SCORE_MOD modify the
-    scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped probabilities in what
-    multiplies V, after they are summed into l (the caller rescales the output by 1 / (1 - p)). LISTED: [lo, hi)
-    are positions in a block mask's list TABLE (common._tile_at), whose partial blocks' bits (or MASK_MOD) join the
-    mask. A score function may hide pairs (-inf) in any tile, so with one every tile guards its empty rows."""
+    """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED: K and V
+    are read through the block table PAGES (kernels/decode.py). K and V tiles of another dtype than q (an FP8 cache)
+    are converted to q's in registers; DESCALE multiplies the scores by k_descale (the caller multiplies the output
+    by v's); with FP8 q, k, v the dots run in FP8, P rounded to FP8 for P.V (_p_for). SOFTCAP / ALIBI / SCORE_MOD
+    modify the scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped
+    probabilities in what multiplies V, after they are summed into l (the caller rescales the output by 1 / (1 -
+    p)). LISTED: [lo, hi) are positions in a block mask's list TABLE (common._tile_at), whose partial blocks' bits
+    (or MASK_MOD) join the mask. A score function may hide pairs (-inf) in any tile, so with one every tile guards
+    its empty rows."""
     for pos in tl.range(lo, hi, BLOCK_N):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -60,20 +61,20 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
             p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), p, 0.0)
         v = _load_kv(V, PAGES, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
                      BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED).to(q.dtype)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * alpha[:, None] + _dot(_p_for(p, v, FP32_DOT), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS", "FP8")
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SINKS,
-                     SCORE_ARGS, MASK_ARGS,
+                     Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS,
                      stride_qb, stride_qh, stride_qs, stride_qd,
                      stride_kb, stride_kh, stride_ks, stride_kd,
                      stride_vb, stride_vh, stride_vs, stride_vd,
                      stride_ob, stride_oh, stride_os, stride_od,
-                     stride_lb, stride_lh, stride_ab, stride_ah,
+                     stride_lb, stride_lh, stride_ab, stride_ah, stride_db, stride_dh,
                      head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                      cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -83,7 +84,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
                      SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
                      SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                     MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr):
+                     MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr):
     start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
@@ -108,6 +109,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
 
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
+    qk_descale, v_descale = 1.0, 1.0
+    if FP8:  # FP8 q, k, v: the scores' and the output's dequantization factors of (b, kv head)
+        d = b64 * stride_db + hk64 * stride_dh
+        qk_descale = tl.load(Q_DESCALE + d) * tl.load(K_DESCALE + d)
+        v_descale = tl.load(V_DESCALE + d)
     mrow, lo, full_lo, full_hi, hi = _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr,
                                                block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
@@ -123,7 +129,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
                                         DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
                                         h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS,
-                                        1.0, False)
+                                        qk_descale, FP8)
+    if FP8:
+        acc = acc * v_descale
 
     if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
         acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, h, qk_scale, HAS_SINKS), qk_scale)
@@ -156,9 +164,11 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     src, kwargs = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype), **fns)
+    descales, descale_strides = fp8_args(mods)
     return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
-             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *fn_args,
-              *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides, start, Hq,
+             (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *descales,
+              *fn_args, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides,
+              *descale_strides, start, Hq,
               Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E, *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 

@@ -54,7 +54,7 @@ class Modifiers:
     ScoreMod applied after softcap and ALiBi (not with a bias). sinks: float32 (Hq,), one logit per query head (in the
     units of the scaled scores) that joins each row's softmax denominator and nothing else (attention sinks).
     k_descale / v_descale: float32 (B, Hkv) of the same strides, an FP8 KV cache's dequantization factors
-    (split-KV kernels only)."""
+    (split-KV kernels); with q_descale too, FP8 q, k, v in the forward kernel (FlashAttention-3's FP8 forward)."""
     softcap: float = 0.0
     alibi_slopes: Optional[torch.Tensor] = None
     dropout_p: float = 0.0
@@ -65,6 +65,7 @@ class Modifiers:
     sinks: Optional[torch.Tensor] = None
     k_descale: Optional[torch.Tensor] = None
     v_descale: Optional[torch.Tensor] = None
+    q_descale: Optional[torch.Tensor] = None
 
     @property
     def dropout(self) -> bool:
@@ -127,6 +128,7 @@ FEATURES = {
     "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
     "HAS_SINKS": lambda args: args["SINKS"] is not None,
     "FP8_KV": lambda args: args["K_DESCALE"] is not None,
+    "FP8": lambda args: args["Q_DESCALE"] is not None,
 }
 
 
@@ -162,14 +164,21 @@ def function_args(mods: Optional[Modifiers], blocks: Optional[BlockTables]):
                                                  SCORE_BOUNDED=score is None or score.bounded, MASK_MOD=mask_mod)
 
 
+def fp8_args(mods: Optional[Modifiers]):
+    """The FP8 forward's descale pointers (Q, K, V; None turns FP8 off) and their (batch, kv head) strides."""
+    if mods is None or mods.q_descale is None:
+        return (None, None, None), (0, 0)
+    return (mods.q_descale, mods.k_descale, mods.v_descale), mods.q_descale.stride()
+
+
 def dropout_threshold(p: float) -> int:
     """_keep keeps a probability where 24 random bits are >= this."""
     return round(p * 2 ** 24)
 
 
 def fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs get IEEE dots; bf16 under the interpreter gets fp32 dots (see common._dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_active())
+    """fp32 inputs get IEEE dots; bf16 and FP8 under the interpreter get fp32 dots (see common._dot)."""
+    return dtype == torch.float32 or (dtype.itemsize < 2 or dtype == torch.bfloat16) and interpreter_active()
 
 
 def tma_ok(*tensors) -> bool:

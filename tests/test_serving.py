@@ -170,7 +170,7 @@ def test_errors():
     with pytest.raises(ValueError, match="num_splits"):
         fused_attn.attention_varlen(q[:3], q[:3], q[:3], cu, cu, 2, 2, num_splits=2)
     k8, v8 = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match="needs k_descale"):
+    with pytest.raises(ValueError, match="need k_descale"):
         run(q, k8, v8, cu, None, 2, 20)
     with pytest.raises(ValueError, match=r"v_descale must be float32 \(B, Hkv\)"):
         run(q, k8, v8, cu, None, 2, 20, k_descale=torch.ones(2, 2, device=DEVICE),
