@@ -51,7 +51,7 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
     B, Hq, Sq = a.q.shape[:3]
     call = Call.of(a, mods, packed, blocks, out_dtype)
     if mods.q_descale is not None:  # FP8 inputs: forward only (check_fp8 refused gradients)
-        out, lse, _, _ = ops.attention_forward(a.q, a.k, a.v, call)
+        out, lse, _, _ = ops.attention_forward(a.q, a.k, fp8_values(a.v), call)
         return out, lse
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.q, a.k, a.v))
     bottom_right = a.offset == a.k.shape[2] - Sq or a.left < 0 and a.right < 0  # the split kernels' alignment
@@ -59,6 +59,14 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
             and mods.score_mod is None and bottom_right and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
         return ops.attention_decode(a.q, a.k, a.v, call)
     return FusedAttentionFunction.apply(a.q, a.k, a.v, mods.bias, mods.sinks, call)
+
+
+def fp8_values(v):
+    """v (B, H, S, D)-indexed with the keys contiguous: FP8 tensor cores take P.V's second operand K-major (keys
+    contiguous in shared memory), which a (.., S, D)-contiguous V is not -- Triton would load it synchronously to
+    transpose it. So FP8 V is copied once, transposed (one pass over V's bytes; FlashAttention-3 transposes in the
+    kernel instead), unless it is laid out so already."""
+    return v if v.stride(2) == 1 else v.transpose(2, 3).contiguous().transpose(2, 3)
 
 
 def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", return_lse=False,

@@ -146,7 +146,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
         Kh = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks
         Vh = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs
 
-    k_descale, v_descale = 1.0, 1.0
+    k_descale = tl.full([], 1.0, tl.float32)
+    v_descale = k_descale
     if FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
         k_descale = tl.load(K_DESCALE + b64 * stride_db + hk64 * stride_dh)
         v_descale = tl.load(V_DESCALE + b64 * stride_db + hk64 * stride_dh)

@@ -109,7 +109,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
 
     slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
     seed, rng_offset = _rng(RNG, DROPOUT)
-    qk_descale, v_descale = 1.0, 1.0
+    qk_descale = tl.full([], 1.0, tl.float32)
+    v_descale = qk_descale
     if FP8:  # FP8 q, k, v: the scores' and the output's dequantization factors of (b, kv head)
         d = b64 * stride_db + hk64 * stride_dh
         qk_descale = tl.load(Q_DESCALE + d) * tl.load(K_DESCALE + d)

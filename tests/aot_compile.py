@@ -98,6 +98,8 @@ def jobs(quick: bool):
     # Serving: a packed step over a paged cache; FP8 (e4m3) caches on sm_90 (Triton has no e4m3 before sm_89).
     out += [(arch, bf16, d, "causal", 8, False, False, "serving") for arch in (80, 90) for d in (64, 128)]
     out += [(90, bf16, d, "causal", 8, False, False, "serving-fp8") for d in (64, 128)]
+    # The FP8 forward (e4m3 q, k, v; the dtype field names the output): sm_90, pointer loads.
+    out += [(90, bf16, d, m, 8, False, False, "fp8") for d in (64, 128, 256) for m in ("none", "causal")]
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
@@ -124,6 +126,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
         return decode_launch_list(arch, dtype, d, mask, group, kind == "paged")
     if kind in ("serving", "serving-fp8"):
         return serving_launch_list(arch, dtype, d, mask, group, kind == "serving-fp8")
+    if kind == "fp8":
+        return fp8_launch_list(arch, d, mask, group, layout)
     packed = kind == "packed"
     cc = (arch // 10, arch % 10)
     B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
@@ -206,6 +210,23 @@ def serving_launch_list(arch, dtype, d, mask, group, fp8):
                                    torch.empty(T, dtype=torch.int64, device="meta"), scale, scale))
 
 
+def fp8_launch_list(arch, d, mask, group, layout):
+    """The FP8 forward (forward only) on the benchmark shape: e4m3 q, k, v with (B, Hkv) descales, bf16 out."""
+    cc = (arch // 10, arch % 10)
+    B, S, Hq = TOKENS // SEQLEN, SEQLEN, HIDDEN // d
+    fp8 = torch.float8_e4m3fn
+    q = _meta((B, Hq, S, d), fp8, layout)
+    k = _meta((B, Hq // group, S, d), fp8, layout)
+    v = torch.empty(B, Hq // group, d, S, dtype=fp8, device="meta").transpose(2, 3)  # keys contiguous (fp8_values)
+    o = _meta((B, Hq, S, d), torch.bfloat16, layout)
+    lse, stats = torch.empty(B, Hq, S, device="meta"), torch.empty(B, Hq, S, 2, device="meta")
+    descale = torch.empty(B, Hq // group, device="meta")
+    mods = launch.Modifiers(q_descale=descale, k_descale=descale, v_descale=descale)
+    with configs.use(tma=False):
+        fc = configs.forward_config(d, d, fp8, cc)
+    return forward.forward_launches(q, k, v, o, lse, stats, d ** -0.5, 0, *MASKS[mask], fc, None, mods)
+
+
 def _loop_tile_loads(ttgir: str) -> int:
     """Synchronous loads of 2-D tiles inside scf.for loops (a tile load the pipeliner did not make async)."""
     stack, count = [], 0
@@ -228,6 +249,7 @@ def inspect(compiled, log: str) -> dict:
     buffers = [int(n) for n in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
     return dict(
         wgmma=ptx.count("wgmma.mma_async"), mma=len(re.findall(r"\bmma\.sync", ptx)),
+        wgmma_fp8=len(re.findall(r"wgmma\.mma_async[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)), tma=ptx.count("cp.async.bulk.tensor"),
         stages=max(buffers, default=1), sync_loads=_loop_tile_loads(ttgir),
         spill=int(spill.group(1)) if spill else -1, regs=int(regs.group(1)) if regs else -1,
@@ -253,6 +275,8 @@ def verdict(arch, dtype, name, r) -> list:
         return bad
     if arch == 90 and (r["wgmma"] == 0 or r["mma"]):
         bad.append("mma.sync instead of wgmma")
+    if r.get("layouts") == "fp8" and r["wgmma_fp8"] != r["wgmma"]:  # both products on FP8 operands
+        bad.append("wgmma not on FP8 operands")
     if arch == 80 and r["mma"] == 0:
         bad.append("no mma.sync")
     if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
@@ -352,7 +376,7 @@ def smoke(_=None):
         constexprs = {k: v for k, v in kwargs.items() if k in names}
         if "HAS_LEFT" in names:
             constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, SOFTCAP=False, ALIBI=False, DROPOUT=False,
-                              LISTED=False)
+                              LISTED=False, **({"FP8": False} if "FP8" in names else {}))
         src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))
