@@ -9,6 +9,7 @@ every length.
 import contextlib
 import contextvars
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -136,8 +137,20 @@ SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared 
 }
 
 
+# The GPUs whose tables the compile-time gate checks (sm_100 takes Hopper's, unchecked yet); any other gets the
+# 99 KB tables (the most conservative), with one log line per capability.
+KNOWN_CC = {(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (12, 1)}
+_unknown_seen = set()
+
+
 def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, tma: bool, packed: bool):
     d = max(64, head_block(head_dim), head_block(head_dim_v))
+    if tuple(cc) not in KNOWN_CC:
+        if tuple(cc) not in _unknown_seen:
+            _unknown_seen.add(tuple(cc))
+            logging.getLogger("fused_attn").warning("fused_attn: compute capability %s.%s has no tuned tables; "
+                                                    "using the 99 KB GPUs' (the most conservative)", *cc)
+        return SMALL[kind][d]
     if cc[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
         table = HOPPER[kind]
         path = "packed" if packed else "tma" if tma else "ptr"

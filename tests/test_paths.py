@@ -114,3 +114,13 @@ def test_split_dkdv_is_bitwise_the_one_pass_backward(device):
         grads.append(g)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_an_unknown_gpu_gets_the_conservative_tables_and_one_log_line(caplog):
+    with caplog.at_level("WARNING", logger="fused_attn"):
+        cfg = configs.forward_config(128, 128, torch.bfloat16, (13, 0))
+        again = configs.forward_config(64, 64, torch.bfloat16, (13, 0))
+    assert (cfg.block_m, cfg.block_n) == configs.SMALL["fwd"][128][:2]
+    assert (again.block_m, again.block_n) == configs.SMALL["fwd"][64][:2]
+    assert [r.getMessage() for r in caplog.records].count(
+        "fused_attn: compute capability 13.0 has no tuned tables; using the 99 KB GPUs' (the most conservative)") == 1
