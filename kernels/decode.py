@@ -298,29 +298,30 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         cu_q, cu_k = packed.cu_seqlens_q, packed.cu_seqlens_k
     if n_seqs == 0 or seqlen_q == 0 or q.shape[2] == 0:
         return []
+    dev, f32 = q.device, torch.float32
+    cc = capability(dev) if cc is None and dev.type != "meta" else cc
+    bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
     pack, block_q, block_m = serving_tiles(group, None if packed else seqlen_q)
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
+    if block_m < 64 and max(bd, bdv) == 128 and cc is not None and cc[0] < 9:
+        block_n = 32  # decode tiles on mma.sync GPUs at D = 128: 64 keys spill 4 bytes (Triton 3.6 and 3.9 alike)
     tiles = triton.cdiv(seqlen_q, block_q)
     n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
     splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n)
     part_rows = min(block_q, seqlen_q)
     combine = splits > 1
-    dev, f32 = q.device, torch.float32
     o_part = torch.empty(splits, n_seqs * part_rows, Hq, Dv, device=dev, dtype=f32) if combine else None
     lse_part = torch.empty(splits, n_seqs * part_rows, Hq, device=dev, dtype=f32) if combine else None
     split_counts = torch.empty(n_seqs, device=dev, dtype=torch.int32) if combine else None
     paged = block_table is not None
     batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
     kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
-    cc = capability(dev) if cc is None and dev.type != "meta" else cc
-    bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
     # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
     # gate), keeping ~12% for the compiler's own buffers.
     room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
-    # 8 warps from D = 128 on: no spills on sm_80 (the compile-time gate), for 16-row decode tiles and 64-row
-    # prefill tiles alike.
-    warps = 8 if max(bd, bdv) >= 128 else 4
+    # 64-row (prefill) tiles from D = 128 on: 8 warps (4 spill on sm_80; the compile-time gate).
+    warps = 8 if block_m >= 64 and max(bd, bdv) >= 128 else 4
     kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=bd,
                   BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine,
                   PAGE_SIZE=page_size if paged else 0, num_warps=warps, num_stages=stages)
