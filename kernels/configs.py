@@ -117,7 +117,8 @@ INTERPRETER = (32, 32, 4, 1)
 # and 3.9 -- every dot a wgmma (sm_90) or mma.sync (sm_80), pipelined asynchronous loads, no spills -- picked from
 # a few candidates each, the largest clean one; the 99 KB entries are checked for shared memory only. The pointer
 # path needs registers for addresses that TMA does not, so on Hopper it gets fewer stages or smaller tiles.
-# sm_100 takes the Hopper entries unchecked. None has been timed on a GPU yet: `python -m bench.tune` does that.
+# sm_100 takes the Hopper entries, checked by the gate with Triton 3.9 (tcgen05 MMAs, tensor memory, pipelined, no
+# spills), but where BLACKWELL overrides them. None has been timed on a GPU yet: `python -m bench.tune` does that.
 HOPPER = {
     "fwd": {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
             ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)},
@@ -125,6 +126,9 @@ HOPPER = {
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
+# sm_100 (B200 / GB200): Hopper's entries but where the gate found them spilling with tcgen05 MMAs (D = 256 dK/dV:
+# 32x64 spilled 8 bytes under MHA; under GQA 8 its dK launch still spills at 16x64, a known item of the gate).
+BLACKWELL = {"dkdv": {256: (16, 64, 8, 2)}}
 AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stages to get double buffers
     "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 3)},
     "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 3)},
@@ -151,6 +155,8 @@ def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, tma: bool, packed: boo
             logging.getLogger("fused_attn").warning("fused_attn: compute capability %s.%s has no tuned tables; "
                                                     "using the 99 KB GPUs' (the most conservative)", *cc)
         return SMALL[kind][d]
+    if cc[0] == 10 and d in BLACKWELL.get(kind, {}):
+        return BLACKWELL[kind][d]
     if cc[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
         table = HOPPER[kind]
         path = "packed" if packed else "tma" if tma else "ptr"

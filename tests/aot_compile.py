@@ -110,6 +110,11 @@ def jobs(quick: bool):
     if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7):
         out += [(90, bf16, d, "none", 1, False, False, "blockmask") for d in (64, 128)]
         out.append((90, bf16, 128, "none", 1, False, False, "bias"))
+        # Blackwell (sm_100a, B200 / GB200): the dense kernels (Hopper's tables but BLACKWELL's) and the FP8
+        # forward, as tcgen05 MMAs with tensor memory. Triton 3.6's sm_100 code caps some kernels at 128 registers
+        # and spills (12-28 bytes): judged with >= 3.7 only.
+        out += [(100, bf16, d, "causal", group, False, False) for d in (64, 128, 256) for group in (1, 8)]
+        out.append((100, bf16, 128, "causal", 8, False, False, "fp8"))
     return [j + ("dense",) * (8 - len(j)) for j in out]
 
 
@@ -249,7 +254,9 @@ def inspect(compiled, log: str) -> dict:
     buffers = [int(n) for n in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
     return dict(
         wgmma=ptx.count("wgmma.mma_async"), mma=len(re.findall(r"\bmma\.sync", ptx)),
+        tcgen05=ptx.count("tcgen05.mma"), tmem=ptx.count("tcgen05.alloc"),
         wgmma_fp8=len(re.findall(r"wgmma\.mma_async[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
+        tcgen05_fp8=len(re.findall(r"tcgen05\.mma[.\w:]*kind::f8f6f4", ptx)),
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)), tma=ptx.count("cp.async.bulk.tensor"),
         stages=max(buffers, default=1), sync_loads=_loop_tile_loads(ttgir),
         spill=int(spill.group(1)) if spill else -1, regs=int(regs.group(1)) if regs else -1,
@@ -263,7 +270,19 @@ def verdict(arch, dtype, name, r) -> list:
         bad.append("shared memory over the limit")
     if r["spill"] < 0:
         bad.append("no ptxas report")
-    if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or arch not in (80, 90):
+    if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or arch not in (80, 90, 100):
+        return bad
+    if arch == 100:  # Blackwell's own tensor-core path: tcgen05 MMAs accumulating in tensor memory
+        if r["tcgen05"] == 0 or r["tmem"] == 0 or r["wgmma"] or r["mma"]:
+            bad.append("no tcgen05 MMAs with tensor memory")
+        if r.get("layouts") == "fp8" and r["tcgen05_fp8"] != r["tcgen05"]:
+            bad.append("tcgen05 not on FP8 operands")
+        if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
+            bad.append("synchronous tile loads in a loop")
+        if r["stages"] < 2:
+            bad.append("loads not pipelined")
+        if r["spill"]:
+            bad.append("spills")
         return bad
     if name in DECODE_KERNELS:  # mma.sync for its 16-row tiles; K / V streamed asynchronously, without spills
         if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
@@ -297,7 +316,8 @@ def _part(kwargs) -> str:
     return ":dk" if kwargs["WITH_DK"] else ":dv"
 
 
-# Verdicts the gate prints but does not fail on, each an open item (README, Status): (kind, kernel, verdict).
+# Verdicts the gate prints but does not fail on, each an open item (README, Status): (kind, kernel, verdict), or
+# (kind, kernel, verdict, arch, D) where it holds for one target and head dim only.
 KNOWN = {
     # dK/dV reads a float bias transposed (key rows x query columns, the bias's contiguous axis along the rows):
     # that tile load stays synchronous; the forward and dQ kernels read it pipelined.
@@ -307,6 +327,9 @@ KNOWN = {
     ("paged", "_attn_fwd_split_kernel", "loads not pipelined"),
     ("serving", "_attn_fwd_split_kernel", "loads not pipelined"),
     ("serving-fp8", "_attn_fwd_split_kernel", "loads not pipelined"),
+    # sm_100 at D = 256 under GQA: the dK launch (its accumulator and the group's query heads) spills with tcgen05
+    # MMAs at every tile tried (16x64 / 32x64 / 32x32, 4 or 8 warps); MHA and the dV launch are clean at 16x64.
+    ("dense", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
@@ -330,7 +353,8 @@ def compile_job(job):
                      warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                      tma_path=bool(kwargs.get("TMA")), part=_part(kwargs))
             r["bad"] = verdict(arch, dtype, r["name"], r)
-            r["known"] = [b for b in r["bad"] if (kind, r["name"], b) in KNOWN]
+            r["known"] = [b for b in r["bad"]
+                          if (kind, r["name"], b) in KNOWN or (kind, r["name"], b, arch, d) in KNOWN]
             r["bad"] = [b for b in r["bad"] if b not in r["known"]]
             seen[id(compiled)] = r
             rows.append(r)
