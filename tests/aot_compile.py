@@ -98,8 +98,9 @@ def jobs(quick: bool):
     # Serving: a packed step over a paged cache; FP8 (e4m3) caches on sm_90 (Triton has no e4m3 before sm_89).
     out += [(arch, bf16, d, "causal", 8, False, False, "serving") for arch in (80, 90) for d in (64, 128)]
     out += [(90, bf16, d, "causal", 8, False, False, "serving-fp8") for d in (64, 128)]
-    # The FP8 forward (e4m3 q, k, v; the dtype field names the output): sm_90, pointer loads.
+    # The FP8 forward (e4m3 q, k, v; the dtype field names the output): sm_90, and sm_89 / sm_120 at D = 128.
     out += [(90, bf16, d, m, 8, False, False, "fp8") for d in (64, 128, 256) for m in ("none", "causal")]
+    out += [(arch, bf16, 128, "causal", 8, False, False, "fp8") for arch in (89, 120)]  # FP8 mma.sync (99 KB GPUs)
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
@@ -257,6 +258,7 @@ def inspect(compiled, log: str) -> dict:
         tcgen05=ptx.count("tcgen05.mma"), tmem=ptx.count("tcgen05.alloc"),
         wgmma_fp8=len(re.findall(r"wgmma\.mma_async[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
         tcgen05_fp8=len(re.findall(r"tcgen05\.mma[.\w:]*kind::f8f6f4", ptx)),
+        mma_fp8=len(re.findall(r"\bmma\.sync[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)), tma=ptx.count("cp.async.bulk.tensor"),
         stages=max(buffers, default=1), sync_loads=_loop_tile_loads(ttgir),
         spill=int(spill.group(1)) if spill else -1, regs=int(regs.group(1)) if regs else -1,
@@ -270,6 +272,13 @@ def verdict(arch, dtype, name, r) -> list:
         bad.append("shared memory over the limit")
     if r["spill"] < 0:
         bad.append("no ptxas report")
+    if r.get("layouts") == "fp8" and arch in (89, 120):  # Ada / consumer Blackwell: FP8 mma.sync, pipelined
+        if r["mma_fp8"] == 0 or r["mma_fp8"] != r["mma"]:
+            bad.append("mma.sync not on FP8 operands")
+        if r["cp_async"] == 0 or r["sync_loads"]:
+            bad.append("synchronous tile loads in a loop")
+        if r["spill"]:
+            bad.append("spills")
     if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or arch not in (80, 90, 100):
         return bad
     if arch == 100:  # Blackwell's own tensor-core path: tcgen05 MMAs accumulating in tensor memory

@@ -73,3 +73,18 @@ def test_verdicts():
     assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, tma_path=True)) == [
         "TMA path without cp.async.bulk.tensor"]
     assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, cp_async=0, tma=8, tma_path=True)) == []
+    # FP8 (layouts "fp8"): every product on FP8 operands -- wgmma on sm_90, tcgen05 on sm_100, mma.sync on sm_89
+    fp8 = dict(clean, layouts="fp8", wgmma_fp8=12)
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", fp8) == []
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(fp8, wgmma_fp8=6)) == [
+        "wgmma not on FP8 operands"]
+    blackwell = dict(fp8, wgmma=0, wgmma_fp8=0, tcgen05=8, tmem=1, tcgen05_fp8=8)
+    assert gate.verdict(100, torch.bfloat16, "_attn_fwd_kernel", blackwell) == []
+    assert gate.verdict(100, torch.bfloat16, "_attn_fwd_kernel", dict(blackwell, tcgen05_fp8=0)) == [
+        "tcgen05 not on FP8 operands"]
+    assert gate.verdict(100, torch.bfloat16, "_attn_fwd_kernel", dict(blackwell, tmem=0)) == [
+        "no tcgen05 MMAs with tensor memory"]
+    ada = dict(fp8, wgmma=0, wgmma_fp8=0, mma=96, mma_fp8=96)
+    assert gate.verdict(89, torch.bfloat16, "_attn_fwd_kernel", ada) == []
+    assert gate.verdict(89, torch.bfloat16, "_attn_fwd_kernel", dict(ada, mma_fp8=48)) == [
+        "mma.sync not on FP8 operands"]
