@@ -202,10 +202,7 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
     head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    q0 = tl.zeros([], tl.int64)
-    if VARLEN:
-        q0 = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+    q0, _, seqlen_q, _ = _serving_sequence(CU_Q, None, None, b, seqlen_q, 0, VARLEN, False, False)
     if (seqlen_q == 0) | (seqlen_q > BLOCK_Q):  # no rows, or a sequence of several tiles: never split
         return
     n_split = tl.load(SPLITS + b)

@@ -265,6 +265,18 @@ def inspect(compiled, log: str) -> dict:
         smem=compiled.metadata.shared)
 
 
+def _streamed(r) -> list:
+    """What fails of the tile loads and registers: every loop's tile loads asynchronous, multi-buffered, no spills."""
+    bad = []
+    if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
+        bad.append("synchronous tile loads in a loop")
+    if r["stages"] < 2:
+        bad.append("loads not pipelined")
+    if r["spill"]:
+        bad.append("spills")
+    return bad
+
+
 def verdict(arch, dtype, name, r) -> list:
     """What fails for this kernel (empty: clean)."""
     bad = []
@@ -286,36 +298,18 @@ def verdict(arch, dtype, name, r) -> list:
             bad.append("no tcgen05 MMAs with tensor memory")
         if r.get("layouts") == "fp8" and r["tcgen05_fp8"] != r["tcgen05"]:
             bad.append("tcgen05 not on FP8 operands")
-        if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
-            bad.append("synchronous tile loads in a loop")
-        if r["stages"] < 2:
-            bad.append("loads not pipelined")
-        if r["spill"]:
-            bad.append("spills")
-        return bad
+        return bad + _streamed(r)
     if name in DECODE_KERNELS:  # mma.sync for its 16-row tiles; K / V streamed asynchronously, without spills
-        if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
-            bad.append("synchronous tile loads in a loop")
-        if r["stages"] < 2:
-            bad.append("loads not pipelined")
-        if r["spill"]:
-            bad.append("spills")
-        return bad
+        return bad + _streamed(r)
     if arch == 90 and (r["wgmma"] == 0 or r["mma"]):
         bad.append("mma.sync instead of wgmma")
     if r.get("layouts") == "fp8" and r["wgmma_fp8"] != r["wgmma"]:  # both products on FP8 operands
         bad.append("wgmma not on FP8 operands")
     if arch == 80 and r["mma"] == 0:
         bad.append("no mma.sync")
-    if r["cp_async"] + r["tma"] == 0 or r["sync_loads"]:
-        bad.append("synchronous tile loads in a loop")
     if r.get("tma_path") and r["tma"] == 0:
         bad.append("TMA path without cp.async.bulk.tensor")
-    if r["stages"] < 2:
-        bad.append("loads not pipelined")
-    if r["spill"]:
-        bad.append("spills")
-    return bad
+    return bad + _streamed(r)
 
 
 def _part(kwargs) -> str:
