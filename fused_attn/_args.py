@@ -573,11 +573,16 @@ def check_kernel_inputs(a: Args, packed: Packed = None):
     check_device(a.q.device)
 
 
+def input_dtypes(q, dtypes=DTYPES) -> tuple:
+    """The dtypes q, k, v may take: FP8's where q is FP8 (FP8 attention; check_fp8 checks what comes with them),
+    else `dtypes`."""
+    return FP8_DTYPES if isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES else dtypes
+
+
 def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
-    """check_args plus check_kernel_inputs (FP8 q, k, v allowed: check_fp8 checks what comes with them)."""
-    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
+    """check_args plus check_kernel_inputs (FP8 q, k, v allowed: input_dtypes)."""
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout,
-                   dtypes=FP8_DTYPES if fp8 else DTYPES)
+                   dtypes=input_dtypes(q))
     check_kernel_inputs(a)
     return a
 

@@ -5,7 +5,7 @@ import dataclasses
 import torch
 
 from ._args import (DTYPES, FP8_DTYPES, check_args, check_descales, check_kvcache, check_kvcache_values,
-                    check_modifiers, check_rotary, check_varlen_args)
+                    check_modifiers, check_rotary, check_varlen_args, input_dtypes)
 from .blockmask import evaluate
 from .mask import visible_mask
 
@@ -95,9 +95,9 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
     FP8 q, k, v with q_descale / k_descale / v_descale ((B, Hkv) or one value): dequantized in float64 first, then
     computed in `upcast` (None: bfloat16, the FP8 forward's default output).
     """
-    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, alignment=alignment,
-                   dtypes=FP8_DTYPES if fp8 else DTYPES + (torch.float64,))
+                   dtypes=input_dtypes(q, DTYPES + (torch.float64,)))
+    fp8 = a.q.dtype in FP8_DTYPES
     descales = check_descales(dict(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale), a.q.dtype,
                               a.q.shape[0], a.k.shape[1], a.q.device, "q, k, v")
     if fp8:

@@ -4,8 +4,8 @@ import dataclasses
 import torch
 
 from . import ops
-from ._args import (DTYPES, FP8_DTYPES, check_descales, check_fp8, check_kernel_inputs, check_modifiers,
-                    check_serving_varlen, check_varlen_args)
+from ._args import (check_descales, check_fp8, check_kernel_inputs, check_modifiers, check_serving_varlen,
+                    check_varlen_args, input_dtypes)
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
@@ -96,9 +96,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if num_splits:
         raise ValueError(f"num_splits ({num_splits!r}) applies to calls over a KV cache (seqused_k / block_table); "
                          f"pass 0")
-    fp8 = isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES
     a, packed = check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                  window_size=window_size, scale=scale, dtypes=FP8_DTYPES if fp8 else DTYPES)
+                                  window_size=window_size, scale=scale, dtypes=input_dtypes(q))
     check_kernel_inputs(a, packed)
     batch = cu_seqlens_q.shape[0] - 1
     mods = check_modifiers(batch, q.shape[1], q.device, softcap=softcap, alibi_slopes=alibi_slopes,
