@@ -14,11 +14,11 @@ import triton
 import triton.language as tl
 
 from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
-                     _load_tile, _query_program, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at,
-                     _tile_id, _visible)
+                     _load_tile, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile,
+                     _tile_at, _visible, _walk_tile)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
-                     modifier_args, reverse_tiles, run, tile_args)
+                     modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
 
 @features("HAS_SINKS")
@@ -117,33 +117,23 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
     return dk, dv
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                          MASK_BITS, SCORE_ARGS, MASK_ARGS,
-                          stride_qb, stride_qh, stride_qs, stride_qd,
-                          stride_kb, stride_kh, stride_ks, stride_kd,
-                          stride_vb, stride_vh, stride_vs, stride_vd,
-                          stride_dob, stride_doh, stride_dos, stride_dod,
-                          stride_dkb, stride_dkh, stride_dks, stride_dkd,
-                          stride_dvb, stride_dvh, stride_dvs, stride_dvd,
-                          stride_lb, stride_lh, stride_ab, stride_ah,
-                          head_start, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                          qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr,
-                          block_q, block_k,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                          TMA: tl.constexpr, REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                          VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                          LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-                          SCORE_BOUNDED: tl.constexpr,
-                          MASK_MOD: tl.constexpr):
-    """dK (if WITH_DK) and dV (if WITH_DV) of one key tile: both in one program, or in two launches where the two
-    accumulators together do not fit the registers (KernelConfig.split_dkdv)."""
-    start_n = _tile_id(REVERSE) * BLOCK_N
-    bhk = tl.program_id(1) + head_start
+def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
+                        MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd,
+                        stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+                        stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks,
+                        stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab,
+                        stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
+                        qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
+                        block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr,
+                        HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, WITH_DK: tl.constexpr,
+                        WITH_DV: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                        DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr,
+                        SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr):
+    """dK (if WITH_DK) and dV (if WITH_DV) of the key tile at rows start_n.. of kv head bhk = b * Hkv + hk: both in one
+    program, or in two launches where the two accumulators together do not fit the registers
+    (KernelConfig.split_dkdv)."""
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
@@ -197,6 +187,52 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                     stride_dvs, stride_dvd, seqlen_k, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
 
 
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                          MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
+                          stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
+                          stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks, stride_dkd,
+                          stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab, stride_ah,
+                          head_start, head_count, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right,
+                          scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr,
+                          block_q, block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+                          REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, VARLEN: tl.constexpr,
+                          SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
+                          SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
+                          MASK_MOD: tl.constexpr, PERSISTENT: tl.constexpr):
+    """dK (if WITH_DK) and dV (if WITH_DV) of one key tile per program (grid: tiles x kv heads), or PERSISTENT: a
+    program per SM walking the tiles (_walk_tile; dense calls only)."""
+    if PERSISTENT:
+        n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
+        for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):
+            start, bh = _walk_tile(t, n_tiles, head_count, head_start, BLOCK_N, REVERSE)
+            _attn_bwd_dkdv_tile(start, bh, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
+                                MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
+                                stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs,
+                                stride_vd, stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh,
+                                stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb,
+                                stride_lh, stride_ab, stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset,
+                                left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
+                                stride_th, stride_tr, block_q, block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
+                                BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI,
+                                DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD)
+    else:
+        start, bh = _program_tile(head_start, BLOCK_N, REVERSE)
+        _attn_bwd_dkdv_tile(start, bh, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
+                            MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd,
+                            stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+                            stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks,
+                            stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab,
+                            stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
+                            qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
+                            block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
+                            FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD,
+                            SCORE_GRAD, SCORE_BOUNDED, MASK_MOD)
+
+
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
                        offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
@@ -244,28 +280,21 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
     return dq
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
-                        SCORE_ARGS, MASK_ARGS, DBIAS,
-                        stride_qb, stride_qh, stride_qs, stride_qd,
-                        stride_kb, stride_kh, stride_ks, stride_kd,
-                        stride_vb, stride_vh, stride_vs, stride_vd,
-                        stride_dob, stride_doh, stride_dos, stride_dod,
-                        stride_dqb, stride_dqh, stride_dqs, stride_dqd,
-                        stride_lb, stride_lh, stride_ab, stride_ah,
-                        head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale, qk_scale,
-                        cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
-                        stride_dbb, stride_dbh, stride_dbs,
-                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                        TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                        SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
-                        SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                        MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr):
-    start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
+def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                      MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
+                      stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
+                      stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_lb,
+                      stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
+                      qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
+                      block_k, stride_dbb, stride_dbh, stride_dbs, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+                      VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                      LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                      SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """dQ of the query tile at rows start_m.. of head bh = b * Hq + h."""
+    b, h, hk = _query_head(bh, n_heads, group)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:
@@ -308,6 +337,52 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
 
 
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+                        SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
+                        stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
+                        stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_lb,
+                        stride_lh, stride_ab, stride_ah, head_start, head_count, n_heads, group, seqlen_q, seqlen_k,
+                        offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
+                        stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr,
+                        HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr,
+                        VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
+                        LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                        SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                        PERSISTENT: tl.constexpr):
+    """dQ of one query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles
+    (_walk_tile; dense calls only)."""
+    if PERSISTENT:
+        n_tiles = tl.cdiv(seqlen_q, BLOCK_M)
+        for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):
+            start, bh = _walk_tile(t, n_tiles, head_count, head_start, BLOCK_M, REVERSE)
+            _attn_bwd_dq_tile(start, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                              MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd,
+                              stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+                              stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs,
+                              stride_dqd, stride_lb, stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q,
+                              seqlen_k, offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale,
+                              stride_tb, stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs,
+                              HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT,
+                              TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
+                              MASK_MOD, BIAS_GRAD)
+    else:
+        start, bh = _program_tile(head_start, BLOCK_M, REVERSE)
+        _attn_bwd_dq_tile(start, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                          MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd,
+                          stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+                          stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs,
+                          stride_dqd, stride_lb, stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q, seqlen_k,
+                          offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
+                          stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs, HEAD_DIM,
+                          HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN,
+                          SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, BIAS_GRAD)
+
+
+
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
                       right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None, dsink=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
@@ -336,21 +411,21 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
-    launch_list += [(_attn_bwd_dkdv_kernel, (triton.cdiv(Sk, c_kv.block_n), count),
+    launch_list += [(_attn_bwd_dkdv_kernel, tile_grid(kwargs, triton.cdiv(Sk, c_kv.block_n), count, q.device),
                      (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs, *fn_args,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
-                      *slope_strides, start, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E,
-                      *values, *t_values),
+                      *slope_strides, start, count, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale,
+                      scale * LOG2E, *values, *t_values),
                      dict(kwargs, **which))
                     for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
     mask_ptrs, mask_values = block_args(blocks)
     src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
-    launch_list += [(_attn_bwd_dq_kernel, (triton.cdiv(Sq, c_q.block_m), count),
+    launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, triton.cdiv(Sq, c_q.block_m), count, q.device),
                      (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
-                      start, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,
+                      start, count, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,
                       *mask_values, *(dbias.stride()[:3] if dbias is not None else (0, 0, 0))), kwargs)
                     for start, count in head_chunks(B * Hq) if Sq > 0]
     return launch_list

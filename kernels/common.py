@@ -263,13 +263,23 @@ def _at_head(X, offset, TMA: tl.constexpr):
 
 
 @triton.jit
+def _head_desc(X, offset, n_rows, stride_r, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A tensor descriptor of one head's (n_rows, N_COLS) rows (X + offset, unit column stride), made in the kernel:
+    the form whose tiles Triton's warp specialization can split between consumer warp groups (TMA == 2)."""
+    return tl.make_tensor_descriptor(X + offset, [n_rows, N_COLS], [stride_r, 1], [BLOCK_R, BLOCK_C])
+
+
+@triton.jit
 def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                 CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
     """Rows [start, start + BLOCK_R), columns [0, BLOCK_C) of head (b, h), zero outside n_rows x n_cols. TMA: X is a
-    (B, H, S, D) tensor descriptor, whose copy engine zero-fills out of bounds; else X is a pointer already at
-    (b, h) (see _at_head) and the loads are masked where CHECK_ROWS / CHECK_COLS say a side can run out."""
-    if TMA:
+    (B, H, S, D) tensor descriptor, whose copy engine zero-fills out of bounds; TMA == 2: X is a (S, D) descriptor
+    of the head itself (_head_desc); else X is a pointer already at (b, h) (see _at_head) and the loads are masked
+    where CHECK_ROWS / CHECK_COLS say a side can run out."""
+    if TMA == 2:
+        return X.load([start, 0])
+    elif TMA:
         return X.load([b, h, start, 0]).reshape(BLOCK_R, BLOCK_C)
     else:
         return _load_tile(X, start + tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_C), stride_r, stride_c, n_rows, n_cols,
@@ -310,13 +320,29 @@ def _tile_id(REVERSE: tl.constexpr):
 
 
 @triton.jit
-def _query_program(head_start, n_heads, group, BLOCK_M: tl.constexpr, REVERSE: tl.constexpr):
-    """What a program over one query tile of one query head works on: (its first row, b * Hq + h, b, h, the kv
-    head h // group that query head h reads under GQA)."""
-    start_m = _tile_id(REVERSE) * BLOCK_M
-    bh = tl.program_id(1) + head_start
+def _program_tile(head_start, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """(first row, head index) of the one tile a program works on: its tile along grid axis 0, and the head
+    (b * H + h) head_start + grid axis 1."""
+    return _tile_id(REVERSE) * BLOCK, tl.program_id(1) + head_start
+
+
+@triton.jit
+def _walk_tile(t, n_tiles, n_heads, head_start, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """(first row, head index) of step t of a persistent kernel's walk over n_tiles tiles of each of n_heads heads
+    (from head_start): every head's tile of one rank before any tile of the next, ranks in REVERSE order where the
+    last tiles are the heaviest -- longest-processing-time first, and balanced over the heads. Program p takes steps
+    p, p + programs, ...; each tile is computed exactly as a program of the one-tile grid computes it."""
+    rank = t // n_heads
+    if REVERSE:
+        rank = n_tiles - 1 - rank
+    return rank * BLOCK, head_start + t % n_heads
+
+
+@triton.jit
+def _query_head(bh, n_heads, group):
+    """(b, h, the kv head h // group that query head h reads under GQA) of head index bh = b * Hq + h."""
     h = bh % n_heads
-    return start_m, bh, bh // n_heads, h, h // group
+    return bh // n_heads, h, h // group
 
 
 @triton.jit

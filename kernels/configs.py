@@ -36,6 +36,8 @@ class KernelConfig:
     tma: bool = False  # load q, k, v, dO through TMA tensor descriptors where the inputs qualify (sm_90+)
     longest_first: bool = False  # hand out the tiles that see the most keys first (causal, one-sided windows)
     split_dkdv: bool = False  # dK/dV kernel only: dV and dK in two launches, one accumulator each (large head dims)
+    persistent: bool = False  # one program per SM walking the tiles, heaviest first (dense calls; bitwise the same)
+    warp_specialize: bool = False  # forward only: the key loop warp-specialized over in-kernel TMA descriptors (sm_90+)
 
 
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability. Consumer and
@@ -75,19 +77,24 @@ def tma_capable(cc) -> bool:
 _override = contextvars.ContextVar("fused_attn_config_override", default={})
 
 
-@contextlib.contextmanager
-def use(*, tma=None, longest_first=None):
-    """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load
-    path and the given tile order; None keeps configs.py's choice. An explicit `config=` passed to a launcher wins.
+OPTIONS = ("tma", "longest_first", "persistent", "warp_specialize")
 
-        with fused_attn.kernels.configs.use(tma=True):
+
+@contextlib.contextmanager
+def use(*, tma=None, longest_first=None, persistent=None, warp_specialize=None):
+    """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load
+    path, the given tile order, persistent programs (persistent=True) or one program per tile, and a
+    warp-specialized forward (warp_specialize=True: TMA loads by a producer warp group, sm_90+); None keeps
+    configs.py's choice. An explicit `config=` passed to a launcher wins.
+
+        with fused_attn.kernels.configs.use(tma=True, persistent=True):
             out = fused_attn.attention(q, k, v, causal=True)
     """
-    for name, value in (("tma", tma), ("longest_first", longest_first)):
+    given = dict(tma=tma, longest_first=longest_first, persistent=persistent, warp_specialize=warp_specialize)
+    for name, value in given.items():
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name} must be True, False or None, got {value!r}")
-    token = _override.set({**_override.get(), **{k: v for k, v in (("tma", tma), ("longest_first", longest_first))
-                                                    if v is not None}})
+    token = _override.set({**_override.get(), **{k: v for k, v in given.items() if v is not None}})
     try:
         yield
     finally:
@@ -95,12 +102,18 @@ def use(*, tma=None, longest_first=None):
 
 
 def _choice(cc, packed: bool = False) -> dict:
-    """Load path and tile order: configs.py's defaults (pointer path, natural order -- until a GPU run has measured
-    the alternatives), or what `use` set; packed sequences always take the pointer path."""
-    choice = {"tma": False, "longest_first": False, **_override.get()}
+    """Load path, tile order and schedule: configs.py's defaults (pointer path, natural order, a program per tile --
+    until a GPU run has measured the alternatives), or what `use` set; packed sequences always take the pointer path
+    and a program per tile."""
+    choice = {**dict.fromkeys(OPTIONS, False), **_override.get()}
     choice["tma"] = choice["tma"] and not packed
-    if choice["tma"] and not tma_capable(cc):
-        raise ValueError(f"the TMA load path needs compute capability 9.0 or newer, this GPU has {cc}")
+    choice["persistent"] = choice["persistent"] and not packed
+    choice["warp_specialize"] = choice["warp_specialize"] and not packed
+    if choice["persistent"] and cc is not None and cc[0] >= 9:  # the pointer path's addresses spill (gate) there
+        choice["tma"] = True
+    for name, what in (("tma", "the TMA load path"), ("warp_specialize", "warp specialization")):
+        if choice[name] and not tma_capable(cc):
+            raise ValueError(f"{what} needs compute capability 9.0 or newer, this GPU has {cc}")
     return choice
 
 
@@ -121,14 +134,18 @@ INTERPRETER = (32, 32, 4, 1)
 # spills), but where BLACKWELL overrides them. None has been timed on a GPU yet: `python -m bench.tune` does that.
 HOPPER = {
     "fwd": {("ptr", 64): (128, 64, 8, 3), ("ptr", 128): (128, 64, 8, 2), ("ptr", 256): (64, 32, 8, 2),
-            ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2)},
+            ("tma", 64): (128, 64, 8, 4), ("tma", 128): (128, 64, 8, 4), ("tma", 256): (64, 64, 8, 2),
+            # warp-specialized: 4 warps per consumer group (two groups of 64 rows, a producer group beside them)
+            ("ws", 64): (128, 128, 4, 2), ("ws", 128): (128, 128, 4, 2), ("ws", 256): (128, 64, 4, 2),
+            ("ws-persistent", 256): (128, 32, 4, 2)},  # 128x64: 295 KB of shared memory
     "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)},
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
 # sm_100 (B200 / GB200): Hopper's entries but where the gate found them spilling with tcgen05 MMAs (D = 256 dK/dV:
 # 32x64 spilled 8 bytes under MHA; under GQA 8 its dK launch still spills at 16x64, a known item of the gate).
-BLACKWELL = {"dkdv": {256: (16, 64, 8, 2)}}
+# TMA at D = 128: 128x64 tiles spill 8-20 bytes (4 or 8 warps, 2-4 stages; persistent or not), 128x32 are clean.
+BLACKWELL = {"fwd": {("tma", 128): (128, 32, 8, 4)}, "dkdv": {256: (16, 64, 8, 2)}}
 AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stages to get double buffers
     "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 3)},
     "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 3)},
@@ -147,7 +164,29 @@ KNOWN_CC = {(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (10, 3), (12, 0), (
 _unknown_seen = set()
 
 
-def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, tma: bool, packed: bool):
+def _path(choice: dict, packed: bool) -> str:
+    """The load path (and schedule) a config's tiles are chosen for."""
+    if packed:
+        return "packed"
+    if choice["warp_specialize"]:
+        return "ws-persistent" if choice["persistent"] else "ws"
+    return "tma" if choice["tma"] else "ptr"
+
+
+# Where a table has no entry for a path, the next one's: a persistent warp-specialized kernel takes the
+# warp-specialized tiles, those the TMA tiles; packed sequences the pointer tiles; finally the head dim's entry.
+_FALLBACK = {"ws-persistent": "ws", "ws": "tma", "packed": "ptr"}
+
+
+def _entry(table: dict, path: str, d: int):
+    while path is not None:
+        if (path, d) in table:
+            return table[(path, d)]
+        path = _FALLBACK.get(path)
+    return table.get(d)
+
+
+def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, path: str):
     d = max(64, head_block(head_dim), head_block(head_dim_v))
     if tuple(cc) not in KNOWN_CC:
         if tuple(cc) not in _unknown_seen:
@@ -155,12 +194,10 @@ def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, tma: bool, packed: boo
             logging.getLogger("fused_attn").warning("fused_attn: compute capability %s.%s has no tuned tables; "
                                                     "using the 99 KB GPUs' (the most conservative)", *cc)
         return SMALL[kind][d]
-    if cc[0] == 10 and d in BLACKWELL.get(kind, {}):
-        return BLACKWELL[kind][d]
-    if cc[0] in (9, 10):  # an entry for the path (tma / ptr / packed) where one differs, else the head dim's
-        table = HOPPER[kind]
-        path = "packed" if packed else "tma" if tma else "ptr"
-        return table.get((path, d)) or table.get(("tma" if tma else "ptr", d)) or table[d]
+    if cc[0] == 10 and _entry(BLACKWELL.get(kind, {}), path, d):
+        return _entry(BLACKWELL[kind], path, d)
+    if cc[0] in (9, 10):  # an entry for the path where one differs, else the head dim's
+        return _entry(HOPPER[kind], path, d)
     return (AMPERE if smem_limit(cc) > SMEM_DEFAULT else SMALL)[kind][d]
 
 
@@ -171,7 +208,7 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packe
     if cc is None:
         return KernelConfig(*INTERPRETER, **choice)
     if dtype.itemsize <= 2:  # fp16 / bf16, and FP8 (half the bytes per tile: the same tiles fit)
-        return KernelConfig(*_tiles("fwd", cc, head_dim, head_dim_v, choice["tma"], packed), **choice)
+        return KernelConfig(*_tiles("fwd", cc, head_dim, head_dim_v, _path(choice, packed)), **choice)
     # fp32 (IEEE dots, no tensor cores): tiles that fit shared memory; the gate prints their spills.
     bd, bdv = head_block(head_dim), head_block(head_dim_v)
     block_m, block_n = 64, 64 if max(bd, bdv) <= 128 else 32
@@ -194,14 +231,14 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
-    choice = _choice(cc, packed)
+    choice = dict(_choice(cc, packed), warp_specialize=False)  # warp specialization: the forward only, so far
     if cc is None:
         return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
-        cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, choice["tma"], packed), split_dkdv=split,
-                             **choice),
-                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, choice["tma"], packed), **choice))
+        path = _path(choice, packed)
+        cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, path), split_dkdv=split, **choice),
+                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, path), **choice))
         if dropout:  # wgmma needs 64 resident rows on sm_90; mma.sync does not
             side = "block_m" if cc[0] >= 9 else "block_n"
             cfgs = (dataclasses.replace(cfgs[0], **{side: max(16, getattr(cfgs[0], side) // 2)}),

@@ -167,7 +167,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                                         PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
                                         None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
-                                        (), k_descale, FP8_KV)
+                                        (), k_descale, FP8_KV, False)
     if FP8_KV:
         acc = acc * v_descale
 

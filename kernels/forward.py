@@ -3,11 +3,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
-                     _query_program, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at, _visible)
+from .common import (_at_head, _block_bits, _dot, _head_desc, _join_sink, _keep, _key_walk, _load_block, _load_kv,
+                     _p_for, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at,
+                     _visible, _walk_tile)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
-                     grid_dims, modifier_args, reverse_tiles, run, tile_args)
+                     grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
 
 @triton.jit
@@ -22,7 +23,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     seed, rng_offset, bh, threshold, DROPOUT: tl.constexpr,
                     TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                     h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                    MASK_MOD: tl.constexpr, MASK_ARGS, k_descale, DESCALE: tl.constexpr):
+                    MASK_MOD: tl.constexpr, MASK_ARGS, k_descale, DESCALE: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED: K and V
     are read through the block table PAGES (kernels/decode.py). K and V tiles of another dtype than q (an FP8 cache)
     are converted to q's in registers; DESCALE multiplies the scores by k_descale (the caller multiplies the output
@@ -31,8 +32,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     probabilities in what multiplies V, after they are summed into l (the caller rescales the output by 1 / (1 -
     p)). LISTED: [lo, hi) are positions in a block mask's list TABLE (common._tile_at), whose partial blocks' bits
     (or MASK_MOD) join the mask. A score function may hide pairs (-inf) in any tile, so with one every tile guards
-    its empty rows."""
-    for pos in tl.range(lo, hi, BLOCK_N):
+    its empty rows. WARP_SPEC: the loop warp-specialized (a producer warp group issuing the loads, consumer groups
+    computing; Hopper needs one branch-free loop: the caller runs every tile MASKED)."""
+    for pos in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
@@ -66,34 +68,34 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     return acc, l_i, m_i
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS", "FP8")
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SINKS,
-                     Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS,
-                     stride_qb, stride_qh, stride_qs, stride_qd,
-                     stride_kb, stride_kh, stride_ks, stride_kd,
-                     stride_vb, stride_vh, stride_vs, stride_vd,
-                     stride_ob, stride_oh, stride_os, stride_od,
-                     stride_lb, stride_lh, stride_ab, stride_ah, stride_db, stride_dh,
-                     head_start, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                     cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                     TMA: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr,
-                     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
-                     SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                     MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr):
-    start_m, bh, b, h, hk = _query_program(head_start, n_heads, group, BLOCK_M, REVERSE)
+def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+                   SINKS, Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
+                   stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
+                   stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab, stride_ah, stride_db,
+                   stride_dh, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale, cap_in, cap_out,
+                   threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k, HEAD_DIM: tl.constexpr,
+                   HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
+                   TMA: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                   SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+                   WARP_SPEC: tl.constexpr):
+    """The forward of one query tile (rows start_m..) of head bh = b * Hq + h."""
+    b, h, hk = _query_head(bh, n_heads, group)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
     if VARLEN:
         if start_m >= seqlen_q:  # the grid covers the longest sequence
             return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
-    K = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
-    V = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    if TMA == 2:  # descriptors of this head's rows, made here
+        Q = _head_desc(Q, b64 * stride_qb + h64 * stride_qh, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D)
+        K = _head_desc(K, b64 * stride_kb + hk64 * stride_kh, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D)
+        V = _head_desc(V, b64 * stride_vb + hk64 * stride_vh, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
+    else:
+        Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
+        K = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
+        V = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
     O += b64 * stride_ob + h64 * stride_oh + q0 * stride_os
     row = b64 * stride_lb + h64 * stride_lh + q0  # lse, stats: one float (two) per query row
     LSE += row
@@ -119,18 +121,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                                                block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
     # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge (list walk: masked
-    # partial blocks, unmasked full blocks, nothing).
-    for seg in tl.static_range(3):
+    # partial blocks, unmasked full blocks, nothing). Warp-specialized: once, every tile masked (the mask is the
+    # identity on full tiles, so the result is the same to the bit).
+    for seg in tl.static_range(1 if WARP_SPEC else 3):
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
-        seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
+        seg_hi = hi if WARP_SPEC else (full_lo if seg == 0 else (full_hi if seg == 1 else hi))
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
                                         offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, None, 0, 0, 0, False,
+                                        HAS_LEFT, HAS_RIGHT, WARP_SPEC or seg != 1, FP32_DOT, TMA, None, 0, 0, 0,
+                                        False,
                                         cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
                                         DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
                                         h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS,
-                                        qk_descale, FP8)
+                                        qk_descale, FP8, WARP_SPEC)
     if FP8:
         acc = acc * v_descale
 
@@ -152,6 +156,50 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
     tl.store(LSE + offs_m, tl.where(empty, float("-inf"), lse), mask=offs_m < seqlen_q)
 
 
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS", "FP8")
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SINKS,
+                     Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
+                     stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs,
+                     stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab,
+                     stride_ah, stride_db, stride_dh, head_start, head_count, n_heads, group, seqlen_q, seqlen_k,
+                     offset, left, right, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th,
+                     stride_tr, block_q, block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
+                     REVERSE: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                     DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
+                     SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
+                     WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
+    """One query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles of
+    head_count heads from head_start heaviest first (_walk_tile; dense calls only). WARP_SPEC: the key loop
+    warp-specialized, over descriptors made in the kernel (TMA == 2)."""
+    if PERSISTENT:
+        n_tiles = tl.cdiv(seqlen_q, BLOCK_M)
+        for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):
+            start_m, bh = _walk_tile(t, n_tiles, head_count, head_start, BLOCK_M, REVERSE)
+            _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
+                           MASK_BITS, SINKS, Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS, stride_qb,
+                           stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb,
+                           stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb,
+                           stride_lh, stride_ab, stride_ah, stride_db, stride_dh, n_heads, group, seqlen_q, seqlen_k,
+                           offset, left, right, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th,
+                           stride_tr, block_q, block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+                           HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD,
+                           SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, HAS_SINKS, FP8, WARP_SPEC)
+    else:
+        start_m, bh = _program_tile(head_start, BLOCK_M, REVERSE)
+        _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
+                       SINKS, Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
+                       stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs,
+                       stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab,
+                       stride_ah, stride_db, stride_dh, n_heads, group, seqlen_q, seqlen_k, offset, left, right,
+                       qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
+                       block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
+                       FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
+                       MASK_MOD, HAS_SINKS, FP8, WARP_SPEC)
+
+
 def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None,
                      mods=None, blocks=None):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
@@ -166,10 +214,10 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype), **fns)
     descales, descale_strides = fp8_args(mods)
-    return [(_attn_fwd_kernel, (triton.cdiv(Sq, cfg.block_m), count),
+    return [(_attn_fwd_kernel, tile_grid(kwargs, triton.cdiv(Sq, cfg.block_m), count, q.device),
              (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *descales,
               *fn_args, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides,
-              *descale_strides, start, Hq,
+              *descale_strides, start, count, Hq,
               Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E, *values, *mask_values), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 

@@ -1,6 +1,7 @@
 """What every launcher shares: the bundles of optional inputs (packed sequences, modifiers), the constexpr flags
 they turn into (one @triton.heuristics table for every kernel), tile sources (pointer or TMA), grid dimensions,
 and `run`, which launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
+import contextlib
 import dataclasses
 import math
 from collections import Counter
@@ -199,13 +200,41 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
     block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
     path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
-    longest-first and `reverse` says the last tiles are the heaviest."""
+    longest-first (or is persistent) and `reverse` says the last tiles are the heaviest; PERSISTENT where cfg asks
+    and the call is not packed (a packed grid's tiles depend on the sequences). The forward's WARP_SPEC where cfg
+    asks and the inputs qualify for TMA: its sources stay tensors, the kernel makes one descriptor per head (TMA
+    == 2), the form Triton's warp specialization splits between consumer groups."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
-    tma = cfg.tma and not packed and tma_ok(*tensors)
+    ws = cfg.warp_specialize and not packed and tma_ok(*tensors)
+    tma = cfg.tma and not packed and tma_ok(*tensors) and not ws
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
-    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, REVERSE=cfg.longest_first and reverse,
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    persistent = cfg.persistent and not packed
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=2 if ws else tma, PERSISTENT=persistent,
+                  REVERSE=(cfg.longest_first or persistent) and reverse, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if do is None:  # the forward
+        kwargs["WARP_SPEC"] = ws
+    return src, kwargs
+
+
+# Programs of a persistent launch where the kernels run through the interpreter (few, so that each walks several
+# tiles) and where no device is known (the compile-time gate's meta tensors: an H100 / H200's SMs).
+INTERPRETER_PROGRAMS, DEFAULT_PROGRAMS = 3, 132
+
+
+def tile_grid(kwargs, n_tiles: int, head_count: int, device):
+    """The grid of a tiled kernel over n_tiles tiles of head_count heads: one program per tile (n_tiles,
+    head_count), or, where kwargs say PERSISTENT, one per SM (programs, 1), each walking tiles (common._walk_tile)."""
+    if not kwargs["PERSISTENT"]:
+        return (n_tiles, head_count)
+    if interpreter_active():
+        programs = INTERPRETER_PROGRAMS
+    elif device.type == "cuda":
+        programs = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = DEFAULT_PROGRAMS
+    return (max(1, min(programs, n_tiles * head_count)), 1)
 
 
 def reverse_tiles(left: int, right: int) -> bool:
@@ -226,12 +255,36 @@ def _kernel_name(kernel) -> str:
     return getattr(kernel, "__name__", None) or kernel.fn.__name__  # under @triton.heuristics: .fn
 
 
+@contextlib.contextmanager
+def _scratch(needed: bool, tensor):
+    """Global scratch memory for kernels that make tensor descriptors (TMA == 2): Triton asks its allocator at
+    launch. A torch allocation on `tensor`'s GPU for the launch's duration, where the caller has not set an
+    allocator of its own."""
+    from triton.runtime import _allocation
+    if not needed or tensor.device.type != "cuda" or not isinstance(_allocation._allocator.get(),
+                                                                      _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8,
+                                                                                  device=tensor.device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
+
+
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
-    path (`name:tma` / `name:ptr`), each kernel under its own name. An empty list launches and counts nothing."""
+    path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
+    own name.
+    An empty list launches and counts nothing."""
     for kernel, grid, args, kwargs in launch_list:
-        kernel[grid](*args, **kwargs)
+        with _scratch(kwargs.get("TMA") == 2, args[0]):
+            kernel[grid](*args, **kwargs)
         launches[_kernel_name(kernel)] += 1
     if launch_list:
         launches[name] += 1
         launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
+        for flag in ("PERSISTENT", "WARP_SPEC"):
+            if any(kw.get(flag) for *_, kw in launch_list):
+                launches[f"{name}:{flag.lower()}"] += 1

@@ -68,7 +68,8 @@ class TargetOnly:
 
 
 def jobs(quick: bool):
-    """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "packed" (varlen),
+    """(arch, dtype, D, mask, group, tma, longest_first, kind) per launch set, kind "dense", "persistent" (the dense
+    kernels as persistent programs), "packed" (varlen),
     "decode" or "paged" (split-KV over a contiguous / paged cache), "serving" / "serving-fp8" (a packed step over
     a paged cache, bf16 / FP8 caches), "modifiers" (the dense kernels with softcap, ALiBi, dropout and sinks all
     on), "blockmask" (the kernels walking a block mask's lists); the dense layouts are compiled inside each job.
@@ -101,6 +102,12 @@ def jobs(quick: bool):
     # The FP8 forward (e4m3 q, k, v; the dtype field names the output): sm_90, and sm_89 / sm_120 at D = 128.
     out += [(90, bf16, d, m, 8, False, False, "fp8") for d in (64, 128, 256) for m in ("none", "causal")]
     out += [(arch, bf16, 128, "causal", 8, False, False, "fp8") for arch in (89, 120)]  # FP8 mma.sync (99 KB GPUs)
+    # Persistent kernels (one program per SM walking the tiles heaviest first): forward, dK/dV, dQ.
+    out += [(90, bf16, d, "causal", g, True, False, "persistent") for d in (64, 128, 256) for g in (1, 8)]
+    out.append((80, bf16, 128, "causal", 8, False, False, "persistent"))
+    # The warp-specialized forward (descriptors made in the kernel, a producer warp group beside the consumers).
+    out += [(90, bf16, d, m, g, True, False, "ws") for d in (64, 128, 256) for m in ("none", "causal") for g in (1, 8)]
+    out += [(90, bf16, d, "causal", 8, True, False, "ws-persistent") for d in (64, 128, 256)]
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
@@ -116,6 +123,9 @@ def jobs(quick: bool):
         # and spills (12-28 bytes): judged with >= 3.7 only.
         out += [(100, bf16, d, "causal", group, False, False) for d in (64, 128, 256) for group in (1, 8)]
         out.append((100, bf16, 128, "causal", 8, False, False, "fp8"))
+        out += [(100, bf16, d, "causal", 8, True, False, kind) for d in (64, 128, 256) for kind in ("dense",
+                                                                                                   "persistent")]
+        out += [(100, bf16, d, "causal", 8, True, False, "ws") for d in (64, 128)]
     return [j + ("dense",) * (8 - len(j)) for j in out]
 
 
@@ -144,7 +154,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
     lse, delta = (torch.empty(B, Hq, S, device="meta") for _ in range(2))
     stats = torch.empty(B, Hq, S, 2, device="meta")
     left, right = MASKS[mask]
-    with configs.use(tma=tma, longest_first=longest_first):
+    with configs.use(tma=tma, longest_first=longest_first, persistent=kind in ("persistent", "ws-persistent"),
+                     warp_specialize=kind in ("ws", "ws-persistent")):
         fc = configs.forward_config(d, d, dtype, cc, packed=packed)
         bc = configs.backward_config(d, d, dtype, cc, packed=packed, dropout=kind == "modifiers")
     args = (d ** -0.5, 0, left, right)
@@ -160,6 +171,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
         mods = launch.Modifiers(50.0, torch.empty(Hq, device="meta"), 0.1,
                                  torch.empty(2, dtype=torch.int64, device="meta"), sinks=torch.empty(Hq, device="meta"))
         dsink = torch.empty(B, Hq, S, device="meta")
+    if kind in ("ws", "ws-persistent"):  # warp specialization: the forward only
+        return forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks)
     return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks)
             + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods, blocks,
                                          dbias, dsink))
@@ -234,17 +247,25 @@ def fp8_launch_list(arch, d, mask, group, layout):
 
 
 def _loop_tile_loads(ttgir: str) -> int:
-    """Synchronous loads of 2-D tiles inside scf.for loops (a tile load the pipeliner did not make async)."""
-    stack, count = [], 0
+    """Synchronous loads of 2-D tiles inside innermost scf.for loops (a tile load the pipeliner did not make async).
+    Loads in a loop around other loops -- a persistent kernel's walk over tiles, loading each tile's resident q --
+    are once per tile, as outside any loop in a one-tile program."""
+    stack, count = [], 0  # per open region: [is a for loop, its 2-D loads, contains a loop]
     for line in ttgir.splitlines():
         s = line.strip()
-        if s.startswith("}"):
-            if stack:
-                stack.pop()
-        if "tt.load" in s and re.search(r"tensor<\d+x\d+x", s) and "for" in stack:
-            count += 1
+        if s.startswith("}") and stack:
+            is_for, loads, has_loop = stack.pop()
+            if is_for and not has_loop:
+                count += loads
+        loops = [frame for frame in stack if frame[0]]
+        if "tt.load" in s and re.search(r"tensor<\d+x\d+x", s) and loops:
+            loops[-1][1] += 1  # the innermost loop around it (through any scf.if)
         if s.endswith("{"):
-            stack.append("for" if "scf.for" in s else "other")
+            is_for = "scf.for" in s
+            if is_for:
+                for frame in stack:
+                    frame[2] = True
+            stack.append([is_for, 0, False])
     return count
 
 
@@ -255,7 +276,8 @@ def inspect(compiled, log: str) -> dict:
     buffers = [int(n) for n in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
     return dict(
         wgmma=ptx.count("wgmma.mma_async"), mma=len(re.findall(r"\bmma\.sync", ptx)),
-        tcgen05=ptx.count("tcgen05.mma"), tmem=ptx.count("tcgen05.alloc"),
+        tcgen05=ptx.count("tcgen05.mma"), tmem=ptx.count("tcgen05.alloc"), setmaxnreg=ptx.count("setmaxnreg"),
+        partitions=ttgir.count("ttg.warp_specialize"),
         wgmma_fp8=len(re.findall(r"wgmma\.mma_async[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
         tcgen05_fp8=len(re.findall(r"tcgen05\.mma[.\w:]*kind::f8f6f4", ptx)),
         mma_fp8=len(re.findall(r"\bmma\.sync[.\w]*\.e[45]m[23]\.e[45]m[23]", ptx)),
@@ -291,6 +313,8 @@ def verdict(arch, dtype, name, r) -> list:
             bad.append("synchronous tile loads in a loop")
         if r["spill"]:
             bad.append("spills")
+    if r.get("layouts", "").startswith("ws") and (r["partitions"] == 0 or r["setmaxnreg"] == 0):
+        bad.append("not warp-specialized")  # separate partitions, registers moved between them (setmaxnreg)
     if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or arch not in (80, 90, 100):
         return bad
     if arch == 100:  # Blackwell's own tensor-core path: tcgen05 MMAs accumulating in tensor memory
@@ -333,6 +357,12 @@ KNOWN = {
     # sm_100 at D = 256 under GQA: the dK launch (its accumulator and the group's query heads) spills with tcgen05
     # MMAs at every tile tried (16x64 / 32x64 / 32x32, 4 or 8 warps); MHA and the dV launch are clean at 16x64.
     ("dense", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
+    ("persistent", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
+    # sm_100 at D = 256, persistent: the dQ kernel spills (200 bytes at 64x32; 64x16 and 3 stages spill too).
+    ("persistent", "_attn_bwd_dq_kernel", "spills", 100, 256),
+    # sm_100 at D = 128, warp-specialized: 332 bytes of spills at every tile tried (128x64, 128x128; 2 or 3 stages)
+    # -- one partition's register budget, not the tile size. D = 64 is clean.
+    ("ws", "_attn_fwd_kernel", "spills", 100, 128),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
@@ -371,7 +401,8 @@ def fmt(job, r) -> str:
     return (f"sm_{arch:<3} {TYPES[dtype]} D={d:<3} {mask:6} g={group} {path:6} {kname:13} {r['layouts']:9} "
             f"tile={r['tiles'][0]}x{r['tiles'][1]} w={r['warps']} s={r['num_stages']} | wgmma={r['wgmma']:<3} "
             f"mma.sync={r['mma']:<3} cp.async={r['cp_async']:<3} tma={r['tma']:<2} buffers={r['stages']} "
-            f"sync-loop-loads={r['sync_loads']} | regs={r['regs']:<3} spill={r['spill']:<5} smem={r['smem']:6} "
+            f"sync-loop-loads={r['sync_loads']}{' setmaxnreg=%d' % r['setmaxnreg'] if r['setmaxnreg'] else ''} "
+            f"| regs={r['regs']:<3} spill={r['spill']:<5} smem={r['smem']:6} "
             f"| {'ok' if not r['bad'] else 'FAIL: ' + ', '.join(r['bad'])}"
             f"{' (known: ' + ', '.join(r['known']) + ')' if r.get('known') else ''}")
 

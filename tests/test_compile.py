@@ -56,6 +56,16 @@ def test_loop_tile_loads_are_found():
     %v = tt.load %vp : tensor<64x128x!tt.ptr<bf16>, #blocked>
     """
     assert gate._loop_tile_loads(ttgir) == 1  # only %k: %q and %v are outside the loop, %m is 1-D
+    persistent = """
+    scf.for %t = %p to %n step %programs : i32 {
+      %q = tt.load %qp : tensor<64x128x!tt.ptr<bf16>, #blocked>
+      %r = scf.for %i = %c0 to %n step %c1 iter_args(%a = %z) -> (tensor<64x64xf32>) : i32 {
+        %k = tt.load %kp : tensor<64x128x!tt.ptr<bf16>, #blocked>
+        scf.yield %k
+      }
+    }
+    """
+    assert gate._loop_tile_loads(persistent) == 1  # %k; %q is loaded once per tile of the walk
 
 
 def test_verdicts():

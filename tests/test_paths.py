@@ -124,3 +124,122 @@ def test_an_unknown_gpu_gets_the_conservative_tables_and_one_log_line(caplog):
     assert (again.block_m, again.block_n) == configs.SMALL["fwd"][64][:2]
     assert [r.getMessage() for r in caplog.records].count(
         "fused_attn: compute capability 13.0 has no tuned tables; using the 99 KB GPUs' (the most conservative)") == 1
+
+
+PERSISTENT_CASES = [
+    pytest.param(Case(2, 4, 2, 100, 130, 64, causal=True), None, id="gqa-causal-q100-k130"),
+    pytest.param(Case(1, 3, 3, 70, 70, 40, 24, window=(20, 5), layout="bshd"), None, id="mha-win20-5-d40-dv24"),
+    pytest.param(Case(1, 2, 1, 33, 97, 64, causal=True), "modifiers", id="mqa-causal-softcap-alibi-dropout-sinks"),
+]
+
+
+@pytest.mark.parametrize("case,modifiers", PERSISTENT_CASES)
+def test_persistent_is_bitwise_the_tiled_grid(case, modifiers, device):
+    """A persistent launch (a few programs walking every tile, heaviest first) computes each tile exactly as the
+    one-tile grid does: out, lse and all gradients bitwise equal. The buffers start as NaN, so a tile the walk
+    missed would show."""
+    from fused_attn.kernels.launch import Modifiers, launches
+    from fused_attn.testing import make_inputs
+    q, k, v, do = (t.detach() for t in make_inputs(case, device))
+    q, k, v, do = (t.transpose(1, 2) if case.layout == "bshd" else t for t in (q, k, v, do))
+    B, Hq, Sq, _ = q.shape
+    left, right = (-1, 0) if case.causal else case.window
+    offset = k.shape[2] - Sq
+    mods = None
+    if modifiers:
+        mods = Modifiers(softcap=5.0, alibi_slopes=torch.rand(Hq, device=device), dropout_p=0.2,
+                         rng=torch.tensor([7, 3], device=device), sinks=torch.randn(Hq, device=device))
+    results = []
+    for persistent in (False, True):
+        cfg = configs.KernelConfig(32, 32, 4, 1, persistent=persistent)
+        before = launches["fwd:persistent"], launches["bwd:persistent"]
+        out = torch.full((B, Hq, Sq, v.shape[3]), float("nan"), device=device, dtype=q.dtype)
+        lse, stats = (torch.full(s, float("nan"), device=device) for s in ((B, Hq, Sq), (B, Hq, Sq, 2)))
+        kernels.attention_forward(q, k, v, out, lse, stats, 0.3, offset, left, right, cfg, mods=mods)
+        grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        kernels.attention_backward(do, q, k, v, out, stats, *grads, torch.empty_like(lse), 0.3, offset, left, right,
+                                   config=cfg, mods=mods)
+        assert (launches["fwd:persistent"] - before[0], launches["bwd:persistent"] - before[1]) == (persistent,) * 2
+        results.append((out, lse, *grads))
+    assert not results[0][0].isnan().any() and not results[0][2].isnan().any()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_persistent_grid_and_fallbacks(device):
+    """A persistent launch has one program per SM (3 under the interpreter), never more than the tiles; packed
+    sequences keep the one-tile grid; `use(persistent=True)` reaches the default configs, forward and backward."""
+    from fused_attn.kernels import launch
+    q = torch.empty(2, 4, 300, 64, device="meta", dtype=torch.float16)
+    stats = torch.empty(2, 4, 300, 2, device="meta")
+    for persistent, grid in ((False, (10, 8)), (True, (launch.DEFAULT_PROGRAMS if ON_GPU else 3, 1))):
+        cfg = configs.KernelConfig(32, 32, 4, 1, persistent=persistent)
+        (kernel, g, _, kw), = forward.forward_launches(q, q, q, q, stats[..., 0], stats, 0.1, 0, -1, 0, cfg)
+        assert kw["PERSISTENT"] is persistent and kw["REVERSE"] is persistent and g == grid
+    tiny = torch.empty(1, 1, 20, 64, device="meta", dtype=torch.float16)
+    cfg = configs.KernelConfig(32, 32, 4, 1, persistent=True)
+    (_, g, _, _), = forward.forward_launches(tiny, tiny, tiny, tiny, stats[:1, :1, :20, 0], stats, 0.1, 0, -1, 0, cfg)
+    assert g == (1, 1)  # one tile: one program
+    with configs.use(persistent=True):
+        assert configs.forward_config(64, 64, torch.float16, None).persistent
+        assert all(c.persistent for c in configs.backward_config(64, 64, torch.float16, None))
+        assert not configs.forward_config(64, 64, torch.float16, None, packed=True).persistent
+    with pytest.raises(TypeError, match="persistent must be True, False or None"), configs.use(persistent=1):
+        pass
+
+
+WS_CASES = [
+    pytest.param(Case(2, 4, 2, 100, 130, 64, causal=True), id="gqa-causal-q100-k130"),
+    pytest.param(Case(1, 3, 3, 70, 70, 40, 24, window=(20, 5), layout="bshd"), id="mha-win20-5-d40-dv24"),
+    pytest.param(Case(1, 2, 1, 40, 17, 64, causal=True), id="mqa-causal-q40-k17-empty-rows"),
+]
+
+
+@pytest.mark.skipif(not TMA_HERE, reason="warp specialization needs compute capability 9.0+")
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+@pytest.mark.parametrize("case", WS_CASES)
+def test_warp_specialized_forward_is_bitwise_the_default(case, persistent, device):
+    """The warp-specialized forward runs one key loop with every tile masked over descriptors made in the kernel;
+    the mask is the identity on full tiles, so out and lse are bitwise the three-loop kernel's (and the backward,
+    which is not specialized, takes them)."""
+    from fused_attn.kernels.launch import launches
+    from fused_attn.testing import make_inputs
+    q, k, v, _ = (t.detach() for t in make_inputs(case, device))
+    q, k, v = (t.transpose(1, 2) if case.layout == "bshd" else t for t in (q, k, v))
+    B, Hq, Sq, _ = q.shape
+    left, right = (-1, 0) if case.causal else case.window
+    results = []
+    for ws in (False, True):
+        cfg = configs.KernelConfig(32, 32, 4, 1, warp_specialize=ws, persistent=persistent and ws)
+        before = launches["fwd:warp_spec"]
+        out = torch.full((B, Hq, Sq, v.shape[3]), float("nan"), device=device, dtype=q.dtype)
+        lse, stats = (torch.full(s, float("nan"), device=device) for s in ((B, Hq, Sq), (B, Hq, Sq, 2)))
+        kernels.attention_forward(q, k, v, out, lse, stats, 0.3, k.shape[2] - Sq, left, right, cfg)
+        assert launches["fwd:warp_spec"] - before == ws
+        results.append((out, lse, stats))
+    assert not results[0][0].isnan().any()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_warp_specialization_rules():
+    """The forward only (the backward configs drop it), dense calls only, sm_90+; its loads go through
+    descriptors the kernel makes (TMA == 2: the sources stay tensors); unaligned inputs fall back to pointers."""
+    from fused_attn.kernels import launch
+    with configs.use(warp_specialize=True):
+        assert configs.forward_config(64, 64, torch.float16, None).warp_specialize
+        assert not any(c.warp_specialize for c in configs.backward_config(64, 64, torch.float16, None))
+        assert not configs.forward_config(64, 64, torch.float16, None, packed=True).warp_specialize
+        with pytest.raises(ValueError, match="warp specialization needs compute capability 9.0"):
+            configs.forward_config(64, 64, torch.float16, (8, 0))
+        assert configs.forward_config(128, 128, torch.bfloat16, (9, 0)) == configs.KernelConfig(
+            128, 128, 4, 2, warp_specialize=True)
+    cfg = configs.KernelConfig(32, 32, 4, 1, warp_specialize=True)
+    q = torch.empty(1, 2, 64, 64, device="meta", dtype=torch.float16)
+    src, kw = launch.tile_args(cfg, False, q, q, q)
+    assert kw["TMA"] == 2 and kw["WARP_SPEC"] and all(s is q for s in src)
+    odd = torch.empty(1, 2, 64, 111, device="meta", dtype=torch.float16)
+    src, kw = launch.tile_args(cfg, False, odd, odd, odd)
+    assert kw["TMA"] is False and not kw["WARP_SPEC"]
+    _, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # a backward kernel: no WARP_SPEC argument
+    assert "WARP_SPEC" not in kw
