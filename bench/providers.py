@@ -17,16 +17,20 @@ def _fused(cfg, q, k, v):
     return lambda: fused_attn.attention(q, k, v, causal=cfg.causal, window_size=cfg.window, **mods)
 
 
-# fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike.
+# fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike (-ws:
+# the forward warp-specialized; -persistent: persistent programs, heaviest tiles first, TMA loads on sm_90+).
 VARIANTS = {"fused_attn-ptr": dict(tma=False, longest_first=False), "fused_attn-tma": dict(tma=True),
             "fused_attn-lf": dict(tma=False, longest_first=True),
-            "fused_attn-tma-lf": dict(tma=True, longest_first=True)}
+            "fused_attn-tma-lf": dict(tma=True, longest_first=True),
+            "fused_attn-ws": dict(warp_specialize=True), "fused_attn-persistent": dict(persistent=True),
+            "fused_attn-ws-persistent": dict(warp_specialize=True, persistent=True)}
 
 
 def _fused_variant(name):
     def make(cfg, q, k, v):
-        if VARIANTS[name].get("tma") and not configs.tma_capable(configs.capability(q.device)):
-            raise Unsupported("TMA needs compute capability 9.0+")
+        for flag, what in (("tma", "TMA"), ("warp_specialize", "warp specialization")):
+            if VARIANTS[name].get(flag) and not configs.tma_capable(configs.capability(q.device)):
+                raise Unsupported(f"{what} needs compute capability 9.0+")
         return _fused(cfg, q, k, v)
     return make
 

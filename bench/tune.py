@@ -1,9 +1,10 @@
 """`python -m bench.tune`: time fused_attn's kernels over candidate configs on a GPU -- tiles, warps, stages, the
-load path (pointer or TMA) and the tile order (natural or longest-first) -- and print the fastest per (head dim,
-mask, kernel), to be copied into kernels/configs.py. Each candidate is checked against the default config's output
-before it is timed; the backward's two kernels are tuned one at a time, the other keeping its default config.
+load path (pointer or TMA), the tile order (natural or longest-first) and the schedule (persistent programs, a
+warp-specialized forward) -- and print the fastest per (head dim, mask, kernel), to be copied into
+kernels/configs.py. Each candidate is checked against the default config's output before it is timed; the
+backward's two kernels are tuned one at a time, the other keeping its default config.
 
-    python -m bench.tune --head-dims 64 128 --masks none causal --seqlen 16384 [--paths ptr tma] [--dry-run]
+    python -m bench.tune --head-dims 64 128 --masks causal --seqlen 16384 [--paths ptr tma persistent ws] [--dry-run]
 """
 import argparse
 import dataclasses
@@ -21,14 +22,26 @@ TILES_BWD = list(itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (1,
 KINDS = ("fwd", "dkdv", "dq")
 
 
+PATHS = ("ptr", "tma", "persistent", "ws")  # ws: the forward's warp-specialized loop (4 warps per consumer group)
+
+
 def candidates(kind: str, head_dim: int, limit: int, paths=("ptr", "tma"), orders=("natural", "longest")):
-    """Candidates for one kernel; big tiles are dropped for D = 256 (they cannot fit shared memory)."""
+    """Candidates for one kernel; big tiles are dropped for D = 256 (they cannot fit shared memory). Persistent
+    kernels walk their tiles heaviest first, so they take no order of their own; warp specialization is the
+    forward's, at 4 warps per consumer group."""
     tiles = TILES_FWD if kind == "fwd" else TILES_BWD
+    ws_tiles = [t for t in tiles if t[0] == 128 and t[2] == 4 and (head_dim <= 128 or t[1] <= 64)]
     if head_dim > 128:
         tiles = [t for t in tiles if t[0] * t[1] <= 64 * 64]
     split = kind == "dkdv" and split_dkdv(head_dim, head_dim)  # as the default config does
-    pool = [KernelConfig(*t, tma=path == "tma", longest_first=order == "longest", split_dkdv=split)
-            for path in paths for order in orders for t in tiles]
+    pool = []
+    for path in paths:
+        if path == "ws" and kind != "fwd":
+            continue
+        for order in ("natural",) if path == "persistent" else orders:
+            pool += [KernelConfig(*t, tma=path in ("tma", "persistent"), longest_first=order == "longest",
+                                  split_dkdv=split, persistent=path == "persistent", warp_specialize=path == "ws")
+                     for t in (ws_tiles if path == "ws" else tiles)]
     return pool[:limit] if limit else pool
 
 
@@ -91,8 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--limit", type=int, default=0, help="at most this many candidates per kernel (0: all)")
-    p.add_argument("--paths", nargs="+", default=["ptr", "tma"], choices=["ptr", "tma"],
-                   help="load paths to try (tma: compute capability 9.0+)")
+    p.add_argument("--paths", nargs="+", default=["ptr", "tma"], choices=PATHS,
+                   help="load paths and schedules to try (all but ptr: compute capability 9.0+)")
     p.add_argument("--orders", nargs="+", default=["natural", "longest"], choices=["natural", "longest"],
                    help="tile orders to try")
     p.add_argument("--out", help="write the best configs as JSON")

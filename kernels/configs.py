@@ -138,7 +138,8 @@ HOPPER = {
             # warp-specialized: 4 warps per consumer group (two groups of 64 rows, a producer group beside them)
             ("ws", 64): (128, 128, 4, 2), ("ws", 128): (128, 128, 4, 2), ("ws", 256): (128, 64, 4, 2),
             ("ws-persistent", 256): (128, 32, 4, 2)},  # 128x64: 295 KB of shared memory
-    "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2)},
+    "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2),
+             ("persistent", 256): (16, 64, 8, 2)},  # 32x64 spills 16 bytes (GQA 8, Triton 3.6)
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
@@ -170,12 +171,15 @@ def _path(choice: dict, packed: bool) -> str:
         return "packed"
     if choice["warp_specialize"]:
         return "ws-persistent" if choice["persistent"] else "ws"
+    if choice["persistent"] and choice["tma"]:
+        return "persistent"
     return "tma" if choice["tma"] else "ptr"
 
 
 # Where a table has no entry for a path, the next one's: a persistent warp-specialized kernel takes the
-# warp-specialized tiles, those the TMA tiles; packed sequences the pointer tiles; finally the head dim's entry.
-_FALLBACK = {"ws-persistent": "ws", "ws": "tma", "packed": "ptr"}
+# warp-specialized tiles, those and persistent kernels (TMA) the TMA tiles; packed sequences the pointer tiles;
+# finally the head dim's entry.
+_FALLBACK = {"ws-persistent": "ws", "ws": "tma", "persistent": "tma", "packed": "ptr"}
 
 
 def _entry(table: dict, path: str, d: int):

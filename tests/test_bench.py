@@ -121,12 +121,13 @@ def test_plot_only_redraws_from_a_results_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("provider,path", [("fused_attn", "ptr"), ("fused_attn-tma-lf", "tma"),
-                                           ("fused_attn-lf", "ptr"), ("reference", None)])
+                                           ("fused_attn-lf", "ptr"), ("fused_attn-ws", "warp_spec"),
+                                           ("fused_attn-persistent", "persistent"), ("reference", None)])
 def test_providers_are_checked_against_the_reference(provider, path):
     from fused_attn import kernels
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if path == "tma" and device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs compute capability 9.0+")
+    if path in ("tma", "warp_spec") and device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA and warp specialization need compute capability 9.0+")
     cfg = sweep.Config(96, 64, "window32", "fwd", 1, 8, 2, dtype="fp16")
     before = kernels.launches.copy()
     status, metric = run.check_provider(provider, cfg, device, {})
@@ -145,6 +146,11 @@ def test_tune_candidates_and_cli(capsys):
     assert not any(c.split_dkdv for c in tune.candidates("dkdv", 128, 0) + tune.candidates("dq", 256, 0))
     assert {(c.tma, c.longest_first) for c in tune.candidates("fwd", 64, 0)} == {(False, False), (False, True),
                                                                                  (True, False), (True, True)}
+    schedules = tune.candidates("fwd", 256, 0, paths=("persistent", "ws"))
+    assert {(c.persistent, c.warp_specialize, c.tma, c.longest_first) for c in schedules} == {
+        (True, False, True, False), (False, True, False, False), (False, True, False, True)}
+    assert all(c.block_m == 128 and c.num_warps == 4 for c in schedules if c.warp_specialize)
+    assert tune.candidates("dq", 64, 0, paths=("ws",)) == []
     if not torch.cuda.is_available():
         assert tune.main(["--head-dims", "64"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().out
@@ -296,3 +302,24 @@ def test_a_provider_that_raises_becomes_an_error_row(tmp_path):
                                                                        "commit": "-"}, tmp_path, "fake")
     assert [r["status"] for r in rows] == ["error: KeyError: 'no such kernel'", "ok"] * 2
     assert [r["ms"] for r in rows] == [None, 1.5] * 2 and (tmp_path / "results.json").exists()
+
+
+def test_gpu_session_plan_fits_and_picks_the_slowest_rows(tmp_path, capsys):
+    """Each part's steps fit its budget; the dry run prints the plan and a compile count; part 2 tunes the rows
+    where fused_attn's best variant trails the best peer most."""
+    from bench import session
+    for steps in (session.part1_steps("o"), session.part2_steps("o", None)):
+        assert sum(budget for _, budget, _ in steps) <= session.PART_BUDGET
+    assert session.main(["--part", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "headline" in out and "distinct fused_attn kernels to compile for sm_90" in out
+    row = dict(status="ok", head_dim=128, mode="fwd")
+    rows = [dict(row, provider="fused_attn-ws", mask="none", ms=1.0), dict(row, provider="sdpa-cudnn", mask="none",
+                                                                         ms=1.0),
+            dict(row, provider="fused_attn", mask="causal", ms=3.0), dict(row, provider="flex", mask="causal", ms=1.5),
+            dict(row, provider="fused_attn-tma", mask="causal", ms=2.0)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"rows": rows}))
+    assert session.slowest_rows(str(path), n=1) == [(2.0 / 1.5, 128, "causal")]
+    (name, _, cmd), = session.part2_steps("o", str(path))[:1]
+    assert name == "tune-d128-causal" and "--paths" in cmd
