@@ -39,10 +39,15 @@ def part1_steps(out: str):
     py = sys.executable
     steps = [("environment", 10, [py, "-c", "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
                                             "torch.__version__, 'triton', triton.__version__)"])]
-    steps += [(f"smoke-{i}", 40, [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args])
+    steps += [(f"smoke-{i}", 36, [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args])
               for i, args in enumerate(SMOKE)]
+    # The headline rows' kernels compiled in parallel into the JIT's own cache first (the gate's launches for the
+    # benchmark shapes: the same specializations), so the benchmark's serial first calls find them compiled.
+    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+    steps.append(("warm-cache", 30, [py, "tests/aot_compile.py", "--workers", str(min(16, os.cpu_count() or 1)),
+                                     "--cache-dir", cache, "--only", "arch=90", "d=128", "group=1"]))
     h = HEADLINE
-    steps.append(("headline", 140, [py, "-m", "bench", "--out", os.path.join(out, "bench"), "--gqa-ratio", "1",
+    steps.append(("headline", 130, [py, "-m", "bench", "--out", os.path.join(out, "bench"), "--gqa-ratio", "1",
                                     "--seqlens", *map(str, h["seqlens"]), "--head-dims", *map(str, h["head_dims"]),
                                     "--masks", *h["masks"], "--modes", *h["modes"], "--providers", *VARIANTS,
                                     *PEERS]))

@@ -502,9 +502,10 @@ def _selected(job, only) -> bool:
     return all(str(fields[k]) == v for k, v in (o.split("=", 1) for o in only))
 
 
-def _worker_init(cache_root):
-    # A cache of its own per process: every first compile runs ptxas (whose -v report we read).
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=cache_root)
+def _worker_init(cache_root, shared=None):
+    # A cache of its own per process: every first compile runs ptxas (whose -v report we read). shared: one cache
+    # directory for all (--cache-dir: a GPU machine's own cache, warmed before its benchmarks).
+    os.environ["TRITON_CACHE_DIR"] = shared or tempfile.mkdtemp(dir=cache_root)
 
 
 def main(argv=None) -> int:
@@ -515,13 +516,16 @@ def main(argv=None) -> int:
                    "compile (JSON), instead of the gate")
     p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE",
                    help="restrict the jobs, e.g. arch=90 d=64 group=8 tma=1 dtype=bf16 mask=causal kind=packed")
+    p.add_argument("--cache-dir", help="compile into this Triton cache, shared by the workers, instead of fresh "
+                   "ones: on a GPU machine of the same target this warms the JIT's own cache (e.g. ~/.triton/cache) "
+                   "in parallel for the benchmark shapes; kernels found there already report no ptxas log")
     a = p.parse_args(argv)
     if a.recompiles:
         print(json.dumps(recompiles()))
         return 0
     print(f"triton {triton.__version__}, torch {torch.__version__}; S={SEQLEN}, {TOKENS} tokens, hidden {HIDDEN}")
     with tempfile.TemporaryDirectory(prefix="fused_attn_gate_") as cache_root, \
-            ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(cache_root,)) as pool:
+            ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(cache_root, a.cache_dir)) as pool:
         smoke_lines = pool.submit(smoke)
         results = list(pool.map(compile_job, [j for j in jobs(a.quick) if _selected(j, a.only)]))
         smoke_lines = smoke_lines.result()
