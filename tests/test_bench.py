@@ -103,7 +103,7 @@ def test_plots_from_synthetic_results(tmp_path):
 def test_cli_dry_run_and_no_gpu_exit(capsys):
     assert run.main(["--dry-run", "--seqlens", "2048", "--head-dims", "128", "--masks", "causal"]) == 0
     out = capsys.readouterr().out
-    assert "S=  2048 D=128 B=  8 Hq= 16 Hkv= 16 causal" in out and "6 configurations x 11 providers" in out
+    assert "S=  2048 D=128 B=  8 Hq= 16 Hkv= 16 causal" in out and "6 configurations x 14 providers" in out
     if not torch.cuda.is_available():
         assert run.main(["--seqlens", "2048"]) == 2
         assert "needs an NVIDIA GPU" in capsys.readouterr().out
