@@ -13,7 +13,7 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
+from .common import (_at_head, _at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
                      _load_tile, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile,
                      _tile_at, _visible, _walk_tile)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
@@ -244,11 +244,13 @@ def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stri
                        seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                        TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                        h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                       MASK_MOD: tl.constexpr, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr):
+                       MASK_MOD: tl.constexpr, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr,
+                       WARP_SPEC: tl.constexpr):
     """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
     the forward's inner loop). BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before
-    the sum over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart)."""
-    for pos in tl.range(lo, hi, BLOCK_N):
+    the sum over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart). WARP_SPEC:
+    the loop warp-specialized (as the forward's: one loop, every tile MASKED)."""
+    for pos in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
@@ -292,7 +294,8 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SL
                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                       VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                       LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-                      SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr):
+                      SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                      WARP_SPEC: tl.constexpr):
     """dQ of the query tile at rows start_m.. of head bh = b * Hq + h."""
     b, h, hk = _query_head(bh, n_heads, group)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
@@ -303,9 +306,11 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SL
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen_q
-    q = _load_block(_at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA), b, h, start_m, stride_qs,
+    q = _load_block(_at_rows(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, seqlen_q, stride_qs, HEAD_DIM,
+                             BLOCK_M, BLOCK_D, TMA), b, h, start_m, stride_qs,
                     stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
-    do = _load_block(_at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA), b, h, start_m,
+    do = _load_block(_at_rows(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, seqlen_q, stride_dos,
+                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA), b, h, start_m,
                      stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
     row = b64 * stride_lb + h64 * stride_lh + q0
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
@@ -313,8 +318,10 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SL
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
-    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    Kh = _at_rows(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N,
+                  BLOCK_D, TMA)
+    Vh = _at_rows(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N,
+                  BLOCK_DV, TMA)
     mrow, lo, full_lo, full_hi, hi = _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr,
                                                block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
@@ -322,16 +329,17 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SL
     seed, rng_offset = _rng(RNG, DROPOUT)
     if BIAS_GRAD:
         DBIAS += b64 * stride_dbb + h64 * stride_dbh
-    for seg in tl.static_range(3):
+    for seg in tl.static_range(1 if WARP_SPEC else 3):  # as the forward's segments
         seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
-        seg_hi = full_lo if seg == 0 else (full_hi if seg == 1 else hi)
+        seg_hi = hi if WARP_SPEC else (full_lo if seg == 0 else (full_hi if seg == 1 else hi))
         dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
                                 stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope, SOFTCAP, ALIBI,
+                                HAS_LEFT, HAS_RIGHT, WARP_SPEC or seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope,
+                                SOFTCAP, ALIBI,
                                 seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
                                 MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                                SCORE_ARGS, MASK_MOD, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD)
+                                SCORE_ARGS, MASK_MOD, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD, WARP_SPEC)
 
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
                 stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
@@ -352,7 +360,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                         VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
                         LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
                         SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                        PERSISTENT: tl.constexpr):
+                        WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
     """dQ of one query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles
     (_walk_tile; dense calls only)."""
     if PERSISTENT:
@@ -368,7 +376,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                               stride_tb, stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs,
                               HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT,
                               TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                              MASK_MOD, BIAS_GRAD)
+                              MASK_MOD, BIAS_GRAD, WARP_SPEC)
     else:
         start, bh = _program_tile(head_start, BLOCK_M, REVERSE)
         _attn_bwd_dq_tile(start, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
@@ -379,7 +387,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
                           offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
                           stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs, HEAD_DIM,
                           HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN,
-                          SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, BIAS_GRAD)
+                          SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, BIAS_GRAD,
+                          WARP_SPEC)
 
 
 
@@ -420,7 +429,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                     for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
     mask_ptrs, mask_values = block_args(blocks)
-    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
+    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None, warp_spec=True)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, triton.cdiv(Sq, c_q.block_m), count, q.device),
                      (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,

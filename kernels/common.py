@@ -263,10 +263,15 @@ def _at_head(X, offset, TMA: tl.constexpr):
 
 
 @triton.jit
-def _head_desc(X, offset, n_rows, stride_r, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """A tensor descriptor of one head's (n_rows, N_COLS) rows (X + offset, unit column stride), made in the kernel:
-    the form whose tiles Triton's warp specialization can split between consumer warp groups (TMA == 2)."""
-    return tl.make_tensor_descriptor(X + offset, [n_rows, N_COLS], [stride_r, 1], [BLOCK_R, BLOCK_C])
+def _at_rows(X, offset, n_rows, stride_r, N_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+             TMA: tl.constexpr):
+    """What _load_block reads one head's rows through: with TMA == 2 a tensor descriptor of its (n_rows, N_COLS)
+    rows (X + offset, unit column stride) made in the kernel -- the form whose tiles Triton's warp specialization
+    can split between consumer warp groups; else _at_head's."""
+    if TMA == 2:
+        return tl.make_tensor_descriptor(X + offset, [n_rows, N_COLS], [stride_r, 1], [BLOCK_R, BLOCK_C])
+    else:
+        return _at_head(X, offset, TMA)
 
 
 @triton.jit
@@ -275,7 +280,7 @@ def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
                 CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, TMA: tl.constexpr):
     """Rows [start, start + BLOCK_R), columns [0, BLOCK_C) of head (b, h), zero outside n_rows x n_cols. TMA: X is a
     (B, H, S, D) tensor descriptor, whose copy engine zero-fills out of bounds; TMA == 2: X is a (S, D) descriptor
-    of the head itself (_head_desc); else X is a pointer already at (b, h) (see _at_head) and the loads are masked
+    of the head itself (_at_rows); else X is a pointer already at (b, h) (see _at_head) and the loads are masked
     where CHECK_ROWS / CHECK_COLS say a side can run out."""
     if TMA == 2:
         return X.load([start, 0])

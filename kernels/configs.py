@@ -141,6 +141,9 @@ HOPPER = {
     "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2),
              ("persistent", 256): (16, 64, 8, 2)},  # 32x64 spills 16 bytes (GQA 8, Triton 3.6)
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
+           # warp-specialized: 64-row tiles (128 rows fail in Triton's pass: "unsupported load type")
+           ("ws", 64): (64, 64, 4, 2), ("ws", 128): (64, 64, 4, 2), ("ws", 256): (64, 16, 4, 3),
+           ("ws-persistent", 256): (64, 16, 4, 2),  # spills 24 bytes (gate, known); 64x32: 156 bytes
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
 # sm_100 (B200 / GB200): Hopper's entries but where the gate found them spilling with tcgen05 MMAs (D = 256 dK/dV:
@@ -235,14 +238,15 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
-    choice = dict(_choice(cc, packed), warp_specialize=False)  # warp specialization: the forward only, so far
+    choice = _choice(cc, packed)
+    kv_choice = dict(choice, warp_specialize=False)  # warp specialization: the forward and dQ, not dK/dV (yet)
     if cc is None:
-        return KernelConfig(*INTERPRETER, **choice), KernelConfig(*INTERPRETER, **choice)
+        return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
-        path = _path(choice, packed)
-        cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, path), split_dkdv=split, **choice),
-                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, path), **choice))
+        cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, _path(kv_choice, packed)), split_dkdv=split,
+                             **kv_choice),
+                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, _path(choice, packed)), **choice))
         if dropout:  # wgmma needs 64 resident rows on sm_90; mma.sync does not
             side = "block_m" if cc[0] >= 9 else "block_n"
             cfgs = (dataclasses.replace(cfgs[0], **{side: max(16, getattr(cfgs[0], side) // 2)}),
@@ -253,5 +257,6 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     if split and smem_limit(cc) <= SMEM_DEFAULT:
         block_n = 16
     tile = max(block_m, block_n) * (bd + bdv) * 4
-    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3), **choice)
-    return dataclasses.replace(cfg, split_dkdv=split), cfg
+    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3), **kv_choice)
+    return dataclasses.replace(cfg, split_dkdv=split), dataclasses.replace(cfg, warp_specialize=choice[
+        "warp_specialize"])

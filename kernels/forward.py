@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _block_bits, _dot, _head_desc, _join_sink, _keep, _key_walk, _load_block, _load_kv,
+from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv,
                      _p_for, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at,
                      _visible, _walk_tile)
 from .configs import capability, forward_config, head_block, head_chunks
@@ -88,14 +88,12 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
         if start_m >= seqlen_q:  # the grid covers the longest sequence
             return
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
-    if TMA == 2:  # descriptors of this head's rows, made here
-        Q = _head_desc(Q, b64 * stride_qb + h64 * stride_qh, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D)
-        K = _head_desc(K, b64 * stride_kb + hk64 * stride_kh, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D)
-        V = _head_desc(V, b64 * stride_vb + hk64 * stride_vh, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N, BLOCK_DV)
-    else:
-        Q = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
-        K = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
-        V = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    Q = _at_rows(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M,
+                 BLOCK_D, TMA)
+    K = _at_rows(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N,
+                 BLOCK_D, TMA)
+    V = _at_rows(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N,
+                 BLOCK_DV, TMA)
     O += b64 * stride_ob + h64 * stride_oh + q0 * stride_os
     row = b64 * stride_lb + h64 * stride_lh + q0  # lse, stats: one float (two) per query row
     LSE += row
@@ -173,7 +171,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
     """One query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles of
     head_count heads from head_start heaviest first (_walk_tile; dense calls only). WARP_SPEC: the key loop
-    warp-specialized, over descriptors made in the kernel (TMA == 2)."""
+    warp-specialized, over descriptors made in the kernel (TMA == 2, common._at_rows)."""
     if PERSISTENT:
         n_tiles = tl.cdiv(seqlen_q, BLOCK_M)
         for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):

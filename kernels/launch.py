@@ -196,7 +196,7 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     return t
 
 
-def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
+def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False, warp_spec: bool = None):
     """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
     block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
     path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
@@ -213,7 +213,7 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=2 if ws else tma, PERSISTENT=persistent,
                   REVERSE=(cfg.longest_first or persistent) and reverse, num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages)
-    if do is None:  # the forward
+    if warp_spec if warp_spec is not None else do is None:  # the kernels that take the flag: forward, dQ
         kwargs["WARP_SPEC"] = ws
     return src, kwargs
 

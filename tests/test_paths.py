@@ -198,37 +198,43 @@ WS_CASES = [
 @pytest.mark.skipif(not TMA_HERE, reason="warp specialization needs compute capability 9.0+")
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
 @pytest.mark.parametrize("case", WS_CASES)
-def test_warp_specialized_forward_is_bitwise_the_default(case, persistent, device):
-    """The warp-specialized forward runs one key loop with every tile masked over descriptors made in the kernel;
-    the mask is the identity on full tiles, so out and lse are bitwise the three-loop kernel's (and the backward,
-    which is not specialized, takes them)."""
+def test_warp_specialized_kernels_are_bitwise_the_default(case, persistent, device):
+    """The warp-specialized forward and dQ kernels run one key loop with every tile masked over descriptors made
+    in the kernel; the mask is the identity on full tiles, so out, lse and every gradient are bitwise the default
+    kernels' (dK/dV is not specialized)."""
     from fused_attn.kernels.launch import launches
     from fused_attn.testing import make_inputs
-    q, k, v, _ = (t.detach() for t in make_inputs(case, device))
-    q, k, v = (t.transpose(1, 2) if case.layout == "bshd" else t for t in (q, k, v))
+    q, k, v, do = (t.detach() for t in make_inputs(case, device))
+    q, k, v, do = (t.transpose(1, 2) if case.layout == "bshd" else t for t in (q, k, v, do))
     B, Hq, Sq, _ = q.shape
     left, right = (-1, 0) if case.causal else case.window
+    offset = k.shape[2] - Sq
     results = []
     for ws in (False, True):
         cfg = configs.KernelConfig(32, 32, 4, 1, warp_specialize=ws, persistent=persistent and ws)
-        before = launches["fwd:warp_spec"]
+        before = launches["fwd:warp_spec"], launches["bwd:warp_spec"]
         out = torch.full((B, Hq, Sq, v.shape[3]), float("nan"), device=device, dtype=q.dtype)
         lse, stats = (torch.full(s, float("nan"), device=device) for s in ((B, Hq, Sq), (B, Hq, Sq, 2)))
-        kernels.attention_forward(q, k, v, out, lse, stats, 0.3, k.shape[2] - Sq, left, right, cfg)
-        assert launches["fwd:warp_spec"] - before == ws
-        results.append((out, lse, stats))
-    assert not results[0][0].isnan().any()
+        kernels.attention_forward(q, k, v, out, lse, stats, 0.3, offset, left, right, cfg)
+        grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+        kv_cfg = configs.KernelConfig(32, 32, 4, 1)  # dK/dV: not specialized
+        kernels.attention_backward(do, q, k, v, out, stats, *grads, torch.empty_like(lse), 0.3, offset, left, right,
+                                   config=(kv_cfg, cfg))
+        assert (launches["fwd:warp_spec"] - before[0], launches["bwd:warp_spec"] - before[1]) == (ws, ws)
+        results.append((out, lse, stats, *grads))
+    assert not results[0][0].isnan().any() and not results[0][3].isnan().any()
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
 def test_warp_specialization_rules():
-    """The forward only (the backward configs drop it), dense calls only, sm_90+; its loads go through
+    """The forward and dQ (the dK/dV config drops it), dense calls only, sm_90+; their loads go through
     descriptors the kernel makes (TMA == 2: the sources stay tensors); unaligned inputs fall back to pointers."""
     from fused_attn.kernels import launch
     with configs.use(warp_specialize=True):
         assert configs.forward_config(64, 64, torch.float16, None).warp_specialize
-        assert not any(c.warp_specialize for c in configs.backward_config(64, 64, torch.float16, None))
+        dkdv, dq = configs.backward_config(64, 64, torch.float16, None)
+        assert dq.warp_specialize and not dkdv.warp_specialize
         assert not configs.forward_config(64, 64, torch.float16, None, packed=True).warp_specialize
         with pytest.raises(ValueError, match="warp specialization needs compute capability 9.0"):
             configs.forward_config(64, 64, torch.float16, (8, 0))
@@ -241,5 +247,7 @@ def test_warp_specialization_rules():
     odd = torch.empty(1, 2, 64, 111, device="meta", dtype=torch.float16)
     src, kw = launch.tile_args(cfg, False, odd, odd, odd)
     assert kw["TMA"] is False and not kw["WARP_SPEC"]
-    _, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # a backward kernel: no WARP_SPEC argument
+    _, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # the dK/dV kernel: no WARP_SPEC argument
     assert "WARP_SPEC" not in kw
+    _, kw = launch.tile_args(cfg, False, q, q, q, do=q, warp_spec=True)  # dQ
+    assert kw["TMA"] == 2 and kw["WARP_SPEC"]
