@@ -128,7 +128,8 @@ INTERPRETER = (32, 32, 4, 1)
 # fp16 / bf16 tiles by GPU class and padded head dim (64 also serves 16 and 32): (block_m, block_n, warps, stages).
 # The Hopper and sm_80 entries are tiles the compile-time gate (tests/aot_compile.py) finds clean with triton 3.6
 # and 3.9 -- every dot a wgmma (sm_90) or mma.sync (sm_80), pipelined asynchronous loads, no spills -- picked from
-# a few candidates each, the largest clean one; the 99 KB entries are checked for shared memory only. The pointer
+# a few candidates each, the largest clean one; the 99 KB entries the same way (mma.sync, on sm_86 / sm_89 /
+# sm_120, Triton 3.9 and 3.6). The pointer
 # path needs registers for addresses that TMA does not, so on Hopper it gets fewer stages or smaller tiles.
 # sm_100 takes the Hopper entries, checked by the gate with Triton 3.9 (tcgen05 MMAs, tensor memory, pipelined, no
 # spills), but where BLACKWELL overrides them. None has been timed on a GPU yet: `python -m bench.tune` does that.
@@ -155,10 +156,11 @@ AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stag
     "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 3)},
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 3)},
 }
-SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared memory per block
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 1)},
-    "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
+SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared memory per block; 3 stages (double
+    # buffers) everywhere, so the large head dims take narrow streamed tiles
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 8, 3)},
+    "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (16, 64, 8, 3)},
+    "dq": {64: (64, 64, 4, 3), 128: (64, 32, 8, 3), 256: (64, 16, 8, 3)},
 }
 
 

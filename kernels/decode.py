@@ -302,6 +302,11 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
     if block_m < 64 and max(bd, bdv) == 128 and cc is not None and cc[0] < 9:
         block_n = 32  # decode tiles on mma.sync GPUs at D = 128: 64 keys spill 4 bytes (Triton 3.6 and 3.9 alike)
+    # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
+    # gate), keeping ~12% for the compiler's own buffers; narrower key tiles where two do not (99 KB GPUs, D = 256).
+    room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
+    while cc is not None and block_n > 16 and room // (block_n * (bd + bdv) * size) < 2:
+        block_n //= 2
     tiles = triton.cdiv(seqlen_q, block_q)
     n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
     splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n)
@@ -313,9 +318,6 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     paged = block_table is not None
     batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
     kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
-    # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
-    # gate), keeping ~12% for the compiler's own buffers.
-    room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
     # 64-row (prefill) tiles from D = 128 on: 8 warps (4 spill on sm_80; the compile-time gate).
     warps = 8 if block_m >= 64 and max(bd, bdv) >= 128 else 4

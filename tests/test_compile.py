@@ -79,6 +79,13 @@ def test_verdicts():
                                                               dict(clean, mma=8, sync_loads=2))
     assert gate.verdict(86, torch.float32, "_attn_bwd_dkdv_kernel", dict(clean, smem=102_400)) == [
         "shared memory over the limit"]  # 99 KB on sm_86
+    ampere = dict(clean, wgmma=0, mma=96)  # the 99 KB GPUs are judged as sm_80 is: mma.sync, pipelined, no spills
+    assert gate.verdict(120, torch.bfloat16, "_attn_bwd_dq_kernel", ampere) == []
+    assert gate.verdict(86, torch.bfloat16, "_attn_bwd_dq_kernel", dict(ampere, stages=1)) == ["loads not pipelined"]
+    assert gate.verdict(89, torch.float16, "_attn_fwd_kernel", dict(ampere, mma=0)) == ["no mma.sync"]
+    ws = dict(clean, layouts="ws", partitions=1, setmaxnreg=8)  # warp specialization must show in the code
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", ws) == []
+    assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(ws, setmaxnreg=0)) == ["not warp-specialized"]
     assert gate.verdict(90, torch.float32, "_attn_fwd_kernel", dict(clean, spill=9000)) == []  # fp32: printed
     assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(clean, tma_path=True)) == [
         "TMA path without cp.async.bulk.tensor"]
