@@ -316,7 +316,8 @@ def verdict(arch, dtype, name, r) -> list:
             bad.append("synchronous tile loads in a loop")
         if r["spill"]:
             bad.append("spills")
-    if r.get("layouts", "").startswith("ws") and (r["partitions"] == 0 or r["setmaxnreg"] == 0):
+    if r.get("layouts", "").startswith("ws") and name in DOT_KERNELS and (r["partitions"] == 0
+                                                                          or r["setmaxnreg"] == 0):
         bad.append("not warp-specialized")  # separate partitions, registers moved between them (setmaxnreg)
     if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or (r.get("layouts") == "fp8"
                                                                                and arch in (89, 120)):
@@ -365,9 +366,6 @@ KNOWN = {
     ("persistent", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
     # sm_100 at D = 256, persistent: the dQ kernel spills (200 bytes at 64x32; 64x16 and 3 stages spill too).
     ("persistent", "_attn_bwd_dq_kernel", "spills", 100, 256),
-    # sm_100 at D = 128, warp-specialized: 332 bytes of spills at every tile tried (128x64, 128x128; 2 or 3 stages)
-    # -- one partition's register budget, not the tile size. D = 64 is clean.
-    ("ws", "_attn_fwd_kernel", "spills", 100, 128),
     # sm_90 at D = 256, persistent and warp-specialized: the dQ kernel spills (24 bytes at 64x16, 156 at 64x32);
     # warp-specialized alone, or persistent alone, it is clean.
     ("ws-persistent", "_attn_bwd_dq_kernel", "spills", 90, 256),
