@@ -3,10 +3,10 @@ chunk of 2,048 queries and 63 single-token decodes, or 64 decodes -- each sequen
 pages of a shared paged KV cache (4k..32k keys per sequence, pages of 16 or 256, bf16 or FP8 e4m3 caches), GQA
 32 / 8, D = 128. Providers: fused_attn's one call (attention_varlen with block_table / seqused_k), fused_attn's
 two separate calls (the chunk and the decodes through attention_with_kvcache), FlashAttention's varlen kernel
-through PyTorch (torch.nn.attention.varlen.varlen_attn, paged, where this torch has it) and FlexAttention on a
-contiguous packed copy of the cache with a per-sequence causal block mask (the copy is not timed; FlexAttention's
-paged attention is an experimental API, not used). Reported: time, K/V bytes read per second (FP8 caches counted
-at their byte size) and that as a fraction of the GPU's memory bandwidth."""
+through PyTorch (torch.nn.attention.varlen.varlen_attn, paged, where this torch has it) and FlexAttention over the
+paged cache itself (a block mask of physical pages, as its experimental PagedAttention builds; paged_block_mask).
+Reported: time, K/V bytes read per second (FP8 caches counted at their byte size) and that as a fraction of the
+GPU's memory bandwidth."""
 from dataclasses import asdict, dataclass
 
 import torch
@@ -121,22 +121,45 @@ def _flash_varlen(case, q, kc, vc, cu, used, table, descales):
         raise Unsupported(str(e)[:200]) from None
 
 
+def paged_block_mask(case, q, cu, table, create_block_mask):
+    """(FlexAttention block mask over the paged cache's physical pages laid end to end, its mask function): one page
+    per KV block, the indices the sequences' physical pages -- the logical mask (each sequence's keys causally,
+    bottom-right) mapped through the block table, as FlexAttention's experimental PagedAttention does."""
+    from torch.nn.attention.flex_attention import BlockMask
+    dev, P, S = q.device, case.page, case.cache
+    n, per_seq = table.shape
+    span = per_seq * P  # keys per sequence in the logical layout
+    lens = torch.tensor(case.lens_q, device=dev)
+    q_seq = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+    q_pos = torch.arange(q.shape[0], device=dev) - cu[:-1].long()[q_seq] + S - lens[q_seq]  # its own key position
+    pages = table.flatten().long()  # logical page b * per_seq + l -> physical page
+    logical = torch.empty_like(pages)
+    logical[pages] = torch.arange(pages.numel(), device=dev)  # physical page -> logical page
+
+    def logical_mask(b, h, q_idx, kv_idx):
+        return (q_seq[q_idx] == kv_idx // span) & (kv_idx % span <= q_pos[q_idx])
+
+    def physical_mask(b, h, q_idx, kv_idx):
+        return logical_mask(b, h, q_idx, logical[kv_idx // P] * P + kv_idx % P)
+
+    lm = create_block_mask(logical_mask, None, None, q.shape[0], n * span, device=dev, BLOCK_SIZE=(128, P))
+    to_physical = lambda idx: None if idx is None else pages[idx.long()].to(torch.int32)  # noqa: E731
+    return BlockMask.from_kv_blocks(lm.kv_num_blocks, to_physical(lm.kv_indices), lm.full_kv_num_blocks,
+                                    to_physical(lm.full_kv_indices), BLOCK_SIZE=lm.BLOCK_SIZE, mask_mod=physical_mask,
+                                    seq_lengths=(q.shape[0], pages.numel() * P)), physical_mask
+
+
 def _flex(case, q, kc, vc, cu, used, table, descales):
+    """FlexAttention over the paged cache itself: the pages end to end as one (1, Hkv, pages * page, D) key sequence
+    (a view, no copy) under paged_block_mask (built untimed). Not yet run compiled: pages of 16 may be below the KV
+    block size FlexAttention's kernel takes (an error row then)."""
     if descales is not None:
         raise Unsupported("FlexAttention takes no FP8 caches")
     flex_attention, create_block_mask = flex()
-    n, S = len(case.lens_q), case.cache
-    keys, values = (c[table.long()].flatten(1, 2)[:, :S].flatten(0, 1) for c in (kc, vc))  # packed copy, untimed
-    q_seq = torch.repeat_interleave(torch.arange(n, device=q.device), torch.tensor(case.lens_q, device=q.device))
-    q_pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[q_seq] + S - torch.tensor(
-        case.lens_q, device=q.device)[q_seq]  # bottom-right: a query's own key position
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_seq[q_idx] == kv_idx // S) & (kv_idx % S <= q_pos[q_idx])
-
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[0], n * S, device=q.device)
-    return lambda: flex_attention(q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                                  block_mask=block_mask, enable_gqa=True)[0].transpose(0, 1)
+    block_mask, _ = paged_block_mask(case, q, cu, table, create_block_mask)
+    keys, values = (c.flatten(0, 1).transpose(0, 1)[None] for c in (kc, vc))
+    return lambda: flex_attention(q.transpose(0, 1)[None], keys, values, block_mask=block_mask,
+                                  enable_gqa=True)[0].transpose(0, 1)
 
 
 PROVIDERS = {

@@ -241,6 +241,29 @@ def test_serving_steps_and_bytes(capsys):
     assert "serving: 8 configurations x 4 providers" in out and "serving 2048+63x1 cache=  4096" in out
 
 
+@pytest.mark.parametrize("page", [16, 32])
+def test_serving_flex_reads_the_pages_in_place(page, monkeypatch):
+    """FlexAttention's serving provider attends the paged cache through a block mask of physical pages: checked
+    against the float64 reference with eager flex_attention (the benchmark compiles it), pages shuffled, a cache
+    length that is not a multiple of the page."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from bench import serving
+    monkeypatch.setattr(serving, "flex", lambda: (flex_attention, create_block_mask))
+    status, metric = serving.check("flex", serving.Case(2048, 63, 32768, page, dtype="fp32"), "cpu", {})
+    assert status == "ok", metric
+    assert metric.err <= metric.budget
+    # Eager flex_attention applies the mask function everywhere; the compiled kernel walks the listed blocks only:
+    # the listed physical blocks must be exactly those holding a visible pair.
+    case = serving.Case(300, 3, 600, page, "bf16", 4, 2, 64, "fp32")  # three 128-row blocks, each its own pages
+    q, _, _, cu, _, table, _ = serving.inputs(case, "cpu")
+    block_mask, mask = serving.paged_block_mask(case, q, cu, table, create_block_mask)
+    kv = torch.arange(table.numel() * page)
+    visible = mask(0, 0, torch.arange(q.shape[0])[:, None], kv[None, :])
+    rows = -(-q.shape[0] // 128)
+    truth = torch.nn.functional.pad(visible, (0, 0, 0, rows * 128 - q.shape[0])).view(rows, 128, -1, page).any(3).any(1)
+    assert torch.equal(block_mask.to_dense()[0, 0].bool(), truth)
+
+
 @pytest.mark.parametrize("name", ["fused_attn-serving", "fused_attn-separate"])
 def test_serving_providers_pass_their_check(name):
     """fused_attn's one call and its two separate calls on a small step, FP8 cache and pages of 16."""
