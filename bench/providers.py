@@ -18,7 +18,7 @@ def _fused(cfg, q, k, v):
 
 
 # fused_attn's kernel paths side by side: the same call under configs.use(...), forward and backward alike (-ws:
-# the forward warp-specialized; -persistent: persistent programs, heaviest tiles first, TMA loads on sm_90+).
+# warp-specialized kernels; -persistent: persistent programs, heaviest tiles first, TMA loads on sm_90+).
 VARIANTS = {"fused_attn-ptr": dict(tma=False, longest_first=False), "fused_attn-tma": dict(tma=True),
             "fused_attn-lf": dict(tma=False, longest_first=True),
             "fused_attn-tma-lf": dict(tma=True, longest_first=True),

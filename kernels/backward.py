@@ -13,7 +13,7 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_head, _at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
+from .common import (_at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
                      _load_tile, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile,
                      _tile_at, _visible, _walk_tile)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
@@ -51,6 +51,21 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK,
 
 
 @triton.jit
+def _key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h, seqlen_q, seqlen_k,
+                   offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, LISTED: tl.constexpr,
+                   MASK_MOD: tl.constexpr, MASK_ARGS):
+    """The mask of a (key rows offs_n, query columns offs_m) tile of the dK/dV kernel: the band, and on a block
+    mask its bits (read already, `bits`) or MASK_MOD."""
+    ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
+    if LISTED:
+        if MASK_MOD is not None:
+            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
+                               seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
+        ok = ok & bits
+    return ok
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          stride_qs, stride_qd, stride_dos, stride_dod,
                          offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
@@ -62,14 +77,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                          seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
                          TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                          SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                         MASK_MOD: tl.constexpr, MASK_ARGS):
+                         MASK_MOD: tl.constexpr, MASK_ARGS, WARP_SPEC: tl.constexpr):
     """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
     One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
     (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
     sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.) LISTED: positions in the
     block mask's list TABLE of this key block's query blocks (ascending; [full_lo, full_hi) the full ones, the rest
-    masked with their bits)."""
-    for pos in tl.range(lo, hi, BLOCK_M):
+    masked with their bits). WARP_SPEC: the loop warp-specialized, every tile masked (no branch in the loop)."""
+    for pos in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
         start_m, entry = _tile_at(pos, TABLE, mrow, block_q, LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
@@ -89,15 +104,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
         if LISTED and MASK_MOD is None:  # read outside the branch below, so that the pipeliner makes it asynchronous
             bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
                                seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
-        if (pos < full_lo) | (pos >= full_hi):
-            ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
-                          HAS_RIGHT)
-            if LISTED:
-                if MASK_MOD is not None:
-                    bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k,
-                                       b, h, seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
-                ok = ok & bits
-            pt = tl.where(ok, pt, 0.0)
+        else:
+            bits = None
+        if WARP_SPEC:  # no branch in a warp-specialized loop: every tile masked (the identity on full tiles)
+            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h,
+                                         seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT, LISTED,
+                                         MASK_MOD, MASK_ARGS), pt, 0.0)
+        elif (pos < full_lo) | (pos >= full_hi):
+            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h,
+                                         seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT, LISTED,
+                                         MASK_MOD, MASK_ARGS), pt, 0.0)
         if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
             keep = _keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], threshold)
         if WITH_DV:
@@ -130,7 +146,8 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
                         HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, WITH_DK: tl.constexpr,
                         WITH_DV: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                         DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr,
-                        SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr):
+                        SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr,
+                        WARP_SPEC: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of the key tile at rows start_n.. of kv head bhk = b * Hkv + hk: both in one
     program, or in two launches where the two accumulators together do not fit the registers
     (KernelConfig.split_dkdv)."""
@@ -144,8 +161,10 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    Kh = _at_head(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, TMA)
-    Vh = _at_head(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, TMA)
+    Kh = _at_rows(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N,
+                  BLOCK_D, TMA)
+    Vh = _at_rows(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N,
+                  BLOCK_DV, TMA)
     k = _load_block(Kh, b, hk, start_n, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
                     True, HEAD_DIM != BLOCK_D, TMA)
     v = k  # not read where WITH_DK is off: the dV pass needs no v
@@ -166,8 +185,10 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
         if LISTED:  # this head's query blocks that see this key tile's block
             mrow = b64 * stride_tb + h64 * stride_th + (start_n // block_k) * stride_tr
             lo, full_lo, full_hi, hi = _listed_range(MASK_TABLE + mrow, block_q)
-        Qh = _at_head(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, TMA)
-        DOh = _at_head(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, TMA)
+        Qh = _at_rows(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M,
+                      BLOCK_D, TMA)
+        DOh = _at_rows(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, seqlen_q, stride_dos, HEAD_DIM_V,
+                       BLOCK_M, BLOCK_DV, TMA)
         row = b64 * stride_lb + h64 * stride_lh + q0
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
                                       stride_qs, stride_qd, stride_dos, stride_dod,
@@ -177,7 +198,7 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
                                       cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
                                       SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
                                       DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                      SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS)
+                                      SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS, WARP_SPEC)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
@@ -202,7 +223,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                           REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, VARLEN: tl.constexpr,
                           SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
                           SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                          MASK_MOD: tl.constexpr, PERSISTENT: tl.constexpr):
+                          MASK_MOD: tl.constexpr, WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
     """dK (if WITH_DK) and dV (if WITH_DV) of one key tile per program (grid: tiles x kv heads), or PERSISTENT: a
     program per SM walking the tiles (_walk_tile; dense calls only)."""
     if PERSISTENT:
@@ -218,7 +239,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                                 left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
                                 stride_th, stride_tr, block_q, block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
                                 BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI,
-                                DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD)
+                                DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, WARP_SPEC)
     else:
         start, bh = _program_tile(head_start, BLOCK_N, REVERSE)
         _attn_bwd_dkdv_tile(start, bh, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
@@ -230,7 +251,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES,
                             qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
                             block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
                             FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD,
-                            SCORE_GRAD, SCORE_BOUNDED, MASK_MOD)
+                            SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, WARP_SPEC)
 
 
 @triton.jit
@@ -429,7 +450,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                     for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
 
     mask_ptrs, mask_values = block_args(blocks)
-    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None, warp_spec=True)
+    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
     launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, triton.cdiv(Sq, c_q.block_m), count, q.device),
                      (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,

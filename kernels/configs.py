@@ -37,7 +37,7 @@ class KernelConfig:
     longest_first: bool = False  # hand out the tiles that see the most keys first (causal, one-sided windows)
     split_dkdv: bool = False  # dK/dV kernel only: dV and dK in two launches, one accumulator each (large head dims)
     persistent: bool = False  # one program per SM walking the tiles, heaviest first (dense calls; bitwise the same)
-    warp_specialize: bool = False  # forward only: the key loop warp-specialized over in-kernel TMA descriptors (sm_90+)
+    warp_specialize: bool = False  # the main loop warp-specialized over in-kernel TMA descriptors (sm_90+)
 
 
 # Shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by compute capability. Consumer and
@@ -84,7 +84,7 @@ OPTIONS = ("tma", "longest_first", "persistent", "warp_specialize")
 def use(*, tma=None, longest_first=None, persistent=None, warp_specialize=None):
     """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load
     path, the given tile order, persistent programs (persistent=True) or one program per tile, and a
-    warp-specialized forward (warp_specialize=True: TMA loads by a producer warp group, sm_90+); None keeps
+    warp-specialized kernels (warp_specialize=True: TMA loads by a producer warp group, sm_90+); None keeps
     configs.py's choice. An explicit `config=` passed to a launcher wins.
 
         with fused_attn.kernels.configs.use(tma=True, persistent=True):
@@ -140,6 +140,8 @@ HOPPER = {
             ("ws", 64): (128, 128, 4, 2), ("ws", 128): (128, 128, 4, 2), ("ws", 256): (128, 64, 4, 2),
             ("ws-persistent", 256): (128, 32, 4, 2)},  # 128x64: 295 KB of shared memory
     "dkdv": {64: (32, 64, 8, 3), 128: (32, 64, 8, 2), 256: (32, 64, 8, 2),
+             ("ws", 64): (64, 64, 4, 2), ("ws", 128): (32, 64, 4, 3),  # 64x64 spills 148 bytes (Triton 3.6)
+             ("ws-persistent", 128): (16, 64, 4, 2),  # 32x64 spills 8 bytes (Triton 3.6)
              ("persistent", 256): (16, 64, 8, 2)},  # 32x64 spills 16 bytes (GQA 8, Triton 3.6)
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
            # warp-specialized: 64-row tiles (128 rows fail in Triton's pass: "unsupported load type")
@@ -241,7 +243,8 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
     choice = _choice(cc, packed)
-    kv_choice = dict(choice, warp_specialize=False)  # warp specialization: the forward and dQ, not dK/dV (yet)
+    # dK/dV warp-specialized up to D = 128: above, its dK launch spills at every tile tried (gate, Triton 3.6).
+    kv_choice = dict(choice, warp_specialize=choice["warp_specialize"] and split_dkdv(head_dim, head_dim_v) is False)
     if cc is None:
         return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **choice)
     split = split_dkdv(head_dim, head_dim_v)

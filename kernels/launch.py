@@ -196,26 +196,23 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     return t
 
 
-def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False, warp_spec: bool = None):
+def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
     block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
     path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
     longest-first (or is persistent) and `reverse` says the last tiles are the heaviest; PERSISTENT where cfg asks
-    and the call is not packed (a packed grid's tiles depend on the sequences). The forward's WARP_SPEC where cfg
-    asks and the inputs qualify for TMA: its sources stay tensors, the kernel makes one descriptor per head (TMA
-    == 2), the form Triton's warp specialization splits between consumer groups."""
+    and the call is not packed (a packed grid's tiles depend on the sequences). WARP_SPEC where cfg asks and the
+    inputs qualify for TMA: the sources stay tensors, the kernel makes one descriptor per head (TMA == 2), the form
+    Triton's warp specialization splits between consumer groups."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
     ws = cfg.warp_specialize and not packed and tma_ok(*tensors)
     tma = cfg.tma and not packed and tma_ok(*tensors) and not ws
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
     persistent = cfg.persistent and not packed
-    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=2 if ws else tma, PERSISTENT=persistent,
-                  REVERSE=(cfg.longest_first or persistent) and reverse, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    if warp_spec if warp_spec is not None else do is None:  # the kernels that take the flag: forward, dQ
-        kwargs["WARP_SPEC"] = ws
-    return src, kwargs
+    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=2 if ws else tma, PERSISTENT=persistent,
+                     WARP_SPEC=ws, REVERSE=(cfg.longest_first or persistent) and reverse, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages)
 
 
 # Programs of a persistent launch where the kernels run through the interpreter (few, so that each walks several

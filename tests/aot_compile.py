@@ -175,7 +175,7 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
         return forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks) + [
             launch for launch in backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk,
                                                             mods, blocks)
-            if launch[0].fn.__name__ == "_attn_bwd_dq_kernel"]
+            if launch[0].fn.__name__ != "_attn_bwd_preprocess_kernel"]
     return (forward.forward_launches(q, k, v, o, lse, stats, *args, fc, pk, mods, blocks)
             + backward.backward_launches(do, q, k, v, o, stats, dq, dk, dv, delta, *args, bc, pk, mods, blocks,
                                          dbias, dsink))
@@ -316,8 +316,7 @@ def verdict(arch, dtype, name, r) -> list:
             bad.append("synchronous tile loads in a loop")
         if r["spill"]:
             bad.append("spills")
-    if r.get("layouts", "").startswith("ws") and name in DOT_KERNELS and (r["partitions"] == 0
-                                                                          or r["setmaxnreg"] == 0):
+    if r.get("warp_spec") and (r["partitions"] == 0 or r["setmaxnreg"] == 0):
         bad.append("not warp-specialized")  # separate partitions, registers moved between them (setmaxnreg)
     if dtype == torch.float32 or name not in DOT_KERNELS + DECODE_KERNELS or (r.get("layouts") == "fp8"
                                                                                and arch in (89, 120)):
@@ -390,7 +389,7 @@ def compile_job(job):
             r = inspect(compiled, _ptxas_logs.setdefault(id(compiled), log.getvalue()))
             r.update(name=compiled.name, layouts=layout, tiles=(kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")),
                      warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                     tma_path=bool(kwargs.get("TMA")), part=_part(kwargs))
+                     tma_path=bool(kwargs.get("TMA")), part=_part(kwargs), warp_spec=bool(kwargs.get("WARP_SPEC")))
             r["bad"] = verdict(arch, dtype, r["name"], r)
             r["known"] = [b for b in r["bad"]
                           if (kind, r["name"], b) in KNOWN or (kind, r["name"], b, arch, d) in KNOWN]

@@ -83,7 +83,7 @@ def test_verdicts():
     assert gate.verdict(120, torch.bfloat16, "_attn_bwd_dq_kernel", ampere) == []
     assert gate.verdict(86, torch.bfloat16, "_attn_bwd_dq_kernel", dict(ampere, stages=1)) == ["loads not pipelined"]
     assert gate.verdict(89, torch.float16, "_attn_fwd_kernel", dict(ampere, mma=0)) == ["no mma.sync"]
-    ws = dict(clean, layouts="ws", partitions=1, setmaxnreg=8)  # warp specialization must show in the code
+    ws = dict(clean, warp_spec=True, partitions=1, setmaxnreg=8)  # warp specialization must show in the code
     assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", ws) == []
     assert gate.verdict(90, torch.bfloat16, "_attn_fwd_kernel", dict(ws, setmaxnreg=0)) == ["not warp-specialized"]
     assert gate.verdict(90, torch.float32, "_attn_fwd_kernel", dict(clean, spill=9000)) == []  # fp32: printed

@@ -199,9 +199,9 @@ WS_CASES = [
 @pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
 @pytest.mark.parametrize("case", WS_CASES)
 def test_warp_specialized_kernels_are_bitwise_the_default(case, persistent, device):
-    """The warp-specialized forward and dQ kernels run one key loop with every tile masked over descriptors made
-    in the kernel; the mask is the identity on full tiles, so out, lse and every gradient are bitwise the default
-    kernels' (dK/dV is not specialized)."""
+    """The warp-specialized kernels run one key (query) loop with every tile masked over descriptors made in the
+    kernel; the mask is the identity on full tiles, so out, lse and every gradient are bitwise the default
+    kernels'."""
     from fused_attn.kernels.launch import launches
     from fused_attn.testing import make_inputs
     q, k, v, do = (t.detach() for t in make_inputs(case, device))
@@ -217,9 +217,8 @@ def test_warp_specialized_kernels_are_bitwise_the_default(case, persistent, devi
         lse, stats = (torch.full(s, float("nan"), device=device) for s in ((B, Hq, Sq), (B, Hq, Sq, 2)))
         kernels.attention_forward(q, k, v, out, lse, stats, 0.3, offset, left, right, cfg)
         grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-        kv_cfg = configs.KernelConfig(32, 32, 4, 1)  # dK/dV: not specialized
         kernels.attention_backward(do, q, k, v, out, stats, *grads, torch.empty_like(lse), 0.3, offset, left, right,
-                                   config=(kv_cfg, cfg))
+                                   config=cfg)
         assert (launches["fwd:warp_spec"] - before[0], launches["bwd:warp_spec"] - before[1]) == (ws, ws)
         results.append((out, lse, stats, *grads))
     assert not results[0][0].isnan().any() and not results[0][3].isnan().any()
@@ -228,12 +227,14 @@ def test_warp_specialized_kernels_are_bitwise_the_default(case, persistent, devi
 
 
 def test_warp_specialization_rules():
-    """The forward and dQ (the dK/dV config drops it), dense calls only, sm_90+; their loads go through
-    descriptors the kernel makes (TMA == 2: the sources stay tensors); unaligned inputs fall back to pointers."""
+    """Forward, dQ and dK/dV (dK/dV up to D = 128: its config drops it above), dense calls only, sm_90+; their
+    loads go through descriptors the kernel makes (TMA == 2: the sources stay tensors); unaligned inputs fall back
+    to pointers."""
     from fused_attn.kernels import launch
     with configs.use(warp_specialize=True):
         assert configs.forward_config(64, 64, torch.float16, None).warp_specialize
-        dkdv, dq = configs.backward_config(64, 64, torch.float16, None)
+        assert all(c.warp_specialize for c in configs.backward_config(128, 128, torch.float16, None))
+        dkdv, dq = configs.backward_config(256, 256, torch.float16, None)
         assert dq.warp_specialize and not dkdv.warp_specialize
         assert not configs.forward_config(64, 64, torch.float16, None, packed=True).warp_specialize
         with pytest.raises(ValueError, match="warp specialization needs compute capability 9.0"):
@@ -247,7 +248,5 @@ def test_warp_specialization_rules():
     odd = torch.empty(1, 2, 64, 111, device="meta", dtype=torch.float16)
     src, kw = launch.tile_args(cfg, False, odd, odd, odd)
     assert kw["TMA"] is False and not kw["WARP_SPEC"]
-    _, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # the dK/dV kernel: no WARP_SPEC argument
-    assert "WARP_SPEC" not in kw
-    _, kw = launch.tile_args(cfg, False, q, q, q, do=q, warp_spec=True)  # dQ
-    assert kw["TMA"] == 2 and kw["WARP_SPEC"]
+    src, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # a backward kernel
+    assert kw["TMA"] == 2 and kw["WARP_SPEC"] and all(s is q for s in src)
