@@ -64,7 +64,8 @@ def slowest_rows(results_path: str, n: int = 2):
             continue
         key = (r["head_dim"], r["mask"], r["mode"])
         side = "ours" if r["provider"].startswith("fused_attn") else "peer"
-        best.setdefault(key, {})[side] = min(best.get(key, {}).get(side, float("inf")), r["ms"])
+        sides = best.setdefault(key, {})
+        sides[side] = min(sides.get(side, float("inf")), r["ms"])
     ratios = sorted(((v["ours"] / v["peer"], d, mask) for (d, mask, _), v in best.items() if len(v) == 2),
                     reverse=True)
     seen, picked = set(), []

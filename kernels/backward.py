@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .common import (_at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
-                     _load_tile, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile,
-                     _tile_at, _visible, _walk_tile)
+                     _load_tile, _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope,
+                     _store_tile, _tile_at, _visible, _walk_tile)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args, tile_grid)
@@ -351,8 +351,7 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SL
     if BIAS_GRAD:
         DBIAS += b64 * stride_dbb + h64 * stride_dbh
     for seg in tl.static_range(1 if WARP_SPEC else 3):  # as the forward's segments
-        seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
-        seg_hi = hi if WARP_SPEC else (full_lo if seg == 0 else (full_hi if seg == 1 else hi))
+        seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, WARP_SPEC)
         dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
                                 stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,

@@ -351,6 +351,21 @@ def _query_head(bh, n_heads, group):
 
 
 @triton.jit
+def _segment_range(seg: tl.constexpr, lo, full_lo, full_hi, hi, WARP_SPEC: tl.constexpr):
+    """[first, end) of segment seg of a key walk run as three loops -- the masked leading edge, the unmasked middle,
+    the masked trailing edge (_key_walk's ranges) -- or, WARP_SPEC, as one loop over the whole walk, every tile
+    masked (a warp-specialized loop has no branch in it)."""
+    if WARP_SPEC:
+        return lo, hi
+    elif seg == 0:
+        return lo, full_lo
+    elif seg == 1:
+        return full_lo, full_hi
+    else:
+        return full_hi, hi
+
+
+@triton.jit
 def _listed_range(TABLE, per):
     """(lo, full_lo, full_hi, hi) of a walk over a block mask's list TABLE = [n_lead, n_full, n_trail, blocks in
     ascending order...] (fused_attn/blockmask.py): the n_full blocks after the first n_lead are full (no mask

@@ -83,7 +83,7 @@ OPTIONS = ("tma", "longest_first", "persistent", "warp_specialize")
 @contextlib.contextmanager
 def use(*, tma=None, longest_first=None, persistent=None, warp_specialize=None):
     """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load
-    path, the given tile order, persistent programs (persistent=True) or one program per tile, and a
+    path, the given tile order, persistent programs (persistent=True) or one program per tile, and
     warp-specialized kernels (warp_specialize=True: TMA loads by a producer warp group, sm_90+); None keeps
     configs.py's choice. An explicit `config=` passed to a launcher wins.
 
@@ -205,8 +205,9 @@ def _tiles(kind: str, cc, head_dim: int, head_dim_v: int, path: str):
             logging.getLogger("fused_attn").warning("fused_attn: compute capability %s.%s has no tuned tables; "
                                                     "using the 99 KB GPUs' (the most conservative)", *cc)
         return SMALL[kind][d]
-    if cc[0] == 10 and _entry(BLACKWELL.get(kind, {}), path, d):
-        return _entry(BLACKWELL[kind], path, d)
+    blackwell = _entry(BLACKWELL.get(kind, {}), path, d) if cc[0] == 10 else None
+    if blackwell:
+        return blackwell
     if cc[0] in (9, 10):  # an entry for the path where one differs, else the head dim's
         return _entry(HOPPER[kind], path, d)
     return (AMPERE if smem_limit(cc) > SMEM_DEFAULT else SMALL)[kind][d]
@@ -243,11 +244,11 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
     choice = _choice(cc, packed)
+    split = split_dkdv(head_dim, head_dim_v)
     # dK/dV warp-specialized up to D = 128: above, its dK launch spills at every tile tried (gate, Triton 3.6).
-    kv_choice = dict(choice, warp_specialize=choice["warp_specialize"] and split_dkdv(head_dim, head_dim_v) is False)
+    kv_choice = dict(choice, warp_specialize=choice["warp_specialize"] and not split)
     if cc is None:
         return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **choice)
-    split = split_dkdv(head_dim, head_dim_v)
     if dtype.itemsize == 2:
         cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, _path(kv_choice, packed)), split_dkdv=split,
                              **kv_choice),
@@ -262,6 +263,5 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     if split and smem_limit(cc) <= SMEM_DEFAULT:
         block_n = 16
     tile = max(block_m, block_n) * (bd + bdv) * 4
-    cfg = KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3), **kv_choice)
-    return dataclasses.replace(cfg, split_dkdv=split), dataclasses.replace(cfg, warp_specialize=choice[
-        "warp_specialize"])
+    tiles = (block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3))
+    return KernelConfig(*tiles, split_dkdv=split, **kv_choice), KernelConfig(*tiles, **choice)

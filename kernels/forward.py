@@ -3,9 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv,
-                     _p_for, _program_tile, _query_head, _rng, _score, _sequence, _sink, _slope, _store_tile, _tile_at,
-                     _visible, _walk_tile)
+from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
+                     _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope, _store_tile,
+                     _tile_at, _visible, _walk_tile)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
@@ -122,8 +122,7 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
     # partial blocks, unmasked full blocks, nothing). Warp-specialized: once, every tile masked (the mask is the
     # identity on full tiles, so the result is the same to the bit).
     for seg in tl.static_range(1 if WARP_SPEC else 3):
-        seg_lo = lo if seg == 0 else (full_lo if seg == 1 else full_hi)
-        seg_hi = hi if WARP_SPEC else (full_lo if seg == 0 else (full_hi if seg == 1 else hi))
+        seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, WARP_SPEC)
         acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
                                         offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
                                         qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,

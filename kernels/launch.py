@@ -205,8 +205,9 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     inputs qualify for TMA: the sources stay tensors, the kernel makes one descriptor per head (TMA == 2), the form
     Triton's warp specialization splits between consumer groups."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
-    ws = cfg.warp_specialize and not packed and tma_ok(*tensors)
-    tma = cfg.tma and not packed and tma_ok(*tensors) and not ws
+    qualify = not packed and tma_ok(*tensors)
+    ws = cfg.warp_specialize and qualify
+    tma = cfg.tma and qualify and not ws
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
     persistent = cfg.persistent and not packed
@@ -273,8 +274,7 @@ def _scratch(needed: bool, tensor):
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
     path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
-    own name.
-    An empty list launches and counts nothing."""
+    own name. An empty list launches and counts nothing."""
     for kernel, grid, args, kwargs in launch_list:
         with _scratch(kwargs.get("TMA") == 2, args[0]):
             kernel[grid](*args, **kwargs)

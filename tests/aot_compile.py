@@ -105,7 +105,7 @@ def jobs(quick: bool):
     # Persistent kernels (one program per SM walking the tiles heaviest first): forward, dK/dV, dQ.
     out += [(90, bf16, d, "causal", g, True, False, "persistent") for d in (64, 128, 256) for g in (1, 8)]
     out.append((80, bf16, 128, "causal", 8, False, False, "persistent"))
-    # The warp-specialized forward (descriptors made in the kernel, a producer warp group beside the consumers).
+    # The warp-specialized kernels (descriptors made in the kernel, a producer warp group beside the consumers).
     out += [(90, bf16, d, m, g, True, False, "ws") for d in (64, 128, 256) for m in ("none", "causal") for g in (1, 8)]
     out += [(90, bf16, d, "causal", 8, True, False, "ws-persistent") for d in (64, 128, 256)]
     # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
