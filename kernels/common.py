@@ -292,21 +292,35 @@ def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
 
 
 @triton.jit
-def _load_kv(X, PAGES, b, h, start, stride_r, stride_c, stride_page, page_size, n_rows, n_cols,
+def _tile_pages(PAGES, start, page_size, n_rows, BLOCK_R: tl.constexpr, PAGED: tl.constexpr):
+    """The page numbers of key rows [start, start + BLOCK_R) in the block table PAGES (row j: page PAGES[j //
+    page_size], slot j % page_size): one number where the page size (constexpr) is a multiple of BLOCK_R (the tile
+    lies in one page), else one per row; 0 (nothing loaded) where not PAGED or past n_rows."""
+    if PAGED:
+        if page_size % BLOCK_R == 0:
+            return tl.load(PAGES + start // page_size, mask=start < n_rows, other=0).to(tl.int64)
+        else:
+            rows = start + tl.arange(0, BLOCK_R)
+            return tl.load(PAGES + rows // page_size, mask=rows < n_rows, other=0).to(tl.int64)
+    else:
+        return 0
+
+
+@triton.jit
+def _load_kv(X, page, b, h, start, stride_r, stride_c, stride_page, page_size, n_rows, n_cols,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
              TMA: tl.constexpr, PAGED: tl.constexpr):
-    """Key / value rows [start, start + BLOCK_R): _load_block, or (PAGED) through a block table: row j lives in page
-    PAGES[j // page_size] at slot j % page_size (X at the head, stride_page apart), so any page size works. A page
-    size (constexpr) that is a multiple of BLOCK_R puts each tile in one page: one page number, contiguous rows."""
+    """Key / value rows [start, start + BLOCK_R): _load_block, or (PAGED) from a paged cache, page the tile's page
+    numbers (_tile_pages; X at the head, stride_page apart), so any page size works. The caller loads the page
+    numbers one tile ahead: Triton divides a loop's load latency among the loads a tile load's address depends on,
+    so an address behind a load of the same iteration halves the tile's buffering (the compile-time gate)."""
     if PAGED:
         rows = start + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         ok = rows < n_rows
         if page_size % BLOCK_R == 0:
-            page = tl.load(PAGES + start // page_size).to(tl.int64)
             ptrs = X + page * stride_page + (start % page_size + tl.arange(0, BLOCK_R))[:, None] * stride_r
         else:
-            page = tl.load(PAGES + rows // page_size, mask=ok, other=0).to(tl.int64)
             ptrs = X + page[:, None] * stride_page + (rows % page_size)[:, None] * stride_r
         return tl.load(ptrs + cols[None, :] * stride_c, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
     else:

@@ -146,7 +146,6 @@ HOPPER = {
     "dq": {64: (64, 64, 4, 3), 128: (64, 64, 8, 3), 256: (64, 32, 8, 2),
            # warp-specialized: 64-row tiles (128 rows fail in Triton's pass: "unsupported load type")
            ("ws", 64): (64, 64, 4, 2), ("ws", 128): (64, 64, 4, 2), ("ws", 256): (64, 16, 4, 3),
-           ("ws-persistent", 256): (64, 16, 4, 2),  # spills 24 bytes (gate, known); 64x32: 156 bytes
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
 # sm_100 (B200 / GB200): Hopper's entries but where the gate found them spilling with tcgen05 MMAs (D = 256 dK/dV:
@@ -239,20 +238,24 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
                     dropout: bool = False):
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
-    kernel runs as two launches (dV, then dK), one accumulator each: both spill. packed as in forward_config.
+    kernel runs as two launches (dV, then dK), one accumulator each: both spill; and neither it nor a persistent
+    dQ is warp-specialized there. packed as in forward_config.
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
     choice = _choice(cc, packed)
     split = split_dkdv(head_dim, head_dim_v)
-    # dK/dV warp-specialized up to D = 128: above, its dK launch spills at every tile tried (gate, Triton 3.6).
-    kv_choice = dict(choice, warp_specialize=choice["warp_specialize"] and not split)
+    # Warp-specialized where the gate finds it clean: above D = 128 the dK launch spills at every tile tried (8-44
+    # bytes, Triton 3.6), and so does the persistent dQ (24-156 bytes at 64x16 / 64x32); those drop the flag.
+    ws = choice["warp_specialize"]
+    kv_choice = dict(choice, warp_specialize=ws and not split)
+    q_choice = dict(choice, warp_specialize=ws and not (split and choice["persistent"]))
     if cc is None:
-        return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **choice)
+        return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **q_choice)
     if dtype.itemsize == 2:
         cfgs = (KernelConfig(*_tiles("dkdv", cc, head_dim, head_dim_v, _path(kv_choice, packed)), split_dkdv=split,
                              **kv_choice),
-                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, _path(choice, packed)), **choice))
+                KernelConfig(*_tiles("dq", cc, head_dim, head_dim_v, _path(q_choice, packed)), **q_choice))
         if dropout:  # wgmma needs 64 resident rows on sm_90; mma.sync does not
             side = "block_m" if cc[0] >= 9 else "block_n"
             cfgs = (dataclasses.replace(cfgs[0], **{side: max(16, getattr(cfgs[0], side) // 2)}),
@@ -264,4 +267,4 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
         block_n = 16
     tile = max(block_m, block_n) * (bd + bdv) * 4
     tiles = (block_m, block_n, 8 if bd >= 128 else 4, _stages(tile, tile, cc, 3))
-    return KernelConfig(*tiles, split_dkdv=split, **kv_choice), KernelConfig(*tiles, **choice)
+    return KernelConfig(*tiles, split_dkdv=split, **kv_choice), KernelConfig(*tiles, **q_choice)

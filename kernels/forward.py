@@ -5,7 +5,7 @@ import triton.language as tl
 
 from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
                      _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope, _store_tile,
-                     _tile_at, _visible, _walk_tile)
+                     _tile_at, _tile_pages, _visible, _walk_tile)
 from .configs import capability, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
@@ -34,10 +34,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
     (or MASK_MOD) join the mask. A score function may hide pairs (-inf) in any tile, so with one every tile guards
     its empty rows. WARP_SPEC: the loop warp-specialized (a producer warp group issuing the loads, consumer groups
     computing; Hopper needs one branch-free loop: the caller runs every tile MASKED)."""
+    page = _tile_pages(PAGES, lo, page_size, seqlen_k, BLOCK_N, PAGED)  # then each tile's next: see _load_kv
     for pos in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_kv(K, PAGES, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
+        k = _load_kv(K, page, b, hk, start_n, stride_kn, stride_kd, stride_kp, page_size, seqlen_k, HEAD_DIM,
                      BLOCK_N, BLOCK_D, MASKED, HEAD_DIM != BLOCK_D, TMA, PAGED).to(q.dtype)
         s = _dot(q, tl.trans(k), FP32_DOT)  # raw scores: the scale is applied after subtracting the max
         if DESCALE:
@@ -61,8 +62,9 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), p, 0.0)
-        v = _load_kv(V, PAGES, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
+        v = _load_kv(V, page, b, hk, start_n, stride_vn, stride_vd, stride_vp, page_size, seqlen_k, HEAD_DIM_V,
                      BLOCK_N, BLOCK_DV, MASKED, HEAD_DIM_V != BLOCK_DV, TMA, PAGED).to(q.dtype)
+        page = _tile_pages(PAGES, pos + BLOCK_N, page_size, seqlen_k, BLOCK_N, PAGED)
         acc = acc * alpha[:, None] + _dot(_p_for(p, v, FP32_DOT), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i

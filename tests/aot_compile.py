@@ -76,9 +76,9 @@ def jobs(quick: bool):
     sm_90 bf16: every benchmark shape (D x masks x MHA / GQA 8) on both load paths; fp16 generates the same code
     with another element type: causal MHA at every D on both paths. Packed sequences (the VARLEN kernels, pointer
     path): sm_90 bf16 causal at every D, GQA 8 with a window, sm_80 bf16. Decoding: sm_90 and sm_80 bf16 at every
-    D, contiguous and paged. Serving: sm_90 and sm_80, D = 64 / 128, GQA 8. Modifiers: sm_90 bf16 causal D = 64 /
-    128, sm_80 GQA 8. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89 compiles as sm_86 does, so
-    only its largest tiles, D = 256)."""
+    D, contiguous and paged. Serving: sm_90 and sm_80, D = 64 / 128, GQA 8, bf16 and FP8 caches. Modifiers: sm_90
+    bf16 causal D = 64 / 128, sm_80 GQA 8. sm_80: bf16 GQA 8 and fp32. The 99 KB GPUs: bf16 and fp32 (sm_89
+    compiles as sm_86 does, so only its largest tiles, D = 256)."""
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     masks = ("causal",) if quick else tuple(MASKS)
     out = []
@@ -96,9 +96,9 @@ def jobs(quick: bool):
     out += [(arch, bf16, d, "causal", 4, False, False, kind) for arch in (80, 90) for d in (64, 128, 256)
             for kind in ("decode", "paged")]
     out += [(86, bf16, 256, "causal", 4, False, False, kind) for kind in ("decode", "paged")]
-    # Serving: a packed step over a paged cache; FP8 (e4m3) caches on sm_90 (Triton has no e4m3 before sm_89).
-    out += [(arch, bf16, d, "causal", 8, False, False, "serving") for arch in (80, 90) for d in (64, 128)]
-    out += [(90, bf16, d, "causal", 8, False, False, "serving-fp8") for d in (64, 128)]
+    # Serving: a packed step over a paged cache, bf16 and FP8 caches (e4m3; e5m2 on sm_80: no e4m3 before sm_89).
+    out += [(arch, bf16, d, "causal", 8, False, False, kind) for arch in (80, 90) for d in (64, 128)
+            for kind in ("serving", "serving-fp8")]
     # The FP8 forward (e4m3 q, k, v; the dtype field names the output): sm_90, and sm_89 / sm_120 at D = 128.
     out += [(90, bf16, d, m, 8, False, False, "fp8") for d in (64, 128, 256) for m in ("none", "causal")]
     out += [(arch, bf16, 128, "causal", 8, False, False, "fp8") for arch in (89, 120)]  # FP8 mma.sync (99 KB GPUs)
@@ -108,7 +108,6 @@ def jobs(quick: bool):
     # The warp-specialized kernels (descriptors made in the kernel, a producer warp group beside the consumers).
     out += [(90, bf16, d, m, g, True, False, "ws") for d in (64, 128, 256) for m in ("none", "causal") for g in (1, 8)]
     out += [(90, bf16, d, "causal", 8, True, False, "ws-persistent") for d in (64, 128, 256)]
-    # D = 256 with all three: the dQ kernel spills 24 bytes even at 64x16 tiles (README, Status); not judged here.
     out += [(90, bf16, d, "causal", 1, False, False, "modifiers") for d in (64, 128)]
     out.append((80, bf16, 128, "causal", 8, False, False, "modifiers"))
     # Block masks (flex_attention): the list walk over 128 x 128 mask blocks, sm_90 D = 64 / 128, with Triton >= 3.7
@@ -210,11 +209,11 @@ SERVING = dict(seqs=64, tokens=2048 + 63, max_q=2048, cache=32768, page=16)
 
 def serving_launch_list(arch, dtype, d, mask, group, fp8):
     """A serving step (attention_varlen over a paged cache): 64 sequences -- a 2,048-query chunk and 63 decodes --
-    over caches of up to 32k keys in pages of 16, with sinks; fp8: e4m3 caches with descales. Then the cache
-    write of the step's new keys (write_kv_cache's kernel)."""
+    over caches of up to 32k keys in pages of 16, with sinks; fp8: FP8 caches with descales (e4m3; e5m2 before
+    sm_89, which has no e4m3). Then the cache write of the step's new keys (write_kv_cache's kernel)."""
     n, T, P, S = SERVING["seqs"], SERVING["tokens"], SERVING["page"], SERVING["cache"]
     Hq = HIDDEN // d
-    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    cache_dtype = (torch.float8_e4m3fn if arch >= 89 else torch.float8_e5m2) if fp8 else dtype
     q, o = (_meta((1, Hq, T, d), dtype, "bshd") for _ in range(2))
     k, v = (_meta((n * S // P, Hq // group, P, d), cache_dtype, "bshd") for _ in range(2))
     lse = torch.empty(1, Hq, T, device="meta")
@@ -354,20 +353,12 @@ KNOWN = {
     # dK/dV reads a float bias transposed (key rows x query columns, the bias's contiguous axis along the rows):
     # that tile load stays synchronous; the forward and dQ kernels read it pipelined.
     ("bias", "_attn_bwd_dkdv_kernel", "synchronous tile loads in a loop"),
-    # Paged caches: the K / V loads through the block table are asynchronous (cp.async) but single-buffered -- their
-    # addresses come from a gather of page numbers the pipeliner does not hoist.
-    ("paged", "_attn_fwd_split_kernel", "loads not pipelined"),
-    ("serving", "_attn_fwd_split_kernel", "loads not pipelined"),
-    ("serving-fp8", "_attn_fwd_split_kernel", "loads not pipelined"),
     # sm_100 at D = 256 under GQA: the dK launch (its accumulator and the group's query heads) spills with tcgen05
     # MMAs at every tile tried (16x64 / 32x64 / 32x32, 4 or 8 warps); MHA and the dV launch are clean at 16x64.
     ("dense", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
     ("persistent", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
     # sm_100 at D = 256, persistent: the dQ kernel spills (200 bytes at 64x32; 64x16 and 3 stages spill too).
     ("persistent", "_attn_bwd_dq_kernel", "spills", 100, 256),
-    # sm_90 at D = 256, persistent and warp-specialized: the dQ kernel spills (24 bytes at 64x16, 156 at 64x32);
-    # warp-specialized alone, or persistent alone, it is clean.
-    ("ws-persistent", "_attn_bwd_dq_kernel", "spills", 90, 256),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again

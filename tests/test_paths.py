@@ -227,15 +227,19 @@ def test_warp_specialized_kernels_are_bitwise_the_default(case, persistent, devi
 
 
 def test_warp_specialization_rules():
-    """Forward, dQ and dK/dV (dK/dV up to D = 128: its config drops it above), dense calls only, sm_90+; their
-    loads go through descriptors the kernel makes (TMA == 2: the sources stay tensors); unaligned inputs fall back
-    to pointers."""
+    """Forward, dQ and dK/dV (dK/dV, and a persistent dQ, up to D = 128: their configs drop it above), dense calls
+    only, sm_90+; their loads go through descriptors the kernel makes (TMA == 2: the sources stay tensors);
+    unaligned inputs fall back to pointers."""
     from fused_attn.kernels import launch
     with configs.use(warp_specialize=True):
         assert configs.forward_config(64, 64, torch.float16, None).warp_specialize
         assert all(c.warp_specialize for c in configs.backward_config(128, 128, torch.float16, None))
         dkdv, dq = configs.backward_config(256, 256, torch.float16, None)
         assert dq.warp_specialize and not dkdv.warp_specialize
+        with configs.use(persistent=True):  # a persistent dQ above D = 128 drops it too (it spills)
+            dkdv, dq = configs.backward_config(256, 256, torch.float16, (9, 0))
+            assert dq.persistent and not dq.warp_specialize and not dkdv.warp_specialize
+            assert all(c.warp_specialize for c in configs.backward_config(128, 128, torch.float16, (9, 0)))
         assert not configs.forward_config(64, 64, torch.float16, None, packed=True).warp_specialize
         with pytest.raises(ValueError, match="warp specialization needs compute capability 9.0"):
             configs.forward_config(64, 64, torch.float16, (8, 0))
