@@ -13,9 +13,9 @@ derivative 1 - tanh^2 multiplies dS, and dropout's keep-mask is drawn again from
 import triton
 import triton.language as tl
 
-from .common import (_at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range, _load_block,
-                     _load_tile, _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope,
-                     _store_tile, _tile_at, _visible, _walk_tile)
+from .common import (_at_head, _at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range,
+                     _load_block, _load_tile, _program_tile, _query_head, _rng, _score, _segment_range, _sequence,
+                     _sink, _slope, _store_tile, _tile_at, _visible, _walk_tile)
 from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args, tile_grid)
@@ -66,34 +66,45 @@ def _key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, bloc
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
-                         stride_qs, stride_qd, stride_dos, stride_dod,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h0, heads,
+                         stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, stride_lh,
                          offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                          TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                         cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                         seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
+                         cap_in, cap_out, SLOPES, stride_ab, stride_ah, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                         seed, rng_offset, n_heads, threshold, drop_scale, DROPOUT: tl.constexpr,
                          TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
                          SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
                          MASK_MOD: tl.constexpr, MASK_ARGS, WARP_SPEC: tl.constexpr):
-    """Query tiles [lo, hi) of query head h, accumulated into the key tile's dK (if WITH_DK) and dV (if WITH_DV).
-    One loop for the whole range: tiles outside [full_lo, full_hi) apply the mask, decided per tile at run time.
-    (Three loops, as in the forward, keep more registers live across them: the dK/dV kernel spilled that way on
-    sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean.) LISTED: positions in the
-    block mask's list TABLE of this key block's query blocks (ascending; [full_lo, full_hi) the full ones, the rest
-    masked with their bits). WARP_SPEC: the loop warp-specialized, every tile masked (no branch in the loop)."""
-    for pos in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
+    """Query tiles [lo, hi) of query heads h0 .. h0 + heads - 1, accumulated into the key tile's dK (if WITH_DK)
+    and dV (if WITH_DV); Q, DO, STATS, DELTA at head h0 (a descriptor of its rows where TMA == 2: then heads is 1).
+    One loop over (head, query tile) pairs, heads outermost: tiles outside [full_lo, full_hi) apply the mask,
+    decided per tile at run time. (Three loops, as in the forward, keep more registers live across them: the dK/dV
+    kernel spilled that way on sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean. A
+    loop per head spills on sm_100, where the accumulator leaves tensor memory between them: 304 bytes for dK at
+    D = 256, GQA 8.) LISTED: positions in the block mask's list TABLE of this key block's query blocks (ascending;
+    [full_lo, full_hi) the full ones, the rest masked with their bits). WARP_SPEC: the loop warp-specialized, every
+    tile masked (no branch in the loop)."""
+    n_pos = tl.cdiv(hi - lo, BLOCK_M)
+    for i in tl.range(0, heads * n_pos, warp_specialize=WARP_SPEC):
+        g = i // n_pos
+        pos = lo + (i - g * n_pos) * BLOCK_M
+        h = h0 + g
+        g64 = g.to(tl.int64)
         start_m, entry = _tile_at(pos, TABLE, mrow, block_q, LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_block(Q, b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D,
-                        True, HEAD_DIM != BLOCK_D, TMA)
-        do = _load_block(DO, b, h, start_m, stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV,
-                         True, HEAD_DIM_V != BLOCK_DV, TMA)
+        q = _load_block(_at_head(Q, g64 * stride_qh, TMA), b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM,
+                        BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
+        do = _load_block(_at_head(DO, g64 * stride_doh, TMA), b, h, start_m, stride_dos, stride_dod, seqlen_q,
+                         HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
         q_ok = offs_m < seqlen_q
-        m = tl.load(STATS + offs_m * 2, mask=q_ok, other=0.0)
-        log2_l = tl.load(STATS + offs_m * 2 + 1, mask=q_ok, other=0.0)
+        stats = STATS + 2 * g64 * stride_lh
+        m = tl.load(stats + offs_m * 2, mask=q_ok, other=0.0)
+        log2_l = tl.load(stats + offs_m * 2 + 1, mask=q_ok, other=0.0)
+        slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
+        bh = b * n_heads + h
         if FP32_DOT:  # q k^T as in the forward, so P matches its stats to the last bit (visible in fp32)
             st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
         else:
@@ -122,7 +133,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h,
                 pdt = tl.where(keep, pt * drop_scale, 0.0)
             dv += _dot(pdt.to(do.dtype), do, FP32_DOT)
         if WITH_DK:
-            delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + g64 * stride_lh + offs_m, mask=q_ok, other=0.0)
             dpt = _dot(v, tl.trans(do), FP32_DOT)
             if DROPOUT:
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
@@ -178,7 +189,15 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
         lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
                                                 BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
     seed, rng_offset = _rng(RNG, DROPOUT)
-    for g in range(group):  # the GQA group's query heads, summed here instead of with atomics
+    # The GQA group's query heads, summed here instead of with atomics: all in one loop (_attn_bwd_dkdv_inner), or a
+    # loop per head where their ranges differ (a block mask's lists) or the loop reads through descriptors of one
+    # head's rows (warp-specialized).
+    loops = 1  # a constant: the one loop, with no loop around it
+    per_loop = group
+    if LISTED or WARP_SPEC:
+        loops = group
+        per_loop = 1
+    for g in range(loops):
         h = hk * group + g
         h64 = h.to(tl.int64)
         mrow = b64 * 0
@@ -190,15 +209,15 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, C
         DOh = _at_rows(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, seqlen_q, stride_dos, HEAD_DIM_V,
                        BLOCK_M, BLOCK_DV, TMA)
         row = b64 * stride_lb + h64 * stride_lh + q0
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h,
-                                      stride_qs, stride_qd, stride_dos, stride_dod,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h, per_loop,
+                                      stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, stride_lh,
                                       offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
                                       qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
                                       HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
-                                      cap_in, cap_out, _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI),
-                                      SOFTCAP, ALIBI, seed, rng_offset, b * n_heads + h, threshold, drop_scale,
-                                      DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                      SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS, WARP_SPEC)
+                                      cap_in, cap_out, SLOPES, stride_ab, stride_ah, SOFTCAP, ALIBI, seed, rng_offset,
+                                      n_heads, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS,
+                                      block_q, block_k, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS,
+                                      MASK_MOD, MASK_ARGS, WARP_SPEC)
 
     if WITH_DK:
         _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,

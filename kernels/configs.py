@@ -149,9 +149,9 @@ HOPPER = {
            ("packed", 256): (64, 16, 8, 2)},  # the packed prologue's registers: 64x32 spills 108 bytes
 }
 # sm_100 (B200 / GB200): Hopper's entries but where the gate found them spilling with tcgen05 MMAs (D = 256 dK/dV:
-# 32x64 spilled 8 bytes under MHA; under GQA 8 its dK launch still spills at 16x64, a known item of the gate).
+# 32x64 spilled 8 bytes under MHA; TMA at D = 128, GQA 8: 2 stages spilled 12 bytes, 3 are clean).
 # TMA at D = 128: 128x64 tiles spill 8-20 bytes (4 or 8 warps, 2-4 stages; persistent or not), 128x32 are clean.
-BLACKWELL = {"fwd": {("tma", 128): (128, 32, 8, 4)}, "dkdv": {256: (16, 64, 8, 2)}}
+BLACKWELL = {"fwd": {("tma", 128): (128, 32, 8, 4)}, "dkdv": {256: (16, 64, 8, 2), ("tma", 128): (32, 64, 8, 3)}}
 AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stages to get double buffers
     "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 3), 256: (64, 32, 8, 3)},
     "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (32, 64, 8, 3)},
@@ -160,7 +160,7 @@ AMPERE = {  # sm_80 / sm_87: mma.sync, 163 KB of shared memory per block; 3 stag
 SMALL = {  # sm_86 / sm_89 / sm_120 and unknown GPUs: mma.sync, 99 KB of shared memory per block; 3 stages (double
     # buffers) everywhere, so the large head dims take narrow streamed tiles
     "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 8, 3)},
-    "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (16, 64, 8, 3)},
+    "dkdv": {64: (32, 32, 4, 3), 128: (32, 64, 8, 3), 256: (16, 32, 8, 3)},  # 16x64: dV spilled 16 bytes, sm_120
     "dq": {64: (64, 64, 4, 3), 128: (64, 32, 8, 3), 256: (64, 16, 8, 3)},
 }
 
@@ -239,7 +239,7 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     """(dK/dV config, dQ config). dK/dV keeps block_n keys resident and streams tiles of block_m queries (and dO);
     dQ keeps block_m queries resident and streams tiles of block_n keys (and values). Above D = 128 the dK/dV
     kernel runs as two launches (dV, then dK), one accumulator each: both spill; and neither it nor a persistent
-    dQ is warp-specialized there. packed as in forward_config.
+    dQ is warp-specialized there, nor persistent on sm_100. packed as in forward_config.
     dropout: the Philox state's registers on top (with softcap and ALiBi, the compile-time gate saw 36-212 bytes
     of spills with the usual tiles), so half the tiles: dQ's streamed block_n, and dK/dV's streamed block_m on
     sm_90 (its 64 resident rows feed wgmma), its resident block_n elsewhere."""
@@ -250,6 +250,10 @@ def backward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, pack
     ws = choice["warp_specialize"]
     kv_choice = dict(choice, warp_specialize=ws and not split)
     q_choice = dict(choice, warp_specialize=ws and not (split and choice["persistent"]))
+    if split and cc is not None and cc[0] == 10:  # sm_100: a persistent dK or dQ spills above D = 128 (96-420
+        # bytes at every tile tried: the accumulator leaves tensor memory between the walk's tiles), so one program
+        # per tile there
+        kv_choice["persistent"] = q_choice["persistent"] = False
     if cc is None:
         return KernelConfig(*INTERPRETER, **kv_choice), KernelConfig(*INTERPRETER, **q_choice)
     if dtype.itemsize == 2:

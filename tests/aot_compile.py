@@ -353,12 +353,6 @@ KNOWN = {
     # dK/dV reads a float bias transposed (key rows x query columns, the bias's contiguous axis along the rows):
     # that tile load stays synchronous; the forward and dQ kernels read it pipelined.
     ("bias", "_attn_bwd_dkdv_kernel", "synchronous tile loads in a loop"),
-    # sm_100 at D = 256 under GQA: the dK launch (its accumulator and the group's query heads) spills with tcgen05
-    # MMAs at every tile tried (16x64 / 32x64 / 32x32, 4 or 8 warps); MHA and the dV launch are clean at 16x64.
-    ("dense", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
-    ("persistent", "_attn_bwd_dkdv_kernel", "spills", 100, 256),
-    # sm_100 at D = 256, persistent: the dQ kernel spills (200 bytes at 64x32; 64x16 and 3 stages spill too).
-    ("persistent", "_attn_bwd_dq_kernel", "spills", 100, 256),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
@@ -498,10 +492,14 @@ def _selected(job, only) -> bool:
     return all(str(fields[k]) == v for k, v in (o.split("=", 1) for o in only))
 
 
-def _worker_init(cache_root, shared=None):
+def _worker_init(cache_root, shared=None, key=None):
     # A cache of its own per process: every first compile runs ptxas (whose -v report we read). shared: one cache
-    # directory for all (--cache-dir: a GPU machine's own cache, warmed before its benchmarks).
+    # directory for all (--cache-dir: a GPU machine's own cache, warmed before its benchmarks). key: the cache key
+    # of another build of this Triton (bench/travel_cache.py), under which the entries are stored.
     os.environ["TRITON_CACHE_DIR"] = shared or tempfile.mkdtemp(dir=cache_root)
+    if key is not None:
+        from triton.runtime import cache
+        cache.triton_key = lambda: key
 
 
 def main(argv=None) -> int:
@@ -515,13 +513,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="compile into this Triton cache, shared by the workers, instead of fresh "
                    "ones: on a GPU machine of the same target this warms the JIT's own cache (e.g. ~/.triton/cache) "
                    "in parallel for the benchmark shapes; kernels found there already report no ptxas log")
+    p.add_argument("--triton-key-file", help="with --cache-dir: store the entries under the Triton cache key in this "
+                   "file (another build of this Triton version: bench/travel_cache.py)")
     a = p.parse_args(argv)
     if a.recompiles:
         print(json.dumps(recompiles()))
         return 0
     print(f"triton {triton.__version__}, torch {torch.__version__}; S={SEQLEN}, {TOKENS} tokens, hidden {HIDDEN}")
+    key = open(a.triton_key_file).read() if a.triton_key_file else None
     with tempfile.TemporaryDirectory(prefix="fused_attn_gate_") as cache_root, \
-            ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(cache_root, a.cache_dir)) as pool:
+            ProcessPoolExecutor(a.workers, initializer=_worker_init, initargs=(cache_root, a.cache_dir, key)) as pool:
         smoke_lines = pool.submit(smoke)
         results = list(pool.map(compile_job, [j for j in jobs(a.quick) if _selected(j, a.only)]))
         smoke_lines = smoke_lines.result()

@@ -168,7 +168,8 @@ def test_persistent_is_bitwise_the_tiled_grid(case, modifiers, device):
 
 def test_persistent_grid_and_fallbacks(device):
     """A persistent launch has one program per SM (3 under the interpreter), never more than the tiles; packed
-    sequences keep the one-tile grid; `use(persistent=True)` reaches the default configs, forward and backward."""
+    sequences keep the one-tile grid; `use(persistent=True)` reaches the default configs, forward and backward
+    (but sm_100's backward above D = 128)."""
     from fused_attn.kernels import launch
     q = torch.empty(2, 4, 300, 64, device="meta", dtype=torch.float16)
     stats = torch.empty(2, 4, 300, 2, device="meta")
@@ -184,6 +185,11 @@ def test_persistent_grid_and_fallbacks(device):
         assert configs.forward_config(64, 64, torch.float16, None).persistent
         assert all(c.persistent for c in configs.backward_config(64, 64, torch.float16, None))
         assert not configs.forward_config(64, 64, torch.float16, None, packed=True).persistent
+        # sm_100 above D = 128: the backward kernels keep one program per tile (persistent, they spill)
+        assert configs.forward_config(256, 256, torch.bfloat16, (10, 0)).persistent
+        assert not any(c.persistent for c in configs.backward_config(256, 256, torch.bfloat16, (10, 0)))
+        assert all(c.persistent for c in configs.backward_config(128, 128, torch.bfloat16, (10, 0)))
+        assert all(c.persistent for c in configs.backward_config(256, 256, torch.bfloat16, (9, 0)))
     with pytest.raises(TypeError, match="persistent must be True, False or None"), configs.use(persistent=1):
         pass
 
