@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh 1 --dry-run                                  the plan and compile estimate (CPU)
 #
 # Installs the package offline first (or exposes it through a path shim where pip cannot build); all output lands
-# in $OUT, one file per step.
+# in $OUT, one file per step. A Triton cache built on the CPU machine for this one (python -m bench.travel_cache
+# build; the device call's carry: [".gpu_cache"]) is installed before part 1's warm-up where its key matches.
 set -u
 part=${1:?usage: gpu_session.sh 1|2 [--from results.json] [--dry-run]}
 shift

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from . import travel_cache
+
 SMOKE = [  # (pytest arguments) -- GPU-only parameters (bf16, large shapes) are collected only on a GPU
     ["tests/test_attention.py", "-k", "test_shapes_and_masks and bf16 and (q1023 or q2048 or q777) and "
                                       "(full or causal or win16)"],
@@ -32,6 +34,7 @@ VARIANTS = ["fused_attn", "fused_attn-tma", "fused_attn-persistent", "fused_attn
 PEERS = ["sdpa-flash", "sdpa-cudnn", "flex"]
 COMPILE_S = 1.5  # seconds per kernel compile measured by the gate on this project's 2-core CPU machine
 PART_BUDGET = 360  # seconds of steps per part: a device call also spends minutes starting the machine
+TRAVELED = ".gpu_cache"  # a Triton cache built on the CPU machine for this one's (bench/travel_cache.py), if carried
 
 
 def part1_steps(out: str):
@@ -42,10 +45,16 @@ def part1_steps(out: str):
     steps += [(f"smoke-{i}", 36, [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args])
               for i, args in enumerate(SMOKE)]
     # The headline rows' kernels compiled in parallel into the JIT's own cache first (the gate's launches for the
-    # benchmark shapes: the same specializations), so the benchmark's serial first calls find them compiled.
+    # benchmark shapes: the same specializations), so the benchmark's serial first calls find them compiled --
+    # found there already where a cache compiled on the CPU machine traveled with the call (bench/travel_cache.py).
     cache = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
-    steps.append(("warm-cache", 30, [py, "tests/aot_compile.py", "--workers", str(min(16, os.cpu_count() or 1)),
-                                     "--cache-dir", cache, "--only", "arch=90", "d=128", "group=1"]))
+    traveled = os.path.exists(os.path.join(TRAVELED, "manifest.json"))
+    if traveled:  # then the warm-up finds its kernels (here: 58 in 3.7 s on one core)
+        steps.append(("travel-cache", 10, [py, "-m", "bench.travel_cache", "install", "--src", TRAVELED, "--dest",
+                                           cache]))
+    workers = str(min(16, os.cpu_count() or 1))
+    steps.append(("warm-cache", 20 if traveled else 30, [py, "tests/aot_compile.py", "--workers", workers,
+                                                         "--cache-dir", cache, "--only", *travel_cache.ONLY]))
     h = HEADLINE
     steps.append(("headline", 130, [py, "-m", "bench", "--out", os.path.join(out, "bench"), "--gqa-ratio", "1",
                                     "--seqlens", *map(str, h["seqlens"]), "--head-dims", *map(str, h["head_dims"]),

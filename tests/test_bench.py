@@ -1,6 +1,7 @@
 """The CPU-side parts of bench/: sweep construction, FLOP counts, result files, plots, the CLI's no-GPU exit."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -327,12 +328,20 @@ def test_a_provider_that_raises_becomes_an_error_row(tmp_path):
     assert [r["ms"] for r in rows] == [None, 1.5] * 2 and (tmp_path / "results.json").exists()
 
 
-def test_gpu_session_plan_fits_and_picks_the_slowest_rows(tmp_path, capsys):
-    """Each part's steps fit its budget; the dry run prints the plan and a compile count; part 2 tunes the rows
-    where fused_attn's best variant trails the best peer most."""
+def test_gpu_session_plan_fits_and_picks_the_slowest_rows(tmp_path, capsys, monkeypatch):
+    """Each part's steps fit its budget, with or without a traveling cache (installed before the warm-up); the dry
+    run prints the plan and a compile count; part 2 tunes the rows where fused_attn's best variant trails the best
+    peer most."""
     from bench import session
     for steps in (session.part1_steps("o"), session.part2_steps("o", None)):
         assert sum(budget for _, budget, _ in steps) <= session.PART_BUDGET
+        assert "travel-cache" not in [name for name, _, _ in steps]
+    (tmp_path / "manifest.json").write_text("{}")
+    monkeypatch.setattr(session, "TRAVELED", str(tmp_path))
+    names = [name for name, _, _ in session.part1_steps("o")]
+    assert names.index("travel-cache") + 1 == names.index("warm-cache")
+    assert sum(budget for _, budget, _ in session.part1_steps("o")) <= session.PART_BUDGET
+    monkeypatch.undo()
     assert session.main(["--part", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "headline" in out and "distinct fused_attn kernels to compile for sm_90" in out
@@ -346,3 +355,58 @@ def test_gpu_session_plan_fits_and_picks_the_slowest_rows(tmp_path, capsys):
     assert session.slowest_rows(str(path), n=1) == [(2.0 / 1.5, 128, "causal")]
     (name, _, cmd), = session.part2_steps("o", str(path))[:1]
     assert name == "tune-d128-causal" and "--paths" in cmd
+
+
+def _fake_wheel(path, version, libtriton=b"another build", edit=None):
+    """A wheel holding this Triton's Python sources (edit: one of them changed) and a libtriton of its own."""
+    import zipfile
+    import triton
+    root = os.path.dirname(triton.__file__)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"triton-{version}.dist-info/METADATA", "Name: triton\n")
+        for d, _, files in os.walk(root):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(d, f), root)
+                    data = open(os.path.join(d, f), "rb").read()
+                    z.writestr(f"triton/{rel}", data + b"#" if rel == edit else data)
+        z.writestr("triton/_C/libtriton.so", libtriton)
+    return str(path)
+
+
+def test_travel_cache_keys_for_the_other_build_only(tmp_path):
+    """A cache built here travels under the key of the GPU machine's wheel: this Triton's key with the wheel's
+    libtriton hash, and only for a wheel of the same version and sources; installing copies the entries (group
+    files pointed at their new place) only where the key matches."""
+    import hashlib
+    import triton
+    from triton.runtime import cache
+    from bench import travel_cache
+    other = travel_cache.wheel_key(_fake_wheel(tmp_path / "a.whl", triton.__version__))
+    mine = cache.triton_key()
+    with open(os.path.join(os.path.dirname(triton.__file__), "_C", "libtriton.so"), "rb") as f:
+        ours = hashlib.sha256(f.read()).hexdigest()
+    assert ours in mine and other == mine.replace(ours, hashlib.sha256(b"another build").hexdigest())
+    with pytest.raises(ValueError, match="holds triton"):
+        travel_cache.wheel_key(_fake_wheel(tmp_path / "b.whl", "0.0.1"))
+    with pytest.raises(ValueError, match="differs"):
+        travel_cache.wheel_key(_fake_wheel(tmp_path / "c.whl", triton.__version__, edit="language/core.py"))
+
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    entry = src / "ABC"
+    entry.mkdir(parents=True)
+    for name in ("k.json", "k.cubin", "k.ptx", "k.llir"):
+        (entry / name).write_text(name)
+    (entry / "__grp__k.json").write_text(json.dumps({"child_paths": {n: f"/elsewhere/ABC/{n}" for n in
+                                                                     ("k.json", "k.cubin", "k.ptx", "k.llir")}}))
+    travel_cache._regroup(str(entry))
+    assert sorted(os.listdir(entry)) == ["__grp__k.json", "k.cubin", "k.json", "k.ptx"]
+    manifest = dict(triton=triton.__version__, wheel="w", key_sha256=hashlib.sha256(other.encode()).hexdigest(),
+                    entries=["ABC"], kernels=1, compile_seconds=1.0)
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    assert "not used" in travel_cache.install(str(src), str(dest)) and not dest.exists()
+    (src / "manifest.json").write_text(json.dumps(dict(manifest, key_sha256=hashlib.sha256(mine.encode()).hexdigest())))
+    assert "1 of 1 entries installed" in travel_cache.install(str(src), str(dest))
+    group = json.loads((dest / "ABC" / "__grp__k.json").read_text())["child_paths"]
+    assert group == {n: str(dest / "ABC" / n) for n in ("k.json", "k.cubin", "k.ptx")}
+    assert all(os.path.exists(p) for p in group.values())
