@@ -34,7 +34,7 @@ VARIANTS = ["fused_attn", "fused_attn-tma", "fused_attn-persistent", "fused_attn
 PEERS = ["sdpa-flash", "sdpa-cudnn", "flex"]
 COMPILE_S = 1.5  # seconds per kernel compile measured by the gate on this project's 2-core CPU machine
 PART_BUDGET = 360  # seconds of steps per part: a device call also spends minutes starting the machine
-TRAVELED = ".gpu_cache"  # a Triton cache built on the CPU machine for this one's (bench/travel_cache.py), if carried
+TRAVELED = travel_cache.DIR  # a Triton cache built on the CPU machine for this one's, if carried
 
 
 def part1_steps(out: str):
@@ -47,7 +47,7 @@ def part1_steps(out: str):
     # The headline rows' kernels compiled in parallel into the JIT's own cache first (the gate's launches for the
     # benchmark shapes: the same specializations), so the benchmark's serial first calls find them compiled --
     # found there already where a cache compiled on the CPU machine traveled with the call (bench/travel_cache.py).
-    cache = os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
+    cache = travel_cache.triton_cache_dir()
     traveled = os.path.exists(os.path.join(TRAVELED, "manifest.json"))
     if traveled:  # then the warm-up finds its kernels (here: 58 in 3.7 s on one core)
         steps.append(("travel-cache", 10, [py, "-m", "bench.travel_cache", "install", "--src", TRAVELED, "--dest",

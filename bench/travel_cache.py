@@ -27,6 +27,12 @@ import zipfile
 
 ONLY = ["arch=90", "d=128", "group=1"]  # the gate's jobs for the headline rows (bench.session's warm-up)
 MANIFEST = "manifest.json"
+DIR = ".gpu_cache"  # where build writes and the GPU session looks (git-ignored; the device call carries it)
+
+
+def triton_cache_dir() -> str:
+    """The directory the JIT caches compiled kernels in (TRITON_CACHE_DIR, else Triton's default)."""
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache")
 KEEP = (".json", ".cubin", ".ptx", ".ttgir")  # what a cache hit loads (metadata, binary), and what the gate reads
 
 
@@ -150,11 +156,11 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="compile the headline kernels for the GPU machine's Triton wheel")
     b.add_argument("--wheel", required=True, help="the GPU machine's Triton wheel (same version as here)")
-    b.add_argument("--out", default=".gpu_cache")
+    b.add_argument("--out", default=DIR)
     b.add_argument("--workers", type=int, default=2)
     i = sub.add_parser("install", help="on the GPU machine: copy the entries into the JIT's cache if the key matches")
-    i.add_argument("--src", default=".gpu_cache")
-    i.add_argument("--dest", default=os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"))
+    i.add_argument("--src", default=DIR)
+    i.add_argument("--dest", default=triton_cache_dir())
     a = p.parse_args(argv)
     if a.cmd == "build":
         m = build(a.wheel, a.out, workers=a.workers)
