@@ -7,11 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # kernels/ lives at the top level of the repo but installs as fused_attn.kernels, so no
-    # top-level module named "kernels" lands in site-packages.
     packages=["fused_attn", "fused_attn.kernels", "fused_attn.integrations", "fused_attn.distributed",
               "fused_attn.explore"],
-    package_dir={"fused_attn": "fused_attn", "fused_attn.kernels": "kernels"},
     # numpy: the Triton interpreter (CPU runs) needs it and CPU builds of torch do not pull it in. Triton 3.6's
     # interpreter also needs numpy < 2.4 (fused_attn says so at run time); triton >= 3.7 runs with any.
     # tqdm: the progress of long runs (check, bench).

@@ -16,10 +16,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 { nvidia-smi; git rev-parse HEAD 2>/dev/null; } > "$OUT/environment.txt" 2>&1
 pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
-    # No pip build tools there: expose the package with kernels/ mapped to fused_attn.kernels, as setup.py does.
-    shim=$(mktemp -d); mkdir "$shim/fused_attn"
-    for f in fused_attn/*; do ln -s "$PWD/$f" "$shim/fused_attn/"; done
-    ln -s "$PWD/kernels" "$shim/fused_attn/kernels"
-    export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # No pip build tools there: the package imports from the checkout's root as it is.
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
 python -m bench.session --part "$part" --out "$OUT" "$@"

@@ -1,7 +1,7 @@
 """`python -m bench.tune`: time fused_attn's kernels over candidate configs on a GPU -- tiles, warps, stages, the
 load path (pointer or TMA), the tile order (natural or longest-first) and the schedule (persistent programs, a
 warp-specialized kernels) -- and print the fastest per (head dim, mask, kernel), to be copied into
-kernels/configs.py. Each candidate is checked against the default config's output before it is timed; the
+fused_attn/kernels/configs.py. Each candidate is checked against the default config's output before it is timed; the
 backward's two kernels are tuned one at a time, the other keeping its default config.
 
     python -m bench.tune --head-dims 64 128 --masks causal --seqlen 16384 [--paths ptr tma persistent ws] [--dry-run]

@@ -1,5 +1,5 @@
 """The mask, in PyTorch, for the reference, the bench's FLOP counts and the plots (the kernels' twin is
-kernels/common.py `_visible`).
+fused_attn/kernels/common.py `_visible`).
 
 Query row i sees key column j iff  lo(i) <= j <= hi(i)  with
 

@@ -63,8 +63,22 @@ def test_the_readme_is_a_front_page():
 def test_files_the_code_points_to_exist():
     """Comments and docstrings that send a reader to a page name one the repository has (they once pointed to a
     design page that was not in it)."""
-    sources = [p for d in ("fused_attn", "kernels", "bench", "tests") for p in (ROOT / d).rglob("*.py")]
+    sources = [p for d in ("fused_attn", "bench", "tests") for p in (ROOT / d).rglob("*.py")]
     sources += [ROOT / "setup.py", ROOT / "bench" / "gpu_session.sh"]
     for path in sources:
         for name in re.findall(r"[\w./-]*\w\.md\b", path.read_text()):
             assert (ROOT / name).exists() or (ROOT / "docs" / name).exists(), f"{path.relative_to(ROOT)}: {name}"
+
+
+def test_no_top_level_shadowing():
+    """No folder at the checkout's root takes the import name of an installed distribution other than ours: run
+    from the root (`python -m pytest tests`), Python finds the folder first. A top-level `kernels/` once shadowed
+    Hugging Face's `kernels`, which transformers imports, and broke every transformers test."""
+    import importlib.metadata
+
+    owners = importlib.metadata.packages_distributions()
+    folders = [p.name for p in ROOT.iterdir() if p.is_dir() and p.name.isidentifier()]
+    assert "fused_attn" in folders and "kernels" not in folders
+    clashes = {name: owners[name] for name in folders
+               if name in owners and {d.lower().replace("_", "-") for d in owners[name]} != {"fused-attn"}}
+    assert not clashes, f"top-level folders that shadow installed packages: {clashes}"

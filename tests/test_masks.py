@@ -1,4 +1,4 @@
-"""The mask: the tile ranges the kernels visit (kernels/common.py) against the mask itself (fused_attn/mask.py),
+"""The mask: the tile ranges the kernels visit (fused_attn/kernels/common.py) against the mask itself (fused_attn/mask.py),
 and the reference against PyTorch's own SDPA."""
 import math
 

@@ -25,7 +25,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_kn, stride_kd, stride_
                     h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
                     MASK_MOD: tl.constexpr, MASK_ARGS, k_descale, DESCALE: tl.constexpr, WARP_SPEC: tl.constexpr):
     """Key tiles [lo, hi); MASKED tiles apply the mask and the key-length bound, the others need neither. PAGED: K and V
-    are read through the block table PAGES (kernels/decode.py). K and V tiles of another dtype than q (an FP8 cache)
+    are read through the block table PAGES (fused_attn/kernels/decode.py). K and V tiles of another dtype than q (an FP8 cache)
     are converted to q's in registers; DESCALE multiplies the scores by k_descale (the caller multiplies the output
     by v's); with FP8 q, k, v the dots run in FP8, P rounded to FP8 for P.V (_p_for). SOFTCAP / ALIBI / SCORE_MOD
     modify the scores (_score; slope: a scalar or one per row, (BLOCK_M, 1)); DROPOUT zeroes the dropped

@@ -49,7 +49,7 @@ class ScoreMod:
 class Modifiers:
     """Score modifiers and dropout, each off by default. softcap > 0: scores capped to softcap * tanh(score /
     softcap); alibi_slopes: float32 (Hq,) or (B, Hq), bias -slope * |i + offset - j|; dropout_p > 0 with rng, the
-    call's int64 [seed, offset] on the device: probabilities dropped (kernels/common.py `_keep`), kept ones scaled
+    call's int64 [seed, offset] on the device: probabilities dropped (fused_attn/kernels/common.py `_keep`), kept ones scaled
     by 1 / (1 - p). bias: a float additive bias, expanded to (B, Hq, Sq, Sk) (stride 0 where broadcast), added to
     the scaled scores (common._add_bias, the kernels' one built-in score function); score_mod with score_args: a
     ScoreMod applied after softcap and ALiBi (not with a bias). sinks: float32 (Hq,), one logit per query head (in the
