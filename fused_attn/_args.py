@@ -231,13 +231,13 @@ def _check_num_splits(num_splits):
 
 def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
                          num_splits, *, causal=False, window_size=(-1, -1), scale=None):
-    """attention_varlen over a KV cache (inference only): packed q (total_q, Hq, D); k, v paged (num_pages,
+    """attention_varlen over a KV cache (forward only): packed q (total_q, Hq, D); k, v paged (num_pages,
     page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,) int32 -- or
     packed (total_k, Hkv, D) with cu_seqlens_k, seqused_k optional; either in q's dtype or FP8. The values
     (cu_seqlens_q, seqused_k within each sequence's capacity and max_seqlen_k, pages that exist) are read only on
     the CPU outside torch.compile.
-    Returns (Args of (1, H, total, D) views -- one page of k, v when paged --, Packed, page size or 0)."""
-    _check_inference("attention_varlen with seqused_k / block_table", q=q, k=k, v=v)
+    With block_table, FlashAttention-2's call passes the key counts as cu_seqlens_k instead of seqused_k.
+    Returns (Args of (1, H, total, D) views -- one page of k, v when paged --, Packed, page size or 0, seqused_k)."""
     _check_num_splits(num_splits)
     fp8 = isinstance(k, torch.Tensor) and k.dtype in FP8_DTYPES
     if block_table is None:
@@ -246,11 +246,12 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                                       kv_fp8=fp8)
         page = 0
     else:
-        if cu_seqlens_k is not None:
-            raise ValueError("with block_table the keys are paged: pass cu_seqlens_k=None and each sequence's key "
-                             "count in seqused_k")
-        if seqused_k is None:
-            raise ValueError("block_table needs seqused_k (B,) int32: each sequence's number of cached keys")
+        if cu_seqlens_k is not None and seqused_k is not None:
+            raise ValueError("with block_table the keys are paged: give each sequence's key count once, in seqused_k "
+                             "(FlashAttention-3 / vLLM) or as cu_seqlens_k's differences (FlashAttention-2), not both")
+        if cu_seqlens_k is None and seqused_k is None:
+            raise ValueError("block_table needs seqused_k (B,) int32 (or cu_seqlens_k (B + 1,) int32, "
+                             "FlashAttention-2's): each sequence's number of cached keys")
         if isinstance(q, torch.Tensor) and q.dim() != 3:
             raise ValueError(f"q must be 3-D (total_q, Hq, D) for packed sequences, got shape {tuple(q.shape)}")
         for name, t in (("k", k), ("v", v)):
@@ -265,6 +266,12 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         _check_page_size(page)
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
         _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, q.device)
+        if cu_seqlens_k is not None:  # FlashAttention-2's paged call: the key counts as running sums
+            _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+            if cu_seqlens_k.shape != cu_seqlens_q.shape:
+                raise ValueError(f"cu_seqlens_k must have the shape of cu_seqlens_q {tuple(cu_seqlens_q.shape)}, got "
+                                 f"{tuple(cu_seqlens_k.shape)}")
+            seqused_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
         packed = Packed(cu_seqlens_q, None, *(_check_length(n, m) for n, m in (("max_seqlen_q", max_seqlen_q),
                                                                               ("max_seqlen_k", max_seqlen_k))))
     batch = cu_seqlens_q.shape[0] - 1
@@ -287,7 +294,7 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             if bad:
                 raise ValueError(f"sequence {b}: block_table names page {bad[0]}, but the cache has pages "
                                  f"0..{k.shape[0] - 1}")
-    return a, packed, page
+    return a, packed, page, seqused_k
 
 
 def check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits, inference_only=True,
@@ -573,16 +580,28 @@ def check_kernel_inputs(a: Args, packed: Packed = None):
     check_device(a.q.device)
 
 
+def refuse_fp8(q):
+    """A TypeError for FP8 q where the call has no descales to give: FP8 values without them are not the numbers
+    they stand for (and the output would be FP8 too). attention / attention_varlen take them."""
+    if isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}: FP8 inputs need their descales, which this call takes no argument "
+                        f"for; use fused_attn.attention(q, k, v, q_descale=..., k_descale=..., v_descale=...) "
+                        f"(fused_attn.quantize_fp8 makes them), or float16 / bfloat16 / float32 inputs")
+
+
 def input_dtypes(q, dtypes=DTYPES) -> tuple:
     """The dtypes q, k, v may take: FP8's where q is FP8 (FP8 attention; check_fp8 checks what comes with them),
     else `dtypes`."""
     return FP8_DTYPES if isinstance(q, torch.Tensor) and q.dtype in FP8_DTYPES else dtypes
 
 
-def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd"):
-    """check_args plus check_kernel_inputs (FP8 q, k, v allowed: input_dtypes)."""
+def kernel_args(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout="bhsd", fp8=False):
+    """check_args plus check_kernel_inputs. fp8: FP8 q, k, v allowed (input_dtypes) -- for the calls that take
+    their descales (check_fp8); elsewhere they raise (refuse_fp8)."""
+    if not fp8:
+        refuse_fp8(q)
     a = check_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout,
-                   dtypes=input_dtypes(q))
+                   dtypes=input_dtypes(q) if fp8 else DTYPES)
     check_kernel_inputs(a)
     return a
 

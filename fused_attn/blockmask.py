@@ -1,6 +1,8 @@
 """Masks of any shape, FlexAttention's model: a mask function evaluated once into a BlockMask -- per (batch, head,
 query block) the key blocks it sees, split into partial blocks (their element mask stored) and full ones -- that the
 kernels walk instead of a contiguous range. The mask data are runtime values: a new mask never recompiles."""
+import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -39,7 +41,10 @@ def evaluate(mask_mod, batch: int, heads: int, rows, kv_len: int, device, mod_ar
     if not isinstance(out, torch.Tensor) or out.shape != (batch, heads, len(rows), kv_len):
         raise TypeError(f"mask_mod(b, h, q_idx, kv_idx) must return a bool tensor of the indices' shape, got "
                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    return out.bool()
+    if out.dtype != torch.bool:  # as PyTorch's: a float "mask" is a score_mod's job (or attn_mask's bias)
+        raise TypeError(f"mask_mod(b, h, q_idx, kv_idx) must return a bool tensor, got dtype {out.dtype} (compare "
+                        f"it, e.g. `!= 0`; an additive bias goes in score_mod or attn_mask)")
+    return out
 
 
 def _table(classes: torch.Tensor, slots: torch.Tensor):
@@ -91,6 +96,94 @@ class BlockMask:
     def ndim(self) -> int:
         """4, as the (batch, heads, Q_LEN, KV_LEN) masks it stands for (code that checks a mask's rank sees one)."""
         return 4
+
+    def _lists(self, full: bool):
+        """PyTorch's lists from ours: (num_blocks (B, H, nq), indices (B, H, nq, n_kv_blocks)) int32 of the partial
+        blocks (full=False: the entries before and after a row's full segment) or of the full ones."""
+        table, C = self.tables.kv, -(-self.seq_lengths[1] // self.BLOCK_SIZE[1])
+        lead, n_full, trail = table[..., 0:1], table[..., 1:2], table[..., 2:3]
+        pos = torch.arange(C, device=table.device)
+        in_full = (pos >= lead) & (pos < lead + n_full)
+        chosen = in_full if full else (pos < lead + n_full + trail) & ~in_full
+        order = torch.where(chosen, 0, 1).argsort(dim=-1, stable=True)  # chosen entries first, in their order
+        return chosen.sum(-1).to(torch.int32), table[..., 3:3 + C].gather(-1, order).to(torch.int32)
+
+    @property
+    def kv_num_blocks(self) -> torch.Tensor:
+        """(B, H, n_q_blocks) int32: per query block, how many partial key blocks it visits (PyTorch's field)."""
+        return self._lists(full=False)[0]
+
+    @property
+    def kv_indices(self) -> torch.Tensor:
+        """(B, H, n_q_blocks, n_kv_blocks) int32: the partial key blocks first (kv_num_blocks of them), ascending."""
+        return self._lists(full=False)[1]
+
+    @property
+    def full_kv_num_blocks(self) -> torch.Tensor:
+        """(B, H, n_q_blocks) int32: per query block, how many key blocks it sees wholly."""
+        return self._lists(full=True)[0]
+
+    @property
+    def full_kv_indices(self) -> torch.Tensor:
+        """(B, H, n_q_blocks, n_kv_blocks) int32: the full key blocks first (full_kv_num_blocks of them)."""
+        return self._lists(full=True)[1]
+
+    @classmethod
+    def from_kv_blocks(cls, kv_num_blocks, kv_indices, full_kv_num_blocks=None, full_kv_indices=None,
+                       BLOCK_SIZE=128, mask_mod=None, seq_lengths=None) -> "BlockMask":
+        """PyTorch's BlockMask.from_kv_blocks: the mask of given block lists -- per (batch, head, query block) the
+        partial key blocks (kv_num_blocks, kv_indices; mask_mod, default none, applies inside them) and the full
+        ones -- nothing outside them. seq_lengths default: the lists' blocks times BLOCK_SIZE."""
+        bq, bk = _block_size(BLOCK_SIZE)
+        for name, t, dims in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4),
+                              ("full_kv_num_blocks", full_kv_num_blocks, 3), ("full_kv_indices", full_kv_indices, 4)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != dims or t.is_floating_point()):
+                raise TypeError(f"{name} must be an integer tensor of {dims} dims, got {getattr(t, 'dtype', t)} "
+                                f"{tuple(getattr(t, 'shape', ()))}")
+        if mask_mod is not None and is_jit(mask_mod):
+            raise TypeError("from_kv_blocks takes a Python mask_mod (evaluated into the blocks' bits); a @triton.jit "
+                            "one goes to create_block_mask")
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("full_kv_num_blocks and full_kv_indices go together")
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[2] * bq, kv_indices.shape[3] * bk)
+        return _from_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, (bq, bk), mask_mod,
+                           tuple(seq_lengths))
+
+    def __getitem__(self, index) -> "BlockMask":
+        """The mask of some batch rows and heads: index = b or (b, h), each an int or a slice (an int keeps its
+        dimension, as PyTorch's does); a dimension the mask broadcasts over (size 1) stays broadcast. The rows keep
+        their own mask (their bits are shared, not copied)."""
+        if self.tables.mask_mod is not None:
+            raise NotImplementedError("indexing a BlockMask of a @triton.jit mask_mod: the kernels would evaluate it "
+                                      "at the new batch / head indices; build the mask for the rows you need")
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 2:
+            raise NotImplementedError("a BlockMask is indexed by batch and head (query blocks are not sliced)")
+        picks = []
+        for i, n in zip((*index, slice(None))[:2], self.tables.kv.shape[:2]):
+            if isinstance(i, bool) or not isinstance(i, (int, slice)):
+                raise TypeError(f"BlockMask indices are ints or slices, got {i!r}")
+            if n == 1:
+                picks.append(slice(None))
+            elif isinstance(i, int):
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} is out of range for size {n}")
+                picks.append(slice(i % n, i % n + 1))
+            else:
+                picks.append(i)
+        cut = (lambda t: t[tuple(picks)].contiguous())
+        t = self.tables
+        tables = dataclasses.replace(t, kv=cut(t.kv), kv_slots=cut(t.kv_slots), q=cut(t.q), q_slots=cut(t.q_slots))
+        return BlockMask(self.seq_lengths, self.BLOCK_SIZE, tables, self.mask_mod)
+
+    def to(self, device) -> "BlockMask":
+        """The mask on another device (its tables and bits copied; a @triton.jit mask_mod's tensor arguments too)."""
+        move = (lambda x: x.to(device) if isinstance(x, torch.Tensor) else x)
+        t = self.tables
+        tables = dataclasses.replace(t, kv=move(t.kv), kv_slots=move(t.kv_slots), q=move(t.q), q_slots=move(t.q_slots),
+                                     bits=move(t.bits), mask_args=tuple(map(move, t.mask_args)))
+        return BlockMask(self.seq_lengths, self.BLOCK_SIZE, tables, self.mask_mod)
 
     def to_dense(self) -> torch.Tensor:
         """(B, H, n_q_blocks, n_kv_blocks) int32: 1 where the kernels visit the block (partly or wholly)."""
@@ -174,13 +267,18 @@ def _block_mask(classes, slots, bits, seq_lengths, block_size, mask_mod, jit=Fal
     return BlockMask(seq_lengths, block_size, tables, mask_mod)
 
 
-def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None) -> BlockMask:
+def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None, compact=True) -> BlockMask:
     """The BlockMask of the element mask that rows_mask(rows) gives for query rows `rows` ((B, H, len(rows),
-    KV_LEN) bool), computed in chunks of query blocks."""
+    KV_LEN) bool), computed in chunks of query blocks. compact: only the partial blocks' bits are kept, which
+    counts them on the host (a device sync per chunk: for masks made once); else every block's bits are kept at its
+    own slot -- fixed-size tables, no value read on the host (masks given per call: attn_mask)."""
     bq, bk = block_size
     nq, nk = -(-Q_LEN // bq), -(-KV_LEN // bk)
     classes = torch.zeros(B, H, nq, nk, dtype=torch.int8, device=device)
-    slots = torch.zeros(B, H, nq, nk, dtype=torch.int32, device=device)
+    if compact:
+        slots = torch.zeros(B, H, nq, nk, dtype=torch.int32, device=device)
+    else:
+        slots = torch.arange(B * H * nq * nk, dtype=torch.int32, device=device).view(B, H, nq, nk)
     bits = []
     per_chunk = max(1, CHUNK // (B * H * nk * bk * bq))  # query blocks per chunk
     n_slots = 0
@@ -192,12 +290,18 @@ def _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod=None)
         m = m.view(B, H, q1 - q0, bq, nk, bk).transpose(3, 4)  # (B, H, q blocks, kv blocks, bq, bk)
         seen, whole = m.any((-1, -2)), m.all((-1, -2))
         cls = torch.where(whole, 2, torch.where(seen, 1, 0)).to(torch.int8)
+        classes[:, :, q0:q1] = cls
+        if not compact:
+            bits.append(m.to(torch.uint8))
+            continue
         partial = cls == 1
         n = int(partial.sum())
         slots[:, :, q0:q1][partial] = torch.arange(n_slots, n_slots + n, dtype=torch.int32, device=device)
-        classes[:, :, q0:q1] = cls
         bits.append(m[partial].to(torch.uint8))
         n_slots += n
+    if not compact:  # (B, H, nq, nk, bq, bk): slot = the block's index
+        return _block_mask(classes, slots, torch.cat(bits, 2).reshape(-1, bq, bk), (Q_LEN, KV_LEN), block_size,
+                           mask_mod)
     bits = torch.cat(bits + [torch.zeros(1 if n_slots == 0 else 0, bq, bk, dtype=torch.uint8, device=device)])
     return _block_mask(classes, slots, bits, (Q_LEN, KV_LEN), block_size, mask_mod)
 
@@ -215,12 +319,55 @@ def from_dense(mask: torch.Tensor, B: int, H: int, Q_LEN: int, KV_LEN: int, visi
     def rows_mask(rows):
         m = mask[:, :, rows]
         return m if visible is None else m & visible(rows)
-    return _classify(rows_mask, Bm, Hm, Q_LEN, KV_LEN, _block_size(BLOCK_SIZE), mask.device)
+    return _classify(rows_mask, Bm, Hm, Q_LEN, KV_LEN, _block_size(BLOCK_SIZE), mask.device, compact=False)
+
+
+def _listed(num_blocks, indices, n_cols: int) -> torch.Tensor:
+    """PyTorch's block lists (num_blocks (B, H, nq), indices (B, H, nq, n)) as (B, H, nq, n_cols) bool: the blocks
+    listed."""
+    valid = torch.arange(indices.shape[-1], device=indices.device) < num_blocks[..., None]
+    cols = torch.where(valid & (indices < n_cols), indices.long(), n_cols)  # the rest lands in a column dropped
+    out = torch.zeros(*indices.shape[:-1], n_cols + 1, dtype=torch.bool, device=indices.device)
+    return out.scatter_(-1, cols, True)[..., :n_cols]
+
+
+def _from_lists(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, block_size, mask_mod,
+                seq_lengths) -> BlockMask:
+    """The mask PyTorch's block lists stand for: the pairs of the blocks in kv_indices where mask_mod (None: every
+    pair) lets them take part, every pair of those in full_kv_indices, nothing else."""
+    bq, bk = block_size
+    Q_LEN, KV_LEN = seq_lengths
+    B, H = kv_num_blocks.shape[:2]
+    device = kv_num_blocks.device
+    nk = -(-KV_LEN // bk)
+    partial = _listed(kv_num_blocks, kv_indices, nk)
+    full = torch.zeros_like(partial) if full_kv_num_blocks is None else _listed(full_kv_num_blocks, full_kv_indices, nk)
+    col_blocks = torch.arange(KV_LEN, device=device) // bk
+
+    def rows_mask(rows):
+        blocks = (lambda t: t[:, :, rows // bq][..., col_blocks])  # (B, H, len(rows), KV_LEN)
+        inside = blocks(partial)
+        if mask_mod is not None:
+            inside = inside & evaluate(mask_mod, B, H, rows, KV_LEN, device)
+        return inside | blocks(full)
+    return _classify(rows_mask, B, H, Q_LEN, KV_LEN, block_size, device, mask_mod)
+
+
+def _from_torch(bm) -> BlockMask:
+    """A PyTorch BlockMask with its semantics (_from_lists), whether its lists came from create_block_mask or were
+    given (BlockMask.from_kv_blocks). Batch, heads and block size stay."""
+    return _from_lists(bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
+                       _block_size(tuple(bm.BLOCK_SIZE)), bm.mask_mod, tuple(bm.seq_lengths))
+
+
+# PyTorch BlockMasks converted, by the object: a mask made once and passed to every layer is converted once. The
+# entry lives as long as the PyTorch BlockMask does (weak keys: it is freed with it). BlockMasks are immutable.
+_converted = weakref.WeakKeyDictionary()
 
 
 def as_block_mask(block_mask) -> BlockMask:
-    """A fused_attn BlockMask as it is; one made by torch.nn.attention.flex_attention.create_block_mask converted
-    once (its mask_mod evaluated into ours, with its block size, batch and heads)."""
+    """A fused_attn BlockMask as it is; one made by PyTorch (torch.nn.attention.flex_attention's create_block_mask
+    or BlockMask.from_kv_blocks) converted on first use (_from_torch) and cached with the object."""
     if isinstance(block_mask, BlockMask):
         return block_mask
     try:
@@ -228,9 +375,10 @@ def as_block_mask(block_mask) -> BlockMask:
     except ImportError:
         TorchBlockMask = ()
     if isinstance(block_mask, TorchBlockMask):
-        B, H = block_mask.kv_num_blocks.shape[:2]
-        return create_block_mask(block_mask.mask_mod, B, H, *block_mask.seq_lengths,
-                                 device=block_mask.kv_num_blocks.device, BLOCK_SIZE=tuple(block_mask.BLOCK_SIZE))
+        converted = _converted.get(block_mask)
+        if converted is None:
+            converted = _converted[block_mask] = _from_torch(block_mask)
+        return converted
     raise TypeError(f"block_mask must be a fused_attn.BlockMask (create_block_mask) or PyTorch FlexAttention's, got "
                     f"{type(block_mask).__name__}")
 

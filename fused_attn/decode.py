@@ -92,7 +92,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         causal, window_size, scale: as in `attention`, bottom-right aligned per row: query i of row b sees key j
             iff  i + Sk_b - Sq - left <= j <= i + Sk_b - Sq + right,  Sk_b = cache_seqlens[b] + S_new  (so causal
             with Sq > 1 -- speculative decoding, chunked prefill -- is exact).
-        num_splits: key ranges per query tile; 0 picks from the batch, heads, cache length and SM count; 1: none.
+        num_splits: key ranges per query tile; 1: none; 0 picks from the batch, heads, cache length and SM count:
+            none where the batch's (query tile, kv head) programs already fill the GPU's SMs, else enough for about
+            two waves, each range at least 4 key tiles of the longest row, at most 32.
         return_lse: also return the log-sum-exp (B, Hq, Sq) float32.
         softcap, alibi_slopes: as in `attention` (ALiBi's distance |i + Sk_b - Sq - j| per row).
         sinks: as in `attention` (float32 (Hq,)): their terms join in the split-KV combine kernel.

@@ -7,8 +7,8 @@ import operator
 
 import torch
 
-from ._args import check_attn_mask, check_modifiers, kernel_args
-from .function import _attention, attention, attention_probs, masked
+from ._args import check_attn_mask, check_modifiers, kernel_args, refuse_fp8
+from .function import _attention, attention, attention_probs, dropout_mask, masked
 from .reference import row_slopes
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -41,6 +41,7 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_ca
     check_args, device, offsets, the attn_mask check."""
     if not all(isinstance(t, torch.Tensor) for t in (query, key, value)):
         return None, "query, key, value are not all tensors"
+    refuse_fp8(query)  # neither path computes FP8 without descales: raise, as fused_attn.attention does
     if attn_mask is not None and is_causal:
         return None, "attn_mask together with is_causal (torch's SDPA refuses the pair)"
     if not (query.dim() == key.dim() == value.dim() >= 3):
@@ -149,6 +150,37 @@ def _fa_window(causal, window_size):
     return (left, 0) if causal else (left, right)
 
 
+def _rng_state(device, state=None):
+    """The state of torch's default generator of `device`; with `state`, set it instead."""
+    get, put = ((torch.cuda.get_rng_state, torch.cuda.set_rng_state) if device.type == "cuda"
+                else (torch.get_rng_state, torch.set_rng_state))
+    args = (device,) if device.type == "cuda" else ()
+    return get(*args) if state is None else put(state, *args)
+
+
+def _with_keep_mask(call, dropout_p, device, shape):
+    """(call()'s result, the dropout keep-mask (B, Hq, Sq, Sk) its kernels drew, or None without dropout): the mask
+    is drawn again from the generator's state before the call (fused_attn.dropout_mask), which is then put back to
+    where the call left it."""
+    if not dropout_p:
+        return call(), None
+    before = _rng_state(device)
+    result = call()
+    after = _rng_state(device)
+    _rng_state(device, before)
+    try:
+        keep = dropout_mask(*shape, dropout_p, device=device)
+    finally:
+        _rng_state(device, after)
+    return result, keep
+
+
+def _signed(probs, keep):
+    """FlashAttention-2's S_dmask convention: the probabilities with the dropped entries negated (keep =
+    S_dmask >= 0 where a probability is nonzero, probabilities = S_dmask.abs())."""
+    return probs if keep is None else torch.where(keep, probs, -probs)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, s_aux=None, q_descale=None,
                     k_descale=None, v_descale=None):
@@ -156,21 +188,25 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     out (B, Sq, Hq, Dv); bottom-right aligned causal / window_size as in flash_attn. As there, causal=True sets
     the window's right side to 0. The backward is always deterministic (no atomics), so `deterministic` is
     honoured either way. return_attn_probs=True returns (out, softmax_lse (B, Hq, Sq), probs (B, Hq, Sq, Sk)),
-    the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes; before dropout --
-    fused_attn.dropout_mask gives the mask). dropout_p, softcap, alibi_slopes ((Hq,) or (B, Hq) float32): as in
+    the probabilities rebuilt exactly from the lse (materialized: for tests and small sizes), before dropout's
+    1 / (1 - p), and, with dropout_p > 0, negated where the call dropped them (FlashAttention-2's S_dmask: the
+    keep-mask is probs >= 0, the probabilities probs.abs()). dropout_p, softcap, alibi_slopes ((Hq,) or (B, Hq) float32): as in
     fused_attn.attention (dropout_p applies whenever > 0, as in flash_attn). s_aux: attention sinks, float32 (Hq,)
     (vLLM's name; fused_attn.attention's `sinks`). FP8 q, k, v with q_descale / k_descale / v_descale:
     FlashAttention-3's FP8 forward (fused_attn.attention's; output bfloat16)."""
     window_size = _fa_window(causal, window_size)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes)
-    out, lse = attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
-                         return_lse=True, dropout_p=dropout_p, sinks=s_aux, q_descale=q_descale, k_descale=k_descale,
-                         v_descale=v_descale, **mods)
+
+    def call():
+        return attention(q, k, v, causal=causal, window_size=window_size, scale=softmax_scale, layout="bshd",
+                         return_lse=True, dropout_p=dropout_p, sinks=s_aux, q_descale=q_descale,
+                         k_descale=k_descale, v_descale=v_descale, **mods)
     if not return_attn_probs:
-        return out
+        return call()[0]
+    (out, lse), keep = _with_keep_mask(call, dropout_p, q.device, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
-                            scale=softmax_scale, layout="bshd", **mods)
-    return out, lse, probs
+                            scale=softmax_scale, layout="bshd", sinks=s_aux, **mods)
+    return out, lse, _signed(probs, keep)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
@@ -184,7 +220,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
     causal / window_size bottom-right aligned within each sequence, causal=True setting the window's right side
     to 0; deterministic as in flash_attn_func. return_attn_probs=True returns (out, softmax_lse (Hq, total_q),
     probs (B, Hq, max_seqlen_q, max_seqlen_k)), each sequence's probabilities rebuilt exactly from the lse in the
-    top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes; before dropout).
+    top-left corner of its slice, zeros elsewhere (materialized: for tests and small sizes; dropped entries negated,
+    as in flash_attn_func).
     dropout_p, softcap, alibi_slopes, s_aux (sinks): as in fused_attn.attention_varlen.
 
     The call vLLM's FlashAttention backend makes, by keyword (FlashAttention-3's conventions): k, v paged caches
@@ -202,11 +239,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
         raise NotImplementedError("flash_attn_varlen_func does not implement return_attn_probs over a KV cache "
                                   "(block_table / seqused_k)")
     window_size = _fa_window(causal, window_size)
-    result, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                   window_size=window_size, scale=softmax_scale, return_lse=True,
-                                   dropout_p=dropout_p, softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux,
-                                   seqused_k=seqused_k, block_table=block_table, num_splits=num_splits,
-                                   k_descale=k_descale, v_descale=v_descale, q_descale=q_descale)
+
+    def call():
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                                window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
+                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux, seqused_k=seqused_k,
+                                block_table=block_table, num_splits=num_splits, k_descale=k_descale,
+                                v_descale=v_descale, q_descale=q_descale)
+    shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k) if return_attn_probs else None
+    (result, lse), keep = _with_keep_mask(call, dropout_p if return_attn_probs else 0.0, q.device, shape)
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
             raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "
@@ -221,8 +262,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
             probs[b, :, :q1 - q0, :k1 - k0] = attention_probs(
                 q[None, q0:q1].detach(), k[None, k0:k1].detach(), lse[None, :, q0:q1], causal=causal,
                 window_size=window_size, scale=softmax_scale, layout="bshd", softcap=softcap,
-                alibi_slopes=row_slopes(alibi_slopes, b))[0]
-    return result, lse, probs
+                alibi_slopes=row_slopes(alibi_slopes, b), sinks=s_aux)[0]
+    return result, lse, _signed(probs, keep)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,

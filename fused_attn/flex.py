@@ -37,7 +37,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
 
     Args:
         query (B, Hq, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv): float16 / bfloat16 / float32, any strides;
-            Hq != Hkv needs enable_gqa=True (query head h reads kv head h // (Hq / Hkv)).
+            Hq != Hkv needs enable_gqa=True (query head h reads kv head h // (Hq / Hkv)). key / value with batch 1
+            serve every query batch row (PyTorch's broadcast; their gradients sum over the rows).
         score_mod: None, a @triton.jit function `score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score` or a
             fused_attn.ScoreMod(score_mod, grad=dscore). The kernels call it on every block they visit, with the
             scaled scores (float32) of query rows q_idx, keys kv_idx of batch row b, query head h (broadcastable
@@ -45,18 +46,24 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
             d(new score) / d(score) elementwise: without it a call whose inputs require grad raises a ValueError.
             No gradient flows to mod_args (a learned bias: fused_attn.attention's attn_mask). A Python (torch)
             score function raises a TypeError: the kernels cannot call it.
-        block_mask: a fused_attn.BlockMask (create_block_mask) or one made by PyTorch's create_block_mask
-            (converted once: its mask_mod is evaluated into ours), for (1 or B, 1 or Hq, Sq, Sk); None: every key.
+        block_mask: a fused_attn.BlockMask (create_block_mask, BlockMask.from_kv_blocks) or PyTorch's (its block
+            lists, with its mask_mod inside the partial ones, converted into ours on first use and cached with the
+            object: a mask made once serves every layer), for (1 or B, 1 or Hq, Sq, Sk); None: every key.
             The kernels skip the blocks it leaves empty and run the full ones without mask arithmetic.
         scale: default 1 / sqrt(D).
         return_lse: also return the log-sum-exp (B, Hq, Sq), float32, natural log.
         mod_args: score_mod's extra arguments after kv_idx: tensors (on the inputs' device; pointers in the
             function), ints, floats. New values never recompile; a new score_mod compiles the kernels once.
 
+    Returns out (B, Hq, Sq, Dv) in the query's memory order (PyTorch's), and the lse with return_lse:
+    differentiable, as PyTorch's (a loss that uses it gets its gradient through q and k).
     Rows that see no key get out 0 and lse -inf (and no gradient). Calls with a @triton.jit function launch the
     kernels directly, not through the custom ops: torch.compile breaks its graph there."""
     if not isinstance(enable_gqa, bool) or not isinstance(return_lse, bool):
         raise TypeError(f"enable_gqa and return_lse must be bools, got {enable_gqa!r}, {return_lse!r}")
+    if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)) and \
+            key.shape[0] == value.shape[0] == 1 != query.shape[0]:  # one key / value batch for every query batch
+        key, value = (t.expand(query.shape[0], *t.shape[1:]) for t in (key, value))
     a = kernel_args(query, key, value, scale=scale)
     (B, Hq, Sq), (Hkv, Sk) = a.q.shape[:3], a.k.shape[1:3]
     if Hq != Hkv and not enable_gqa:

@@ -18,25 +18,30 @@ from .reference import row_scores
 class FusedAttentionFunction(torch.autograd.Function):
     """(q, k, v, bias, sinks, call): (B, H, S, D)-indexed views of any strides, the call's float bias (call.mods.bias,
     an expanded (B, Hq, Sq, Sk) view, or None), its sinks (call.mods.sinks or None) and an ops.Call -> out (B, Hq,
-    Sq, Dv) laid out as call.layout and lse (B, Hq, Sq) float32. Saves q, k, v, out, the softmax stats and dropout's
-    [seed, offset] (not its mask: the backward draws the same mask again); forward and backward run the Triton
-    kernels through the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's
-    gradient is the dS the dQ kernel writes once per element; autograd's expand backward sums it over the dimensions
-    the bias broadcasts over. The sinks' gradient is summed from per-row terms (ops)."""
+    Sq, Dv) laid out as call.layout and lse (B, Hq, Sq) float32, both differentiable. Saves q, k, v, out, the
+    softmax stats, dropout's [seed, offset] (not its mask: the backward draws the same mask again) and every other
+    tensor the backward reads (the call's bias, sinks, slopes, tables, cu_seqlens), so that autograd's version check
+    raises when one is modified in place before the backward; forward and backward run the Triton kernels through
+    the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's gradient is the dS the
+    dQ kernel writes once per element; autograd's expand backward sums it over the dimensions the bias broadcasts
+    over. The sinks' gradient is summed from per-row terms (ops). A gradient of the lse joins the backward's delta
+    (kernels.backward): no extra pass."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, sinks, call: Call):
         out, lse, stats, rng = ops.attention_forward(q, k, v, call)
-        ctx.save_for_backward(q, k, v, out, stats, rng)
+        ctx.save_for_backward(q, k, v, out, stats, rng, *call.tensors())
         ctx.call = call
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused lse brings no gradient (and no extra kernel work)
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, stats, rng = ctx.saved_tensors
+    def backward(ctx, dout, dlse):
+        q, k, v, out, stats, rng = ctx.saved_tensors[:6]  # reading them runs the version check of every one
+        if dout is None:
+            dout = torch.zeros_like(out)
         bias_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, dbias, dsinks = ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call, bias_grad)
+        dq, dk, dv, dbias, dsinks = ops.attention_backward(dout, q, k, v, out, stats, rng, ctx.call, bias_grad, dlse)
         return (dq, dk, dv, dbias.to(ctx.call.mods.bias.dtype) if bias_grad else None,
                 dsinks if ctx.needs_input_grad[4] else None, None)
 
@@ -53,7 +58,9 @@ def _attention(a: Args, mods: Modifiers = Modifiers(), packed: Packed = None, bl
     if mods.q_descale is not None:  # FP8 inputs: forward only (check_fp8 refused gradients)
         out, lse, _, _ = ops.attention_forward(a.q, a.k, fp8_values(a.v), call)
         return out, lse
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.q, a.k, a.v))
+    # Whether autograd needs the backward: any input that takes a gradient, not the shape, decides the path.
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (a.q, a.k, a.v, mods.bias, mods.sinks))
     bottom_right = a.offset == a.k.shape[2] - Sq or a.left < 0 and a.right < 0  # the split kernels' alignment
     if (packed is None and blocks is None and not grad and not mods.dropout_p and mods.bias is None
             and mods.score_mod is None and bottom_right and kernels.wants_split(B, Hq, Sq, a.k.shape[2], a.q.device)):
@@ -99,7 +106,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
         scale: softmax scale, default 1 / sqrt(D).
         layout: "bhsd" or "bshd" (out follows it; lse is (B, Hq, Sq) in both).
         return_lse: also return the log-sum-exp of the scores (after softcap and ALiBi, before dropout), float32,
-           natural log.
+           natural log; differentiable (a loss that uses it, e.g. merging partial results by their lse or a z-loss,
+           gets its gradient).
         softcap: > 0 caps the scaled scores smoothly (Gemma 2): score = softcap * tanh(scale * q.k / softcap);
            0 = off.
         alibi_slopes: float32 (Hq,) or (B, Hq), or None: ALiBi adds -slope * |i + Sk - Sq - j| to the score of
@@ -117,7 +125,8 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
              where the pair takes no part. If it requires grad it gets its gradient, deterministic, shaped like
              it (summed over the dimensions it broadcasts over); computing it takes a float32 (B, Hq, Sq, Sk)
              buffer in the backward.
-           It is classified into blocks once per call (fused_attn.create_block_mask's lists): blocks it leaves
+           It is classified into blocks on the device once per call, into fixed-size tables (no value read on the
+           host, so the call can be captured in a CUDA graph; fused_attn.create_block_mask's lists): blocks it leaves
            empty (all False / -inf) are skipped, full ones run without mask arithmetic. Rows that see nothing:
            out 0, lse -inf.
         sinks: None, or float32 (Hq,) on the tensors' device: attention sinks (gpt-oss; StreamingLLM's sink as a
@@ -137,12 +146,13 @@ def attention(q, k, v, *, causal=False, window_size=(-1, -1), scale=None, layout
            that require grad raise a ValueError.
 
     Returns:
-        out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, or (out, lse).
+        out (B, Hq, Sq, Dv) / (B, Sq, Hq, Dv) in the inputs' dtype, in q's memory order (as PyTorch's attention
+        keeps the query's stride order), or (out, lse).
 
     Decode steps (at most 16 query rows, fewer batch x heads than SMs, enough keys, no gradient to compute) run the
     split-KV kernels of `attention_with_kvcache` instead of the one-program-per-query-tile grid.
     """
-    a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout)
+    a = kernel_args(q, k, v, causal=causal, window_size=window_size, scale=scale, layout=layout, fp8=True)
     mods = check_modifiers(a.q.shape[0], a.q.shape[1], a.q.device, softcap=softcap, alibi_slopes=alibi_slopes,
                            dropout_p=dropout_p, sinks=sinks)
     mods, out_dtype = check_fp8(a, mods, a.q.shape[0], dict(q_descale=q_descale, k_descale=k_descale,

@@ -34,6 +34,16 @@ class Call:
     blocks: Optional[BlockTables] = None
     out_dtype: Optional[torch.dtype] = None  # FP8 inputs: the output's dtype (else the inputs')
 
+    def tensors(self) -> tuple:
+        """Every tensor the call holds (modifiers, score / mask function arguments, packed offsets, block tables):
+        what a backward reads besides q, k, v, out."""
+        found = []
+        for bundle in (self.mods, self.packed, self.blocks):
+            for f in dataclasses.fields(bundle) if bundle is not None else ():
+                x = getattr(bundle, f.name)
+                found += [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, Tensor)]
+        return tuple(found)
+
     @classmethod
     def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None,
            blocks: Optional[BlockTables] = None, out_dtype: Optional[torch.dtype] = None) -> "Call":
@@ -78,13 +88,15 @@ def attention_forward(q, k, v, c: Call):
     return forward(q, k, v, layout=c.layout, **_flat(c))
 
 
-def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool = False):
+def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool = False, dlse=None):
     """(dq, dk, dv, dbias, dsinks) of `backward`: rng is the forward's [seed, offset]; dbias (B, Hq, Sq, Sk) float32,
     the gradient of the bias before any broadcast sum, where bias_grad asks for it, else an empty tensor; dsinks
-    (Hq,) float32 with sinks, else empty."""
+    (Hq,) float32 with sinks, else empty; dlse: the gradient of the lse (B, Hq, Sq), or None where it has none."""
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
     if _opaque(c):
-        return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
-    return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, **_flat(c))
+        return _backward(dout, q, k, v, out, stats, rng, c, bias_grad, dlse)
+    return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, dlse=dlse, **_flat(c))
 
 
 def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
@@ -110,15 +122,17 @@ def draw_rng(device) -> Tensor:
 
 
 def _out_lse(q, v, layout, packed: bool = False, dtype=None):
-    """out (in q's dtype, or `dtype`) in `layout`'s memory order (like the inputs) and the float32 lse; packed:
-    out 0, lse -inf on rows no kernel writes."""
+    """out (in q's dtype, or `dtype`) and the float32 lse. out is laid out as `layout` for packed sequences, where
+    it starts as 0 (lse -inf) on rows no kernel writes; otherwise in q's memory order (its batch, head and sequence
+    dims ordered by q's strides, as PyTorch's attention keeps the query's stride order; head dim innermost)."""
     B, Hq, Sq, _ = q.shape
-    Dv = v.shape[-1]
-    new = q.new_zeros if packed else q.new_empty
-    if layout == "bshd":
-        out = new(B, Sq, Hq, Dv, dtype=dtype).transpose(1, 2)
+    shape = (B, Hq, Sq, v.shape[-1])
+    if packed:
+        order = (0, 2, 1, 3) if layout == "bshd" else (0, 1, 2, 3)
+        out = q.new_zeros([shape[d] for d in order], dtype=dtype).permute(*order)
     else:
-        out = new(B, Hq, Sq, Dv, dtype=dtype)
+        order = (*sorted(range(3), key=lambda d: -q.stride(d)), 3)  # stable: ties keep (B, H, S)
+        out = torch.empty_permuted(shape, order, dtype=dtype or q.dtype, device=q.device)
     lse = q.new_empty(B, Hq, Sq, dtype=torch.float32)
     if packed:
         lse.fill_(float("-inf"))
@@ -172,7 +186,7 @@ def _grad_buffers(q, k, v, packed: bool, dbias_shape, sinks: bool):
             q.new_zeros(q.shape[1] if sinks else 0, dtype=torch.float32))
 
 
-def _backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool):
+def _backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool, dlse=None):
     sinks = c.mods.sinks is not None
     dq, dk, dv, dbias, dsinks = _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad), sinks)
     delta = torch.empty(stats.shape[:-1], device=q.device, dtype=torch.float32)
@@ -180,7 +194,7 @@ def _backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool):
     kernels.attention_backward(dout, q, k, v, out, stats, dq, dk, dv, delta, scale=c.scale, offset=c.offset,
                                left=c.left, right=c.right, packed=c.packed,
                                mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks,
-                               dbias=dbias if bias_grad else None, dsink=dsink_rows)
+                               dbias=dbias if bias_grad else None, dsink=dsink_rows, dlse=dlse)
     if sinks:  # each row's term, summed per head in a fixed order (no atomics)
         dsinks = dsink_rows.sum((0, 2))
     return dq, dk, dv, dbias, dsinks
@@ -200,21 +214,21 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: 
              rng: Optional[Tensor] = None, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
              mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
              mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
-             bias: Optional[Tensor] = None, bias_grad: bool = False,
-             sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             bias: Optional[Tensor] = None, bias_grad: bool = False, sinks: Optional[Tensor] = None,
+             dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv (kernels.attention_backward), dbias and dsinks (attention_backward); rng: the forward's [seed,
-    offset]."""
+    offset]; dlse: the lse's gradient (float32, contiguous) or None."""
     c = _unflat(scale, offset, left, right, "bhsd", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
                 alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
                 mask_block_k, bias, sinks)
-    return _backward(dout, q, k, v, out, stats, rng, c, bias_grad)
+    return _backward(dout, q, k, v, out, stats, rng, c, bias_grad, dlse)
 
 
 @backward.register_fake
 def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
       max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None, mask_kv=None, mask_kv_slots=None,
       mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, bias_grad=False,
-      sinks=None):
+      sinks=None, dlse=None):
     return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad), sinks is not None)
 
 

@@ -50,20 +50,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
            rows cu_seqlens_k[b] : cu_seqlens_k[b] + seqused_k[b], or of its pages; the mask aligns to that length.
         block_table: int32 (B, max_pages): k and v are paged KV caches (num_pages, page_size, Hkv, D / Dv), page
            size a multiple of 16, sequence b's keys in pages block_table[b, 0], block_table[b, 1], ... (key j at
-           slot j % page_size of page block_table[b, j // page_size]); then cu_seqlens_k is None and seqused_k
-           gives each sequence's key count (vLLM's call, with max_seqlen_k >= every seqused_k):
+           slot j % page_size of page block_table[b, j // page_size]); then seqused_k gives each sequence's key
+           count and cu_seqlens_k is None (vLLM's call, with max_seqlen_k >= every seqused_k) -- or, FlashAttention-2's
+           paged call, cu_seqlens_k gives the key counts as running sums and seqused_k is None:
 
                attention_varlen(q, k_pages, v_pages, cu_seqlens_q, None, max_seqlen_q, max_seqlen_k,
                                 seqused_k=seqused_k, block_table=block_table, causal=True)
 
            A batch may mix prefill chunks, speculative drafts and single-token decodes (each sequence's mask
            bottom-right aligned to its own (Sq_b, Sk_b)): with seqused_k or block_table the call runs the split-KV
-           kernels of `attention_with_kvcache` (inference only: no gradient; no dropout), which balance the
-           work themselves -- sequences with more queries than one tile take the tiled grid, the others have their
-           keys split over up to 32 programs merged by their log-sum-exps (deterministic; a sequence gives bitwise
-           the same result alone and in any batch).
+           kernels of `attention_with_kvcache` (forward only: a backward that reaches them raises; no dropout),
+           which balance the work themselves -- sequences with more queries than one tile take the tiled grid, the
+           others have their keys split over up to 32 programs merged by their log-sum-exps (deterministic).
         num_splits: with seqused_k / block_table, the most key ranges a short sequence is split into (1: none;
-           0: chosen from the keys, ranges of at least 4 key tiles); 0 otherwise.
+           0: chosen as attention_with_kvcache's are, from the batch, heads, keys and SM count); 0 otherwise.
         k_descale, v_descale: with seqused_k / block_table, k and v may be FP8 caches (torch.float8_e4m3fn /
            float8_e5m2, as `write_kv_cache` fills them) for a float16 / bfloat16 / float32 q: float32 (B, Hkv)
            (or one value), sequence b's kv head h reading keys k * k_descale[b, h] and values v * v_descale[b, h]
@@ -112,8 +112,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
              mask: dict, modifiers: dict, descales):
     """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, inference only."""
-    a, packed, page = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           seqused_k, block_table, num_splits, **mask)
+    a, packed, page, seqused_k = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                      max_seqlen_k, seqused_k, block_table, num_splits, **mask)
     check_kernel_inputs(a, Packed(cu_seqlens_q, cu_seqlens_k, packed.max_seqlen_q,
                                   page if page else packed.max_seqlen_k))
     batch = cu_seqlens_q.shape[0] - 1
@@ -128,7 +128,26 @@ def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
     with torch.no_grad():
         out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods, packed), seqlens_k=seqused_k,
                                         block_table=block_table, page_size=page, num_splits=num_splits)
-    return out.transpose(1, 2)[0], lse[0]
+    out, lse = out.transpose(1, 2)[0], lse[0]
+    inputs = [t for t in (q, k, v, mods.sinks, mods.alibi_slopes) if t is not None and t.requires_grad]
+    if inputs and torch.is_grad_enabled():  # FlashAttention-2 runs the forward; only a backward is refused
+        out, lse = _ForwardOnly.apply(out, lse, *inputs)
+    return out, lse
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """(out, lse, *inputs) -> out, lse, joined to the inputs' graph, whose backward raises: the split-KV kernels
+    over a KV cache have no backward, and a forward on inputs that require grad is still a valid call."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out.view_as(out), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("attention_varlen over a KV cache (block_table / seqused_k: a paged or used-prefix cache, "
+                           "the split-KV kernels) has no backward; compute gradients with packed k, v and "
+                           "cu_seqlens_k (no seqused_k / block_table), or run the forward under torch.no_grad()")
 
 
 def cu_seqlens(lengths, device=None) -> torch.Tensor:

@@ -62,6 +62,20 @@ def test_split_counts_and_bitwise_alone_or_in_a_batch(num_splits):
         assert torch.equal(alone, out[q0:q1]) and torch.equal(alone_lse, lse[:, q0:q1])
 
 
+def test_flash_attn_2s_paged_call_and_inputs_that_require_grad():
+    """FlashAttention-2's paged varlen call gives the key counts as cu_seqlens_k (not seqused_k) and runs the forward
+    on inputs that require grad: the same bits as vLLM's call; only a backward that reaches the cache raises."""
+    q, kc, vc, cu, used, table = make_serving_inputs(*SMALL, 4, 2, 16, F32, DEVICE, 16, seed=3)
+    want = fused_attn.flash_attn_varlen_func(q, kc, vc, cu, None, 20, 150, seqused_k=used, block_table=table,
+                                             causal=True)
+    cu_k = torch.nn.functional.pad(used.cumsum(0), (1, 0)).to(torch.int32)
+    qg = q.clone().requires_grad_()
+    got = fused_attn.flash_attn_varlen_func(qg, kc, vc, cu, cu_k, 20, 150, block_table=table, causal=True)
+    assert torch.equal(got, want) and got.requires_grad
+    with pytest.raises(RuntimeError, match="over a KV cache .* has no backward"):
+        got.sum().backward()
+
+
 def test_seqused_k_with_packed_keys():
     """Contiguous packed keys with seqused_k: sequence b uses rows cu_seqlens_k[b] : + seqused_k[b] (FA3)."""
     g = torch.Generator().manual_seed(2)
@@ -151,11 +165,9 @@ def test_errors():
     q, kc, vc, cu, used, table = make_serving_inputs([2, 1], [20, 5], 4, 2, 16, F32, DEVICE, 16)
     base = dict(seqused_k=used, block_table=table)
     run = (lambda *a, **kw: fused_attn.attention_varlen(*(a or (q, kc, vc, cu, None, 2, 20)), **{**base, **kw}))
-    with pytest.raises(ValueError, match="inference only: q requires grad"):
-        run(q.clone().requires_grad_(), kc, vc, cu, None, 2, 20)
     with pytest.raises(ValueError, match="dropout_p"):
         run(dropout_p=0.1)
-    with pytest.raises(ValueError, match="cu_seqlens_k=None"):
+    with pytest.raises(ValueError, match="not both"):
         run(q, kc, vc, cu, cu, 2, 20)
     with pytest.raises(ValueError, match="needs seqused_k"):
         run(seqused_k=None)

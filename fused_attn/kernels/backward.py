@@ -21,16 +21,18 @@ from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, functio
                      modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
 
-@features("HAS_SINKS")
+@features("HAS_SINKS", "HAS_DLSE")
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK,
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK, DLSE,
                                 stride_ob, stride_oh, stride_os, stride_od,
                                 stride_dob, stride_doh, stride_dos, stride_dod,
                                 head_start, n_heads, seqlen_q, qk_scale,
                                 HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                HAS_SINKS: tl.constexpr):
+                                HAS_SINKS: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O); with sinks, also each row's term of its head's sink gradient, -P_sink * delta
-    (P_sink = exp(sink - lse), from the forward's stats; at most 1, also on rows no packed sequence covers)."""
+    (P_sink = exp(sink - lse), from the forward's stats; at most 1, also on rows no packed sequence covers).
+    With a gradient dLSE of the lse (rows as delta's), delta - dLSE: d lse / d s_ij = P_ij, so
+    dS = P * (dP - delta) + dLSE * P = P * (dP - (delta - dLSE)), for the scores and the sinks alike."""
     bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
@@ -42,6 +44,8 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK,
                     HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + rows, delta, mask=offs_m < seqlen_q)
     if HAS_SINKS:
         m = tl.load(STATS + 2 * rows, mask=offs_m < seqlen_q, other=0.0)
@@ -432,11 +436,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, 
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                      right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None, dsink=None):
+                      right: int, cfgs, packed=None, mods=None, blocks=None, dbias=None, dsink=None, dlse=None):
     """The backward's kernel launches (preprocess, dK/dV, dQ) as (kernel, grid, args, kwargs), for
     attention_backward and the compile-time gate. cfgs = (dK/dV config, dQ config); dbias: (B, Hq, Sq, Sk) float32
     (rows contiguous) that the dQ kernel fills with dS where the bias (mods.bias) needs a gradient; dsink: (B, Hq, Sq)
-    float32 contiguous, each row's term of the sinks' gradient (with mods.sinks)."""
+    float32 contiguous, each row's term of the sinks' gradient (with mods.sinks); dlse: (B, Hq, Sq) float32
+    contiguous, the gradient of the lse, or None."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
     fn_args, fns = function_args(mods, blocks)
@@ -446,7 +451,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
     sinks = None if mods is None or dsink is None else mods.sinks  # the sinks' gradient terms, where asked for
     launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(q.shape[2], c_q.block_m), count),
-                    (out, do, delta, stats, sinks, dsink, *out.stride(), *do.stride(), start, Hq, q.shape[2],
+                    (out, do, delta, stats, sinks, dsink, dlse, *out.stride(), *do.stride(), start, Hq, q.shape[2],
                      scale * LOG2E),
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
                    for start, count in head_chunks(q.shape[0] * Hq)]
@@ -480,18 +485,19 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
 
 
 def attention_backward(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
-                       right: int, config=None, packed=None, mods=None, blocks=None, dbias=None, dsink=None):
+                       right: int, config=None, packed=None, mods=None, blocks=None, dbias=None, dsink=None,
+                       dlse=None):
     """Launch the three backward kernels on (B, H, S, D)-indexed views (any strides), with the forward's stats;
     writes dq, dk, dv and the float32 scratch delta (B, Hq, Sq, contiguous). Packed sequences as in
     attention_forward: rows no sequence covers get no gradient written. `config` overrides configs.py: one
     KernelConfig for both the dK/dV and the dQ kernel, or a pair (dK/dV, dQ). `mods`: the forward's Modifiers (the
     same rng: the backward regenerates the forward's dropout mask). `blocks`: the forward's block mask. `dbias`:
     where given, filled with the gradient of the scores after the modifiers; `dsink`, with sinks, each row's term
-    of their gradient (see backward_launches)."""
+    of their gradient; `dlse`, the gradient of the lse where it has one (see backward_launches)."""
     if config is None:
         config = backward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None,
                                  mods is not None and mods.dropout)
     cfgs = (config, config) if isinstance(config, KernelConfig) else tuple(config)
     run(backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale, offset, left, right, cfgs, packed,
-                          mods, blocks, dbias, dsink), "bwd")
+                          mods, blocks, dbias, dsink, dlse), "bwd")
     return dq, dk, dv

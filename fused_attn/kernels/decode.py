@@ -20,7 +20,7 @@ import triton.language as tl
 from .common import _block_range, _join_sink, _sink, _slope
 from .configs import capability, head_block, interpreter_active, smem_limit
 from .forward import _attn_fwd_inner
-from .launch import LOG2E, features, fp32_dot, modifier_args, run
+from .launch import LOG2E, features, fp32_dot, modifier_args, run, sm_count
 
 
 @triton.jit
@@ -259,20 +259,23 @@ def serving_tiles(group: int, seqlen_q=None):
     return pack, block_q, max(16, triton.next_power_of_2(block_q * pack))
 
 
-def split_plan(num_splits: int, max_seqlen_k: int, block_n: int):
-    """(max_splits, min_tiles): num_splits ranges of any size where given (FlashAttention's num_splits; 1: none),
-    else (0) as many ranges of at least MIN_TILES key tiles as the keys allow, up to MAX_SPLITS."""
+def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int):
+    """(max_splits, min_tiles): num_splits ranges of any size where given (FlashAttention's num_splits; 1: none);
+    else (0) none where the `programs` of an unsplit launch already fill the `sms`, otherwise enough ranges for
+    about two waves of programs, each of at least MIN_TILES key tiles of the longest sequence, up to MAX_SPLITS."""
     if num_splits > 0:
         return num_splits, 1
-    return max(1, min(MAX_SPLITS, triton.cdiv(max_seqlen_k, block_n) // MIN_TILES)), MIN_TILES
+    if programs >= sms:
+        return 1, MIN_TILES
+    return max(1, min(MAX_SPLITS, triton.cdiv(max_seqlen_k, block_n) // MIN_TILES, triton.cdiv(2 * sms, programs))), \
+        MIN_TILES
 
 
 def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) -> bool:
     """Whether the dense forward should take the split-KV path: few query rows (decode steps, Sq <= 16), so its grid
     of (batch * heads) programs would leave SMs idle, and keys for several tiles to split."""
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return seqlen_q <= 16 and batch * heads_q < sms and seqlen_k >= 4 * block_n
+    return seqlen_q <= 16 and batch * heads_q < sm_count(device) and seqlen_k >= 4 * block_n
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
@@ -309,7 +312,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         block_n //= 2
     tiles = triton.cdiv(seqlen_q, block_q)
     n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
-    splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n)
+    splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n, n_main * (Hq // pack), sm_count(dev))
     part_rows = min(block_q, seqlen_q)
     combine = splits > 1
     o_part = torch.empty(splits, n_seqs * part_rows, Hq, Dv, device=dev, dtype=f32) if combine else None

@@ -128,6 +128,7 @@ FEATURES = {
     "LISTED": lambda args: args["MASK_TABLE"] is not None,
     "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
     "HAS_SINKS": lambda args: args["SINKS"] is not None,
+    "HAS_DLSE": lambda args: args["DLSE"] is not None,
     "FP8_KV": lambda args: args["K_DESCALE"] is not None,
     "FP8": lambda args: args["Q_DESCALE"] is not None,
 }
@@ -233,6 +234,14 @@ def tile_grid(kwargs, n_tiles: int, head_count: int, device):
     else:
         programs = DEFAULT_PROGRAMS
     return (max(1, min(programs, n_tiles * head_count)), 1)
+
+
+def sm_count(device) -> int:
+    """The streaming multiprocessors a launch on `device` can fill (a CUDA GPU's; 8 elsewhere, so that the CPU's
+    interpreter runs make the same choices a small GPU would)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
 
 
 def reverse_tiles(left: int, right: int) -> bool:
