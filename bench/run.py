@@ -9,7 +9,7 @@ import torch
 
 import fused_attn
 
-from . import common, decode, flex, plot, serving, sweep, varlen
+from . import common, decode, flex, host, plot, serving, sweep, varlen
 from .common import DTYPES
 from .providers import PROVIDERS, scoped
 
@@ -50,6 +50,11 @@ def parse_args(argv):
                         "64 decodes, over a paged cache (4k..32k keys per sequence, pages 16 / 256, bf16 / FP8); "
                         "reports GB/s of K/V read and the bandwidth fraction; takes --seqlens (cache lengths), "
                         "--head-dims, --dtype")
+    p.add_argument("--host", action="store_true",
+                   help="host time per call of every entry point instead (bench/host.py), as ratios to a tiny torch "
+                        "SDPA call timed in the same run; on the CPU with the kernels' launches stubbed (set "
+                        "TRITON_INTERPRET=1); takes --calls")
+    p.add_argument("--calls", type=int, default=300, help="--host: timed calls per entry (default 300)")
     p.add_argument("--modifiers", nargs="*", choices=sweep.MODIFIERS,
                    help="extra rows with softcap / ALiBi / dropout 0.1 (causal, D=128, S 4096 and 16384, where the "
                         "sweep has them; default all three); give none of them to leave them out")
@@ -62,8 +67,13 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="list the sweep and exit")
     p.add_argument("--plot-only", metavar="RESULTS_JSON", help="redraw the plots from a results file")
     args = p.parse_args(argv)
-    if args.varlen + args.decode + args.flex + args.serving > 1:
-        p.error("--varlen, --decode, --flex and --serving are separate benchmarks: pick one")
+    if args.varlen + args.decode + args.flex + args.serving + args.host > 1:
+        p.error("--varlen, --decode, --flex, --serving and --host are separate benchmarks: pick one")
+    if args.host:
+        refused = [o for o in SWEEP_OPTIONS + ("providers",) if getattr(args, o) is not None]
+        if refused:
+            p.error("--host does not take " + ", ".join("--" + o.replace("_", "-") for o in refused))
+        return args
     kind = next((k for k in ("varlen", "decode", "flex", "serving") if getattr(args, k)), None)
     if kind:
         refused = [o for o in SWEEP_OPTIONS if getattr(args, o) is not None and o not in TAKES[kind]]
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
         for path in plot.plot_all(data["rows"], out / "plots"):
             print("wrote", path)
         return 0
+    if args.host:
+        return host_main(args, out / "host")
     bench, title = sys.modules[__name__], "sweep"
     if args.varlen:
         bench, title, out = varlen, "varlen", out / "varlen"
@@ -168,6 +180,21 @@ def main(argv=None) -> int:
         return 0
     for path in plot.plot_all(rows, out / "plots"):
         print("wrote", path)
+    return 0
+
+
+def host_main(args, out: Path) -> int:
+    """--host: the table on stdout, the rows in out/results.json with the environment."""
+    if not torch.cuda.is_available() and not fused_attn.kernels.interpreter_active():
+        print("python -m bench --host without a GPU times the CPU path with the launches stubbed: set "
+              "TRITON_INTERPRET=1 (CPU tensors run only under the Triton interpreter)")
+        return 2
+    rows = host.measure(calls=args.calls)
+    print(host.table(rows))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.json", "w") as f:
+        json.dump({"environment": common.environment(), "rows": rows}, f, indent=1)
+    print("wrote", out / "results.json")
     return 0
 
 

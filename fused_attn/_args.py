@@ -1,6 +1,7 @@
 """Argument checking shared by the public functions and the reference: every invalid input gets a ValueError /
 TypeError that names the bad value. The checks return bundles -- Args (q, k, v and the mask), Modifiers, Packed --
 that the call path hands down to the ops as they are."""
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -30,6 +31,27 @@ class Args:
     right: int
     offset: int
     layout: str
+
+
+_value_checks = True  # off only inside without_value_checks()
+
+
+def reads_values(t: torch.Tensor) -> bool:
+    """Whether a check may read t's values on the host: only on the CPU (on a GPU that would synchronize it; there,
+    as in FlashAttention, lengths and tables are trusted), outside torch.compile and without_value_checks()."""
+    return _value_checks and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def without_value_checks():
+    """Inside the block, CPU tensors skip the value checks as GPU tensors do (no value read on the host): for
+    measuring the host path a GPU takes, and for counting host syncs on the CPU."""
+    global _value_checks
+    before, _value_checks = _value_checks, False
+    try:
+        yield
+    finally:
+        _value_checks = before
 
 
 def _check_window(window_size):
@@ -188,7 +210,7 @@ def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    if values or (values is None and cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if values or (values is None and reads_values(cu_seqlens_q)):
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], lengths[0], "q")
         check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], lengths[1], "k")
     return a, Packed(cu_seqlens_q, cu_seqlens_k, *lengths)
@@ -277,7 +299,7 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     batch = cu_seqlens_q.shape[0] - 1
     if seqused_k is not None:
         _check_int32_rows("seqused_k", seqused_k, batch, q.device)
-    if cu_seqlens_q.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_values(cu_seqlens_q):
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], packed.max_seqlen_q, "q")
         if block_table is None:
             lengths = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None, "k")
@@ -458,7 +480,7 @@ def check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if slot_mapping.dtype not in (torch.int64, torch.int32) or tuple(slot_mapping.shape) != (key.shape[0],):
         raise ValueError(f"slot_mapping must be int64 (or int32) of shape ({key.shape[0]},), got "
                          f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    if slot_mapping.device.type == "cpu" and not torch.compiler.is_compiling() and slot_mapping.numel():
+    if reads_values(slot_mapping) and slot_mapping.numel():
         n = k_cache.shape[0] * k_cache.shape[1]
         lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
         if lo < -1 or hi >= n:

@@ -5,7 +5,7 @@ import torch
 
 from . import ops
 from ._args import (FP8_DTYPES, check_args, check_descales, check_kernel_inputs, check_kvcache, check_kvcache_values,
-                    check_modifiers, check_rotary, check_write_kv)
+                    check_modifiers, check_rotary, check_write_kv, reads_values)
 from .ops import Call
 
 
@@ -21,7 +21,7 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None,
     else:
         slots = block_table.gather(1, pos // page).long() * page + pos % page
     per_token = (lambda d: None if d is None else d[:, None].expand(-1, S_new, -1).flatten(0, 1))
-    ops.write_kv_cache(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots.flatten(), *map(per_token, descales))
+    ops.write_kv(k.flatten(0, 1), v.flatten(0, 1), k_cache, v_cache, slots.flatten(), *map(per_token, descales))
 
 
 def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None):
@@ -42,7 +42,7 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, 
     """
     check_write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     with torch.no_grad():
-        ops.write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        ops.write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotary(x, cos, sin, positions, interleaved: bool):
@@ -132,7 +132,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                               k_cache.shape[2], q.device)
     mods = dataclasses.replace(mods, k_descale=descales[0], v_descale=descales[1])
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
-    if cache_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_values(cache_seqlens):
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
                              cache_leftpad, k_cache.shape[0])
     with torch.no_grad():

@@ -18,6 +18,12 @@ log = logging.getLogger("fused_attn")
 _torch_sdpa = torch.nn.functional.scaled_dot_product_attention  # the original, for the fallback
 
 
+def _debug(*args):
+    """log.debug outside torch.compile (dynamo cannot trace a logger call: fullgraph would break there)."""
+    if not torch.compiler.is_compiling():
+        log.debug(*args)
+
+
 def _as4d(t):
     """(N, ..., H, S, E) -> (B, H, S, E) (a view where the strides allow); (N, S, E) -> (N, 1, S, E)."""
     return t.unsqueeze(1) if t.dim() == 3 else t.flatten(0, -4)
@@ -86,10 +92,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     the mask), so a given seed gives another mask than torch's SDPA does."""
     plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is not None:
-        log.debug("scaled_dot_product_attention -> torch: %s", reason)
+        _debug("scaled_dot_product_attention -> torch: %s", reason)
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-    log.debug("scaled_dot_product_attention -> fused_attn kernels")
+    _debug("scaled_dot_product_attention -> fused_attn kernels")
     a, mods, mask = plan
     # Top-left causal: diagonal offset 0 instead of FlashAttention's Sk - Sq.
     a = dataclasses.replace(a, offset=0, left=-1, right=0 if is_causal else -1)

@@ -34,15 +34,17 @@ class Call:
     blocks: Optional[BlockTables] = None
     out_dtype: Optional[torch.dtype] = None  # FP8 inputs: the output's dtype (else the inputs')
 
-    def tensors(self) -> tuple:
+    def tensors(self) -> list:
         """Every tensor the call holds (modifiers, score / mask function arguments, packed offsets, block tables):
         what a backward reads besides q, k, v, out."""
         found = []
         for bundle in (self.mods, self.packed, self.blocks):
-            for f in dataclasses.fields(bundle) if bundle is not None else ():
-                x = getattr(bundle, f.name)
-                found += [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, Tensor)]
-        return tuple(found)
+            for x in vars(bundle).values() if bundle is not None else ():
+                if isinstance(x, Tensor):
+                    found.append(x)
+                elif isinstance(x, tuple):
+                    found += [t for t in x if isinstance(t, Tensor)]
+        return found
 
     @classmethod
     def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None,
@@ -74,11 +76,12 @@ def _unflat(scale, offset, left, right, layout="bhsd", cu_seqlens_q=None, cu_seq
 
 
 def _opaque(c: Call) -> bool:
-    """Whether the call carries what the custom ops' schema cannot: @triton.jit score or mask functions (and their
-    argument tuples), FP8 inputs' descales. Such calls launch the kernels directly (torch.compile breaks its graph
-    there)."""
-    return (c.mods.score_mod is not None or (c.blocks is not None and c.blocks.mask_mod is not None)
-            or c.mods.q_descale is not None)
+    """Whether the call launches the kernels directly instead of through the custom ops: always in eager mode (an
+    op's dispatch costs ~30 us on the host, more than the rest of a decode call), and under torch.compile for what
+    the ops' schema cannot carry -- @triton.jit score or mask functions (and their argument tuples), FP8 inputs'
+    descales (torch.compile breaks its graph there)."""
+    return (not torch.compiler.is_compiling() or c.mods.score_mod is not None
+            or (c.blocks is not None and c.blocks.mask_mod is not None) or c.mods.q_descale is not None)
 
 
 def attention_forward(q, k, v, c: Call):
@@ -108,9 +111,10 @@ def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_si
     p = c.packed or Packed(None, None, 0, 0)
     max_seqlen_k = p.max_seqlen_k if c.packed is not None else (
         k.shape[2] if block_table is None else block_table.shape[1] * page_size)
-    return decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
-                  c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
-                  p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale)
+    return (decode if torch.compiler.is_compiling() else _decode)(
+        q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits, c.layout,
+        c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
+        c.mods.k_descale, c.mods.v_descale)
 
 
 def draw_rng(device) -> Tensor:
@@ -232,8 +236,7 @@ def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, 
     return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad), sinks is not None)
 
 
-@torch.library.custom_op("fused_attn::decode", mutates_args=())
-def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
+def _decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
            page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
            layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
            sinks: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
@@ -252,11 +255,21 @@ def decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_t
     return out, lse
 
 
+decode = torch.library.custom_op("fused_attn::decode", mutates_args=())(_decode)  # torch.compile's path
+
+
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
       alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, k_descale=None,
       v_descale=None):
     return _out_lse(q, v, layout, cu_seqlens_q is not None)
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """k_cache / v_cache (pages, page_size, Hkv, D) written in place at slot_mapping: the kernel directly in eager
+    mode, the custom op under torch.compile."""
+    (write_kv_cache if torch.compiler.is_compiling() else kernels.write_kv)(key, value, k_cache, v_cache,
+                                                                            slot_mapping, k_scale, v_scale)
 
 
 @torch.library.custom_op("fused_attn::write_kv_cache", mutates_args=("k_cache", "v_cache"))

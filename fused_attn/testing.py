@@ -4,6 +4,7 @@ rule of fused_attn/numerics.py."""
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import kernels, reference
 from .decode import attention_with_kvcache
@@ -370,3 +371,42 @@ def evaluate_fp8(q, k, v, q_descale, k_descale, v_descale, layout="bhsd", out_dt
     out_dtype = got[0].dtype
     return got, {"out": Metric.measure(got[0], ref, pt, out_dtype, FACTORS["out"], extra_floor=floor),
                  "lse": Metric.measure(got[1], ref_lse, pt_lse, torch.float32, FACTORS["lse"])}
+
+
+READERS = ("tolist", "item", "numpy", "__int__", "__float__", "__bool__", "__index__")
+
+
+class Syncs(TorchDispatchMode):
+    """The ops of a call that read a tensor's value on the host, or size a result by its values: aten ops seen by
+    dispatch, and the Tensor methods that read values without dispatching an op (tolist, int(t), ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+        self.saved = {}
+
+    def __enter__(self):
+        for name in READERS:
+            method = self.saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._reader(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self.saved.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _reader(self, name, method):
+        def read(t, *args, **kwargs):
+            self.seen.append(name)
+            return method(t, *args, **kwargs)
+        return read
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        bool_index = name.startswith(("index.", "index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args if isinstance(a, (list, tuple)) for i in a)
+        if name.startswith(("_local_scalar_dense", "nonzero", "masked_select", "unique")) or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))

@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_attn
 from fused_attn import kernels, reference
 from fused_attn.blockmask import _converted, as_block_mask
+from fused_attn.testing import Syncs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F64 = torch.float64
@@ -248,23 +248,6 @@ def test_output_keeps_the_query_memory_order(fn):
 
 
 # ---- no host sync in classifying a per-call mask (CUDA graphs)
-
-class Syncs(TorchDispatchMode):
-    """Counts the ops that read a tensor's value on the host (or decide a shape from values)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__
-        bool_index = name.startswith(("index.", "index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple))
-            for i in a)
-        if name.startswith(("_local_scalar_dense", "nonzero", "masked_select")) or bool_index:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
 def test_attn_mask_classification_makes_no_host_sync(dtype):

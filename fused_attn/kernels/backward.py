@@ -16,7 +16,7 @@ import triton.language as tl
 from .common import (_at_head, _at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range,
                      _load_block, _load_tile, _program_tile, _query_head, _rng, _score, _segment_range, _sequence,
                      _sink, _slope, _store_tile, _tile_at, _visible, _walk_tile)
-from .configs import KernelConfig, backward_config, capability, head_block, head_chunks
+from .configs import KernelConfig, backward_config, capability, cdiv, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
@@ -450,7 +450,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     c_kv, c_q = (block_tiles(c, blocks) for c in cfgs)
     # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
     sinks = None if mods is None or dsink is None else mods.sinks  # the sinks' gradient terms, where asked for
-    launch_list = [(_attn_bwd_preprocess_kernel, (triton.cdiv(q.shape[2], c_q.block_m), count),
+    launch_list = [(_attn_bwd_preprocess_kernel, (cdiv(q.shape[2], c_q.block_m), count),
                     (out, do, delta, stats, sinks, dsink, dlse, *out.stride(), *do.stride(), start, Hq, q.shape[2],
                      scale * LOG2E),
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
@@ -464,7 +464,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     kwargs.update(shape)
     passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
         dict(WITH_DK=True, WITH_DV=True)]
-    launch_list += [(_attn_bwd_dkdv_kernel, tile_grid(kwargs, triton.cdiv(Sk, c_kv.block_n), count, q.device),
+    launch_list += [(_attn_bwd_dkdv_kernel, tile_grid(kwargs, cdiv(Sk, c_kv.block_n), count, q.device),
                      (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs, *fn_args,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
                       *slope_strides, start, count, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale,
@@ -475,7 +475,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     mask_ptrs, mask_values = block_args(blocks)
     src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
     kwargs.update(shape)
-    launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, triton.cdiv(Sq, c_q.block_m), count, q.device),
+    launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, cdiv(Sq, c_q.block_m), count, q.device),
                      (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,
                       *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
                       start, count, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,

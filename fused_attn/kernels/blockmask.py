@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from .common import _bounded
+from .configs import cdiv
 from .launch import run
 
 
@@ -29,7 +30,7 @@ def count_visible(mask_mod, mask_args, batch: int, heads: int, seqlen_q: int, se
                   block_k: int, device) -> torch.Tensor:
     """(batch, heads, query blocks, key blocks) int32: the pairs of each block that mask_mod(b, h, q_idx, kv_idx,
     *mask_args) lets take part."""
-    nq, nk = triton.cdiv(seqlen_q, block_q), triton.cdiv(seqlen_k, block_k)
+    nq, nk = cdiv(seqlen_q, block_q), cdiv(seqlen_k, block_k)
     counts = torch.empty(batch, heads, nq, nk, dtype=torch.int32, device=device)
     run([(_count_kernel, (nq, nk, batch * heads),
           (counts, tuple(mask_args), heads, seqlen_q, seqlen_k, *counts.stride()[:3]),

@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from .common import _fp8_round
-from .configs import head_block
+from .configs import head_block, next_power_of_2
 from .launch import run
 
 
@@ -71,6 +71,6 @@ def write_launches(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
              (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, k_cache.shape[1], H, fp8_max,
               *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides(k_scale),
               *scale_strides(v_scale)),
-             dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=triton.next_power_of_2(H),
+             dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=next_power_of_2(H),
                   BLOCK_D=head_block(key.shape[2]), BLOCK_DV=head_block(value.shape[2]), QUANT=k_cache.dtype in FP8,
                   MANTISSA=mantissa, MIN_EXP=min_exp))]

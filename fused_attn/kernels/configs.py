@@ -58,9 +58,20 @@ def head_chunks(n_heads_total: int):
     return [(s, min(MAX_GRID_Y, n_heads_total - s)) for s in range(0, n_heads_total, MAX_GRID_Y)]
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers (plain Python: triton.cdiv is a JIT-wrapped function, ~5 us a call on the
+    host, and the launchers call it several times per call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for 0), as triton.next_power_of_2, without its call overhead."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def head_block(d: int) -> int:
     """Head dims are padded to the next power of two (>= 16, tl.dot's minimum) by masked loads."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def capability(device: torch.device):

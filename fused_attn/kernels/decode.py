@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import _block_range, _join_sink, _sink, _slope
-from .configs import capability, head_block, interpreter_active, smem_limit
+from .configs import capability, cdiv, head_block, interpreter_active, next_power_of_2, smem_limit
 from .forward import _attn_fwd_inner
 from .launch import LOG2E, features, fp32_dot, modifier_args, run, sm_count
 
@@ -253,10 +253,10 @@ def serving_tiles(group: int, seqlen_q=None):
     bitwise the same result alone and in any batch; a dense batch's tiles shrink to its query length."""
     rows = INTERPRETER_ROWS if interpreter_active() else ROWS
     pack = group if group <= rows else 1
-    block_q = max(1, rows // triton.next_power_of_2(pack))
+    block_q = max(1, rows // next_power_of_2(pack))
     if seqlen_q is not None:
-        block_q = min(block_q, triton.next_power_of_2(max(seqlen_q, 1)))
-    return pack, block_q, max(16, triton.next_power_of_2(block_q * pack))
+        block_q = min(block_q, next_power_of_2(max(seqlen_q, 1)))
+    return pack, block_q, max(16, next_power_of_2(block_q * pack))
 
 
 def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int):
@@ -267,7 +267,7 @@ def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, 
         return num_splits, 1
     if programs >= sms:
         return 1, MIN_TILES
-    return max(1, min(MAX_SPLITS, triton.cdiv(max_seqlen_k, block_n) // MIN_TILES, triton.cdiv(2 * sms, programs))), \
+    return max(1, min(MAX_SPLITS, cdiv(max_seqlen_k, block_n) // MIN_TILES, cdiv(2 * sms, programs))), \
         MIN_TILES
 
 
@@ -310,7 +310,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
     while cc is not None and block_n > 16 and room // (block_n * (bd + bdv) * size) < 2:
         block_n //= 2
-    tiles = triton.cdiv(seqlen_q, block_q)
+    tiles = cdiv(seqlen_q, block_q)
     n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
     splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n, n_main * (Hq // pack), sm_count(dev))
     part_rows = min(block_q, seqlen_q)
@@ -344,7 +344,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
                             (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,
                              *batch0(out), *lse_strides),
-                            dict(HEAD_DIM_V=Dv, BLOCK_M=triton.next_power_of_2(part_rows), BLOCK_DV=bdv,
+                            dict(HEAD_DIM_V=Dv, BLOCK_M=next_power_of_2(part_rows), BLOCK_DV=bdv,
                                  BLOCK_Q=block_q)))
     return launch_list
 

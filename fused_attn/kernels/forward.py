@@ -6,7 +6,7 @@ import triton.language as tl
 from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
                      _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope, _store_tile,
                      _tile_at, _tile_pages, _visible, _walk_tile)
-from .configs import capability, forward_config, head_block, head_chunks
+from .configs import capability, cdiv, forward_config, head_block, head_chunks
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
@@ -213,7 +213,7 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     kwargs.update(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=head_block(D), BLOCK_DV=head_block(Dv),
                   FP32_DOT=fp32_dot(q.dtype), **fns)
     descales, descale_strides = fp8_args(mods)
-    return [(_attn_fwd_kernel, tile_grid(kwargs, triton.cdiv(Sq, cfg.block_m), count, q.device),
+    return [(_attn_fwd_kernel, tile_grid(kwargs, cdiv(Sq, cfg.block_m), count, q.device),
              (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *descales,
               *fn_args, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides,
               *descale_strides, start, count, Hq,
@@ -255,6 +255,6 @@ def dropout_keep_mask(rng, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
     """The boolean keep-mask (B, H, Sq, Sk) that a dropout call with this rng ([seed, offset], int64) applies."""
     mask = torch.empty(batch, heads, seqlen_q, seqlen_k, device=rng.device, dtype=torch.int8)
     if mask.numel():
-        _dropout_mask_kernel[(batch * heads, triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32))](
+        _dropout_mask_kernel[(batch * heads, cdiv(seqlen_q, 32), cdiv(seqlen_k, 32))](
             rng, mask, seqlen_q, seqlen_k, dropout_threshold(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return mask.view(torch.bool)

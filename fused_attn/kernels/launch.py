@@ -280,13 +280,32 @@ def _scratch(needed: bool, tensor):
         _allocation._allocator.reset(token)
 
 
+_stubbed = None  # inside stubbed_launches(): the list it yields
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Inside the block, `run` builds and counts every launch but launches nothing: what a call costs on the host
+    in our own Python (`python -m bench --host`). The kernels' outputs are left unwritten. Yields a list that gets
+    (kernel name, number of positional launch arguments) per launch not made."""
+    global _stubbed
+    before, _stubbed = _stubbed, []
+    try:
+        yield _stubbed
+    finally:
+        _stubbed = before
+
+
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
     path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
     own name. An empty list launches and counts nothing."""
     for kernel, grid, args, kwargs in launch_list:
-        with _scratch(kwargs.get("TMA") == 2, args[0]):
-            kernel[grid](*args, **kwargs)
+        if _stubbed is not None:
+            _stubbed.append((_kernel_name(kernel), len(args)))
+        else:
+            with _scratch(kwargs.get("TMA") == 2, args[0]):
+                kernel[grid](*args, **kwargs)
         launches[_kernel_name(kernel)] += 1
     if launch_list:
         launches[name] += 1

@@ -1,0 +1,96 @@
+"""The host path of the per-layer calls: no device-to-host sync (CUDA graphs capture decode steps), traced whole
+by torch.compile(fullgraph=True), the same bits through the custom ops (torch.compile's path) as through the direct
+eager path, and `python -m bench --host` measuring every entry point. On a GPU: a decode step captured in a CUDA
+graph and replayed with new cache contents and lengths."""
+import pytest
+import torch
+
+import fused_attn
+from bench import host
+from fused_attn._args import without_value_checks
+from fused_attn.kernels.launch import stubbed_launches
+from fused_attn.testing import Syncs, make_kvcache_inputs, make_serving_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PER_LAYER = ["serving (64 decodes, paged)", "kvcache decode", "kvcache decode + append", "flash_attn_varlen_func",
+             "flash_attn_with_kvcache", "flash_attn_func", "sdpa drop-in", "flex (prebuilt BlockMask)",
+             "attention fwd", "attention_varlen"]
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return host._entries(torch.device(DEVICE))
+
+
+def test_per_layer_calls_make_no_host_sync(entries):
+    """With the CPU-only value checks off (as a GPU tensor skips them) and the launches stubbed, not one op of a
+    per-layer call reads a value on the host."""
+    with stubbed_launches(), without_value_checks():
+        for name in PER_LAYER:
+            with Syncs() as syncs:
+                entries[name]()
+            assert syncs.seen == [], (name, syncs.seen)
+
+
+def test_the_sync_counter_sees_a_sync():
+    """The counter is not blind: the CPU-only value checks it is run without do read values."""
+    q, kc, vc, cu, used, table = make_serving_inputs([3, 1], [40, 17], 2, 2, 16, torch.float32, "cpu", 16)
+    with stubbed_launches(), Syncs() as syncs:
+        fused_attn.attention_varlen(q, kc, vc, cu, None, 3, 40, seqused_k=used, block_table=table)
+    assert syncs.seen
+
+
+def test_fullgraph_traces_every_per_layer_call(entries):
+    with stubbed_launches():
+        for name in PER_LAYER:
+            torch._dynamo.reset()
+            torch.compile(entries[name], fullgraph=True, backend="aot_eager")()
+
+
+def test_decode_and_serving_compiled_equal_eager():
+    """The custom ops (torch.compile's path) and the direct eager launch give the same bits."""
+    q, kc, vc, table, k, v = make_kvcache_inputs(2, 1, 4, 2, 16, 100, 1, torch.float32, DEVICE, page=16, seed=3)
+    lens = torch.tensor([60, 99], dtype=torch.int32, device=DEVICE)
+    sq, skc, svc, cu, used, stable = make_serving_inputs([5, 1, 1], [70, 33, 9], 4, 2, 16, torch.float32, DEVICE, 16)
+
+    def step(kc, vc):
+        a = fused_attn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table, causal=True)
+        b = fused_attn.attention_varlen(sq, skc, svc, cu, None, 5, 70, seqused_k=used, block_table=stable,
+                                        causal=True)
+        return a, b
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    kc2, vc2 = kc.clone(), vc.clone()
+    for x, y in zip(step(kc, vc), compiled(kc2, vc2)):
+        assert torch.equal(x, y)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the append too
+
+
+def test_bench_host_measures_every_entry_point(monkeypatch):
+    rows = host.measure(calls=3)
+    assert [r["entry"] for r in rows][0].startswith("torch sdpa") and len(rows) == 12
+    assert all(r["us"] > 0 and r["ratio"] > 0 for r in rows)
+    assert all(r["launches"] >= 1 and r["max_args"] > 0 for r in rows[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_step_replays_in_a_cuda_graph():
+    """A decode step (append + attention over a paged cache) captured once, replayed with new cache contents and
+    lengths, equals the eager call on the same state."""
+    q, kc, vc, table, k, v = make_kvcache_inputs(4, 1, 8, 2, 64, 512, 1, torch.bfloat16, "cuda", page=16, seed=4)
+    lens = torch.tensor([100, 3, 400, 250], dtype=torch.int32, device="cuda")
+    fused_attn.attention_with_kvcache(q, kc.clone(), vc.clone(), k, v, cache_seqlens=lens, block_table=table)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = fused_attn.attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, block_table=table)
+    torch.cuda.current_stream().wait_stream(stream)
+    for step in range(3):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        for t in (q, kc, vc, k, v):
+            t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
+        lens.copy_(torch.randint(0, 500, (4,), generator=g, device="cuda", dtype=torch.int32))
+        kc_e, vc_e = kc.clone(), vc.clone()
+        graph.replay()
+        want = fused_attn.attention_with_kvcache(q, kc_e, vc_e, k, v, cache_seqlens=lens, block_table=table)
+        assert torch.equal(out, want) and torch.equal(kc, kc_e)
