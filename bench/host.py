@@ -38,6 +38,9 @@ def _entries(device):
     cache_k, cache_v = rand(4, 256, 2, 64), rand(4, 256, 2, 64)
     q_step, k_new, v_new, lens = rand(4, 1, 8, 64), rand(4, 1, 2, 64), rand(4, 1, 2, 64), i32([100, 37, 200, 5])
     mask = fused_attn.create_block_mask(lambda b, h, i, j: i >= j, 1, 1, 128, 128, device=device, BLOCK_SIZE=64)
+    serving_meta = fused_attn.get_scheduler_metadata(decodes, 1, 128, 8, 2, 64, used, qkv_dtype=dtype,
+                                                     cu_seqlens_q=cu_dec, page_size=page)
+    step_meta = fused_attn.get_scheduler_metadata(4, 1, 256, 8, 2, 64, lens, qkv_dtype=dtype)
 
     def backward():
         out = fused_attn.attention(qg, kg, vg, causal=True)
@@ -60,6 +63,17 @@ def _entries(device):
         "flash_attn_varlen_func": lambda: fused_attn.flash_attn_varlen_func(*packed, cu, cu, 68, 68, causal=True),
         "flash_attn_with_kvcache": lambda: fused_attn.flash_attn_with_kvcache(q_step, cache_k, cache_v,
                                                                              cache_seqlens=lens, causal=True),
+        # With the step's plan (get_scheduler_metadata, made once): the calls a server makes per layer.
+        "serving + metadata": lambda: fused_attn.attention_varlen(
+            q_dec, k_pages, v_pages, cu_dec, None, 1, 128, seqused_k=used, block_table=pages, causal=True,
+            scheduler_metadata=serving_meta),
+        "kvcache decode + metadata": lambda: fused_attn.attention_with_kvcache(
+            q_step, cache_k, cache_v, cache_seqlens=lens, causal=True, scheduler_metadata=step_meta),
+        "flash_attn_varlen_func + metadata": lambda: fused_attn.flash_attn_varlen_func(
+            q_dec, k_pages, v_pages, cu_dec, None, 1, 128, seqused_k=used, block_table=pages, causal=True,
+            scheduler_metadata=serving_meta),
+        "flash_attn_with_kvcache + metadata": lambda: fused_attn.flash_attn_with_kvcache(
+            q_step, cache_k, cache_v, cache_seqlens=lens, causal=True, scheduler_metadata=step_meta),
     }
 
 
@@ -100,6 +114,6 @@ def measure(device=None, calls: int = CALLS) -> list:
 
 
 def table(rows) -> str:
-    lines = [f"{'entry':30} {'us/call':>9} {'x sdpa':>7} {'launches':>8} {'args':>5}"]
-    lines += [f"{r['entry']:30} {r['us']:9.1f} {r['ratio']:7.2f} {r['launches']:8d} {r['max_args']:5d}" for r in rows]
+    lines = [f"{'entry':36} {'us/call':>9} {'x sdpa':>7} {'launches':>8} {'args':>5}"]
+    lines += [f"{r['entry']:36} {r['us']:9.1f} {r['ratio']:7.2f} {r['launches']:8d} {r['max_args']:5d}" for r in rows]
     return "\n".join(lines)

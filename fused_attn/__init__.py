@@ -11,6 +11,7 @@ from .fp8 import quantize_fp8
 from .function import FusedAttentionFunction, attention, attention_probs, dropout_mask
 from .kernels import ScoreMod
 from .merge import merge_attention
+from .schedule import SchedulerMetadata, get_scheduler_metadata
 from .varlen import attention_varlen, cu_seqlens
 
 __version__ = "0.1.0"
@@ -18,7 +19,7 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "write_kv_
            "dropout_mask", "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference",
            "scaled_dot_product_attention", "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache", "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "ScoreMod", "quantize_fp8"]
+           "ScoreMod", "quantize_fp8", "get_scheduler_metadata", "SchedulerMetadata"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

@@ -252,13 +252,14 @@ def _check_num_splits(num_splits):
 
 
 def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
-                         num_splits, *, causal=False, window_size=(-1, -1), scale=None):
+                         num_splits, *, causal=False, window_size=(-1, -1), scale=None, values=True):
     """attention_varlen over a KV cache (forward only): packed q (total_q, Hq, D); k, v paged (num_pages,
     page_size, Hkv, D) with block_table (B, max_pages) int32, cu_seqlens_k None and seqused_k (B,) int32 -- or
     packed (total_k, Hkv, D) with cu_seqlens_k, seqused_k optional; either in q's dtype or FP8. The values
     (cu_seqlens_q, seqused_k within each sequence's capacity and max_seqlen_k, pages that exist) are read only on
     the CPU outside torch.compile.
     With block_table, FlashAttention-2's call passes the key counts as cu_seqlens_k instead of seqused_k.
+    values=False: no value is read (a step's plan checked them).
     Returns (Args of (1, H, total, D) views -- one page of k, v when paged --, Packed, page size or 0, seqused_k)."""
     _check_num_splits(num_splits)
     fp8 = isinstance(k, torch.Tensor) and k.dtype in FP8_DTYPES
@@ -299,7 +300,7 @@ def check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
     batch = cu_seqlens_q.shape[0] - 1
     if seqused_k is not None:
         _check_int32_rows("seqused_k", seqused_k, batch, q.device)
-    if reads_values(cu_seqlens_q):
+    if values and reads_values(cu_seqlens_q):
         check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], packed.max_seqlen_q, "q")
         if block_table is None:
             lengths = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None, "k")

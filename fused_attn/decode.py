@@ -7,6 +7,7 @@ from . import ops
 from ._args import (FP8_DTYPES, check_args, check_descales, check_kernel_inputs, check_kvcache, check_kvcache_values,
                     check_modifiers, check_rotary, check_write_kv, reads_values)
 from .ops import Call
+from .schedule import check_metadata
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None, descales=(None, None)):
@@ -75,7 +76,8 @@ def _row_pages(k_cache, v_cache, rows, start):
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens=None, block_table=None,
                            causal=False, window_size=(-1, -1), scale=None, num_splits=0, return_lse=False, softcap=0.0,
                            alibi_slopes=None, sinks=None, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                           cache_batch_idx=None, cache_leftpad=None, k_descale=None, v_descale=None):
+                           cache_batch_idx=None, cache_leftpad=None, k_descale=None, v_descale=None,
+                           scheduler_metadata=None):
     """Attention of new queries against a KV cache, optionally appending new keys and values to it first
     (FlashAttention-2's flash_attn_with_kvcache; inference only). Split-KV kernels: the keys of each row are cut
     into ranges run by separate programs and merged by their log-sum-exps (deterministic).
@@ -111,6 +113,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             v_cache * v_descale[b, h] (FlashAttention-3's convention; the FP8 tiles are converted in registers, the
             descales multiply the scores and the output). New k / v (in q's dtype) are written quantized with the
             same factors, as write_kv_cache does. Output in q's dtype.
+        scheduler_metadata: the step's plan from fused_attn.get_scheduler_metadata (made once, passed to every
+            layer): the call checks its tensors against it and skips the per-call planning and value checks.
 
     Returns:
         out (B, Sq, Hq, Dv), or (out, lse). Rows that see no key get out 0, lse -inf.
@@ -119,8 +123,11 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     CPU tensors (reading them from a GPU would synchronize it) and trusted on a GPU, as in FlashAttention:
     cache_seqlens + S_new <= the cache's capacity, and every block_table entry a row uses naming a page that exists.
     """
+    meta = check_metadata(scheduler_metadata, "attention_with_kvcache")
     cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits,
                                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
+    if meta is not None:
+        meta.check("attention_with_kvcache", q, k_cache, q.shape[0], False, page)
     check_rotary(q, k, rotary_cos, rotary_sin)
     whole = block_table is None and cache_batch_idx is None
     fp8 = k_cache.dtype in FP8_DTYPES
@@ -132,7 +139,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
                               k_cache.shape[2], q.device)
     mods = dataclasses.replace(mods, k_descale=descales[0], v_descale=descales[1])
     check_kernel_inputs(a)  # a.k, a.v: a row of a contiguous cache, or one page
-    if reads_values(cache_seqlens):
+    if meta is None and reads_values(cache_seqlens):  # a plan's lengths were checked when it was made
         check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, k_cache.shape[0], cache_batch_idx,
                              cache_leftpad, k_cache.shape[0])
     with torch.no_grad():
@@ -153,6 +160,6 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             table, keys, values = _row_pages(k_cache, v_cache, rows, start)
             seqlens_k, page = seqlens_k - start.to(torch.int32), 1
         out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods), seqlens_k=seqlens_k, block_table=table,
-                                        page_size=page, num_splits=num_splits)
+                                        page_size=page, num_splits=num_splits, plan=meta and meta.plan)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

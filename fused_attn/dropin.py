@@ -236,8 +236,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
     attention_varlen; out: a (total_q, Hq, Dv) tensor the result is copied into (and returned);
     return_softmax_lse: return (out, softmax_lse); k_descale / v_descale: FP8 caches (attention_varlen's), or with
     q_descale FP8 q, k, v (FlashAttention-3's FP8 forward, packed). fa_version (2 or 3) selects nothing: one
-    implementation serves both. Not implemented (NotImplementedError, by name): scheduler_metadata, q_v."""
-    _not_implemented("flash_attn_varlen_func", scheduler_metadata=scheduler_metadata, q_v=q_v)
+    implementation serves both. scheduler_metadata: the step's plan (fused_attn.get_scheduler_metadata, made once
+    and passed to every layer). Not implemented (NotImplementedError, by name): q_v."""
+    _not_implemented("flash_attn_varlen_func", q_v=q_v)
     if fa_version not in (None, 2, 3):
         raise ValueError(f"fa_version must be None, 2 or 3, got {fa_version!r}")
     serving = block_table is not None or seqused_k is not None
@@ -251,7 +252,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                                 window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
                                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux, seqused_k=seqused_k,
                                 block_table=block_table, num_splits=num_splits, k_descale=k_descale,
-                                v_descale=v_descale, q_descale=q_descale)
+                                v_descale=v_descale, q_descale=q_descale, scheduler_metadata=scheduler_metadata)
     shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k) if return_attn_probs else None
     (result, lse), keep = _with_keep_mask(call, dropout_p if return_attn_probs else 0.0, q.device, shape)
     if out is not None:
@@ -276,14 +277,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False, *,
-                            s_aux=None, q_descale=None, k_descale=None, v_descale=None):
+                            s_aux=None, q_descale=None, k_descale=None, v_descale=None, scheduler_metadata=None):
     """FlashAttention-2's flash_attn_with_kvcache (fused_attn.attention_with_kvcache): q (B, Sq, Hq, D) against a
     contiguous (B, S_cache, Hkv, D) or paged (num_pages, page_size, Hkv, D) + block_table cache, k / v appended in
     place at cache_seqlens first; causal / window_size bottom-right aligned per row. Returns out (B, Sq, Hq, Dv),
     or (out, softmax_lse (B, Hq, Sq)) with return_softmax_lse; softcap, alibi_slopes and s_aux (sinks) as in
     fused_attn.attention; rotary_cos / rotary_sin / rotary_interleaved, cache_batch_idx and cache_leftpad with
     FlashAttention-2's semantics, k_descale / v_descale for FP8 caches (FlashAttention-3's;
-    fused_attn.attention_with_kvcache). Not implemented (NotImplementedError): q_descale (FP8 queries)."""
+    fused_attn.attention_with_kvcache), scheduler_metadata (FlashAttention-3's: the step's plan from
+    fused_attn.get_scheduler_metadata). Not implemented (NotImplementedError): q_descale (FP8 queries)."""
     _not_implemented("flash_attn_with_kvcache", q_descale=q_descale)
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, window_size=_fa_window(causal, window_size),
@@ -291,5 +293,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                       alibi_slopes=alibi_slopes, sinks=s_aux, rotary_cos=rotary_cos,
                                       rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
                                       cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                                      k_descale=k_descale, v_descale=v_descale)
+                                      k_descale=k_descale, v_descale=v_descale,
+                                      scheduler_metadata=scheduler_metadata)
     return (out, lse) if return_softmax_lse else out

@@ -102,19 +102,21 @@ def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool 
     return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, dlse=dlse, **_flat(c))
 
 
-def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0):
+def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0,
+                     plan=None):
     """(out, lse) of `decode` (split-KV) against k, v: (B, Hkv, S, D)-indexed caches, or paged (pages, Hkv,
     page_size, D)-indexed with block_table; seqlens_k: keys per row (None: all S, or c.packed's cu_seqlens_k).
-    Packed (c.packed): (1, H, total, D) views of q (and of k, v unless paged)."""
+    Packed (c.packed): (1, H, total, D) views of q (and of k, v unless paged). plan: a step's
+    kernels.DecodePlan (get_scheduler_metadata), used in eager mode (under torch.compile the op plans)."""
     if c.mods.dropout_p or c.blocks is not None or c.mods.bias is not None or c.mods.score_mod is not None:
         raise ValueError("the split-KV kernels take neither dropout, block masks, biases nor score functions")
     p = c.packed or Packed(None, None, 0, 0)
     max_seqlen_k = p.max_seqlen_k if c.packed is not None else (
         k.shape[2] if block_table is None else block_table.shape[1] * page_size)
-    return (decode if torch.compiler.is_compiling() else _decode)(
-        q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits, c.layout,
-        c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q,
-        c.mods.k_descale, c.mods.v_descale)
+    args = (q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
+            c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
+            p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale)
+    return decode(*args) if torch.compiler.is_compiling() else _run_decode(*args, plan=plan)
 
 
 def draw_rng(device) -> Tensor:
@@ -246,12 +248,20 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table. Packed
     sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers. FP8 k, v: k_descale /
     v_descale (B, Hkv) float32; out in q's dtype."""
+    return _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits,
+                       layout, softcap, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, k_descale,
+                       v_descale)
+
+
+def _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout,
+                softcap=0.0, alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+                k_descale=None, v_descale=None, plan=None):
     packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = _out_lse(q, v, layout, packed is not None)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
                              mods=Modifiers(softcap, alibi_slopes, sinks=sinks, k_descale=k_descale,
-                                            v_descale=v_descale), packed=packed)
+                                            v_descale=v_descale), packed=packed, plan=plan)
     return out, lse
 
 

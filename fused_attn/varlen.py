@@ -9,12 +9,13 @@ from ._args import (check_descales, check_fp8, check_kernel_inputs, check_modifi
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
+from .schedule import check_metadata
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
                      window_size=(-1, -1), scale=None, return_lse=False, softcap=0.0, alibi_slopes=None,
                      dropout_p=0.0, sinks=None, seqused_k=None, block_table=None, num_splits=0, k_descale=None,
-                     v_descale=None, q_descale=None, out_dtype=None):
+                     v_descale=None, q_descale=None, out_dtype=None, scheduler_metadata=None):
     """Exact attention over a batch of sequences of different lengths packed along the first dimension, with the
     kernels of `attention` (forward and deterministic backward); no padding is computed.
 
@@ -72,6 +73,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
            dtype.
         q_descale, out_dtype: FP8 q, k, v (packed, without seqused_k / block_table): `attention`'s FP8 forward,
            the descales (B, Hkv) per sequence (forward only).
+        scheduler_metadata: with seqused_k / block_table, the step's plan from fused_attn.get_scheduler_metadata
+           (made once with cu_seqlens_q, passed to every layer): the call checks its tensors against it and skips
+           the per-call planning and value checks.
 
     Returns:
         out (total_q, Hq, Dv) in the inputs' dtype, or (out, lse). Rows past cu_seqlens_q[-1] and rows that see
@@ -91,8 +95,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         out, lse = _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
                             num_splits, dict(causal=causal, window_size=window_size, scale=scale),
                             dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
-                            (k_descale, v_descale))
+                            (k_descale, v_descale), check_metadata(scheduler_metadata, "attention_varlen"))
         return (out, lse) if return_lse else out
+    if scheduler_metadata is not None:
+        raise ValueError("scheduler_metadata plans calls over a KV cache (seqused_k / block_table); this call has "
+                         "neither")
     if num_splits:
         raise ValueError(f"num_splits ({num_splits!r}) applies to calls over a KV cache (seqused_k / block_table); "
                          f"pass 0")
@@ -110,10 +117,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
-             mask: dict, modifiers: dict, descales):
-    """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, inference only."""
+             mask: dict, modifiers: dict, descales, meta=None):
+    """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, forward only. meta: the
+    step's SchedulerMetadata (its values checked when it was made)."""
     a, packed, page, seqused_k = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                      max_seqlen_k, seqused_k, block_table, num_splits, **mask)
+                                                      max_seqlen_k, seqused_k, block_table, num_splits,
+                                                      values=meta is None, **mask)
+    if meta is not None:
+        meta.check("attention_varlen", q, k, cu_seqlens_q.shape[0] - 1, True, page, packed.max_seqlen_q)
     check_kernel_inputs(a, Packed(cu_seqlens_q, cu_seqlens_k, packed.max_seqlen_q,
                                   page if page else packed.max_seqlen_k))
     batch = cu_seqlens_q.shape[0] - 1
@@ -127,7 +138,8 @@ def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, se
     keys, values = (t.transpose(1, 2) if page else t.unsqueeze(0).transpose(1, 2) for t in (k, v))
     with torch.no_grad():
         out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods, packed), seqlens_k=seqused_k,
-                                        block_table=block_table, page_size=page, num_splits=num_splits)
+                                        block_table=block_table, page_size=page, num_splits=num_splits,
+                                        plan=meta and meta.plan)
     out, lse = out.transpose(1, 2)[0], lse[0]
     inputs = [t for t in (q, k, v, mods.sinks, mods.alibi_slopes) if t is not None and t.requires_grad]
     if inputs and torch.is_grad_enabled():  # FlashAttention-2 runs the forward; only a backward is refused

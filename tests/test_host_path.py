@@ -14,7 +14,8 @@ from fused_attn.testing import Syncs, make_kvcache_inputs, make_serving_inputs
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PER_LAYER = ["serving (64 decodes, paged)", "kvcache decode", "kvcache decode + append", "flash_attn_varlen_func",
              "flash_attn_with_kvcache", "flash_attn_func", "sdpa drop-in", "flex (prebuilt BlockMask)",
-             "attention fwd", "attention_varlen"]
+             "attention fwd", "attention_varlen", "serving + metadata", "kvcache decode + metadata",
+             "flash_attn_varlen_func + metadata", "flash_attn_with_kvcache + metadata"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_decode_and_serving_compiled_equal_eager():
 
 def test_bench_host_measures_every_entry_point(monkeypatch):
     rows = host.measure(calls=3)
-    assert [r["entry"] for r in rows][0].startswith("torch sdpa") and len(rows) == 12
+    assert [r["entry"] for r in rows][0].startswith("torch sdpa") and len(rows) == 16
     assert all(r["us"] > 0 and r["ratio"] > 0 for r in rows)
     assert all(r["launches"] >= 1 and r["max_args"] > 0 for r in rows[1:])
 
@@ -94,3 +95,46 @@ def test_decode_step_replays_in_a_cuda_graph():
         graph.replay()
         want = fused_attn.attention_with_kvcache(q, kc_e, vc_e, k, v, cache_seqlens=lens, block_table=table)
         assert torch.equal(out, want) and torch.equal(kc, kc_e)
+
+
+def test_scheduler_metadata_made_once_serves_every_layer():
+    """One plan per step (get_scheduler_metadata), passed to two layers' calls: each equals the call without a
+    plan bit for bit, splits included (one long sequence: its keys split, the scratch shared by the layers)."""
+    q, kc, vc, cu, used, table = make_serving_inputs([1, 3], [300, 40], 4, 2, 16, torch.float32, DEVICE, 16, seed=5)
+    meta = fused_attn.get_scheduler_metadata(2, 3, 300, 4, 2, 16, used, qkv_dtype=torch.float32, cu_seqlens_q=cu,
+                                             page_size=16)
+    assert meta.plan.splits > 1 and meta.plan.scratch[0] is not None
+    for layer in range(2):
+        kl, vl = kc + layer, vc - layer
+        want = fused_attn.attention_varlen(q, kl, vl, cu, None, 3, 300, seqused_k=used, block_table=table,
+                                           causal=True)
+        got = fused_attn.flash_attn_varlen_func(q, kl, vl, cu, None, 3, 300, seqused_k=used, block_table=table,
+                                                causal=True, scheduler_metadata=meta)
+        assert torch.equal(got, want)
+    qd, kcd, vcd, tabled, kn, vn = make_kvcache_inputs(2, 1, 4, 2, 16, 320, 1, torch.float32, DEVICE, page=16)
+    lens = torch.tensor([300, 12], dtype=torch.int32, device=DEVICE)
+    step = fused_attn.get_scheduler_metadata(2, 1, 301, 4, 2, 16, lens + 1, qkv_dtype=torch.float32, page_size=16)
+    kc2, vc2 = kcd.clone(), vcd.clone()
+    want = fused_attn.attention_with_kvcache(qd, kcd, vcd, kn, vn, cache_seqlens=lens, block_table=tabled)
+    got = fused_attn.flash_attn_with_kvcache(qd, kc2, vc2, kn, vn, cache_seqlens=lens, block_table=tabled,
+                                             scheduler_metadata=step)
+    assert torch.equal(got, want) and torch.equal(kc2, kcd)
+
+
+def test_scheduler_metadata_errors_name_the_value():
+    q, kc, vc, cu, used, table = make_serving_inputs([1, 3], [30, 40], 4, 2, 16, torch.float32, DEVICE, 16)
+    meta = fused_attn.get_scheduler_metadata(2, 3, 40, 4, 2, 16, used, qkv_dtype=torch.float32, cu_seqlens_q=cu,
+                                             page_size=16)
+    with pytest.raises(ValueError, match=r"num_heads_q 2 \(the plan's: 4\)"):
+        fused_attn.attention_varlen(q[:, :2], kc, vc, cu, None, 3, 40, seqused_k=used, block_table=table,
+                                    scheduler_metadata=meta)
+    with pytest.raises(ValueError, match="page_size 0"):
+        fused_attn.attention_with_kvcache(q[:2, None], kc[:2], vc[:2], scheduler_metadata=meta)
+    for kw, err, match in [(dict(pack_gqa=False), ValueError, "pack_gqa=False"),
+                           (dict(qkv_dtype=torch.float64), TypeError, "qkv_dtype"),
+                           (dict(page_size=8), ValueError, "page_size must be a multiple of 16")]:
+        with pytest.raises(err, match=match):
+            fused_attn.get_scheduler_metadata(2, 3, 40, 4, 2, 16, used, **kw)
+    if DEVICE == "cpu":  # values are read where they are on the CPU
+        with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, max_seqlen_k = 35\]"):
+            fused_attn.get_scheduler_metadata(2, 3, 35, 4, 2, 16, used)

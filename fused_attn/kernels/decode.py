@@ -13,6 +13,9 @@ rows, not batch x longest -- then, per sequence, splits 1 .. max_splits - 1 of i
 query-head groups.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -278,9 +281,62 @@ def wants_split(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, device) 
     return seqlen_q <= 16 and batch * heads_q < sm_count(device) and seqlen_k >= 4 * block_n
 
 
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the split-KV launches take beside the tensors: tiles, warps, stages, the split plan and the scratch
+    for split partials. Made per call (decode_plan), or once per step by fused_attn.get_scheduler_metadata and
+    reused by every layer (the scratch too: the layers' launches run one after another on a stream)."""
+    pack: int
+    block_q: int
+    block_m: int
+    block_n: int
+    stages: int
+    warps: int
+    tiles: int
+    splits: int
+    min_tiles: int
+    part_rows: int
+    scratch: tuple  # (o_part, lse_part, split_counts) float32 / int32, or three Nones without splits
+
+
+def decode_plan(heads_q: int, heads_kv: int, D: int, Dv: int, dtype: torch.dtype, device, n_seqs: int,
+                seqlen_q: int, max_seqlen_k: int, num_splits: int = 0, total_q: Optional[int] = None,
+                cc=None, sm_margin: int = 0) -> DecodePlan:
+    """The plan of a split-KV call: n_seqs sequences of seqlen_q queries (packed: at most seqlen_q each, total_q
+    rows in all, or a bound on them) against at most max_seqlen_k keys, heads_q query heads over heads_kv kv heads
+    of head dims D / Dv; cc: the GPU's compute capability (None: the device's, or the interpreter's); sm_margin:
+    SMs the split plan leaves to other work."""
+    cc = capability(device) if cc is None and device.type != "meta" else cc
+    packed = total_q is not None
+    bd, bdv, size = head_block(D), head_block(Dv), dtype.itemsize
+    pack, block_q, block_m = serving_tiles(heads_q // heads_kv, None if packed else seqlen_q)
+    block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
+    if block_m < 64 and max(bd, bdv) == 128 and cc is not None and cc[0] < 9:
+        block_n = 32  # decode tiles on mma.sync GPUs at D = 128: 64 keys spill 4 bytes (Triton 3.6 and 3.9 alike)
+    # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
+    # gate), keeping ~12% for the compiler's own buffers; narrower key tiles where two do not (99 KB GPUs, D = 256).
+    room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
+    while cc is not None and block_n > 16 and room // (block_n * (bd + bdv) * size) < 2:
+        block_n //= 2
+    tiles = cdiv(seqlen_q, block_q)
+    n_main = n_seqs * tiles if not packed else total_q // block_q + n_seqs
+    splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n, n_main * (heads_q // pack),
+                                   max(1, sm_count(device) - sm_margin))
+    part_rows = min(block_q, seqlen_q)
+    f32 = torch.float32
+    scratch = (torch.empty(splits, n_seqs * part_rows, heads_q, Dv, device=device, dtype=f32),
+               torch.empty(splits, n_seqs * part_rows, heads_q, device=device, dtype=f32),
+               torch.empty(n_seqs, device=device, dtype=torch.int32)) if splits > 1 else (None, None, None)
+    stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
+    # 64-row (prefill) tiles from D = 128 on: 8 warps (4 spill on sm_80; the compile-time gate).
+    warps = 8 if block_m >= 64 and max(bd, bdv) >= 128 else 4
+    return DecodePlan(pack, block_q, block_m, block_n, stages, warps, tiles, splits, min_tiles, part_rows, scratch)
+
+
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                    left: int, right: int, num_splits: int = 0, cc=None, mods=None, packed=None):
-    """The split-KV launches as (kernel, grid, args, kwargs), their scratch allocated.
+                    left: int, right: int, num_splits: int = 0, cc=None, mods=None, packed=None,
+                    plan: Optional[DecodePlan] = None):
+    """The split-KV launches as (kernel, grid, args, kwargs), their plan made (decode_plan) unless given.
 
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. Packed (a Packed): B = 1, rows
     cu_seqlens_q[b] .. of sequence b; cu_seqlens_k None where the keys are paged (or per sequence in seqlens_k).
@@ -298,35 +354,18 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         cu_q, cu_k = packed.cu_seqlens_q, packed.cu_seqlens_k
     if n_seqs == 0 or seqlen_q == 0 or q.shape[2] == 0:
         return []
-    dev, f32 = q.device, torch.float32
-    cc = capability(dev) if cc is None and dev.type != "meta" else cc
-    bd, bdv, size = head_block(D), head_block(Dv), q.element_size()
-    pack, block_q, block_m = serving_tiles(group, None if packed else seqlen_q)
-    block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
-    if block_m < 64 and max(bd, bdv) == 128 and cc is not None and cc[0] < 9:
-        block_n = 32  # decode tiles on mma.sync GPUs at D = 128: 64 keys spill 4 bytes (Triton 3.6 and 3.9 alike)
-    # Triton keeps num_stages - 1 K / V tiles in shared memory: 2 where they fit (pipelined, by the compile-time
-    # gate), keeping ~12% for the compiler's own buffers; narrower key tiles where two do not (99 KB GPUs, D = 256).
-    room = 0 if cc is None else smem_limit(cc) * 7 // 8 - block_m * bd * size
-    while cc is not None and block_n > 16 and room // (block_n * (bd + bdv) * size) < 2:
-        block_n //= 2
-    tiles = cdiv(seqlen_q, block_q)
-    n_main = n_seqs * tiles if packed is None else q.shape[2] // block_q + n_seqs
-    splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n, n_main * (Hq // pack), sm_count(dev))
-    part_rows = min(block_q, seqlen_q)
-    combine = splits > 1
-    o_part = torch.empty(splits, n_seqs * part_rows, Hq, Dv, device=dev, dtype=f32) if combine else None
-    lse_part = torch.empty(splits, n_seqs * part_rows, Hq, device=dev, dtype=f32) if combine else None
-    split_counts = torch.empty(n_seqs, device=dev, dtype=torch.int32) if combine else None
+    if plan is None:
+        plan = decode_plan(Hq, Hkv, D, Dv, q.dtype, q.device, n_seqs, seqlen_q, max_seqlen_k, num_splits,
+                           None if packed is None else q.shape[2], cc)
+    splits, combine = plan.splits, plan.splits > 1
+    o_part, lse_part, split_counts = plan.scratch
+    bd, bdv = head_block(D), head_block(Dv)
     paged = block_table is not None
     batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
     kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
-    stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
-    # 64-row (prefill) tiles from D = 128 on: 8 warps (4 spill on sm_80; the compile-time gate).
-    warps = 8 if block_m >= 64 and max(bd, bdv) >= 128 else 4
-    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=bd,
-                  BLOCK_DV=bdv, PACK=pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine,
-                  PAGE_SIZE=page_size if paged else 0, num_warps=warps, num_stages=stages)
+    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_Q=plan.block_q,
+                  BLOCK_D=bd, BLOCK_DV=bdv, PACK=plan.pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine,
+                  PAGE_SIZE=page_size if paged else 0, num_warps=plan.warps, num_stages=plan.stages)
     (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
     sinks = None if mods is None else mods.sinks
     k_descale, v_descale = (None, None) if mods is None else (mods.k_descale, mods.v_descale)
@@ -334,24 +373,26 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         raise ValueError("the split-KV kernels take FP8 caches with 16/32-bit queries, not FP8 queries")
     descale_strides = (0, 0) if k_descale is None else k_descale.stride()
     lse_strides = batch0(lse)[:2]
-    launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // pack),
+    part_rows = plan.part_rows
+    n_main = n_seqs * plan.tiles if packed is None else q.shape[2] // plan.block_q + n_seqs
+    launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // plan.pack),
                     (q, k, v, out, lse, o_part, lse_part, split_counts, cu_q, cu_k, seqlens_k, block_table, slopes,
                      sinks, k_descale, v_descale, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out),
                      *lse_strides, block_table.stride(0) if paged else 0, *slope_strides,
-                     *descale_strides, n_main, n_seqs, tiles, splits, min_tiles, part_rows, Hq, group, seqlen_q,
-                     max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out), kwargs)]
+                     *descale_strides, n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows, Hq, group,
+                     seqlen_q, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out), kwargs)]
     if combine:
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
                             (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,
                              *batch0(out), *lse_strides),
                             dict(HEAD_DIM_V=Dv, BLOCK_M=next_power_of_2(part_rows), BLOCK_DV=bdv,
-                                 BLOCK_Q=block_q)))
+                                 BLOCK_Q=plan.block_q)))
     return launch_list
 
 
 def attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                     left: int, right: int, num_splits: int = 0, mods=None, packed=None):
+                     left: int, right: int, num_splits: int = 0, mods=None, packed=None, plan=None):
     """Launch split-KV attention (decode_launches) and count it as "decode"; writes out and lse."""
     run(decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                        num_splits, mods=mods, packed=packed), "decode")
+                        num_splits, mods=mods, packed=packed, plan=plan), "decode")
     return out, lse
