@@ -3,6 +3,7 @@ TypeError that names the bad value. The checks return bundles -- Args (q, k, v a
 that the call path hands down to the ops as they are."""
 import contextlib
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -548,9 +549,11 @@ def _version(module) -> tuple:
     return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", module.__version__).groups())
 
 
+@functools.lru_cache(maxsize=None)
 def _check_interpreter():
     """Triton < 3.7's interpreter turns 1-element arrays into loop bounds with int(), which NumPy >= 2.4 refuses
-    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop."""
+    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop.
+    The versions do not change in a process: checked once (an error is raised again on every call)."""
     if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
         raise RuntimeError(f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy "
                            f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7' to run them on the CPU")

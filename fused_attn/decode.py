@@ -153,7 +153,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         if k is not None:
             _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, cache_batch_idx, descales)
         kv = (lambda t: t.transpose(1, 2))  # (B, S, H, D) and (pages, page_size, H, D) alike
-        seqlens_k, table, keys, values = cache_seqlens + s_new, block_table, kv(k_cache), kv(v_cache)
+        seqlens_k = cache_seqlens + s_new if s_new else cache_seqlens
+        table, keys, values = block_table, kv(k_cache), kv(v_cache)
         if cache_batch_idx is not None or cache_leftpad is not None:
             rows = torch.arange(q.shape[0], device=q.device) if cache_batch_idx is None else cache_batch_idx.long()
             start = torch.zeros_like(rows) if cache_leftpad is None else cache_leftpad.long()

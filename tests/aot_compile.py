@@ -192,7 +192,8 @@ DECODE = dict(batch=8, heads=32, cache=32768, page=256, splits=8)
 
 
 def decode_launch_list(arch, dtype, d, mask, group, paged):
-    """Split-KV launches (8 splits, so the combine kernel too) for one query row against the decode cache."""
+    """Split-KV launches for one query row against the decode cache: with 8 splits (so the combine kernel too) and
+    with none (the split kernel's other COMBINE variant: the one short caches and full batches take)."""
     B, Hq, S, P = DECODE["batch"], DECODE["heads"], DECODE["cache"], DECODE["page"]
     q, o = (_meta((B, Hq, 1, d), dtype, "bshd") for _ in range(2))
     shape = (B * S // P, Hq // group, P, d) if paged else (B, Hq // group, S, d)
@@ -200,8 +201,9 @@ def decode_launch_list(arch, dtype, d, mask, group, paged):
     lse = torch.empty(B, Hq, 1, device="meta")
     seqlens = torch.empty(B, dtype=torch.int32, device="meta")
     table = torch.empty(B, S // P, dtype=torch.int32, device="meta") if paged else None
-    return decode.decode_launches(q, k, v, o, lse, seqlens, table, P if paged else 0, S, d ** -0.5, *MASKS[mask],
-                                  DECODE["splits"], (arch // 10, arch % 10))
+    return [launch for splits in (DECODE["splits"], 1)
+            for launch in decode.decode_launches(q, k, v, o, lse, seqlens, table, P if paged else 0, S, d ** -0.5,
+                                                 *MASKS[mask], splits, (arch // 10, arch % 10))]
 
 
 SERVING = dict(seqs=64, tokens=2048 + 63, max_q=2048, cache=32768, page=16)
@@ -225,8 +227,10 @@ def serving_launch_list(arch, dtype, d, mask, group, fp8):
     new_k = torch.empty(T, Hq // group, d, dtype=dtype, device="meta")
     scale = torch.empty(1, device="meta") if fp8 else None
     from fused_attn.kernels import cache
-    return (decode.decode_launches(q, k, v, o, lse, used, table, P, S, d ** -0.5, *MASKS[mask], 0,
-                                   (arch // 10, arch % 10), mods, packed)
+    # As planned (num_splits=0: 64 sequences fill the SMs, no split) and split 8 ways (the combine kernel too).
+    return ([launch for splits in (0, 8)
+             for launch in decode.decode_launches(q, k, v, o, lse, used, table, P, S, d ** -0.5, *MASKS[mask], splits,
+                                                  (arch // 10, arch % 10), mods, packed)]
             + cache.write_launches(new_k, new_k, k.transpose(1, 2), v.transpose(1, 2),
                                    torch.empty(T, dtype=torch.int64, device="meta"), scale, scale))
 

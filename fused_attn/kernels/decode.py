@@ -115,7 +115,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     lo, full_lo, full_hi, hi = _block_range(pos_start, seqlen_q, seqlen_k, offset, left, right, BLOCK_Q, BLOCK_N,
                                             HAS_LEFT, HAS_RIGHT)
     # A sequence of one tile splits its key tiles into ranges of at least min_tiles; depends on the sequence alone
-    # (and the launch's max_splits, which only caps it), so a sequence splits the same alone or in any batch.
+    # and the launch's max_splits, which caps it (num_splits where given: then a sequence splits the same alone or in
+    # any batch; else the plan's choice, which follows the batch).
     n_split = 1
     if COMBINE:
         n_split = tl.where(seqlen_q <= BLOCK_Q, _clamp((hi - lo) // BLOCK_N // min_tiles, 1, max_splits), 1)
@@ -183,15 +184,27 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     lse = tl.where(empty, float("-inf"), lse)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    if n_split == 1:
-        heads64 = heads.to(tl.int64)
-        o_rows = heads64 * stride_oh + pos * stride_os
-        tl.store(O + o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=mask)
-        tl.store(LSE + heads64 * stride_lh + pos, lse, mask=row_ok)
+    # The partials' branch only where COMBINE says the launch has them: n_split is a runtime value, and a branch
+    # the compiler keeps must not touch O_PART / LSE_PART, which are None without splits.
+    if COMBINE:
+        if n_split == 1:
+            _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, stride_os, stride_od,
+                        stride_lh)
+        else:
+            part = ((split * n_seqs + b64) * part_rows + pos) * n_heads + heads
+            tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
+            tl.store(LSE_PART + part, lse, mask=row_ok)
     else:
-        part = ((split * n_seqs + b64) * part_rows + pos) * n_heads + heads
-        tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
-        tl.store(LSE_PART + part, lse, mask=row_ok)
+        _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, stride_os, stride_od, stride_lh)
+
+
+@triton.jit
+def _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, stride_os, stride_od, stride_lh):
+    """A tile's final rows: out in O's dtype, the lse."""
+    heads64 = heads.to(tl.int64)
+    o_rows = heads64 * stride_oh + pos * stride_os
+    tl.store(O + o_rows[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=mask)
+    tl.store(LSE + heads64 * stride_lh + pos, lse, mask=row_ok)
 
 
 @features("VARLEN", "HAS_SINKS")
