@@ -5,7 +5,8 @@ Part 1: the environment, a compiled smoke of the suite (SMOKE: bf16, a few large
 pointer, TMA, persistent, warp-specialized -- FP8, serving, determinism), and the headline benchmark rows (D = 128,
 16k tokens, no mask / causal, forward and forward + backward) with every path variant beside the peers.
 Part 2: `bench.tune` over the rows part 1 measured slowest against the best peer (`--from` part 1's results.json),
-a few candidates per kernel over every load path and schedule.
+a few candidates per kernel over every load path and schedule; then `python -m bench --host` (host time per call
+with real launches).
 
 --dry-run (on the CPU): the steps with their budgets, and the kernels part 1's benchmark rows compile -- distinct
 specializations, counted from the launchers on meta tensors for sm_90 as the compile-time gate does -- with a time
@@ -27,7 +28,8 @@ SMOKE = [  # (pytest arguments) -- GPU-only parameters (bf16, large shapes) are 
     ["tests/test_attention.py", "tests/test_varlen.py", "-k", "deterministic or every_element"],
     ["tests/test_paths.py"],
     ["tests/test_fp8.py"],
-    ["tests/test_serving.py", "-k", "mixed or alone"],
+    ["tests/test_serving.py", "tests/test_host_path.py", "-k",
+     "mixed or alone or cuda_graph or scheduler_metadata_made_once or compiled_equal"],
 ]
 HEADLINE = dict(head_dims=[128], masks=["none", "causal"], modes=["fwd", "fwd+bwd"], seqlens=[16384])
 VARIANTS = ["fused_attn", "fused_attn-tma", "fused_attn-persistent", "fused_attn-ws", "fused_attn-ws-persistent"]
@@ -89,10 +91,12 @@ def part2_steps(out: str, results_path: str):
     py = sys.executable
     rows = slowest_rows(results_path) if results_path and os.path.exists(results_path) else [
         (None, 128, "causal")]
-    return [(f"tune-d{d}-{mask}", 160, [py, "-m", "bench.tune", "--head-dims", str(d), "--masks", mask,
-                                        "--limit", "12", "--paths", "tma", "persistent", "ws",
-                                        "--out", os.path.join(out, f"tune_d{d}_{mask}.json")])
-            for _, d, mask in rows]
+    steps = [(f"tune-d{d}-{mask}", 150, [py, "-m", "bench.tune", "--head-dims", str(d), "--masks", mask,
+                                         "--limit", "12", "--paths", "tma", "persistent", "ws",
+                                         "--out", os.path.join(out, f"tune_d{d}_{mask}.json")])
+             for _, d, mask in rows]
+    # Host time per call with real launches (the kernels compiled by their first calls), beside a tiny SDPA call.
+    return steps + [("host", 60, [py, "-m", "bench", "--host", "--calls", "100", "--out", os.path.join(out, "bench")])]
 
 
 def benchmark_kernels(arch: int = 90) -> int:

@@ -3,7 +3,6 @@ TypeError that names the bad value. The checks return bundles -- Args (q, k, v a
 that the call path hands down to the ops as they are."""
 import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 import re
@@ -545,16 +544,26 @@ def check_kvcache_values(cache_seqlens, s_new, capacity, block_table, page, n_pa
                 raise ValueError(f"row {b}: block_table names page {bad[0]}, but the cache has pages 0..{n_pages - 1}")
 
 
-def _version(module) -> tuple:
-    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", module.__version__).groups())
+def _version(text: str) -> tuple:
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", text).groups())
 
 
-@functools.lru_cache(maxsize=None)
+_runs = {}  # (triton version, numpy version) -> whether the interpreter runs the kernels
+
+
+def _interpreter_runs(triton_version: str, numpy_version: str) -> bool:
+    """Whether this Triton's interpreter runs the kernels with this NumPy (parsed once per pair of versions; a
+    dict, not functools.lru_cache, which torch.compile warns about)."""
+    key = (triton_version, numpy_version)
+    if key not in _runs:
+        _runs[key] = not (_version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4))
+    return _runs[key]
+
+
 def _check_interpreter():
     """Triton < 3.7's interpreter turns 1-element arrays into loop bounds with int(), which NumPy >= 2.4 refuses
-    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop.
-    The versions do not change in a process: checked once (an error is raised again on every call)."""
-    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+    ("only 0-dimensional arrays can be converted to Python scalars") in every kernel with a runtime-bounded loop."""
+    if not _interpreter_runs(triton.__version__, numpy.__version__):
         raise RuntimeError(f"the Triton {triton.__version__} interpreter cannot run these kernels with NumPy "
                            f"{numpy.__version__}: install 'numpy<2.4' or 'triton>=3.7' to run them on the CPU")
 
