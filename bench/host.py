@@ -77,10 +77,11 @@ def _entries(device):
     }
 
 
-def time_call(fn, calls: int = CALLS, warmup: int = WARMUP) -> float:
+ROUNDS = 5  # the entries are timed round after round, interleaved, so a slow spell of the machine hits them all
+
+
+def time_call(fn, calls: int = CALLS) -> float:
     """Median microseconds of one call (each timed alone: the median ignores the machine's hiccups)."""
-    for _ in range(warmup):
-        fn()
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
@@ -90,8 +91,8 @@ def time_call(fn, calls: int = CALLS, warmup: int = WARMUP) -> float:
 
 
 def measure(device=None, calls: int = CALLS) -> list:
-    """One row per entry: microseconds, ratio to the SDPA baseline, launches per call and their positional
-    arguments (largest)."""
+    """One row per entry: microseconds (the lowest of ROUNDS interleaved medians of calls / ROUNDS calls), ratio to
+    the SDPA baseline timed the same way, launches per call and their positional arguments (largest)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     entries = _entries(device)
     cpu = device.type != "cuda"
@@ -105,8 +106,14 @@ def measure(device=None, calls: int = CALLS) -> list:
             del log[:]
             fn()
             launches = list(log)
-            rows.append(dict(entry=name, us=time_call(fn, calls), first_us=first, launches=len(launches),
+            for _ in range(WARMUP):
+                fn()
+            rows.append(dict(entry=name, first_us=first, launches=len(launches),
                              max_args=max((n for _, n in launches), default=0), stubbed=cpu))
+        per_round = max(1, calls // ROUNDS)
+        rounds = [[time_call(fn, per_round) for fn in entries.values()] for _ in range(ROUNDS)]
+    for i, row in enumerate(rows):  # the best round's median: the machine's noise only ever adds time
+        row["us"] = min(r[i] for r in rounds)
     base = rows[0]["us"]
     for r in rows:
         r["ratio"] = r["us"] / base
