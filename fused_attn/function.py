@@ -21,8 +21,9 @@ class FusedAttentionFunction(torch.autograd.Function):
     Sq, Dv) laid out as call.layout and lse (B, Hq, Sq) float32, both differentiable. Saves q, k, v, out, the
     softmax stats, dropout's [seed, offset] (not its mask: the backward draws the same mask again) and every other
     tensor the backward reads (the call's bias, sinks, slopes, tables, cu_seqlens), so that autograd's version check
-    raises when one is modified in place before the backward; forward and backward run the Triton kernels through
-    the custom ops fused_attn::forward / fused_attn::backward (fused_attn/ops.py). The bias's gradient is the dS the
+    raises when one is modified in place before the backward; forward and backward run the Triton kernels (under
+    torch.compile through the custom ops fused_attn::forward / fused_attn::backward, fused_attn/ops.py; directly in
+    eager mode, the same bits). The bias's gradient is the dS the
     dQ kernel writes once per element; autograd's expand backward sums it over the dimensions the bias broadcasts
     over. The sinks' gradient is summed from per-row terms (ops). A gradient of the lse joins the backward's delta
     (kernels.backward): no extra pass."""
