@@ -3,7 +3,8 @@ fused_attn (the compiler sees opaque ops with fake implementations, not Triton l
 
 The one place where the call's bundles (`Call`: the mask, Modifiers, Packed) become the flat schema torch.library
 needs: `attention_forward` / `attention_backward` / `attention_decode` take bundles, the custom ops below take
-their fields.
+their fields, by one table (CALL_FIELDS). In eager mode the calls launch the kernels directly (the ops' dispatch
+costs more host time than the rest of a decode call); the ops are torch.compile's path, with the same bits.
 
 Dense batches pass no cu_seqlens. Packed sequences (attention_varlen) pass (1, H, total, D) views and
 cu_seqlens_q / cu_seqlens_k with the max lengths; rows past the last sequence are read by no kernel, so their
@@ -53,26 +54,67 @@ class Call:
         return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks, out_dtype)
 
 
-def _flat(c: Call) -> dict:
-    p = c.packed or Packed(None, None, 0, 0)
-    m = c.blocks or BlockTables(None, None, None, None, None, 1, 1)
-    return dict(scale=c.scale, offset=c.offset, left=c.left, right=c.right, cu_seqlens_q=p.cu_seqlens_q,
-                cu_seqlens_k=p.cu_seqlens_k, max_seqlen_q=p.max_seqlen_q, max_seqlen_k=p.max_seqlen_k,
-                softcap=c.mods.softcap, alibi_slopes=c.mods.alibi_slopes, dropout_p=c.mods.dropout_p,
-                mask_kv=m.kv, mask_kv_slots=m.kv_slots, mask_q=m.q, mask_q_slots=m.q_slots, mask_bits=m.bits,
-                mask_block_q=m.block_q, mask_block_k=m.block_k, bias=c.mods.bias, sinks=c.mods.sinks)
+REQUIRED = object()  # a field every call gives
+
+# The Call as the custom ops carry it beside their tensors: one row per field -- (flat name, schema type, default,
+# bundle, attribute). The ops' schemas, their fake implementations and the Call <-> flat conversion all come from
+# this table: a new field of a bundle the ops must carry is one more row.
+CALL_FIELDS = (
+    ("scale", "float", REQUIRED, None, "scale"),
+    ("offset", "int", REQUIRED, None, "offset"),
+    ("left", "int", REQUIRED, None, "left"),
+    ("right", "int", REQUIRED, None, "right"),
+    ("cu_seqlens_q", "Tensor?", None, "packed", "cu_seqlens_q"),
+    ("cu_seqlens_k", "Tensor?", None, "packed", "cu_seqlens_k"),
+    ("max_seqlen_q", "int", 0, "packed", "max_seqlen_q"),
+    ("max_seqlen_k", "int", 0, "packed", "max_seqlen_k"),
+    ("softcap", "float", 0.0, "mods", "softcap"),
+    ("alibi_slopes", "Tensor?", None, "mods", "alibi_slopes"),
+    ("dropout_p", "float", 0.0, "mods", "dropout_p"),
+    ("mask_kv", "Tensor?", None, "blocks", "kv"),
+    ("mask_kv_slots", "Tensor?", None, "blocks", "kv_slots"),
+    ("mask_q", "Tensor?", None, "blocks", "q"),
+    ("mask_q_slots", "Tensor?", None, "blocks", "q_slots"),
+    ("mask_bits", "Tensor?", None, "blocks", "bits"),
+    ("mask_block_q", "int", 1, "blocks", "block_q"),
+    ("mask_block_k", "int", 1, "blocks", "block_k"),
+    ("bias", "Tensor?", None, "mods", "bias"),
+    ("sinks", "Tensor?", None, "mods", "sinks"),
+)
+# Present exactly when the call has the bundle (its first row's attribute is never None then).
+_PRESENT = {"packed": "cu_seqlens_q", "blocks": "kv"}
 
 
-def _unflat(scale, offset, left, right, layout="bhsd", cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-            max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None,
-            mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, sinks=None,
-            rng=None) -> Call:
-    """The Call that _flat flattened (rng: a dropout call's [seed, offset] joins the Modifiers)."""
-    packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    blocks = None if mask_kv is None else BlockTables(mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits,
-                                                      mask_block_q, mask_block_k)
-    return Call(scale, offset, left, right, layout, Modifiers(softcap, alibi_slopes, dropout_p, rng, bias, sinks=sinks),
-                packed, blocks)
+def _flat(c: Call) -> tuple:
+    """The Call's fields in CALL_FIELDS order (a bundle the call lacks gives its rows' defaults)."""
+    return tuple((getattr(c, attr) if bundle is None else default if getattr(c, bundle) is None
+                  else getattr(getattr(c, bundle), attr)) for _, _, default, bundle, attr in CALL_FIELDS)
+
+
+def _unflat(values, layout: str = "bhsd", rng=None) -> Call:
+    """The Call of _flat's values (rng: a dropout call's [seed, offset] joins the Modifiers)."""
+    groups = {None: {}, "packed": {}, "mods": {}, "blocks": {}}
+    for (_, _, _, bundle, attr), value in zip(CALL_FIELDS, values):
+        groups[bundle][attr] = value
+    packed, blocks = (groups[b] if groups[b][_PRESENT[b]] is not None else None for b in ("packed", "blocks"))
+    return Call(**groups[None], layout=layout, mods=Modifiers(**groups["mods"], rng=rng),
+                packed=packed and Packed(**packed), blocks=blocks and BlockTables(**blocks))
+
+
+def _bind(fields: tuple, kwargs: dict, extra) -> list:
+    """An op's arguments after its leading tensors, as its implementation receives them (positionally, trailing
+    defaults left out; by name where given so), completed: CALL_FIELDS' values, then its own rows' (extra)."""
+    rows = CALL_FIELDS + tuple(extra)
+    values = list(fields) + [kwargs.get(row[0], row[2]) for row in rows[len(fields):]]
+    assert not any(v is REQUIRED for v in values), values  # the schema makes the op refuse such a call first
+    return values
+
+
+def _schema(tensors: str, extra, returns: str) -> str:
+    """An op's schema: its leading tensors, CALL_FIELDS, then its own (name, type, default) rows."""
+    rows = [f"{t} {name}" + ("" if d is REQUIRED else f"={d!r}" if not isinstance(d, str) else f'="{d}"')
+            for name, t, d, *_ in CALL_FIELDS + tuple(extra)]
+    return f"({tensors}, {', '.join(rows)}) -> {returns}"
 
 
 def _opaque(c: Call) -> bool:
@@ -88,7 +130,7 @@ def attention_forward(q, k, v, c: Call):
     """(out, lse, stats, rng) of `forward` for (B, H, S, D)-indexed q, k, v."""
     if _opaque(c):
         return _forward(q, k, v, c)
-    return forward(q, k, v, layout=c.layout, **_flat(c))
+    return forward(q, k, v, *_flat(c), c.layout)
 
 
 def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool = False, dlse=None):
@@ -99,7 +141,7 @@ def attention_backward(dout, q, k, v, out, stats, rng, c: Call, bias_grad: bool 
         dlse = dlse.float().contiguous()
     if _opaque(c):
         return _backward(dout, q, k, v, out, stats, rng, c, bias_grad, dlse)
-    return backward(dout, q, k, v, out, stats, rng=rng, bias_grad=bias_grad, dlse=dlse, **_flat(c))
+    return backward(dout, q, k, v, out, stats, *_flat(c), rng, bias_grad, dlse)
 
 
 def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_size: int = 0, num_splits: int = 0,
@@ -164,26 +206,26 @@ def _forward(q, k, v, c: Call):
     return out, lse, stats, rng
 
 
-@torch.library.custom_op("fused_attn::forward", mutates_args=())
-def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, left: int, right: int, layout: str,
-            cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0,
-            max_seqlen_k: int = 0, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-            dropout_p: float = 0.0, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
-            mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
-            mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
-            bias: Optional[Tensor] = None, sinks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B, H, S, D)-indexed q, k, v -> out (laid out as `layout`), lse, stats (kernels.attention_forward) and the
-    dropout call's [seed, offset] (draw_rng; empty without dropout), which the backward takes back."""
-    return _forward(q, k, v, _unflat(scale, offset, left, right, layout, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, softcap, alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q,
-                                     mask_q_slots, mask_bits, mask_block_q, mask_block_k, bias, sinks))
+_FORWARD_EXTRA = [("layout", "str", "bhsd")]
+
+
+def _forward_op(q, k, v, *fields, **kwargs):
+    """The op fused_attn::forward: (B, H, S, D)-indexed q, k, v and the Call's fields (CALL_FIELDS, then layout) ->
+    out (laid out as `layout`), lse, stats (kernels.attention_forward) and the dropout call's [seed, offset]
+    (draw_rng; empty without dropout), which the backward takes back."""
+    *values, layout = _bind(fields, kwargs, _FORWARD_EXTRA)
+    return _forward(q, k, v, _unflat(values, layout))
+
+
+forward = torch.library.custom_op("fused_attn::forward", _forward_op, mutates_args=(), schema=_schema(
+    "Tensor q, Tensor k, Tensor v", _FORWARD_EXTRA, "(Tensor, Tensor, Tensor, Tensor)"))
 
 
 @forward.register_fake
-def _(q, k, v, scale, offset, left, right, layout, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, mask_kv=None, mask_kv_slots=None, mask_q=None,
-      mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, sinks=None):
-    return (*_forward_buffers(q, v, layout, cu_seqlens_q is not None), _rng_buffer(q, dropout_p))
+def _(q, k, v, *fields, **kwargs):
+    *values, layout = _bind(fields, kwargs, _FORWARD_EXTRA)
+    c = _unflat(values, layout)
+    return (*_forward_buffers(q, v, layout, c.packed is not None), _rng_buffer(q, c.mods.dropout_p))
 
 
 def _grad_buffers(q, k, v, packed: bool, dbias_shape, sinks: bool):
@@ -212,30 +254,27 @@ def _dbias_shape(q, k, bias_grad: bool):
     return (*q.shape[:3], k.shape[2]) if bias_grad else (0,)
 
 
-@torch.library.custom_op("fused_attn::backward", mutates_args=())
-def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, scale: float,
-             offset: int, left: int, right: int, cu_seqlens_q: Optional[Tensor] = None,
-             cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0,
-             softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
-             rng: Optional[Tensor] = None, mask_kv: Optional[Tensor] = None, mask_kv_slots: Optional[Tensor] = None,
-             mask_q: Optional[Tensor] = None, mask_q_slots: Optional[Tensor] = None,
-             mask_bits: Optional[Tensor] = None, mask_block_q: int = 1, mask_block_k: int = 1,
-             bias: Optional[Tensor] = None, bias_grad: bool = False, sinks: Optional[Tensor] = None,
-             dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dq, dk, dv (kernels.attention_backward), dbias and dsinks (attention_backward); rng: the forward's [seed,
-    offset]; dlse: the lse's gradient (float32, contiguous) or None."""
-    c = _unflat(scale, offset, left, right, "bhsd", cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
-                alibi_slopes, dropout_p, mask_kv, mask_kv_slots, mask_q, mask_q_slots, mask_bits, mask_block_q,
-                mask_block_k, bias, sinks)
-    return _backward(dout, q, k, v, out, stats, rng, c, bias_grad, dlse)
+_BACKWARD_EXTRA = [("rng", "Tensor?", None), ("bias_grad", "bool", False), ("dlse", "Tensor?", None)]
+
+
+def _backward_op(dout, q, k, v, out, stats, *fields, **kwargs):
+    """The op fused_attn::backward: the Call's fields (CALL_FIELDS), then rng (the forward's [seed, offset]),
+    bias_grad and dlse (the lse's gradient, float32 contiguous, or None) -> dq, dk, dv (kernels.attention_backward),
+    dbias and dsinks (attention_backward)."""
+    *values, rng, bias_grad, dlse = _bind(fields, kwargs, _BACKWARD_EXTRA)
+    return _backward(dout, q, k, v, out, stats, rng, _unflat(values), bias_grad, dlse)
+
+
+backward = torch.library.custom_op("fused_attn::backward", _backward_op, mutates_args=(), schema=_schema(
+    "Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats", _BACKWARD_EXTRA,
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)"))
 
 
 @backward.register_fake
-def _(dout, q, k, v, out, stats, scale, offset, left, right, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng=None, mask_kv=None, mask_kv_slots=None,
-      mask_q=None, mask_q_slots=None, mask_bits=None, mask_block_q=1, mask_block_k=1, bias=None, bias_grad=False,
-      sinks=None, dlse=None):
-    return _grad_buffers(q, k, v, cu_seqlens_q is not None, _dbias_shape(q, k, bias_grad), sinks is not None)
+def _(dout, q, k, v, out, stats, *fields, **kwargs):
+    *values, rng, bias_grad, dlse = _bind(fields, kwargs, _BACKWARD_EXTRA)
+    c = _unflat(values)
+    return _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad), c.mods.sinks is not None)
 
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],

@@ -15,8 +15,8 @@ def test_opcheck(layout):
     view = (lambda t: t.detach().transpose(1, 2)) if layout == "bshd" else (lambda t: t.detach())
     q, k, v, do = (view(t) for t in (q, k, v, do))
     args = (q, k, v, 32 ** -0.5, 16, 10, 0)
-    torch.library.opcheck(ops.forward, args + (layout,))
-    out, lse, stats, rng = ops.forward(*args, layout)
+    torch.library.opcheck(ops.forward, args, dict(layout=layout))
+    out, lse, stats, rng = ops.forward(*args, layout=layout)
     assert out.shape == (1, 4, 40, 16) and (layout == "bhsd") == out.is_contiguous() and rng.numel() == 0
     torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, 10, 0))
 
@@ -25,11 +25,10 @@ def test_opcheck_modifiers():
     """softcap and ALiBi through the ops (dropout draws random numbers: opcheck's repeated runs would differ)."""
     q, k, v, do = (t.detach() for t in make_inputs(Case(1, 4, 2, 40, 56, 32, dtype=torch.float32), DEVICE))
     slopes = torch.rand(4, device=DEVICE)
-    args = (q, k, v, 32 ** -0.5, 16, -1, 0, "bhsd", None, None, 0, 0, 2.0, slopes, 0.0)
-    torch.library.opcheck(ops.forward, args)
-    out, lse, stats, rng = ops.forward(*args)
-    torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, -1, 0, None, None, 0, 0, 2.0,
-                                         slopes, 0.0, rng))
+    args, mods = (q, k, v, 32 ** -0.5, 16, -1, 0), dict(softcap=2.0, alibi_slopes=slopes)
+    torch.library.opcheck(ops.forward, args, mods)
+    out, lse, stats, rng = ops.forward(*args, **mods)
+    torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 16, -1, 0), dict(mods, rng=rng))
 
 
 def test_opcheck_bias_and_sinks():
@@ -38,7 +37,7 @@ def test_opcheck_bias_and_sinks():
     q, k, v, do = (t.detach() for t in make_inputs(Case(1, 4, 2, 40, 56, 32, dtype=torch.float32), DEVICE))
     bias = torch.randn(4, 40, 56, device=DEVICE)[None].expand(1, 4, 40, 56)
     sinks = torch.randn(4, device=DEVICE)
-    args = (q, k, v, 32 ** -0.5, 16, -1, -1, "bhsd")
+    args = (q, k, v, 32 ** -0.5, 16, -1, -1)
     torch.library.opcheck(ops.forward, args, dict(bias=bias, sinks=sinks))
     out, lse, stats, rng = ops.forward(*args, bias=bias, sinks=sinks)
     grads = ops.backward(do, q, k, v, out, stats, 32 ** -0.5, 16, -1, -1, rng=rng, bias=bias, bias_grad=True,
@@ -107,9 +106,9 @@ def test_opcheck_packed():
     view = (lambda t: t.unsqueeze(0).transpose(1, 2))
     q, k, v, do = (view(t) for t in (q, k, v, do))
     packed = (cu_q, cu_k, 33, 30)
-    args = (q, k, v, 32 ** -0.5, 0, -1, 0, "bshd") + packed
-    torch.library.opcheck(ops.forward, args)
-    out, lse, stats, _ = ops.forward(*args)
+    args = (q, k, v, 32 ** -0.5, 0, -1, 0) + packed
+    torch.library.opcheck(ops.forward, args, dict(layout="bshd"))
+    out, lse, stats, _ = ops.forward(*args, layout="bshd")
     torch.library.opcheck(ops.backward, (do, q, k, v, out, stats, 32 ** -0.5, 0, -1, 0) + packed)
 
 
