@@ -8,7 +8,7 @@ import operator
 import torch
 
 from ._args import check_attn_mask, check_modifiers, kernel_args, refuse_fp8
-from .function import _attention, attention, attention_probs, dropout_mask, masked
+from .function import _attention, attention, attention_probs, masked, with_keep_mask
 from .reference import row_slopes
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
@@ -156,31 +156,6 @@ def _fa_window(causal, window_size):
     return (left, 0) if causal else (left, right)
 
 
-def _rng_state(device, state=None):
-    """The state of torch's default generator of `device`; with `state`, set it instead."""
-    get, put = ((torch.cuda.get_rng_state, torch.cuda.set_rng_state) if device.type == "cuda"
-                else (torch.get_rng_state, torch.set_rng_state))
-    args = (device,) if device.type == "cuda" else ()
-    return get(*args) if state is None else put(state, *args)
-
-
-def _with_keep_mask(call, dropout_p, device, shape):
-    """(call()'s result, the dropout keep-mask (B, Hq, Sq, Sk) its kernels drew, or None without dropout): the mask
-    is drawn again from the generator's state before the call (fused_attn.dropout_mask), which is then put back to
-    where the call left it."""
-    if not dropout_p:
-        return call(), None
-    before = _rng_state(device)
-    result = call()
-    after = _rng_state(device)
-    _rng_state(device, before)
-    try:
-        keep = dropout_mask(*shape, dropout_p, device=device)
-    finally:
-        _rng_state(device, after)
-    return result, keep
-
-
 def _signed(probs, keep):
     """FlashAttention-2's S_dmask convention: the probabilities with the dropped entries negated (keep =
     S_dmask >= 0 where a probability is nonzero, probabilities = S_dmask.abs())."""
@@ -209,7 +184,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                          k_descale=k_descale, v_descale=v_descale, **mods)
     if not return_attn_probs:
         return call()[0]
-    (out, lse), keep = _with_keep_mask(call, dropout_p, q.device, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    (out, lse), keep = with_keep_mask(call, dropout_p, q.device, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     probs = attention_probs(q.detach(), k.detach(), lse, causal=causal, window_size=window_size,
                             scale=softmax_scale, layout="bshd", sinks=s_aux, **mods)
     return out, lse, _signed(probs, keep)
@@ -254,7 +229,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                                 block_table=block_table, num_splits=num_splits, k_descale=k_descale,
                                 v_descale=v_descale, q_descale=q_descale, scheduler_metadata=scheduler_metadata)
     shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k) if return_attn_probs else None
-    (result, lse), keep = _with_keep_mask(call, dropout_p if return_attn_probs else 0.0, q.device, shape)
+    (result, lse), keep = with_keep_mask(call, dropout_p if return_attn_probs else 0.0, q.device, shape)
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
             raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "

@@ -226,3 +226,34 @@ def dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p, *, seed=None, offs
     check_device(device)
     rng = ops.draw_rng(device) if seed is None else torch.tensor([seed, offset], dtype=torch.int64, device=device)
     return dropout_keep_mask(rng, *sizes, dropout_p)
+
+
+def rng_state(device):
+    """The state of torch's default generator of `device` (CPU or CUDA)."""
+    device = torch.device(device)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state, device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def with_keep_mask(call, dropout_p, device, shape):
+    """(call()'s result, the dropout keep-mask `shape` = (B, Hq, Sq, Sk) its kernels drew, or None without dropout):
+    the mask is drawn again from the generator's state before the call (dropout_mask), which is then put back to
+    where the call left it."""
+    if not dropout_p:
+        return call(), None
+    before = rng_state(device)
+    result = call()
+    after = rng_state(device)
+    set_rng_state(before, device)
+    try:
+        keep = dropout_mask(*shape, dropout_p, device=device)
+    finally:
+        set_rng_state(after, device)
+    return result, keep

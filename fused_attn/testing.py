@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import kernels, reference
 from .decode import attention_with_kvcache
-from .function import attention, dropout_mask
+from .function import attention, with_keep_mask
 from .numerics import FACTORS, Metric, delta_noise, fp8_p_floor
 from .varlen import attention_varlen, cu_seqlens
 
@@ -67,20 +67,6 @@ def alibi_slopes(heads: int, batch: int = 0, device=None) -> torch.Tensor:
     return s[None] * torch.arange(1, batch + 1, device=device, dtype=torch.float32)[:, None] if batch else s
 
 
-def rng_state(device):
-    """The state of torch's default generator of `device` (CPU or CUDA)."""
-    device = torch.device(device)
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def set_rng_state(state, device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
 def kernel_modifiers(case, batch: int, device) -> dict:
     """The case's softcap / alibi_slopes / dropout_p keyword arguments for the kernels' entry points."""
     slopes = None if not case.alibi else alibi_slopes(case.heads_q, batch if case.alibi == "batch" else 0, device)
@@ -90,15 +76,7 @@ def kernel_modifiers(case, batch: int, device) -> dict:
 def run_with_mask(fn, mods: dict, device, shape):
     """fn() (a kernel call with the dropout of `mods`), and the keep-mask of `shape` it used (None without dropout):
     the generator state before the call, restored, gives fused_attn.dropout_mask the same draw."""
-    state = rng_state(device)
-    result = fn()
-    if not mods["dropout_p"]:
-        return result, None
-    after = rng_state(device)
-    set_rng_state(state, device)
-    mask = dropout_mask(*shape, mods["dropout_p"], device=device)
-    set_rng_state(after, device)
-    return result, mask
+    return with_keep_mask(fn, mods["dropout_p"], device, shape)
 
 
 def make_inputs(case: Case, device, seed: int = 0):

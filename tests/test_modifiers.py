@@ -6,8 +6,8 @@ import torch
 
 import fused_attn
 from fused_attn import kernels
-from fused_attn.testing import (Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs, rng_state,
-                                 set_rng_state)
+from fused_attn.function import rng_state, set_rng_state
+from fused_attn.testing import Case, VarlenCase, alibi_slopes, evaluate, evaluate_varlen, make_inputs
 
 ON_GPU = torch.cuda.is_available()
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
