@@ -2,6 +2,7 @@
 import importlib
 
 from . import reference
+from .batch_invariant import is_batch_invariant_mode, set_batch_invariant_mode
 from .blockmask import BlockMask, and_masks, create_block_mask, or_masks
 from .decode import attention_with_kvcache, write_kv_cache
 from .dropin import (explain, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
@@ -19,7 +20,8 @@ __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "write_kv_
            "dropout_mask", "merge_attention", "cu_seqlens", "FusedAttentionFunction", "reference",
            "scaled_dot_product_attention", "sdpa_override", "explain", "flash_attn_func", "flash_attn_varlen_func",
            "flash_attn_with_kvcache", "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "ScoreMod", "quantize_fp8", "get_scheduler_metadata", "SchedulerMetadata"]
+           "ScoreMod", "quantize_fp8", "get_scheduler_metadata", "SchedulerMetadata", "set_batch_invariant_mode",
+           "is_batch_invariant_mode"]
 
 
 def __getattr__(name):  # submodules with heavier imports (matplotlib, transformers, distributed) load on first use

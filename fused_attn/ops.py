@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import batch_invariant, kernels
 from .kernels import BlockTables, Modifiers, Packed
 
 
@@ -34,6 +34,7 @@ class Call:
     packed: Optional[Packed] = None
     blocks: Optional[BlockTables] = None
     out_dtype: Optional[torch.dtype] = None  # FP8 inputs: the output's dtype (else the inputs')
+    split_keys: int = 0  # the batch-invariant mode's keys per split (fused_attn/batch_invariant.py); 0: off
 
     def tensors(self) -> list:
         """Every tensor the call holds (modifiers, score / mask function arguments, packed offsets, block tables):
@@ -50,8 +51,9 @@ class Call:
     @classmethod
     def of(cls, a, mods: Modifiers = Modifiers(), packed: Optional[Packed] = None,
            blocks: Optional[BlockTables] = None, out_dtype: Optional[torch.dtype] = None) -> "Call":
-        """The Call of checked Args `a` (fused_attn._args.Args)."""
-        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks, out_dtype)
+        """The Call of checked Args `a` (fused_attn._args.Args), in the batch-invariant mode if it is on."""
+        return cls(a.scale, a.offset, a.left, a.right, a.layout, mods, packed, blocks, out_dtype,
+                   batch_invariant.split_keys())
 
 
 REQUIRED = object()  # a field every call gives
@@ -80,6 +82,7 @@ CALL_FIELDS = (
     ("mask_block_k", "int", 1, "blocks", "block_k"),
     ("bias", "Tensor?", None, "mods", "bias"),
     ("sinks", "Tensor?", None, "mods", "sinks"),
+    ("split_keys", "int", 0, None, "split_keys"),
 )
 # Present exactly when the call has the bundle (its first row's attribute is never None then).
 _PRESENT = {"packed": "cu_seqlens_q", "blocks": "kv"}
@@ -157,7 +160,7 @@ def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_si
         k.shape[2] if block_table is None else block_table.shape[1] * page_size)
     args = (q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
             c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
-            p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale)
+            p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale, c.split_keys)
     return decode(*args) if torch.compiler.is_compiling() else _run_decode(*args, plan=plan)
 
 
@@ -202,7 +205,8 @@ def _forward(q, k, v, c: Call):
     out, lse, stats = _forward_buffers(q, v, c.layout, c.packed is not None, c.out_dtype)
     rng = draw_rng(q.device) if c.mods.dropout_p > 0 else _rng_buffer(q, 0.0)
     kernels.attention_forward(q, k, v, out, lse, stats, scale=c.scale, offset=c.offset, left=c.left, right=c.right,
-                              packed=c.packed, mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks)
+                              packed=c.packed, mods=dataclasses.replace(c.mods, rng=rng), blocks=c.blocks,
+                              split_keys=c.split_keys)
     return out, lse, stats, rng
 
 
@@ -282,25 +286,26 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_
            layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
            sinks: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
            cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, k_descale: Optional[Tensor] = None,
-           v_descale: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+           v_descale: Optional[Tensor] = None, split_keys: int = 0) -> Tuple[Tensor, Tensor]:
     """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table. Packed
     sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers. FP8 k, v: k_descale /
-    v_descale (B, Hkv) float32; out in q's dtype."""
+    v_descale (B, Hkv) float32; out in q's dtype. split_keys > 0: the batch-invariant mode's splits."""
     return _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits,
                        layout, softcap, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, k_descale,
-                       v_descale)
+                       v_descale, split_keys)
 
 
 def _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout,
                 softcap=0.0, alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                k_descale=None, v_descale=None, plan=None):
+                k_descale=None, v_descale=None, split_keys=0, plan=None):
     packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = _out_lse(q, v, layout, packed is not None)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
                              mods=Modifiers(softcap, alibi_slopes, sinks=sinks, k_descale=k_descale,
-                                            v_descale=v_descale), packed=packed, plan=plan)
+                                            v_descale=v_descale), packed=packed, plan=plan,
+                             split_keys=split_keys)
     return out, lse
 
 
@@ -310,7 +315,7 @@ decode = torch.library.custom_op("fused_attn::decode", mutates_args=())(_decode)
 @decode.register_fake
 def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
       alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, k_descale=None,
-      v_descale=None):
+      v_descale=None, split_keys=0):
     return _out_lse(q, v, layout, cu_seqlens_q is not None)
 
 

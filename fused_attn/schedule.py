@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from . import batch_invariant
 from ._args import (DTYPES, _check_cu_seqlens, _check_int32_rows, _check_length, _check_num_splits,
                     _check_window, check_cu_values, reads_values)
 from .kernels.decode import DecodePlan, decode_plan
@@ -31,11 +32,17 @@ class SchedulerMetadata:
     page_size: int  # 0: contiguous caches
     plan: DecodePlan
 
+    @property
+    def split_keys(self) -> int:
+        """The batch-invariant mode's keys per split the plan was made in (0: made outside the mode)."""
+        return self.plan.split_keys
+
     def check(self, fn: str, q, k_cache, batch: int, packed: bool, page_size: int, max_seqlen_q: int = None):
         """The cheap check of a call against its plan (shapes, dtypes, device): a ValueError naming what differs.
         q: (B, Sq, Hq, D) or packed (total_q, Hq, D); k_cache: the cache (or packed keys), (..., Hkv, D)."""
         got = dict(batch_size=batch, num_heads_q=q.shape[-2], num_heads_kv=k_cache.shape[-2], headdim=q.shape[-1],
-                   dtype=q.dtype, device=q.device, packed=packed, page_size=page_size)
+                   dtype=q.dtype, device=q.device, packed=packed, page_size=page_size,
+                   split_keys=batch_invariant.split_keys())
         if not packed:
             got["max_seqlen_q"] = q.shape[1]
         elif max_seqlen_q is not None:
@@ -75,7 +82,8 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
     A call given the plan checks only that its tensors match it (shapes, dtypes, device) and skips the value
     checks of its lengths and tables (done here). The plan may split differently from a call without one (its
     split count follows max_seqlen_k rather than the cache's capacity), and each sequence gets the same bits in
-    every layer that uses it."""
+    every layer that uses it. Made in the batch-invariant mode, the plan holds the mode's splits (num_splits is
+    ignored there), and the calls given it must run in the same mode and split size."""
     sizes = {n: _check_length(n, x) for n, x in (("batch_size", batch_size), ("max_seqlen_q", max_seqlen_q),
                                                  ("max_seqlen_k", max_seqlen_k), ("num_heads_q", num_heads_q),
                                                  ("num_heads_kv", num_heads_kv), ("headdim", headdim))}
@@ -116,7 +124,8 @@ def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, 
             check_cu_values("cu_seqlens_q", cu_seqlens_q, batch_size * max_seqlen_q, max_seqlen_q, "q")
     total_q = None if cu_seqlens_q is None else batch_size * max_seqlen_q  # a bound: the calls bring their own
     plan = decode_plan(num_heads_q, num_heads_kv, headdim, headdim_v, qkv_dtype, device, batch_size, max_seqlen_q,
-                       max_seqlen_k, num_splits, total_q, sm_margin=int(sm_margin))
+                       max_seqlen_k, num_splits, total_q, sm_margin=int(sm_margin),
+                       split_keys=batch_invariant.split_keys())
     return SchedulerMetadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim, headdim_v,
                              qkv_dtype, device, cu_seqlens_q is not None, page, plan)
 

@@ -187,6 +187,55 @@ def _join_sink(acc, l_i, m_i, sink, qk_scale):
 
 
 @triton.jit
+def _partial(acc, l_i, m_i, qk_scale):
+    """A key range's normalized output and lse (natural log) from its online-softmax state (acc, l, m); rows that
+    saw no key of it: 0 and -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = (tl.where(empty, 0.0, m_i) * qk_scale + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    return out, tl.where(empty, float("-inf"), lse)
+
+
+@triton.jit
+def _merge_partial(o, lse, o_s, lse_s):
+    """(out, lse) of the keys behind (o, lse) followed by those behind (o_s, lse_s), each a normalized output and
+    its lse: the batch-invariant mode's one merge, a left fold over a row's splits in key order (the forward in
+    registers, the split-KV combine kernel over fp32 partials; a sink is a split with output 0). A split the row
+    sees nothing of (0, -inf) leaves (o, lse) exactly as they were, and the first real one is taken exactly."""
+    m = tl.maximum(lse, lse_s)
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_sub)
+    w_s = tl.exp(lse_s - m_sub)
+    l_i = w + w_s
+    empty = l_i == 0.0
+    l_i = tl.where(empty, 1.0, l_i)
+    o = (o * w[:, None] + o_s * w_s[:, None]) / l_i[:, None]
+    return o, tl.where(empty, float("-inf"), m_sub + tl.log(l_i))
+
+
+@triton.jit
+def _merge_stats(m_i, l_i, m_s, l_s, qk_scale):
+    """The softmax stats (row max, denominator; kernel units) of two key ranges together: what the backward
+    recomputes P from when the forward merged splits."""
+    m_new = tl.maximum(m_i, m_s)
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, l_i * tl.math.exp2((m_i - m_sub) * qk_scale) + l_s * tl.math.exp2((m_s - m_sub) * qk_scale)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def _split_range(split, lo, hi, split_keys):
+    """Keys [first, end) of split number `split` of a walk over [lo, hi) cut at multiples of split_keys (absolute
+    key positions, whatever the walk's start): the batch-invariant mode's splits."""
+    first = lo // split_keys * split_keys + split * split_keys
+    return _clamp(first, lo, hi), _clamp(first + split_keys, lo, hi)
+
+
+@triton.jit
 def _rng(RNG, DROPOUT: tl.constexpr):
     """(seed, offset) of a dropout call from its int64 [seed, offset] tensor (drawn from torch's generator)."""
     seed = tl.zeros([], tl.int64)

@@ -240,6 +240,17 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packe
     return KernelConfig(block_m, block_n, 8 if bd >= 128 else 4, stages, **choice)
 
 
+def invariant_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, split_keys: int) -> KernelConfig:
+    """The batch-invariant mode's tiles, taken by every path that computes a row -- the dense and packed forward
+    and the split-KV kernels -- so that each runs the same MMA on the same key tiles: the packed forward's (pointer
+    loads, a program per tile, whatever `use` asks), its key tile halved until it divides split_keys."""
+    cfg = forward_config(head_dim, head_dim_v, dtype, cc, packed=True)
+    block_n = cfg.block_n
+    while split_keys % block_n:
+        block_n //= 2
+    return dataclasses.replace(cfg, block_n=block_n)
+
+
 def split_dkdv(head_dim: int, head_dim_v: int) -> bool:
     """dK and dV in two launches above D = 128: both accumulators in one program spill (compile-time gate)."""
     return max(head_block(head_dim), head_block(head_dim_v)) > 128

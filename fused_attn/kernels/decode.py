@@ -20,15 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range, _join_sink, _sink, _slope
-from .configs import capability, cdiv, head_block, interpreter_active, next_power_of_2, smem_limit
+from .common import (_block_range, _clamp, _join_sink, _merge_partial, _partial, _segment_range, _sink, _slope,
+                     _split_range)
+from .configs import (capability, cdiv, head_block, interpreter_active, invariant_config, next_power_of_2,
+                      smem_limit)
 from .forward import _attn_fwd_inner
 from .launch import LOG2E, features, fp32_dot, modifier_args, run, sm_count
-
-
-@triton.jit
-def _clamp(x, lo, hi):
-    return tl.minimum(tl.maximum(x, lo), hi)
 
 
 @triton.jit
@@ -79,7 +76,7 @@ def _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN: tl.c
 
 
 @features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS",
-          "FP8_KV")
+          "FP8_KV", "INVARIANT")
 @triton.jit
 def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K, SEQLENS_K, PAGES, SLOPES, SINKS,
                            K_DESCALE, V_DESCALE,
@@ -89,7 +86,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                            stride_ob, stride_oh, stride_os, stride_od,
                            stride_lb, stride_lh, stride_pb, stride_ab, stride_ah, stride_db, stride_dh,
                            n_main, n_seqs, tiles, max_splits, min_tiles, part_rows,
-                           n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out,
+                           n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out, split_keys,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PACK: tl.constexpr,
@@ -97,14 +94,16 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                            PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
                            HAS_CU_K: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                            HAS_SINKS: tl.constexpr, FP8_KV: tl.constexpr, COMBINE: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr):
+                           PAGE_SIZE: tl.constexpr, INVARIANT: tl.constexpr):
     """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
     when the sequence is not split (sinks folded in), else as fp32 partials (O_PART (splits, n_seqs * part_rows,
     Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq)) for the combine kernel, SPLITS[b] the split count.
     K, V: (B, Hkv, S, D)-indexed (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv,
     page_size, D)-indexed with PAGES the (B, max_pages) block table, PAGE_SIZE keys per page (a constant: a few
     values in practice, and a multiple of BLOCK_N makes each tile one page). FP8_KV: K and V hold FP8, dequantized by
-    K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all)."""
+    K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all). INVARIANT (the batch-invariant
+    mode): the keys cut at multiples of split_keys, as the forward cuts them -- a split sequence's program j runs
+    split j, any other program all of its splits, merged in key order (_merge_partial)."""
     b, tile, split = _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, VARLEN)
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN, HAS_CU_K,
                                                    HAS_SEQLENS)
@@ -116,17 +115,28 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
                                             HAS_LEFT, HAS_RIGHT)
     # A sequence of one tile splits its key tiles into ranges of at least min_tiles; depends on the sequence alone
     # and the launch's max_splits, which caps it (num_splits where given: then a sequence splits the same alone or in
-    # any batch; else the plan's choice, which follows the batch).
+    # any batch; else the plan's choice, which follows the batch). INVARIANT: the mode's splits, one per program
+    # (all in one program where the launch has fewer).
+    n_parts = 1  # the mode's splits this program runs
+    if INVARIANT:
+        n_parts = tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
     n_split = 1
     if COMBINE:
-        n_split = tl.where(seqlen_q <= BLOCK_Q, _clamp((hi - lo) // BLOCK_N // min_tiles, 1, max_splits), 1)
+        if INVARIANT:
+            n_split = tl.where((seqlen_q <= BLOCK_Q) & (n_parts <= max_splits), n_parts, 1)
+        else:
+            n_split = tl.where(seqlen_q <= BLOCK_Q, _clamp((hi - lo) // BLOCK_N // min_tiles, 1, max_splits), 1)
         if split >= n_split:
             return
         if (split == 0) & (tl.program_id(1) == 0):
             tl.store(SPLITS + b, n_split)
-    per_split = tl.cdiv((hi - lo) // BLOCK_N, n_split) * BLOCK_N
-    s_lo = tl.minimum(lo + split * per_split, hi)
-    s_hi = tl.minimum(s_lo + per_split, hi)
+    if INVARIANT:
+        first_part = tl.where(n_split > 1, split, 0)
+        n_parts = tl.where(n_split > 1, 1, n_parts)
+    else:
+        per_split = tl.cdiv((hi - lo) // BLOCK_N, n_split) * BLOCK_N
+        s_lo = tl.minimum(lo + split * per_split, hi)
+        s_hi = tl.minimum(s_lo + per_split, hi)
 
     h0 = tl.program_id(1) * PACK
     hk = h0 // group
@@ -161,27 +171,44 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for seg in tl.static_range(3):  # masked edge, unmasked middle, masked edge -- within this split's range
-        seg_lo = s_lo if seg == 0 else _clamp(full_lo if seg == 1 else full_hi, s_lo, s_hi)
-        seg_hi = _clamp(full_lo, s_lo, s_hi) if seg == 0 else (_clamp(full_hi, s_lo, s_hi) if seg == 1 else s_hi)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
-                                        pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                                        HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
-                                        PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
-                                        cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
-                                        None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
-                                        (), k_descale, FP8_KV, False)
-    if FP8_KV:
-        acc = acc * v_descale
+    if INVARIANT:
+        o_all = acc
+        lse_all = m_i
+    for part in range(n_parts):
+        if INVARIANT:
+            s_lo, s_hi = _split_range(first_part + part, lo, hi, split_keys)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for seg in tl.static_range(3):  # masked edge, unmasked middle, masked edge -- within this split's range
+            seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, False)
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
+                                            stride_vd, pos, _clamp(seg_lo, s_lo, s_hi), _clamp(seg_hi, s_lo, s_hi),
+                                            seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                            HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
+                                            PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
+                                            cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
+                                            None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
+                                            (), k_descale, FP8_KV, False)
+        if INVARIANT:
+            if FP8_KV:
+                acc = acc * v_descale
+            o_s, lse_s = _partial(acc, l_i, m_i, qk_scale)
+            o_all, lse_all = _merge_partial(o_all, lse_all, o_s, lse_s)
 
-    if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
-        if n_split == 1:
-            acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, heads, qk_scale, HAS_SINKS), qk_scale)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = (tl.where(empty, 0.0, m_i) * qk_scale + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
-    lse = tl.where(empty, float("-inf"), lse)
+    if INVARIANT:  # the sinks join as a split of output 0, here or in the combine kernel
+        out, lse = o_all, lse_all
+        if HAS_SINKS:
+            if n_split == 1:
+                out, lse = _merge_partial(out, lse, 0.0, _sink(SINKS, heads, 1.4426950408889634, HAS_SINKS))
+    else:
+        if FP8_KV:
+            acc = acc * v_descale
+        if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
+            if n_split == 1:
+                acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, heads, qk_scale, HAS_SINKS), qk_scale)
+        out, lse = _partial(acc, l_i, m_i, qk_scale)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     # The partials' branch only where COMBINE says the launch has them: n_split is a runtime value, and a branch
@@ -212,10 +239,12 @@ def _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, 
 def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, n_heads, seqlen_q, part_rows,
                          stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh,
                          HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr):
+                         BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr,
+                         INVARIANT: tl.constexpr):
     """Sequence b = program_id(0), query head h = program_id(1), if it was split: lse = log sum_s exp(lse_s),
     out = sum_s exp(lse_s - lse) out_s, in fp32 and in split order (merge_attention's formula), exp(sink) of the
-    head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf."""
+    head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf. INVARIANT: the
+    same sum as the batch-invariant forward's left fold, one split after another (_merge_partial)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     q0, _, seqlen_q, _ = _serving_sequence(CU_Q, None, None, b, seqlen_q, 0, VARLEN, False, False)
@@ -231,27 +260,37 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
     part = (b64 * part_rows + pos) * n_heads + h  # split 0's row
     step = (b64 * 0 + n_seqs) * part_rows * n_heads
     sink = _sink(SINKS, h, 1.4426950408889634, HAS_SINKS)  # in natural-log units
-    m = tl.maximum(tl.full([BLOCK_M], float("-inf"), tl.float32), sink)
-    for s in range(n_split):
-        m = tl.maximum(m, tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
-    m_sub = tl.where(m == float("-inf"), 0.0, m)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for s in range(n_split):
-        w = tl.exp(tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")) - m_sub)
-        o = tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
-                    mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        acc += w[:, None] * o
-        l_i += w
-    if HAS_SINKS:
-        l_i += tl.exp(sink - m_sub)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    if INVARIANT:
+        out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for s in range(n_split):
+            out, lse = _merge_partial(out, lse,
+                                      tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                                              mask=o_mask, other=0.0),
+                                      tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
+        if HAS_SINKS:
+            out, lse = _merge_partial(out, lse, 0.0, sink)
+    else:
+        m = tl.maximum(tl.full([BLOCK_M], float("-inf"), tl.float32), sink)
+        for s in range(n_split):
+            m = tl.maximum(m, tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
+        m_sub = tl.where(m == float("-inf"), 0.0, m)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for s in range(n_split):
+            w = tl.exp(tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")) - m_sub)
+            o = tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=o_mask, other=0.0)
+            acc += w[:, None] * o
+            l_i += w
+        if HAS_SINKS:
+            l_i += tl.exp(sink - m_sub)
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i)))
     row = b64 * stride_ob + h.to(tl.int64) * stride_oh + (q0 + pos) * stride_os
-    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q0 + pos,
-             tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i))), mask=m_ok)
+    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q0 + pos, lse, mask=m_ok)
 
 
 # Tiles: decode is memory-bound, so a program's rows are a kv group's query heads at BLOCK_Q positions, up to ROWS
@@ -263,22 +302,32 @@ INTERPRETER_BLOCK_N = 32
 MAX_SPLITS, MIN_TILES = 32, 4
 
 
-def serving_tiles(group: int, seqlen_q=None):
+def serving_tiles(group: int, seqlen_q=None, rows=None):
     """(pack, block_q, block_m): query heads per program (the whole kv group), query positions per tile and the
-    tile's rows. Packed batches (seqlen_q None) take the same tiles whatever the batch holds, so a sequence gives
-    bitwise the same result alone and in any batch; a dense batch's tiles shrink to its query length."""
-    rows = INTERPRETER_ROWS if interpreter_active() else ROWS
+    tile's rows (at most `rows`; the batch-invariant mode gives the forward's block_m, and the tile is padded to it).
+    Packed batches (seqlen_q None) take the same tiles whatever the batch holds, so a sequence gives bitwise the same
+    result alone and in any batch; a dense batch's tiles shrink to its query length."""
+    fixed = rows is not None
+    rows = rows or (INTERPRETER_ROWS if interpreter_active() else ROWS)
     pack = group if group <= rows else 1
     block_q = max(1, rows // next_power_of_2(pack))
     if seqlen_q is not None:
         block_q = min(block_q, next_power_of_2(max(seqlen_q, 1)))
-    return pack, block_q, max(16, next_power_of_2(block_q * pack))
+    return pack, block_q, rows if fixed else max(16, next_power_of_2(block_q * pack))
 
 
-def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int):
+# The batch-invariant mode runs each split of a sequence in its own program up to this many splits (longer
+# sequences: all of their splits in one program, the same bits); its scratch grows with them.
+MAX_INVARIANT_SPLITS = 128
+
+
+def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int, split_keys: int = 0):
     """(max_splits, min_tiles): num_splits ranges of any size where given (FlashAttention's num_splits; 1: none);
     else (0) none where the `programs` of an unsplit launch already fill the `sms`, otherwise enough ranges for
-    about two waves of programs, each of at least MIN_TILES key tiles of the longest sequence, up to MAX_SPLITS."""
+    about two waves of programs, each of at least MIN_TILES key tiles of the longest sequence, up to MAX_SPLITS.
+    split_keys > 0 (the batch-invariant mode): the mode's splits of the longest sequence, whatever num_splits."""
+    if split_keys:
+        return max(1, min(MAX_INVARIANT_SPLITS, cdiv(max_seqlen_k, split_keys))), 1
     if num_splits > 0:
         return num_splits, 1
     if programs >= sms:
@@ -310,17 +359,22 @@ class DecodePlan:
     min_tiles: int
     part_rows: int
     scratch: tuple  # (o_part, lse_part, split_counts) float32 / int32, or three Nones without splits
+    split_keys: int = 0  # the batch-invariant mode's keys per split (0: the mode is off)
 
 
 def decode_plan(heads_q: int, heads_kv: int, D: int, Dv: int, dtype: torch.dtype, device, n_seqs: int,
                 seqlen_q: int, max_seqlen_k: int, num_splits: int = 0, total_q: Optional[int] = None,
-                cc=None, sm_margin: int = 0) -> DecodePlan:
+                cc=None, sm_margin: int = 0, split_keys: int = 0) -> DecodePlan:
     """The plan of a split-KV call: n_seqs sequences of seqlen_q queries (packed: at most seqlen_q each, total_q
     rows in all, or a bound on them) against at most max_seqlen_k keys, heads_q query heads over heads_kv kv heads
     of head dims D / Dv; cc: the GPU's compute capability (None: the device's, or the interpreter's); sm_margin:
-    SMs the split plan leaves to other work."""
+    SMs the split plan leaves to other work; split_keys > 0: the batch-invariant mode (the forward's tiles, rows,
+    warps and stages -- configs.invariant_config -- and its splits)."""
     cc = capability(device) if cc is None and device.type != "meta" else cc
     packed = total_q is not None
+    if split_keys:
+        return _invariant_plan(heads_q, heads_kv, D, Dv, dtype, device, n_seqs, seqlen_q, max_seqlen_k, packed,
+                               cc, split_keys)
     bd, bdv, size = head_block(D), head_block(Dv), dtype.itemsize
     pack, block_q, block_m = serving_tiles(heads_q // heads_kv, None if packed else seqlen_q)
     block_n = INTERPRETER_BLOCK_N if interpreter_active() else 64
@@ -336,20 +390,40 @@ def decode_plan(heads_q: int, heads_kv: int, D: int, Dv: int, dtype: torch.dtype
     splits, min_tiles = split_plan(num_splits, max_seqlen_k, block_n, n_main * (heads_q // pack),
                                    max(1, sm_count(device) - sm_margin))
     part_rows = min(block_q, seqlen_q)
-    f32 = torch.float32
-    scratch = (torch.empty(splits, n_seqs * part_rows, heads_q, Dv, device=device, dtype=f32),
-               torch.empty(splits, n_seqs * part_rows, heads_q, device=device, dtype=f32),
-               torch.empty(n_seqs, device=device, dtype=torch.int32)) if splits > 1 else (None, None, None)
     stages = 1 + max(0, min(2, room // (block_n * (bd + bdv) * size)))
     # 64-row (prefill) tiles from D = 128 on: 8 warps (4 spill on sm_80; the compile-time gate).
     warps = 8 if block_m >= 64 and max(bd, bdv) >= 128 else 4
-    return DecodePlan(pack, block_q, block_m, block_n, stages, warps, tiles, splits, min_tiles, part_rows, scratch)
+    return DecodePlan(pack, block_q, block_m, block_n, stages, warps, tiles, splits, min_tiles, part_rows,
+                      _scratch(splits, n_seqs, part_rows, heads_q, Dv, device))
+
+
+def _scratch(splits: int, n_seqs: int, part_rows: int, heads_q: int, Dv: int, device):
+    """Split partials' buffers: (o_part, lse_part, split_counts), or three Nones without splits."""
+    if splits == 1:
+        return None, None, None
+    f32 = torch.float32
+    return (torch.empty(splits, n_seqs * part_rows, heads_q, Dv, device=device, dtype=f32),
+            torch.empty(splits, n_seqs * part_rows, heads_q, device=device, dtype=f32),
+            torch.empty(n_seqs, device=device, dtype=torch.int32))
+
+
+def _invariant_plan(heads_q, heads_kv, D, Dv, dtype, device, n_seqs, seqlen_q, max_seqlen_k, packed, cc,
+                    split_keys) -> DecodePlan:
+    """The batch-invariant mode's plan: the forward's tile (block_m rows, block_n keys, warps), so a decode row takes
+    the same MMA and key tiles as a prefill row; splits of split_keys keys, one program each."""
+    cfg = invariant_config(D, Dv, dtype, cc, split_keys)
+    pack, block_q, block_m = serving_tiles(heads_q // heads_kv, None if packed else seqlen_q, rows=cfg.block_m)
+    splits, _ = split_plan(0, max_seqlen_k, cfg.block_n, 0, 0, split_keys)
+    part_rows = min(block_q, seqlen_q)
+    return DecodePlan(pack, block_q, block_m, cfg.block_n, cfg.num_stages, cfg.num_warps, cdiv(seqlen_q, block_q),
+                      splits, 1, part_rows, _scratch(splits, n_seqs, part_rows, heads_q, Dv, device), split_keys)
 
 
 def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
                     left: int, right: int, num_splits: int = 0, cc=None, mods=None, packed=None,
-                    plan: Optional[DecodePlan] = None):
-    """The split-KV launches as (kernel, grid, args, kwargs), their plan made (decode_plan) unless given.
+                    plan: Optional[DecodePlan] = None, split_keys: int = 0):
+    """The split-KV launches as (kernel, grid, args, kwargs), their plan made (decode_plan; split_keys > 0: the
+    batch-invariant mode's) unless given.
 
     q, out: (B, Hq, Sq, D / Dv)-indexed views; lse (B, Hq, Sq) float32 contiguous. Packed (a Packed): B = 1, rows
     cu_seqlens_q[b] .. of sequence b; cu_seqlens_k None where the keys are paged (or per sequence in seqlens_k).
@@ -369,7 +443,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         return []
     if plan is None:
         plan = decode_plan(Hq, Hkv, D, Dv, q.dtype, q.device, n_seqs, seqlen_q, max_seqlen_k, num_splits,
-                           None if packed is None else q.shape[2], cc)
+                           None if packed is None else q.shape[2], cc, split_keys=split_keys)
     splits, combine = plan.splits, plan.splits > 1
     o_part, lse_part, split_counts = plan.scratch
     bd, bdv = head_block(D), head_block(Dv)
@@ -393,19 +467,20 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
                      sinks, k_descale, v_descale, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out),
                      *lse_strides, block_table.stride(0) if paged else 0, *slope_strides,
                      *descale_strides, n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows, Hq, group,
-                     seqlen_q, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out), kwargs)]
+                     seqlen_q, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out, plan.split_keys), kwargs)]
     if combine:
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
                             (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,
                              *batch0(out), *lse_strides),
                             dict(HEAD_DIM_V=Dv, BLOCK_M=next_power_of_2(part_rows), BLOCK_DV=bdv,
-                                 BLOCK_Q=plan.block_q)))
+                                 BLOCK_Q=plan.block_q, INVARIANT=plan.split_keys > 0)))
     return launch_list
 
 
 def attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
-                     left: int, right: int, num_splits: int = 0, mods=None, packed=None, plan=None):
+                     left: int, right: int, num_splits: int = 0, mods=None, packed=None, plan=None,
+                     split_keys: int = 0):
     """Launch split-KV attention (decode_launches) and count it as "decode"; writes out and lse."""
     run(decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right,
-                        num_splits, mods=mods, packed=packed, plan=plan), "decode")
+                        num_splits, mods=mods, packed=packed, plan=plan, split_keys=split_keys), "decode")
     return out, lse

@@ -3,10 +3,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_at_rows, _block_bits, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
-                     _program_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope, _store_tile,
-                     _tile_at, _tile_pages, _visible, _walk_tile)
-from .configs import capability, cdiv, forward_config, head_block, head_chunks
+from .common import (_at_rows, _block_bits, _clamp, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
+                     _program_tile, _merge_partial, _merge_stats, _partial, _query_head, _rng, _score, _segment_range,
+                     _sequence, _sink, _slope, _split_range, _store_tile, _tile_at, _tile_pages, _visible, _walk_tile)
+from .configs import capability, cdiv, forward_config, head_block, head_chunks, invariant_config
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
@@ -76,13 +76,13 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                    stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
                    stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab, stride_ah, stride_db,
                    stride_dh, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale, cap_in, cap_out,
-                   threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k, HEAD_DIM: tl.constexpr,
-                   HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k, split_keys,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
                    TMA: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                    DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
                    SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-                   WARP_SPEC: tl.constexpr):
+                   WARP_SPEC: tl.constexpr, INVARIANT: tl.constexpr):
     """The forward of one query tile (rows start_m..) of head bh = b * Hq + h."""
     b, h, hk = _query_head(bh, n_heads, group)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
@@ -122,40 +122,73 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                                                BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
     # Same inner loop three times: masked leading edge, unmasked middle, masked trailing edge (list walk: masked
     # partial blocks, unmasked full blocks, nothing). Warp-specialized: once, every tile masked (the mask is the
-    # identity on full tiles, so the result is the same to the bit).
-    for seg in tl.static_range(1 if WARP_SPEC else 3):
-        seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, WARP_SPEC)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
-                                        offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
-                                        qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                        HAS_LEFT, HAS_RIGHT, WARP_SPEC or seg != 1, FP32_DOT, TMA, None, 0, 0, 0,
-                                        False,
-                                        cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
-                                        DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k, LISTED,
-                                        h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD, MASK_ARGS,
-                                        qk_descale, FP8, WARP_SPEC)
-    if FP8:
-        acc = acc * v_descale
-
-    if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
-        acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, h, qk_scale, HAS_SINKS), qk_scale)
+    # identity on full tiles, so the result is the same to the bit). INVARIANT (the batch-invariant mode): the walk
+    # cut into splits of split_keys keys at absolute positions, each split's softmax from a fresh state, merged in
+    # key order as the split-KV kernels merge theirs (_merge_partial); else one split, the whole walk.
+    n_splits = 1
+    if INVARIANT:
+        n_splits = tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
+        o_all = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        lse_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        m_all = lse_all
+        l_all = tl.zeros([BLOCK_M], tl.float32)
+    for split in range(n_splits):
+        if INVARIANT:
+            s_lo, s_hi = _split_range(split, lo, hi, split_keys)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for seg in tl.static_range(1 if WARP_SPEC else 3):
+            seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, WARP_SPEC)
+            if INVARIANT:
+                seg_lo, seg_hi = _clamp(seg_lo, s_lo, s_hi), _clamp(seg_hi, s_lo, s_hi)
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, hk, stride_ks, stride_kd, stride_vs, stride_vd,
+                                            offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
+                                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                            HAS_LEFT, HAS_RIGHT, WARP_SPEC or seg != 1, FP32_DOT, TMA, None, 0, 0, 0,
+                                            False,
+                                            cap_in, cap_out, slope, SOFTCAP, ALIBI, seed, rng_offset, bh, threshold,
+                                            DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS, block_q, block_k,
+                                            LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS, MASK_MOD,
+                                            MASK_ARGS, qk_descale, FP8, WARP_SPEC)
+        if INVARIANT:
+            if FP8:
+                acc = acc * v_descale
+            o_s, lse_s = _partial(acc, l_i, m_i, qk_scale)
+            o_all, lse_all = _merge_partial(o_all, lse_all, o_s, lse_s)
+            m_all, l_all = _merge_stats(m_all, l_all, m_i, l_i, qk_scale)
+    if INVARIANT:  # the sinks join as a split of output 0 (as in the split-KV kernels); the stats for the backward
+        if HAS_SINKS:
+            o_all, lse_all = _merge_partial(o_all, lse_all, 0.0, _sink(SINKS, h, 1.4426950408889634, HAS_SINKS))
+            m_all, l_all = _merge_stats(m_all, l_all, _sink(SINKS, h, qk_scale, HAS_SINKS), 1.0, qk_scale)
+        acc, l_i, m_i = o_all, l_all, m_all
+    else:
+        if FP8:
+            acc = acc * v_descale
+        if HAS_SINKS:  # the sink's term joins the denominator (and the stats), not the output
+            acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, h, qk_scale, HAS_SINKS), qk_scale)
 
     # Rows that saw no key (and no sink): out 0, lse -inf; their stats make the backward's P exactly 0.
     empty = l_i == 0.0
     l_i = tl.where(empty, 1.0, l_i)
-    out = acc / l_i[:, None]
+    out = acc  # the mode's merged output, already normalized
+    if not INVARIANT:
+        out = acc / l_i[:, None]
     if DROPOUT:
         out = out * drop_scale
     m_i = tl.where(empty, 0.0, m_i)
     log2_l = tl.where(empty, float("inf"), tl.math.log2(l_i))
     lse = (m_i * qk_scale + log2_l) * 0.6931471805599453
+    if INVARIANT:  # the merged lse, as the split-KV kernels compute it
+        lse = lse_all
     tl.store(STATS + offs_m * 2, m_i, mask=offs_m < seqlen_q)
     tl.store(STATS + offs_m * 2 + 1, log2_l, mask=offs_m < seqlen_q)
     _store_tile(O, out, offs_m, offs_dv, stride_os, stride_od, seqlen_q, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
     tl.store(LSE + offs_m, tl.where(empty, float("-inf"), lse), mask=offs_m < seqlen_q)
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS", "FP8")
+@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "HAS_SINKS", "FP8",
+          "INVARIANT")
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS, SINKS,
                      Q_DESCALE, K_DESCALE, V_DESCALE, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
@@ -163,13 +196,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                      stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab,
                      stride_ah, stride_db, stride_dh, head_start, head_count, n_heads, group, seqlen_q, seqlen_k,
                      offset, left, right, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th,
-                     stride_tr, block_q, block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                     stride_tr, block_q, block_k, split_keys, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
                      REVERSE: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                      DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
                      SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-                     WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
+                     WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr, INVARIANT: tl.constexpr):
     """One query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles of
     head_count heads from head_start heaviest first (_walk_tile; dense calls only). WARP_SPEC: the key loop
     warp-specialized, over descriptors made in the kernel (TMA == 2, common._at_rows)."""
@@ -183,9 +216,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                            stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb,
                            stride_lh, stride_ab, stride_ah, stride_db, stride_dh, n_heads, group, seqlen_q, seqlen_k,
                            offset, left, right, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th,
-                           stride_tr, block_q, block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-                           HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD,
-                           SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, HAS_SINKS, FP8, WARP_SPEC)
+                           stride_tr, block_q, block_k, split_keys, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
+                           BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED,
+                           SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, HAS_SINKS, FP8, WARP_SPEC, INVARIANT)
     else:
         start_m, bh = _program_tile(head_start, BLOCK_M, REVERSE)
         _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
@@ -194,15 +227,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE
                        stride_vd, stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab,
                        stride_ah, stride_db, stride_dh, n_heads, group, seqlen_q, seqlen_k, offset, left, right,
                        qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
-                       block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
-                       FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                       MASK_MOD, HAS_SINKS, FP8, WARP_SPEC)
+                       block_k, split_keys, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT,
+                       HAS_RIGHT, FP32_DOT, TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD,
+                       SCORE_BOUNDED, MASK_MOD, HAS_SINKS, FP8, WARP_SPEC, INVARIANT)
 
 
 def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, cfg, packed=None,
-                     mods=None, blocks=None):
+                     mods=None, blocks=None, split_keys: int = 0):
     """The forward's kernel launches, as (kernel, grid, args, kwargs): attention_forward runs them, the
-    compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU."""
+    compile-time gate (tests/aot_compile.py) compiles exactly them for a target without a GPU. split_keys > 0: the
+    batch-invariant mode's splits (a block mask's walk is not split: only this kernel walks one)."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
     ptrs, slope_strides, values = modifier_args(mods, scale)
     mask_ptrs, mask_values = block_args(blocks)
@@ -217,12 +251,13 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
              (*src, out, lse, stats, *cu, *ptrs, *mask_ptrs, None if mods is None else mods.sinks, *descales,
               *fn_args, *strides(q), *strides(k), *strides(v), *strides(out), *strides(lse)[:2], *slope_strides,
               *descale_strides, start, count, Hq,
-              Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E, *values, *mask_values), kwargs)
+              Hq // Hkv, Sq, Sk, offset, left, right, scale * LOG2E, *values, *mask_values,
+              0 if blocks is not None else split_keys), kwargs)
             for start, count in head_chunks(B * Hq) if Sq > 0]
 
 
 def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left: int, right: int, config=None,
-                      packed=None, mods=None, blocks=None):
+                      packed=None, mods=None, blocks=None, split_keys: int = 0):
     """Launch the forward on (B, H, S, D)-indexed views (any strides). Writes out (B, Hq, Sq, Dv),
     lse (B, Hq, Sq, float32, natural log, contiguous) and, for the backward, stats (B, Hq, Sq, 2, float32,
     contiguous). Packed sequences (`packed`, a Packed): B = 1, S = total rows, and the mask and offset are each
@@ -232,9 +267,13 @@ def attention_forward(q, k, v, out, lse, stats, scale: float, offset: int, left:
     that S - lse suffers at large logits. `config` (a KernelConfig) overrides configs.py, for tuning and tests;
     its TMA path is taken where the inputs qualify (tma_ok), else the pointer path. `mods` (a Modifiers): softcap,
     ALiBi, dropout. `blocks` (a BlockTables): a block mask, walked instead of the band (tiles no larger than its
-    blocks)."""
-    cfg = config or forward_config(q.shape[3], v.shape[3], q.dtype, capability(q.device), packed is not None)
-    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed, mods, blocks), "fwd")
+    blocks). split_keys > 0: the batch-invariant mode (fused_attn/batch_invariant.py): its tiles
+    (configs.invariant_config) and splits of split_keys keys, merged in key order."""
+    cc = capability(q.device)
+    cfg = config or (invariant_config(q.shape[3], v.shape[3], q.dtype, cc, split_keys) if split_keys else
+                     forward_config(q.shape[3], v.shape[3], q.dtype, cc, packed is not None))
+    run(forward_launches(q, k, v, out, lse, stats, scale, offset, left, right, cfg, packed, mods, blocks,
+                         split_keys), "fwd")
     return out, lse, stats
 
 

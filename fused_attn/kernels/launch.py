@@ -131,6 +131,7 @@ FEATURES = {
     "HAS_DLSE": lambda args: args["DLSE"] is not None,
     "FP8_KV": lambda args: args["K_DESCALE"] is not None,
     "FP8": lambda args: args["Q_DESCALE"] is not None,
+    "INVARIANT": lambda args: args["split_keys"] > 0,
 }
 
 
