@@ -11,7 +11,7 @@ import fused_attn
 
 from . import common
 from .common import DTYPES, Unsupported, probe
-from .providers import flex
+from .providers import flex, invariant
 
 BATCHES = (1, 8, 32)
 CACHES = (1024, 8192, 32768, 131072)
@@ -108,6 +108,7 @@ def _flex(case, q, kc, vc, table, lens):
 
 PROVIDERS = {
     "fused_attn-kvcache": _fused,
+    "fused_attn-kvcache-invariant": invariant(_fused),
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),

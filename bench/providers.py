@@ -46,6 +46,19 @@ def scoped(name, fn):
     return run
 
 
+def invariant(make):
+    """A provider's calls made in the batch-invariant mode (fused_attn.set_batch_invariant_mode, its default split
+    size): the mode's cost beside the same provider outside it."""
+    def provider(*args):
+        fn = make(*args)
+
+        def run():
+            with fused_attn.set_batch_invariant_mode():
+                return fn()
+        return run
+    return provider
+
+
 def _reference(cfg, q, k, v):
     if cfg.seqlen > REFERENCE_MAX_SEQLEN:
         raise Unsupported(f"naive reference only up to S={REFERENCE_MAX_SEQLEN}")
@@ -132,6 +145,7 @@ def _flex(cfg, q, k, v):
 PROVIDERS = {
     "fused_attn": _fused,
     **{name: _fused_variant(name) for name in VARIANTS},
+    "fused_attn-invariant": invariant(_fused),
     "sdpa-flash": _sdpa("FLASH_ATTENTION"),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),

@@ -4,9 +4,9 @@ fit one device call (a command of at most 10 minutes; each part's steps are budg
 Part 1: the environment, a compiled smoke of the suite (SMOKE: bf16, a few large shapes, every kernel path --
 pointer, TMA, persistent, warp-specialized -- FP8, serving, determinism), and the headline benchmark rows (D = 128,
 16k tokens, no mask / causal, forward and forward + backward) with every path variant beside the peers.
-Part 2: `bench.tune` over the rows part 1 measured slowest against the best peer (`--from` part 1's results.json),
-a few candidates per kernel over every load path and schedule; then `python -m bench --host` (host time per call
-with real launches).
+Part 2: `bench.tune` over the row part 1 measured slowest against the best peer (`--from` part 1's results.json),
+a few candidates per kernel over every load path and schedule; the batch-invariant mode's cost beside the default
+(prefill forward, decoding); then `python -m bench --host` (host time per call with real launches).
 
 --dry-run (on the CPU): the steps with their budgets, and the kernels part 1's benchmark rows compile -- distinct
 specializations, counted from the launchers on meta tensors for sm_90 as the compile-time gate does -- with a time
@@ -30,6 +30,8 @@ SMOKE = [  # (pytest arguments) -- GPU-only parameters (bf16, large shapes) are 
     ["tests/test_fp8.py"],
     ["tests/test_serving.py", "tests/test_host_path.py", "-k",
      "mixed or alone or cuda_graph or scheduler_metadata_made_once or compiled_equal"],
+    # the batch-invariant mode, bitwise across paths and batch compositions, compiled (bf16 and a long sequence)
+    ["tests/test_batch_invariant.py", "-k", "not api"],
 ]
 HEADLINE = dict(head_dims=[128], masks=["none", "causal"], modes=["fwd", "fwd+bwd"], seqlens=[16384])
 VARIANTS = ["fused_attn", "fused_attn-tma", "fused_attn-persistent", "fused_attn-ws", "fused_attn-ws-persistent"]
@@ -44,7 +46,8 @@ def part1_steps(out: str):
     py = sys.executable
     steps = [("environment", 10, [py, "-c", "import torch, triton; print(torch.cuda.get_device_name(), 'torch', "
                                             "torch.__version__, 'triton', triton.__version__)"])]
-    steps += [(f"smoke-{i}", 36, [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *args])
+    steps += [(f"smoke-{i}", 40 if i == len(SMOKE) - 1 else 32, [py, "-m", "pytest", "-q", "-x", "-p",
+                                                                 "no:cacheprovider", *args])
               for i, args in enumerate(SMOKE)]
     # The headline rows' kernels compiled in parallel into the JIT's own cache first (the gate's launches for the
     # benchmark shapes: the same specializations), so the benchmark's serial first calls find them compiled --
@@ -58,7 +61,7 @@ def part1_steps(out: str):
     steps.append(("warm-cache", 20 if traveled else 30, [py, "tests/aot_compile.py", "--workers", workers,
                                                          "--cache-dir", cache, "--only", *travel_cache.ONLY]))
     h = HEADLINE
-    steps.append(("headline", 130, [py, "-m", "bench", "--out", os.path.join(out, "bench"), "--gqa-ratio", "1",
+    steps.append(("headline", 120, [py, "-m", "bench", "--out", os.path.join(out, "bench"), "--gqa-ratio", "1",
                                     "--seqlens", *map(str, h["seqlens"]), "--head-dims", *map(str, h["head_dims"]),
                                     "--masks", *h["masks"], "--modes", *h["modes"], "--providers", *VARIANTS,
                                     *PEERS]))
@@ -89,12 +92,20 @@ def slowest_rows(results_path: str, n: int = 2):
 
 def part2_steps(out: str, results_path: str):
     py = sys.executable
-    rows = slowest_rows(results_path) if results_path and os.path.exists(results_path) else [
+    rows = slowest_rows(results_path, 1) if results_path and os.path.exists(results_path) else [
         (None, 128, "causal")]
     steps = [(f"tune-d{d}-{mask}", 150, [py, "-m", "bench.tune", "--head-dims", str(d), "--masks", mask,
                                          "--limit", "12", "--paths", "tma", "persistent", "ws",
                                          "--out", os.path.join(out, f"tune_d{d}_{mask}.json")])
              for _, d, mask in rows]
+    # The batch-invariant mode's cost beside the default: the prefill forward (D = 128, causal, 16k tokens) and
+    # decoding (8k and 128k caches).
+    steps += [("invariant-prefill", 40, [py, "-m", "bench", "--seqlens", "16384", "--head-dims", "128", "--masks",
+                                         "causal", "--modes", "fwd", "--gqa-ratio", "1", "--providers", "fused_attn",
+                                         "fused_attn-invariant", "--out", os.path.join(out, "invariant-prefill")]),
+              ("invariant-decode", 70, [py, "-m", "bench", "--decode", "--seqlens", "8192", "131072", "--providers",
+                                        "fused_attn-kvcache", "fused_attn-kvcache-invariant",
+                                        "--out", os.path.join(out, "invariant-decode")])]
     # Host time per call with real launches (the kernels compiled by their first calls), beside a tiny SDPA call.
     return steps + [("host", 60, [py, "-m", "bench", "--host", "--calls", "100", "--out", os.path.join(out, "bench")])]
 

@@ -37,6 +37,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime import driver
 
+from fused_attn import batch_invariant
 from fused_attn.kernels import backward, configs, decode, forward, launch
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -125,6 +126,10 @@ def jobs(quick: bool):
         out += [(100, bf16, d, "causal", 8, True, False, kind) for d in (64, 128, 256) for kind in ("dense",
                                                                                                    "persistent")]
         out += [(100, bf16, d, "causal", 8, True, False, "ws") for d in (64, 128)]
+    # The batch-invariant mode: every path that computes a row (dense and packed forward, split-KV decode and
+    # serving) must compile to the same MMAs on the same key tile (invariant_launch_list, the group check).
+    out += [(90, bf16, d, "causal", 8, False, False, "invariant") for d in (64, 128, 256)]
+    out.append((80, bf16, 128, "causal", 8, False, False, "invariant"))
     return [j + ("dense",) * (8 - len(j)) for j in out]
 
 
@@ -143,6 +148,8 @@ def launch_list(arch, dtype, d, mask, group, tma, longest_first, kind, layout):
         return serving_launch_list(arch, dtype, d, mask, group, kind == "serving-fp8")
     if kind == "fp8":
         return fp8_launch_list(arch, d, mask, group, layout)
+    if kind == "invariant":
+        return invariant_launch_list(arch, dtype, d, mask, group)
     packed = kind == "packed"
     cc = (arch // 10, arch % 10)
     B, S, Hq = (1, TOKENS, HIDDEN // d) if packed else (TOKENS // SEQLEN, SEQLEN, HIDDEN // d)
@@ -235,6 +242,49 @@ def serving_launch_list(arch, dtype, d, mask, group, fp8):
                                    torch.empty(T, dtype=torch.int64, device="meta"), scale, scale))
 
 
+def invariant_launch_list(arch, dtype, d, mask, group):
+    """The batch-invariant mode's launches (its default split size) of every path that computes a row: the dense
+    forward (16k tokens), the packed forward (8 sequences), split-KV decoding over a contiguous cache (8 splits) and
+    a serving step over a paged cache with sinks."""
+    cc, split = (arch // 10, arch % 10), batch_invariant.DEFAULT_SPLIT_SIZE
+    cfg = configs.invariant_config(d, d, dtype, cc, split)
+    Hq = HIDDEN // d
+    out = []
+    for packed in (False, True):
+        B, S = (1, TOKENS) if packed else (TOKENS // SEQLEN, SEQLEN)
+        q, o = (_meta((B, Hq, S, d), dtype, "bshd") for _ in range(2))
+        k, v = (_meta((B, Hq // group, S, d), dtype, "bshd") for _ in range(2))
+        lse, stats = torch.empty(B, Hq, S, device="meta"), torch.empty(B, Hq, S, 2, device="meta")
+        cu = torch.empty(PACKED_SEQS + 1, dtype=torch.int32, device="meta")
+        pk = launch.Packed(cu, cu, TOKENS // PACKED_SEQS * 2, TOKENS // PACKED_SEQS * 2) if packed else None
+        out += forward.forward_launches(q, k, v, o, lse, stats, d ** -0.5, 0, *MASKS[mask], cfg, pk,
+                                        split_keys=split)
+    B, S = DECODE["batch"], DECODE["cache"]
+    q, o = (_meta((B, Hq, 1, d), dtype, "bshd") for _ in range(2))
+    k, v = (_meta((B, Hq // group, S, d), dtype, "bshd") for _ in range(2))
+    out += decode.decode_launches(q, k, v, o, torch.empty(B, Hq, 1, device="meta"),
+                                  torch.empty(B, dtype=torch.int32, device="meta"), None, 0, S, d ** -0.5,
+                                  *MASKS[mask], 0, cc, split_keys=split)
+    n, T, P = SERVING["seqs"], SERVING["tokens"], SERVING["page"]
+    q, o = (_meta((1, Hq, T, d), dtype, "bshd") for _ in range(2))
+    k, v = (_meta((n * S // P, Hq // group, P, d), dtype, "bshd") for _ in range(2))
+    i32 = dict(dtype=torch.int32, device="meta")
+    out += decode.decode_launches(q, k, v, o, torch.empty(1, Hq, T, device="meta"), torch.empty(n, **i32),
+                                  torch.empty(n, S // P, **i32), P, S, d ** -0.5, *MASKS[mask], 0, cc,
+                                  launch.Modifiers(sinks=torch.empty(Hq, device="meta")),
+                                  launch.Packed(torch.empty(n + 1, **i32), None, SERVING["max_q"], S),
+                                  split_keys=split)
+    return out
+
+
+def same_mma(rows) -> list:
+    """The batch-invariant group's check: every kernel that computes rows (forward, split-KV) runs the same MMA
+    instructions (kind and shape, from the PTX; the MMA layout's version and instruction shape, from the TTGIR) on
+    the same key tile. The failures to add to each row, or none."""
+    kinds = {(r["mma_kinds"], r["tiles"][1]) for r in rows if r["name"] in DOT_KERNELS + DECODE_KERNELS}
+    return [] if len(kinds) == 1 else [f"paths differ in MMA / key tile: {sorted(kinds)}"]
+
+
 def fp8_launch_list(arch, d, mask, group, layout):
     """The FP8 forward (forward only) on the benchmark shape: e4m3 q, k, v with (B, Hkv) descales, bf16 out."""
     cc = (arch // 10, arch % 10)
@@ -290,7 +340,10 @@ def inspect(compiled, log: str) -> dict:
         cp_async=len(re.findall(r"cp\.async\.c[ag]\.shared", ptx)), tma=ptx.count("cp.async.bulk.tensor"),
         stages=max(buffers, default=1), sync_loads=_loop_tile_loads(ttgir),
         spill=int(spill.group(1)) if spill else -1, regs=int(regs.group(1)) if regs else -1,
-        smem=compiled.metadata.shared)
+        smem=compiled.metadata.shared,
+        mma_kinds=" ".join(sorted(set(re.findall(r"(?:wgmma\.mma_async|\bmma\.sync|tcgen05\.mma)[.\w:]*", ptx))
+                                  | set(re.findall(r"versionMajor = \d+, versionMinor = \d+.*?instrShape = \[[\d, ]+\]",
+                                                   ttgir)))))
 
 
 def _streamed(r) -> list:
@@ -357,6 +410,10 @@ KNOWN = {
     # dK/dV reads a float bias transposed (key rows x query columns, the bias's contiguous axis along the rows):
     # that tile load stays synchronous; the forward and dQ kernels read it pipelined.
     ("bias", "_attn_bwd_dkdv_kernel", "synchronous tile loads in a loop"),
+    # The batch-invariant forward at D = 256 (sm_90) keeps the merged splits' output and stats beside the split's
+    # own: 64 x 16 tiles still spill 44 bytes in one layout (32-row tiles lose wgmma and pipelining). A cost of
+    # the mode, not of its results; the split-KV kernels of the same tiles are clean.
+    ("invariant", "_attn_fwd_kernel", "spills", 90, 256),
 }
 
 _ptxas_logs = {}  # per worker: the JIT's cache returns a compiled kernel again without running ptxas again
@@ -385,6 +442,9 @@ def compile_job(job):
             r["bad"] = [b for b in r["bad"] if b not in r["known"]]
             seen[id(compiled)] = r
             rows.append(r)
+    if kind == "invariant":
+        for r in rows:
+            r["bad"] += same_mma(rows)
     return job, rows
 
 
@@ -428,7 +488,7 @@ def smoke(_=None):
         constexprs = {k: v for k, v in kwargs.items() if k in names}
         if "HAS_LEFT" in names:
             constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, SOFTCAP=False, ALIBI=False, DROPOUT=False,
-                              LISTED=False, **({"FP8": False} if "FP8" in names else {}))
+                              LISTED=False, **{k: False for k in ("FP8", "HAS_SINKS", "INVARIANT") if k in names})
         src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
         c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))

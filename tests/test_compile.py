@@ -105,3 +105,16 @@ def test_verdicts():
     assert gate.verdict(89, torch.bfloat16, "_attn_fwd_kernel", ada) == []
     assert gate.verdict(89, torch.bfloat16, "_attn_fwd_kernel", dict(ada, mma_fp8=48)) == [
         "mma.sync not on FP8 operands"]
+
+
+def test_same_mma_judge():
+    """The batch-invariant group's judge: the forward and split-KV kernels must agree on MMA and key tile; the
+    combine kernel (no MMA) is not judged."""
+    mma = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 versionMajor = 3, versionMinor = 0, " \
+          "warpsPerCTA = [8, 1], instrShape = [16, 64, 16]"
+    rows = [dict(name="_attn_fwd_kernel", mma_kinds=mma, tiles=(64, 64)),
+            dict(name="_attn_fwd_split_kernel", mma_kinds=mma, tiles=(64, 64)),
+            dict(name="_attn_combine_kernel", mma_kinds="", tiles=(16, None))]
+    assert gate.same_mma(rows) == []
+    assert gate.same_mma(rows + [dict(rows[1], tiles=(64, 32))])
+    assert gate.same_mma(rows + [dict(rows[1], mma_kinds="mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")])

@@ -243,12 +243,18 @@ def forward_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, packe
 def invariant_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, split_keys: int) -> KernelConfig:
     """The batch-invariant mode's tiles, taken by every path that computes a row -- the dense and packed forward
     and the split-KV kernels -- so that each runs the same MMA on the same key tiles: the packed forward's (pointer
-    loads, a program per tile, whatever `use` asks), its key tile halved until it divides split_keys."""
+    loads, a program per tile, whatever `use` asks), its key tile halved until it divides split_keys, and on a GPU
+    at most 8192 / D rows (64 at D = 128, 32 at D = 256): the merged splits' accumulator lives beside the split's
+    own, and larger tiles spill on sm_80 and sm_90 (the compile-time gate)."""
     cfg = forward_config(head_dim, head_dim_v, dtype, cc, packed=True)
     block_n = cfg.block_n
     while split_keys % block_n:
         block_n //= 2
-    return dataclasses.replace(cfg, block_n=block_n)
+    d = max(head_block(head_dim), head_block(head_dim_v))
+    block_m = cfg.block_m if cc is None or d < 128 else min(cfg.block_m, 64)
+    if cc is not None and d > 128:
+        block_n = min(block_n, 16)
+    return dataclasses.replace(cfg, block_m=block_m, block_n=block_n)
 
 
 def split_dkdv(head_dim: int, head_dim_v: int) -> bool:

@@ -130,6 +130,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
             return
         if (split == 0) & (tl.program_id(1) == 0):
             tl.store(SPLITS + b, n_split)
+    first_part = 0
+    s_lo, s_hi = lo, hi
     if INVARIANT:
         first_part = tl.where(n_split > 1, split, 0)
         n_parts = tl.where(n_split > 1, 1, n_parts)
@@ -171,12 +173,10 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if INVARIANT:
-        o_all = acc
-        lse_all = m_i
-    for part in range(n_parts):
+    o_all, lse_all = acc, m_i  # the splits merged so far (INVARIANT)
+    for step in range(n_parts):
         if INVARIANT:
-            s_lo, s_hi = _split_range(first_part + part, lo, hi, split_keys)
+            s_lo, s_hi = _split_range(first_part + step, lo, hi, split_keys)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)

@@ -126,12 +126,10 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
     # cut into splits of split_keys keys at absolute positions, each split's softmax from a fresh state, merged in
     # key order as the split-KV kernels merge theirs (_merge_partial); else one split, the whole walk.
     n_splits = 1
+    s_lo, s_hi = lo, hi  # this split's keys
+    o_all, lse_all, m_all, l_all = acc, m_i, m_i, l_i  # the splits merged so far: output, lse, stats
     if INVARIANT:
         n_splits = tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
-        o_all = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        lse_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        m_all = lse_all
-        l_all = tl.zeros([BLOCK_M], tl.float32)
     for split in range(n_splits):
         if INVARIANT:
             s_lo, s_hi = _split_range(split, lo, hi, split_keys)
