@@ -22,6 +22,10 @@ DEFAULTS = dict(seqlens=list(sweep.SEQLENS), head_dims=list(sweep.HEAD_DIMS), ma
                 hidden=2048)
 
 
+# Providers run only when named (--providers): the batch-invariant mode's cost is its own comparison.
+OPT_IN = ("fused_attn-invariant", "fused_attn-kvcache-invariant")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--seqlens", type=int, nargs="+", help=f"sequence lengths (default {list(sweep.SEQLENS)}); "
@@ -33,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--providers", nargs="+",
                    choices=sorted(set().union(PROVIDERS, varlen.PROVIDERS, decode.PROVIDERS, flex.PROVIDERS,
                                               serving.PROVIDERS)),
-                   help="default: every provider of the benchmark")
+                   help="default: every provider of the benchmark but the batch-invariant mode's (opt-in)")
     p.add_argument("--varlen", action="store_true",
                    help="the packed-batch case instead of the sweep: 16k tokens in sequences of mixed lengths "
                         "(bench/varlen.py); takes --head-dims, --masks none/causal, --modes, --hidden, --dtype")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
         bench, title, out = flex, "flex", out / "flex"
     elif args.serving:
         bench, title, out = serving, "serving", out / "serving"
-    providers = args.providers or list(bench.PROVIDERS)
+    providers = args.providers or [p for p in bench.PROVIDERS if p not in OPT_IN]
     unknown = [p for p in providers if p not in bench.PROVIDERS]
     if unknown:
         raise SystemExit(f"{title} providers are {', '.join(bench.PROVIDERS)}; got {', '.join(unknown)}")

@@ -230,6 +230,10 @@ def test_block_mask_and_drop_ins(device):
         part = fused_attn.flex_attention(bhsd(x.q[136:]), bhsd(x.k), bhsd(x.v), block_mask=chunk, enable_gqa=True)
         assert torch.equal(part[0], alone[0][:, 136:])
 
+        flex = fused_attn.flex_attention(bhsd(x.q), bhsd(x.k), bhsd(x.v), enable_gqa=True)  # no mask: every key
+        caches = [t[None].expand(len(STEPS), -1, -1, -1).contiguous() for t in (x.k, x.v)]
+        assert torch.equal(fused_attn.attention_with_kvcache(x.q[STEPS][:, None], *caches)[:, 0],
+                           flex[0].transpose(0, 1)[STEPS])
         sdpa = fused_attn.scaled_dot_product_attention(bhsd(x.q), bhsd(x.k), bhsd(x.v), is_causal=True,
                                                        enable_gqa=True)
         assert torch.equal(sdpa[0].transpose(0, 1), want[0])
@@ -240,7 +244,6 @@ def test_block_mask_and_drop_ins(device):
         assert torch.equal(fa_var, want[0])
         steps = decode_steps(x, STEPS, causal=True)
         seqlens = torch.tensor([p + 1 for p in STEPS], dtype=torch.int32, device=device)
-        caches = [t[None].expand(len(STEPS), -1, -1, -1).contiguous() for t in (x.k, x.v)]
         fa_kv = fused_attn.flash_attn_with_kvcache(x.q[STEPS][:, None], *caches, cache_seqlens=seqlens, causal=True)
         assert torch.equal(fa_kv[:, 0], steps[0])
 
@@ -367,3 +370,30 @@ def test_long_sequence_on_the_gpu():
         got = fused_attn.attention_with_kvcache(q[rows][:, None], k16, v16, cache_seqlens=(rows + 1).int(),
                                                 block_table=table, causal=True)
         assert torch.equal(got[:, 0], out[rows])
+
+
+def test_fp8_cache_alone_batched_and_paged(device):
+    """An FP8 (e4m3) cache with its descales: the sequence's decode steps alone and beside another sequence (with
+    other descales), contiguous and in pages of 16: the same bits (the descales act per split, before the merge)."""
+    x = Sequence(torch.float16, device, seed=23)
+    k8, kd = fused_attn.quantize_fp8(x.k[None], dim=2)
+    v8, vd = fused_attn.quantize_fp8(x.v[None], dim=2)
+    other_k8, other_kd = fused_attn.quantize_fp8(4 * x.k[None].flip(1), dim=2)
+    rows = [63, 64, 150, 199]
+    seqlens = torch.tensor([p + 1 for p in rows], dtype=torch.int32, device=device)
+    with fused_attn.set_batch_invariant_mode(split_size=SPLIT):
+        alone = fused_attn.attention_with_kvcache(x.q[rows][:, None], k8.expand(len(rows), -1, -1, -1).contiguous(),
+                                                  v8.expand(len(rows), -1, -1, -1).contiguous(), causal=True,
+                                                  cache_seqlens=seqlens, k_descale=kd.expand(len(rows), -1),
+                                                  v_descale=vd.expand(len(rows), -1), return_lse=True)
+        both = fused_attn.attention_with_kvcache(
+            torch.cat([x.q[None, -1:], x.q[None, :1]]), torch.cat([k8, other_k8]), torch.cat([v8, other_k8]),
+            causal=True, k_descale=torch.cat([kd, other_kd]), v_descale=torch.cat([vd, other_kd]), return_lse=True)
+        assert torch.equal(both[0][0, 0], alone[0][-1, 0]) and torch.equal(both[1][0, :, 0], alone[1][-1, :, 0])
+        n = -(-S // 16)
+        pages = [torch.cat([t[0], t.new_zeros(n * 16 - S, HKV, D)]).view(n, 16, HKV, D) for t in (k8, v8)]
+        table = torch.arange(n, dtype=torch.int32, device=device)[None].expand(len(rows), -1).contiguous()
+        paged = fused_attn.attention_with_kvcache(x.q[rows][:, None], *pages, cache_seqlens=seqlens, causal=True,
+                                                  block_table=table, k_descale=kd.expand(len(rows), -1),
+                                                  v_descale=vd.expand(len(rows), -1))
+        assert torch.equal(paged, alone[0])

@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (_block_range, _clamp, _join_sink, _merge_partial, _partial, _segment_range, _sink, _slope,
-                     _split_range)
+from .common import _block_range, _clamp, _join_sink, _merge_partial, _partial, _sink, _slope, _split_range
 from .configs import (capability, cdiv, head_block, interpreter_active, invariant_config, next_power_of_2,
                       smem_limit)
 from .forward import _attn_fwd_inner
@@ -181,10 +180,10 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for seg in tl.static_range(3):  # masked edge, unmasked middle, masked edge -- within this split's range
-            seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, False)
+            seg_lo = s_lo if seg == 0 else _clamp(full_lo if seg == 1 else full_hi, s_lo, s_hi)
+            seg_hi = _clamp(full_lo, s_lo, s_hi) if seg == 0 else (_clamp(full_hi, s_lo, s_hi) if seg == 1 else s_hi)
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
-                                            stride_vd, pos, _clamp(seg_lo, s_lo, s_hi), _clamp(seg_hi, s_lo, s_hi),
-                                            seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                                            stride_vd, pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
                                             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                             HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
                                             PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
@@ -260,14 +259,13 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
     part = (b64 * part_rows + pos) * n_heads + h  # split 0's row
     step = (b64 * 0 + n_seqs) * part_rows * n_heads
     sink = _sink(SINKS, h, 1.4426950408889634, HAS_SINKS)  # in natural-log units
-    o_mask = m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     if INVARIANT:
         out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for s in range(n_split):
             out, lse = _merge_partial(out, lse,
                                       tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
-                                              mask=o_mask, other=0.0),
+                                              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0),
                                       tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
         if HAS_SINKS:
             out, lse = _merge_partial(out, lse, 0.0, sink)
@@ -280,7 +278,8 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for s in range(n_split):
             w = tl.exp(tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")) - m_sub)
-            o = tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=o_mask, other=0.0)
+            o = tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                        mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
             acc += w[:, None] * o
             l_i += w
         if HAS_SINKS:
@@ -289,7 +288,8 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i)))
     row = b64 * stride_ob + h.to(tl.int64) * stride_oh + (q0 + pos) * stride_os
-    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + b64 * stride_lb + h * stride_lh + q0 + pos, lse, mask=m_ok)
 
 

@@ -77,12 +77,12 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
                    stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh, stride_ab, stride_ah, stride_db,
                    stride_dh, n_heads, group, seqlen_q, seqlen_k, offset, left, right, qk_scale, cap_in, cap_out,
                    threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q, block_k, split_keys,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                   TMA: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                   DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-                   SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, HAS_SINKS: tl.constexpr, FP8: tl.constexpr,
-                   WARP_SPEC: tl.constexpr, INVARIANT: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   FP32_DOT: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
+                   ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr,
+                   SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr,
+                   HAS_SINKS: tl.constexpr, FP8: tl.constexpr, WARP_SPEC: tl.constexpr, INVARIANT: tl.constexpr):
     """The forward of one query tile (rows start_m..) of head bh = b * Hq + h."""
     b, h, hk = _query_head(bh, n_heads, group)
     q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
