@@ -244,8 +244,8 @@ def invariant_config(head_dim: int, head_dim_v: int, dtype: torch.dtype, cc, spl
     """The batch-invariant mode's tiles, taken by every path that computes a row -- the dense and packed forward
     and the split-KV kernels -- so that each runs the same MMA on the same key tiles: the packed forward's (pointer
     loads, a program per tile, whatever `use` asks), its key tile halved until it divides split_keys, and on a GPU
-    at most 8192 / D rows (64 at D = 128, 32 at D = 256): the merged splits' accumulator lives beside the split's
-    own, and larger tiles spill on sm_80 and sm_90 (the compile-time gate)."""
+    at most 64 rows from D = 128 on and 16 keys above it: the merged splits' accumulator lives beside the split's
+    own, and larger tiles spill on sm_80 and sm_90 (the compile-time gate; 32-row tiles at D = 256 lose wgmma)."""
     cfg = forward_config(head_dim, head_dim_v, dtype, cc, packed=True)
     block_n = cfg.block_n
     while split_keys % block_n:
