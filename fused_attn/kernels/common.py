@@ -228,6 +228,12 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
+def _split_count(lo, hi, split_keys):
+    """How many of the batch-invariant mode's splits (multiples of split_keys) a walk over keys [lo, hi) meets."""
+    return tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
+
+
+@triton.jit
 def _split_range(split, lo, hi, split_keys):
     """Keys [first, end) of split number `split` of a walk over [lo, hi) cut at multiples of split_keys (absolute
     key positions, whatever the walk's start): the batch-invariant mode's splits."""

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _block_range, _clamp, _join_sink, _merge_partial, _partial, _sink, _slope, _split_range
+from .common import (_block_range, _clamp, _join_sink, _merge_partial, _partial, _sink, _slope, _split_count,
+                     _split_range)
 from .configs import (capability, cdiv, head_block, interpreter_active, invariant_config, next_power_of_2,
                       smem_limit)
 from .forward import _attn_fwd_inner
@@ -118,7 +119,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
     # (all in one program where the launch has fewer).
     n_parts = 1  # the mode's splits this program runs
     if INVARIANT:
-        n_parts = tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
+        n_parts = _split_count(lo, hi, split_keys)
     n_split = 1
     if COMBINE:
         if INVARIANT:
@@ -183,7 +184,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
             seg_lo = s_lo if seg == 0 else _clamp(full_lo if seg == 1 else full_hi, s_lo, s_hi)
             seg_hi = _clamp(full_lo, s_lo, s_hi) if seg == 0 else (_clamp(full_hi, s_lo, s_hi) if seg == 1 else s_hi)
             acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
-                                            stride_vd, pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
+                                            stride_vd, pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
+                                            qk_scale,
                                             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                             HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
                                             PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
@@ -321,13 +323,11 @@ def serving_tiles(group: int, seqlen_q=None, rows=None):
 MAX_INVARIANT_SPLITS = 128
 
 
-def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int, split_keys: int = 0):
+def split_plan(num_splits: int, max_seqlen_k: int, block_n: int, programs: int, sms: int):
     """(max_splits, min_tiles): num_splits ranges of any size where given (FlashAttention's num_splits; 1: none);
     else (0) none where the `programs` of an unsplit launch already fill the `sms`, otherwise enough ranges for
     about two waves of programs, each of at least MIN_TILES key tiles of the longest sequence, up to MAX_SPLITS.
-    split_keys > 0 (the batch-invariant mode): the mode's splits of the longest sequence, whatever num_splits."""
-    if split_keys:
-        return max(1, min(MAX_INVARIANT_SPLITS, cdiv(max_seqlen_k, split_keys))), 1
+    (The batch-invariant mode plans its own: _invariant_plan.)"""
     if num_splits > 0:
         return num_splits, 1
     if programs >= sms:
@@ -410,10 +410,11 @@ def _scratch(splits: int, n_seqs: int, part_rows: int, heads_q: int, Dv: int, de
 def _invariant_plan(heads_q, heads_kv, D, Dv, dtype, device, n_seqs, seqlen_q, max_seqlen_k, packed, cc,
                     split_keys) -> DecodePlan:
     """The batch-invariant mode's plan: the forward's tile (block_m rows, block_n keys, warps), so a decode row takes
-    the same MMA and key tiles as a prefill row; splits of split_keys keys, one program each."""
+    the same MMA and key tiles as a prefill row; the splits of split_keys keys the longest sequence needs, one
+    program each (whatever num_splits and the SM count), up to MAX_INVARIANT_SPLITS."""
     cfg = invariant_config(D, Dv, dtype, cc, split_keys)
     pack, block_q, block_m = serving_tiles(heads_q // heads_kv, None if packed else seqlen_q, rows=cfg.block_m)
-    splits, _ = split_plan(0, max_seqlen_k, cfg.block_n, 0, 0, split_keys)
+    splits = max(1, min(MAX_INVARIANT_SPLITS, cdiv(max_seqlen_k, split_keys)))
     part_rows = min(block_q, seqlen_q)
     return DecodePlan(pack, block_q, block_m, cfg.block_n, cfg.num_stages, cfg.num_warps, cdiv(seqlen_q, block_q),
                       splits, 1, part_rows, _scratch(splits, n_seqs, part_rows, heads_q, Dv, device), split_keys)

@@ -5,7 +5,7 @@ import triton.language as tl
 
 from .common import (_at_rows, _block_bits, _clamp, _dot, _join_sink, _keep, _key_walk, _load_block, _load_kv, _p_for,
                      _program_tile, _merge_partial, _merge_stats, _partial, _query_head, _rng, _score, _segment_range,
-                     _sequence, _sink, _slope, _split_range, _store_tile, _tile_at, _tile_pages, _visible, _walk_tile)
+                     _sequence, _sink, _slope, _split_count, _split_range, _store_tile, _tile_at, _tile_pages, _visible, _walk_tile)
 from .configs import capability, cdiv, forward_config, head_block, head_chunks, invariant_config
 from .launch import (LOG2E, block_args, block_tiles, dropout_threshold, features, fp8_args, fp32_dot, function_args,
                      grid_dims, modifier_args, reverse_tiles, run, tile_args, tile_grid)
@@ -129,7 +129,7 @@ def _attn_fwd_tile(start_m, bh, Q, K, V, O, LSE, STATS, CU_Q, CU_K, SLOPES, RNG,
     s_lo, s_hi = lo, hi  # this split's keys
     o_all, lse_all, m_all, l_all = acc, m_i, m_i, l_i  # the splits merged so far: output, lse, stats
     if INVARIANT:
-        n_splits = tl.cdiv(hi - lo // split_keys * split_keys, split_keys)
+        n_splits = _split_count(lo, hi, split_keys)
     for split in range(n_splits):
         if INVARIANT:
             s_lo, s_hi = _split_range(split, lo, hi, split_keys)
