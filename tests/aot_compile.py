@@ -14,7 +14,9 @@ Asserted per kernel (forward, dK/dV, dQ; pointer and TMA paths):
   sm_80, fp16 / bf16: mma.sync, cp.async, the same pipelining, no spills;
   every target and dtype (fp32 included): shared memory within the target's per-block limit (99 KB on sm_86,
       sm_89, sm_120). fp32 kernels may spill; the table shows how much.
-A few bare-signature compiles (every stride and length an opaque i32) run as a smoke test only.
+Every kernel takes at most MAX_PARAMS parameters (its bundles: launch.py), the table shows the count and the
+values a launch passes (tuples flattened). A few compiles with no integer specialized (every stride and length an
+opaque i32) run as a smoke test only.
 
     python tests/aot_compile.py [--quick]     one line per kernel; exit status 1 if an assertion fails
 """
@@ -34,7 +36,6 @@ import triton
 import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime import driver
 
 from fused_attn import batch_invariant
@@ -45,7 +46,8 @@ MASKS = {"none": (-1, -1), "causal": (-1, 0), "window": (1023, 0)}  # window: Mi
 SEQLEN, TOKENS, HIDDEN = 16384, 16384, 2048
 PACKED_SEQS = 8  # packed jobs: TOKENS in 8 sequences of at most 2 * TOKENS / 8
 DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-DECODE_KERNELS = ("_attn_fwd_split_kernel",)  # memory-bound (one query row): judged on its loads and spills
+DECODE_KERNELS = ("_attn_fwd_split_kernel",)
+MAX_PARAMS = 24  # a kernel's parameters: the bundles (fused_attn/kernels/launch.py) keep each list short  # memory-bound (one query row): judged on its loads and spills
 
 
 class TargetOnly:
@@ -361,6 +363,8 @@ def _streamed(r) -> list:
 def verdict(arch, dtype, name, r) -> list:
     """What fails for this kernel (empty: clean)."""
     bad = []
+    if r.get("params", 0) > MAX_PARAMS:
+        bad.append(f"{r['params']} parameters (at most {MAX_PARAMS}: pass bundles)")
     if r["smem"] > configs.smem_limit((arch // 10, arch % 10)):
         bad.append("shared memory over the limit")
     if r["spill"] < 0:
@@ -397,11 +401,11 @@ def verdict(arch, dtype, name, r) -> list:
     return bad + _streamed(r)
 
 
-def _part(kwargs) -> str:
+def _part(tile) -> str:
     """Which launch of a split dK/dV this is ("" for a kernel that does all its work in one launch)."""
-    if kwargs.get("WITH_DK", True) and kwargs.get("WITH_DV", True):
+    if tile.WITH_DK and tile.WITH_DV:
         return ""
-    return ":dk" if kwargs["WITH_DK"] else ":dv"
+    return ":dk" if tile.WITH_DK else ":dv"
 
 
 # Verdicts the gate prints but does not fail on, each an open item (README, Status): (kind, kernel, verdict), or
@@ -433,9 +437,12 @@ def compile_job(job):
                 seen[id(compiled)]["layouts"] += "+" + layout
                 continue
             r = inspect(compiled, _ptxas_logs.setdefault(id(compiled), log.getvalue()))
-            r.update(name=compiled.name, layouts=layout, tiles=(kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")),
+            tile = launch.tile_of(kwargs)
+            r.update(name=compiled.name, layouts=layout, tiles=(tile.BLOCK_M, tile.BLOCK_N) if "C" in kwargs else (
+                         kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N")),
                      warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
-                     tma_path=bool(kwargs.get("TMA")), part=_part(kwargs), warp_spec=bool(kwargs.get("WARP_SPEC")))
+                     tma_path=bool(tile.TMA), part=_part(tile), warp_spec=bool(tile.WARP_SPEC),
+                     params=len(kernel.arg_names), launch_args=launch.launch_values(args))
             r["bad"] = verdict(arch, dtype, r["name"], r)
             r["known"] = [b for b in r["bad"]
                           if (kind, r["name"], b) in KNOWN or (kind, r["name"], b, arch, d) in KNOWN]
@@ -457,42 +464,28 @@ def fmt(job, r) -> str:
             f"mma.sync={r['mma']:<3} cp.async={r['cp_async']:<3} tma={r['tma']:<2} buffers={r['stages']} "
             f"sync-loop-loads={r['sync_loads']}{' setmaxnreg=%d' % r['setmaxnreg'] if r['setmaxnreg'] else ''} "
             f"| regs={r['regs']:<3} spill={r['spill']:<5} smem={r['smem']:6} "
+            f"params={r.get('params', '-')} args={r.get('launch_args', '-')} "
             f"| {'ok' if not r['bad'] else 'FAIL: ' + ', '.join(r['bad'])}"
             f"{' (known: ' + ', '.join(r['known']) + ')' if r.get('known') else ''}")
 
 
-def _bare_signature(jit, dtype, constexprs):
-    sig = {}
-    for name in jit.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("LSE", "STATS", "DELTA"):
-            sig[name] = "*fp32"
-        elif name in ("CU_Q", "CU_K"):
-            sig[name] = "*i32"
-        elif name.isupper():
-            sig[name] = "*" + TYPES[dtype]
-        elif name in ("qk_scale", "scale"):
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
+def _opaque(arg):
+    """arg with every int that is not a flag made 17 (neither 1 nor a multiple of 16: Triton specializes neither)."""
+    if isinstance(arg, tuple):
+        return type(arg)(*map(_opaque, arg)) if hasattr(arg, "_fields") else tuple(map(_opaque, arg))
+    return 17 if isinstance(arg, int) and not isinstance(arg, bool) else arg
 
 
 def smoke(_=None):
-    """Bare-signature compiles (nothing specialized): they must compile, their code is not judged."""
+    """Compiles with no integer specialized (every stride, length and count an opaque i32, the window bounded on
+    both sides): they must compile, their code is not judged."""
+    driver.set_active(TargetOnly(90))
     lines = []
     for kernel, grid, args, kwargs in launch_list(90, torch.bfloat16, 80, "window", 2, False, False, "dense", "bhsd"):
-        jit = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn  # under @triton.heuristics
-        names = set(jit.arg_names)
-        constexprs = {k: v for k, v in kwargs.items() if k in names}
-        if "HAS_LEFT" in names:
-            constexprs.update(HAS_LEFT=True, HAS_RIGHT=True, VARLEN=False, SOFTCAP=False, ALIBI=False, DROPOUT=False,
-                              LISTED=False, **{k: False for k in ("FP8", "HAS_SINKS", "INVARIANT") if k in names})
-        src = ASTSource(jit, _bare_signature(jit, torch.bfloat16, constexprs), constexprs=constexprs)
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3)))
-        lines.append(f"smoke sm_90 bf16 D=80 bare signature {c.name}: compiled, smem={c.metadata.shared}")
+        if "F" in kwargs and "HAS_LEFT" in kwargs["F"]._fields:
+            kwargs = dict(kwargs, F=kwargs["F"]._replace(HAS_LEFT=True, HAS_RIGHT=True))
+        c = kernel.warmup(*map(_opaque, args), grid=grid, **kwargs)
+        lines.append(f"smoke sm_90 bf16 D=80 opaque integers {c.name}: compiled, smem={c.metadata.shared}")
     return lines
 
 

@@ -55,7 +55,7 @@ def test_tile_order_rule():
     fwd = forward.forward_launches(q, q, q, q, stats[..., 0], stats, 0.1, 0, -1, 0, cfg)
     bwd = kernels.backward.backward_launches(q, q, q, q, q, stats, q, q, q, stats[..., 0], 0.1, 0, -1, 0,
                                              (cfg, cfg))
-    reverse = {k.fn.__name__: kw["REVERSE"] for k, _, _, kw in fwd + bwd if "REVERSE" in kw}
+    reverse = {k.fn.__name__: kw["C"].REVERSE for k, _, _, kw in fwd + bwd if "C" in kw}
     # causal: query tiles reversed (last sees most), key tiles in natural order (first is seen by most queries)
     assert reverse == {"_attn_fwd_kernel": True, "_attn_bwd_dkdv_kernel": False, "_attn_bwd_dq_kernel": True}
 
@@ -176,7 +176,7 @@ def test_persistent_grid_and_fallbacks(device):
     for persistent, grid in ((False, (10, 8)), (True, (launch.DEFAULT_PROGRAMS if ON_GPU else 3, 1))):
         cfg = configs.KernelConfig(32, 32, 4, 1, persistent=persistent)
         (kernel, g, _, kw), = forward.forward_launches(q, q, q, q, stats[..., 0], stats, 0.1, 0, -1, 0, cfg)
-        assert kw["PERSISTENT"] is persistent and kw["REVERSE"] is persistent and g == grid
+        assert kw["C"].PERSISTENT is persistent and kw["C"].REVERSE is persistent and g == grid
     tiny = torch.empty(1, 1, 20, 64, device="meta", dtype=torch.float16)
     cfg = configs.KernelConfig(32, 32, 4, 1, persistent=True)
     (_, g, _, _), = forward.forward_launches(tiny, tiny, tiny, tiny, stats[:1, :1, :20, 0], stats, 0.1, 0, -1, 0, cfg)
@@ -253,10 +253,10 @@ def test_warp_specialization_rules():
             128, 128, 4, 2, warp_specialize=True)
     cfg = configs.KernelConfig(32, 32, 4, 1, warp_specialize=True)
     q = torch.empty(1, 2, 64, 64, device="meta", dtype=torch.float16)
-    src, kw = launch.tile_args(cfg, False, q, q, q)
-    assert kw["TMA"] == 2 and kw["WARP_SPEC"] and all(s is q for s in src)
+    src, tile, _ = launch.tile_args(cfg, False, q, q, q)
+    assert tile.TMA == 2 and tile.WARP_SPEC and all(s is q for s in src)
     odd = torch.empty(1, 2, 64, 111, device="meta", dtype=torch.float16)
-    src, kw = launch.tile_args(cfg, False, odd, odd, odd)
-    assert kw["TMA"] is False and not kw["WARP_SPEC"]
-    src, kw = launch.tile_args(cfg, False, q, q, q, do=q)  # a backward kernel
-    assert kw["TMA"] == 2 and kw["WARP_SPEC"] and all(s is q for s in src)
+    src, tile, _ = launch.tile_args(cfg, False, odd, odd, odd)
+    assert tile.TMA is False and not tile.WARP_SPEC
+    src, tile, _ = launch.tile_args(cfg, False, q, q, q, do=q)  # a backward kernel
+    assert tile.TMA == 2 and tile.WARP_SPEC and all(s is q for s in src)

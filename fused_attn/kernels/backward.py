@@ -14,425 +14,323 @@ import triton
 import triton.language as tl
 
 from .common import (_at_head, _at_rows, _block_bits, _block_range, _dot, _keep, _key_walk, _listed_range,
-                     _load_block, _load_tile, _program_tile, _query_head, _rng, _score, _segment_range, _sequence,
-                     _sink, _slope, _store_tile, _tile_at, _visible, _walk_tile)
+                     _load_block, _load_tile, _query_head, _rng, _score, _segment_range, _sequence, _sink, _slope,
+                     _step_tile, _store_tile, _tile_at, _tile_mask, _tiles, _visible)
 from .configs import KernelConfig, backward_config, capability, cdiv, head_block, head_chunks
-from .launch import (LOG2E, block_args, block_tiles, features, fp32_dot, function_args, grid_dims,
+from .launch import (LOG2E, ModArgs, SeqArgs, Sched, block_args, block_tiles, flags, function_args, grid_dims,
                      modifier_args, reverse_tiles, run, tile_args, tile_grid)
 
 
-@features("HAS_SINKS", "HAS_DLSE")
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK, DLSE,
-                                stride_ob, stride_oh, stride_os, stride_od,
-                                stride_dob, stride_doh, stride_dos, stride_dod,
-                                head_start, n_heads, seqlen_q, qk_scale,
-                                HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                HAS_SINKS: tl.constexpr, HAS_DLSE: tl.constexpr):
-    """delta = rowsum(dO * O); with sinks, also each row's term of its head's sink gradient, -P_sink * delta
-    (P_sink = exp(sink - lse), from the forward's stats; at most 1, also on rows no packed sequence covers).
-    With a gradient dLSE of the lse (rows as delta's), delta - dLSE: d lse / d s_ij = P_ij, so
-    dS = P * (dP - delta) + dLSE * P = P * (dP - (delta - dLSE)), for the scores and the sinks alike."""
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, STATS, SINKS, DSINK, DLSE, so, sdo, head_start, n_heads, seqlen_q,
+                                qk_scale, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                F: tl.constexpr):
+    """delta = rowsum(dO * O); with sinks (F.HAS_SINKS), also each row's term of its head's sink gradient, -P_sink *
+    delta (P_sink = exp(sink - lse), from the forward's stats; at most 1, also on rows no packed sequence covers).
+    With a gradient dLSE of the lse (F.HAS_DLSE; rows as delta's), delta - dLSE: d lse / d s_ij = P_ij, so
+    dS = P * (dP - delta) + dLSE * P = P * (dP - (delta - dLSE)), for the scores and the sinks alike. so / sdo:
+    O's and dO's (batch, head, row, col) strides."""
     bh = tl.program_id(1) + head_start
     b = (bh // n_heads).to(tl.int64)
     h = (bh % n_heads).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_dv, stride_os, stride_od, seqlen_q, HEAD_DIM_V,
+    o = _load_tile(O + b * so[0] + h * so[1], offs_m, offs_dv, so[2], so[3], seqlen_q, HEAD_DIM_V,
                    True, HEAD_DIM_V != BLOCK_DV)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_dv, stride_dos, stride_dod, seqlen_q,
+    do = _load_tile(DO + b * sdo[0] + h * sdo[1], offs_m, offs_dv, sdo[2], sdo[3], seqlen_q,
                     HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = bh.to(tl.int64) * seqlen_q + offs_m
-    if HAS_DLSE:
+    if F.HAS_DLSE:
         delta -= tl.load(DLSE + rows, mask=offs_m < seqlen_q, other=0.0)
     tl.store(DELTA + rows, delta, mask=offs_m < seqlen_q)
-    if HAS_SINKS:
+    if F.HAS_SINKS:
         m = tl.load(STATS + 2 * rows, mask=offs_m < seqlen_q, other=0.0)
         log2_l = tl.load(STATS + 2 * rows + 1, mask=offs_m < seqlen_q, other=0.0)
-        p_sink = tl.minimum(tl.math.exp2((_sink(SINKS, h, qk_scale, HAS_SINKS) - m) * qk_scale - log2_l), 1.0)
+        p_sink = tl.minimum(tl.math.exp2((_sink(SINKS, h, qk_scale, True) - m) * qk_scale - log2_l), 1.0)
         tl.store(DSINK + rows, -p_sink * delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h, seqlen_q, seqlen_k,
-                   offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, LISTED: tl.constexpr,
-                   MASK_MOD: tl.constexpr, MASK_ARGS):
+def _key_tile_mask(offs_m, offs_n, bits, seq, blocks, mrow, entry, b, h, F: tl.constexpr):
     """The mask of a (key rows offs_n, query columns offs_m) tile of the dK/dV kernel: the band, and on a block
-    mask its bits (read already, `bits`) or MASK_MOD."""
-    ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-    if LISTED:
-        if MASK_MOD is not None:
-            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
-                               seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
+    mask its bits (read already, `bits`) or F.MASK_MOD."""
+    seqlen_q, seqlen_k, offset, left, right = seq
+    ok = _visible(offs_m[None, :], offs_n[:, None], seqlen_q, seqlen_k, offset, left, right, F.HAS_LEFT,
+                  F.HAS_RIGHT)
+    if F.LISTED:
+        if F.MASK_MOD is not None:
+            bits = _block_bits(blocks.SLOTS, mrow, blocks.BITS, entry, offs_m[None, :], offs_n[:, None],
+                               blocks.block_q, blocks.block_k, b, h, seqlen_q, seqlen_k, F.MASK_MOD, blocks.MASK_ARGS)
         ok = ok & bits
     return ok
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h0, heads,
-                         stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, stride_lh,
-                         offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                         TMA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
-                         cap_in, cap_out, SLOPES, stride_ab, stride_ah, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                         seed, rng_offset, n_heads, threshold, drop_scale, DROPOUT: tl.constexpr,
-                         TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
-                         SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                         MASK_MOD: tl.constexpr, MASK_ARGS, WARP_SPEC: tl.constexpr):
-    """Query tiles [lo, hi) of query heads h0 .. h0 + heads - 1, accumulated into the key tile's dK (if WITH_DK)
-    and dV (if WITH_DV); Q, DO, STATS, DELTA at head h0 (a descriptor of its rows where TMA == 2: then heads is 1).
-    One loop over (head, query tile) pairs, heads outermost: tiles outside [full_lo, full_hi) apply the mask,
-    decided per tile at run time. (Three loops, as in the forward, keep more registers live across them: the dK/dV
-    kernel spilled that way on sm_90, 40-688 bytes at D = 64 / 128 by the compile-time gate; one loop is clean. A
-    loop per head spills on sm_100, where the accumulator leaves tensor memory between them: 304 bytes for dK at
-    D = 256, GQA 8.) LISTED: positions in the block mask's list TABLE of this key block's query blocks (ascending;
-    [full_lo, full_hi) the full ones, the rest masked with their bits). WARP_SPEC: the loop warp-specialized, every
-    tile masked (no branch in the loop)."""
+def _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, STATS, DELTA, b, h0, heads, sq, sdo, stride_lh, offs_n, walk, seq,
+                         qk_scale, mods, rng, blocks, mrow, C: tl.constexpr, F: tl.constexpr):
+    """Query tiles walk = (lo, hi, full_lo, full_hi) of query heads h0 .. h0 + heads - 1, accumulated into the key
+    tile's dK (if C.WITH_DK) and dV (if C.WITH_DV); Q, DO, STATS, DELTA at head h0 (a descriptor of its rows where
+    C.TMA == 2: then heads is 1), sq / sdo their (batch, head, row, col) strides; seq = (seqlen_q, seqlen_k, offset,
+    left, right); rng = dropout's (seed, offset) and Hq (a head's stream: b * Hq + h). One loop over (head, query tile) pairs, heads outermost: tiles
+    outside [full_lo, full_hi) apply the mask, decided per tile at run time. (Three loops, as in the forward, keep
+    more registers live across them: the dK/dV kernel spilled that way on sm_90, 40-688 bytes at D = 64 / 128 by
+    the compile-time gate; one loop is clean. A loop per head spills on sm_100, where the accumulator leaves tensor
+    memory between them: 304 bytes for dK at D = 256, GQA 8.) F.LISTED: positions in the block mask's list of this
+    key block's query blocks (ascending; [full_lo, full_hi) the full ones, the rest masked with their bits).
+    C.WARP_SPEC: the loop warp-specialized, every tile masked (no branch in the loop)."""
+    lo, hi, full_lo, full_hi = walk
+    seqlen_q, seqlen_k, offset, left, right = seq
+    seed, rng_offset, n_heads = rng
+    BLOCK_M: tl.constexpr = C.BLOCK_M
     n_pos = tl.cdiv(hi - lo, BLOCK_M)
-    for i in tl.range(0, heads * n_pos, warp_specialize=WARP_SPEC):
+    for i in tl.range(0, heads * n_pos, warp_specialize=C.WARP_SPEC):
         g = i // n_pos
         pos = lo + (i - g * n_pos) * BLOCK_M
         h = h0 + g
         g64 = g.to(tl.int64)
-        start_m, entry = _tile_at(pos, TABLE, mrow, block_q, LISTED)
+        start_m, entry = _tile_at(pos, blocks, mrow, False, F.LISTED)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_block(_at_head(Q, g64 * stride_qh, TMA), b, h, start_m, stride_qs, stride_qd, seqlen_q, HEAD_DIM,
-                        BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
-        do = _load_block(_at_head(DO, g64 * stride_doh, TMA), b, h, start_m, stride_dos, stride_dod, seqlen_q,
-                         HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
+        q = _load_block(_at_head(Q, g64 * sq[1], C.TMA), b, h, start_m, sq[2], sq[3], seqlen_q, C.HEAD_DIM,
+                        BLOCK_M, C.BLOCK_D, True, C.HEAD_DIM != C.BLOCK_D, C.TMA)
+        do = _load_block(_at_head(DO, g64 * sdo[1], C.TMA), b, h, start_m, sdo[2], sdo[3], seqlen_q,
+                         C.HEAD_DIM_V, BLOCK_M, C.BLOCK_DV, True, C.HEAD_DIM_V != C.BLOCK_DV, C.TMA)
         q_ok = offs_m < seqlen_q
         stats = STATS + 2 * g64 * stride_lh
         m = tl.load(stats + offs_m * 2, mask=q_ok, other=0.0)
         log2_l = tl.load(stats + offs_m * 2 + 1, mask=q_ok, other=0.0)
-        slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
-        bh = b * n_heads + h
-        if FP32_DOT:  # q k^T as in the forward, so P matches its stats to the last bit (visible in fp32)
-            st = tl.trans(_dot(q, tl.trans(k), FP32_DOT))
+        slope = _slope(mods.SLOPES, b, h, mods.slope_strides[0], mods.slope_strides[1], qk_scale, F.ALIBI)
+        if C.FP32_DOT:  # q k^T as in the forward, so P matches its stats to the last bit (visible in fp32)
+            st = tl.trans(_dot(q, tl.trans(k), C.FP32_DOT))
         else:
-            st = _dot(k, tl.trans(q), FP32_DOT)
-        st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, cap_in, cap_out, slope, SOFTCAP, ALIBI, b, h,
-                          seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS)
+            st = _dot(k, tl.trans(q), C.FP32_DOT)
+        st, dcap = _score(st, offs_m[None, :], offs_n[:, None], offset, slope, b, h, seqlen_q, seqlen_k, qk_scale,
+                          mods, F)
         pt = tl.math.exp2((st - m[None, :]) * qk_scale - log2_l[None, :])
-        if LISTED and MASK_MOD is None:  # read outside the branch below, so that the pipeliner makes it asynchronous
-            bits = _block_bits(SLOTS, mrow, BITS, entry, offs_m[None, :], offs_n[:, None], block_q, block_k, b, h,
-                               seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
+        if F.LISTED and F.MASK_MOD is None:  # read outside the branch below: the pipeliner makes it asynchronous
+            bits = _block_bits(blocks.SLOTS, mrow, blocks.BITS, entry, offs_m[None, :], offs_n[:, None],
+                               blocks.block_q, blocks.block_k, b, h, seqlen_q, seqlen_k, F.MASK_MOD, blocks.MASK_ARGS)
         else:
             bits = None
-        if WARP_SPEC:  # no branch in a warp-specialized loop: every tile masked (the identity on full tiles)
-            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h,
-                                         seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT, LISTED,
-                                         MASK_MOD, MASK_ARGS), pt, 0.0)
+        if C.WARP_SPEC:  # no branch in a warp-specialized loop: every tile masked (the identity on full tiles)
+            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, seq, blocks, mrow, entry, b, h, F), pt, 0.0)
         elif (pos < full_lo) | (pos >= full_hi):
-            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, SLOTS, mrow, BITS, entry, block_q, block_k, b, h,
-                                         seqlen_q, seqlen_k, offset, left, right, HAS_LEFT, HAS_RIGHT, LISTED,
-                                         MASK_MOD, MASK_ARGS), pt, 0.0)
-        if DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
-            keep = _keep(seed, rng_offset, bh, offs_m[None, :], offs_n[:, None], threshold)
-        if WITH_DV:
+            pt = tl.where(_key_tile_mask(offs_m, offs_n, bits, seq, blocks, mrow, entry, b, h, F), pt, 0.0)
+        if F.DROPOUT:  # out = (P * keep / (1 - p)) V: dV sees the dropped P, dP only its kept entries
+            keep = _keep(seed, rng_offset, b * n_heads + h, offs_m[None, :], offs_n[:, None], mods.threshold)
+        if C.WITH_DV:
             pdt = pt
-            if DROPOUT:
-                pdt = tl.where(keep, pt * drop_scale, 0.0)
-            dv += _dot(pdt.to(do.dtype), do, FP32_DOT)
-        if WITH_DK:
+            if F.DROPOUT:
+                pdt = tl.where(keep, pt * mods.drop_scale, 0.0)
+            dv += _dot(pdt.to(do.dtype), do, C.FP32_DOT)
+        if C.WITH_DK:
             delta = tl.load(DELTA + g64 * stride_lh + offs_m, mask=q_ok, other=0.0)
-            dpt = _dot(v, tl.trans(do), FP32_DOT)
-            if DROPOUT:
-                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            dpt = _dot(v, tl.trans(do), C.FP32_DOT)
+            if F.DROPOUT:
+                dpt = tl.where(keep, dpt * mods.drop_scale, 0.0)
             dst = pt * (dpt - delta[None, :])
-            if SOFTCAP or SCORE_GRAD is not None:
+            if F.SOFTCAP or F.SCORE_GRAD is not None:
                 dst = dst * dcap
-            dk += _dot(dst.to(q.dtype), q, FP32_DOT)
+            dk += _dot(dst.to(q.dtype), q, C.FP32_DOT)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
-                        MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd,
-                        stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-                        stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks,
-                        stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab,
-                        stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                        qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
-                        block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr,
-                        HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, WITH_DK: tl.constexpr,
-                        WITH_DV: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                        DROPOUT: tl.constexpr, LISTED: tl.constexpr, SCORE_MOD: tl.constexpr,
-                        SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr,
-                        WARP_SPEC: tl.constexpr):
-    """dK (if WITH_DK) and dV (if WITH_DV) of the key tile at rows start_n.. of kv head bhk = b * Hkv + hk: both in one
-    program, or in two launches where the two accumulators together do not fit the registers
+def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, strides, seqs, sched, mods, blocks, scale,
+                        qk_scale, C: tl.constexpr, F: tl.constexpr):
+    """dK (if C.WITH_DK) and dV (if C.WITH_DV) of the key tile at rows start_n.. of kv head bhk = b * Hkv + hk: both
+    in one program, or in two launches where the two accumulators together do not fit the registers
     (KernelConfig.split_dkdv)."""
+    sq, sk, sv, sdo, sdk, sdv, sl = strides
+    group = sched.group
+    n_kv_heads = sched.n_heads // group
     b = bhk // n_kv_heads
     hk = bhk % n_kv_heads
-    q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
-    if VARLEN:
+    q0, k0, seqlen_q, seqlen_k, offset = _sequence(seqs.CU_Q, seqs.CU_K, b, seqs.seqlen_q, seqs.seqlen_k,
+                                                   seqs.offset, F.VARLEN)
+    if F.VARLEN:
         if start_n >= seqlen_k:
             return
+    BLOCK_N: tl.constexpr = C.BLOCK_N
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    Kh = _at_rows(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N,
-                  BLOCK_D, TMA)
-    Vh = _at_rows(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N,
-                  BLOCK_DV, TMA)
-    k = _load_block(Kh, b, hk, start_n, stride_ks, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
-                    True, HEAD_DIM != BLOCK_D, TMA)
+    offs_d = tl.arange(0, C.BLOCK_D)
+    offs_dv = tl.arange(0, C.BLOCK_DV)
+    Kh = _at_rows(K, b64 * sk[0] + hk64 * sk[1] + k0 * sk[2], seqlen_k, sk[2], C.HEAD_DIM, BLOCK_N, C.BLOCK_D, C.TMA)
+    Vh = _at_rows(V, b64 * sv[0] + hk64 * sv[1] + k0 * sv[2], seqlen_k, sv[2], C.HEAD_DIM_V, BLOCK_N, C.BLOCK_DV,
+                  C.TMA)
+    k = _load_block(Kh, b, hk, start_n, sk[2], sk[3], seqlen_k, C.HEAD_DIM, BLOCK_N, C.BLOCK_D,
+                    True, C.HEAD_DIM != C.BLOCK_D, C.TMA)
     v = k  # not read where WITH_DK is off: the dV pass needs no v
-    if WITH_DK:
-        v = _load_block(Vh, b, hk, start_n, stride_vs, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
-                        True, HEAD_DIM_V != BLOCK_DV, TMA)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    if C.WITH_DK:
+        v = _load_block(Vh, b, hk, start_n, sv[2], sv[3], seqlen_k, C.HEAD_DIM_V, BLOCK_N, C.BLOCK_DV,
+                        True, C.HEAD_DIM_V != C.BLOCK_DV, C.TMA)
+    dk = tl.zeros([BLOCK_N, C.BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, C.BLOCK_DV], tl.float32)
 
-    if not LISTED:  # query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right)
+    left, right = seqs.left, seqs.right
+    if not F.LISTED:  # query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right)
         lo, full_lo, full_hi, hi = _block_range(start_n, seqlen_k, seqlen_q, -offset, right, left,
-                                                BLOCK_N, BLOCK_M, HAS_RIGHT, HAS_LEFT)
-    seed, rng_offset = _rng(RNG, DROPOUT)
+                                                BLOCK_N, C.BLOCK_M, F.HAS_RIGHT, F.HAS_LEFT)
+    seed, rng_offset = _rng(mods.RNG, F.DROPOUT)
+    rng = (seed, rng_offset, sched.n_heads)
+    seq = (seqlen_q, seqlen_k, offset, left, right)
     # The GQA group's query heads, summed here instead of with atomics: all in one loop (_attn_bwd_dkdv_inner), or a
     # loop per head where their ranges differ (a block mask's lists) or the loop reads through descriptors of one
     # head's rows (warp-specialized).
     loops = 1  # a constant: the one loop, with no loop around it
     per_loop = group
-    if LISTED or WARP_SPEC:
+    if F.LISTED or C.WARP_SPEC:
         loops = group
         per_loop = 1
     for g in range(loops):
         h = hk * group + g
         h64 = h.to(tl.int64)
         mrow = b64 * 0
-        if LISTED:  # this head's query blocks that see this key tile's block
-            mrow = b64 * stride_tb + h64 * stride_th + (start_n // block_k) * stride_tr
-            lo, full_lo, full_hi, hi = _listed_range(MASK_TABLE + mrow, block_q)
-        Qh = _at_rows(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, seqlen_q, stride_qs, HEAD_DIM, BLOCK_M,
-                      BLOCK_D, TMA)
-        DOh = _at_rows(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, seqlen_q, stride_dos, HEAD_DIM_V,
-                       BLOCK_M, BLOCK_DV, TMA)
-        row = b64 * stride_lb + h64 * stride_lh + q0
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h, per_loop,
-                                      stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod, stride_lh,
-                                      offs_n, lo, hi, full_lo, full_hi, seqlen_q, seqlen_k, offset, left, right,
-                                      qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_D, BLOCK_DV,
-                                      HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV,
-                                      cap_in, cap_out, SLOPES, stride_ab, stride_ah, SOFTCAP, ALIBI, seed, rng_offset,
-                                      n_heads, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow, MASK_BITS,
-                                      block_q, block_k, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, SCORE_ARGS,
-                                      MASK_MOD, MASK_ARGS, WARP_SPEC)
+        if F.LISTED:  # this head's query blocks that see this key tile's block
+            mrow = b64 * blocks.strides[0] + h64 * blocks.strides[1] + (start_n // blocks.block_k) * blocks.strides[2]
+            lo, full_lo, full_hi, hi = _listed_range(blocks.TABLE + mrow, blocks.block_q)
+        Qh = _at_rows(Q, b64 * sq[0] + h64 * sq[1] + q0 * sq[2], seqlen_q, sq[2], C.HEAD_DIM, C.BLOCK_M, C.BLOCK_D,
+                      C.TMA)
+        DOh = _at_rows(DO, b64 * sdo[0] + h64 * sdo[1] + q0 * sdo[2], seqlen_q, sdo[2], C.HEAD_DIM_V, C.BLOCK_M,
+                       C.BLOCK_DV, C.TMA)
+        row = b64 * sl[0] + h64 * sl[1] + q0
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, STATS + 2 * row, DELTA + row, b, h, per_loop, sq, sdo,
+                                      sl[1], offs_n, (lo, hi, full_lo, full_hi), seq, qk_scale, mods, rng, blocks,
+                                      mrow, C, F)
 
-    if WITH_DK:
-        _store_tile(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dks, dk * scale, offs_n, offs_d,
-                    stride_dks, stride_dkd, seqlen_k, HEAD_DIM, HEAD_DIM != BLOCK_D)
-    if WITH_DV:
-        _store_tile(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvs, dv, offs_n, offs_dv,
-                    stride_dvs, stride_dvd, seqlen_k, HEAD_DIM_V, HEAD_DIM_V != BLOCK_DV)
+    if C.WITH_DK:
+        _store_tile(DK + b64 * sdk[0] + hk64 * sdk[1] + k0 * sdk[2], dk * scale, offs_n, offs_d, sdk[2], sdk[3],
+                    seqlen_k, C.HEAD_DIM, C.HEAD_DIM != C.BLOCK_D)
+    if C.WITH_DV:
+        _store_tile(DV + b64 * sdv[0] + hk64 * sdv[1] + k0 * sdv[2], dv, offs_n, offs_dv, sdv[2], sdv[3], seqlen_k,
+                    C.HEAD_DIM_V, C.HEAD_DIM_V != C.BLOCK_DV)
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                          MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
-                          stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
-                          stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks, stride_dkd,
-                          stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab, stride_ah,
-                          head_start, head_count, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right,
-                          scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr,
-                          block_q, block_k, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
-                          REVERSE: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr, VARLEN: tl.constexpr,
-                          SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr, LISTED: tl.constexpr,
-                          SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr,
-                          MASK_MOD: tl.constexpr, WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
-    """dK (if WITH_DK) and dV (if WITH_DV) of one key tile per program (grid: tiles x kv heads), or PERSISTENT: a
-    program per SM walking the tiles (_walk_tile; dense calls only)."""
-    if PERSISTENT:
-        n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
-        for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):
-            start, bh = _walk_tile(t, n_tiles, head_count, head_start, BLOCK_N, REVERSE)
-            _attn_bwd_dkdv_tile(start, bh, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
-                                MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs,
-                                stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs,
-                                stride_vd, stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh,
-                                stride_dks, stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb,
-                                stride_lh, stride_ab, stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset,
-                                left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
-                                stride_th, stride_tr, block_q, block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D,
-                                BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI,
-                                DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, WARP_SPEC)
-    else:
-        start, bh = _program_tile(head_start, BLOCK_N, REVERSE)
-        _attn_bwd_dkdv_tile(start, bh, Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE,
-                            MASK_SLOTS, MASK_BITS, SCORE_ARGS, MASK_ARGS, stride_qb, stride_qh, stride_qs, stride_qd,
-                            stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-                            stride_dob, stride_doh, stride_dos, stride_dod, stride_dkb, stride_dkh, stride_dks,
-                            stride_dkd, stride_dvb, stride_dvh, stride_dvs, stride_dvd, stride_lb, stride_lh, stride_ab,
-                            stride_ah, n_heads, n_kv_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                            qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
-                            block_k, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
-                            FP32_DOT, TMA, WITH_DK, WITH_DV, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD,
-                            SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, WARP_SPEC)
+DKDV_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED")
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, K, V, b, hk, stride_kn, stride_kd, stride_vn, stride_vd,
-                       offs_m, lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, MASKED: tl.constexpr,
-                       FP32_DOT: tl.constexpr, TMA: tl.constexpr,
-                       cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                       seed, rng_offset, bh, threshold, drop_scale, DROPOUT: tl.constexpr,
-                       TABLE, SLOTS, mrow, BITS, block_q, block_k, LISTED: tl.constexpr,
-                       h, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr, SCORE_BOUNDED: tl.constexpr, SCORE_ARGS,
-                       MASK_MOD: tl.constexpr, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD: tl.constexpr,
-                       WARP_SPEC: tl.constexpr):
-    """Key tiles [lo, hi) accumulated into one query tile's dQ (LISTED: positions in a block mask's list, as in
-    the forward's inner loop). BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before
-    the sum over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart). WARP_SPEC:
-    the loop warp-specialized (as the forward's: one loop, every tile MASKED)."""
-    for pos in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
-        start_n, entry = _tile_at(pos, TABLE, mrow, block_k, LISTED)
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_block(K, b, hk, start_n, stride_kn, stride_kd, seqlen_k, HEAD_DIM, BLOCK_N, BLOCK_D,
-                        MASKED, HEAD_DIM != BLOCK_D, TMA)
-        v = _load_block(V, b, hk, start_n, stride_vn, stride_vd, seqlen_k, HEAD_DIM_V, BLOCK_N, BLOCK_DV,
-                        MASKED, HEAD_DIM_V != BLOCK_DV, TMA)
-        s, dcap = _score(_dot(q, tl.trans(k), FP32_DOT), offs_m[:, None], offs_n[None, :], offset, cap_in, cap_out,
-                         slope, SOFTCAP, ALIBI, b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD, SCORE_GRAD,
-                         SCORE_BOUNDED, SCORE_ARGS)
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, STATS, DELTA, DK, DV, strides, seqs, sched, mods, blocks, scale, qk_scale,
+                          C: tl.constexpr, F: tl.constexpr):
+    """dK (if C.WITH_DK) and dV (if C.WITH_DV) of the key tiles: one per program (grid: tiles x kv heads), or
+    C.PERSISTENT: a program per SM walking the tiles (_walk_tile; dense calls only); one loop either way (_tiles).
+    strides: (batch, head, row, col) of q, k, v, dO, dK, dV, and the stats' batch and head strides."""
+    n_tiles = tl.cdiv(seqs.seqlen_k, C.BLOCK_N)
+    first, end, step = _tiles(n_tiles * sched.head_count, C)
+    for t in range(first, end, step):
+        start_n, bhk = _step_tile(t, n_tiles, sched, C.BLOCK_N, C)
+        _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, strides, seqs, sched, mods, blocks,
+                            scale, qk_scale, C, F)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, stats, K, V, kv, offs_m, lo, hi, seq, qk_scale, mods, rows, blocks, mrow, DBIAS,
+                       stride_dbs, C: tl.constexpr, F: tl.constexpr, MASKED: tl.constexpr):
+    """Key tiles [lo, hi) accumulated into one query tile's dQ (F.LISTED: positions in a block mask's list, as in
+    the forward's inner loop, whose kv, seq and rows this takes, without pages and descale); stats = the rows' (m,
+    log2 l, delta). F.BIAS_GRAD: each tile's dS, the gradient of the modified scores (a bias's, before the sum
+    over the dimensions it broadcasts over), is also written to DBIAS (rows stride_dbs apart). C.WARP_SPEC: the
+    loop warp-specialized (as the forward's: one loop, every tile MASKED)."""
+    b, hk, sk, sv = kv
+    seqlen_q, seqlen_k, offset, left, right = seq
+    h, bh, slope, seed, rng_offset = rows
+    m, log2_l, delta = stats
+    for pos in tl.range(lo, hi, C.BLOCK_N, warp_specialize=C.WARP_SPEC):
+        start_n, entry = _tile_at(pos, blocks, mrow, True, F.LISTED)
+        offs_n = start_n + tl.arange(0, C.BLOCK_N)
+        k = _load_block(K, b, hk, start_n, sk[0], sk[1], seqlen_k, C.HEAD_DIM, C.BLOCK_N, C.BLOCK_D,
+                        MASKED, C.HEAD_DIM != C.BLOCK_D, C.TMA)
+        v = _load_block(V, b, hk, start_n, sv[0], sv[1], seqlen_k, C.HEAD_DIM_V, C.BLOCK_N, C.BLOCK_DV,
+                        MASKED, C.HEAD_DIM_V != C.BLOCK_DV, C.TMA)
+        s, dcap = _score(_dot(q, tl.trans(k), C.FP32_DOT), offs_m[:, None], offs_n[None, :], offset, slope, b, h,
+                         seqlen_q, seqlen_k, qk_scale, mods, F)
         p = tl.math.exp2((s - m[:, None]) * qk_scale - log2_l[:, None])
         if MASKED:
-            ok = _visible(offs_m[:, None], offs_n[None, :], seqlen_q, seqlen_k, offset, left, right, HAS_LEFT,
-                          HAS_RIGHT)
-            if LISTED:
-                ok = ok & _block_bits(SLOTS, mrow, BITS, entry, offs_m[:, None], offs_n[None, :], block_q,
-                                      block_k, b, h, seqlen_q, seqlen_k, MASK_MOD, MASK_ARGS)
-            p = tl.where(ok, p, 0.0)
-        dp = _dot(do, tl.trans(v), FP32_DOT)
-        if DROPOUT:
-            dp = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], threshold), dp * drop_scale,
-                          0.0)
+            p = tl.where(_tile_mask(offs_m[:, None], offs_n[None, :], seq, blocks, mrow, entry, b, h, F), p, 0.0)
+        dp = _dot(do, tl.trans(v), C.FP32_DOT)
+        if F.DROPOUT:
+            dp = tl.where(_keep(seed, rng_offset, bh, offs_m[:, None], offs_n[None, :], mods.threshold),
+                          dp * mods.drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:
+        if F.BIAS_GRAD:
             tl.store(DBIAS + offs_m[:, None] * stride_dbs + offs_n[None, :], ds,
                      mask=(offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k))
-        if SOFTCAP or SCORE_GRAD is not None:
+        if F.SOFTCAP or F.SCORE_GRAD is not None:
             ds = ds * dcap
-        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+        dq += _dot(ds.to(k.dtype), k, C.FP32_DOT)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                      MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
-                      stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
-                      stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_lb,
-                      stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q, seqlen_k, offset, left, right, scale,
-                      qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb, stride_th, stride_tr, block_q,
-                      block_k, stride_dbb, stride_dbh, stride_dbs, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr,
-                      VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                      LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-                      SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                      WARP_SPEC: tl.constexpr):
+def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, DBIAS, strides, seqs, sched, mods, blocks, scale,
+                      qk_scale, C: tl.constexpr, F: tl.constexpr):
     """dQ of the query tile at rows start_m.. of head bh = b * Hq + h."""
-    b, h, hk = _query_head(bh, n_heads, group)
-    q0, k0, seqlen_q, seqlen_k, offset = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN)
-    if VARLEN:
+    sq, sk, sv, sdo, sdq, sl, sdb = strides
+    b, h, hk = _query_head(bh, sched.n_heads, sched.group)
+    q0, k0, seqlen_q, seqlen_k, offset = _sequence(seqs.CU_Q, seqs.CU_K, b, seqs.seqlen_q, seqs.seqlen_k,
+                                                   seqs.offset, F.VARLEN)
+    if F.VARLEN:
         if start_m >= seqlen_q:
             return
+    BLOCK_M: tl.constexpr = C.BLOCK_M
     b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, C.BLOCK_D)
     m_ok = offs_m < seqlen_q
-    q = _load_block(_at_rows(Q, b64 * stride_qb + h64 * stride_qh + q0 * stride_qs, seqlen_q, stride_qs, HEAD_DIM,
-                             BLOCK_M, BLOCK_D, TMA), b, h, start_m, stride_qs,
-                    stride_qd, seqlen_q, HEAD_DIM, BLOCK_M, BLOCK_D, True, HEAD_DIM != BLOCK_D, TMA)
-    do = _load_block(_at_rows(DO, b64 * stride_dob + h64 * stride_doh + q0 * stride_dos, seqlen_q, stride_dos,
-                              HEAD_DIM_V, BLOCK_M, BLOCK_DV, TMA), b, h, start_m,
-                     stride_dos, stride_dod, seqlen_q, HEAD_DIM_V, BLOCK_M, BLOCK_DV, True, HEAD_DIM_V != BLOCK_DV, TMA)
-    row = b64 * stride_lb + h64 * stride_lh + q0
+    q = _load_block(_at_rows(Q, b64 * sq[0] + h64 * sq[1] + q0 * sq[2], seqlen_q, sq[2], C.HEAD_DIM, BLOCK_M,
+                             C.BLOCK_D, C.TMA), b, h, start_m, sq[2], sq[3], seqlen_q, C.HEAD_DIM, BLOCK_M, C.BLOCK_D,
+                    True, C.HEAD_DIM != C.BLOCK_D, C.TMA)
+    do = _load_block(_at_rows(DO, b64 * sdo[0] + h64 * sdo[1] + q0 * sdo[2], seqlen_q, sdo[2], C.HEAD_DIM_V,
+                              BLOCK_M, C.BLOCK_DV, C.TMA), b, h, start_m, sdo[2], sdo[3], seqlen_q, C.HEAD_DIM_V,
+                     BLOCK_M, C.BLOCK_DV, True, C.HEAD_DIM_V != C.BLOCK_DV, C.TMA)
+    row = b64 * sl[0] + h64 * sl[1] + q0
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
     log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = tl.zeros([BLOCK_M, C.BLOCK_D], tl.float32)
 
-    Kh = _at_rows(K, b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks, seqlen_k, stride_ks, HEAD_DIM, BLOCK_N,
-                  BLOCK_D, TMA)
-    Vh = _at_rows(V, b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs, seqlen_k, stride_vs, HEAD_DIM_V, BLOCK_N,
-                  BLOCK_DV, TMA)
-    mrow, lo, full_lo, full_hi, hi = _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr,
-                                               block_q, block_k, seqlen_q, seqlen_k, offset, left, right, BLOCK_M,
-                                               BLOCK_N, HAS_LEFT, HAS_RIGHT, LISTED)
-    slope = _slope(SLOPES, b, h, stride_ab, stride_ah, qk_scale, ALIBI)
-    seed, rng_offset = _rng(RNG, DROPOUT)
-    if BIAS_GRAD:
-        DBIAS += b64 * stride_dbb + h64 * stride_dbh
-    for seg in tl.static_range(1 if WARP_SPEC else 3):  # as the forward's segments
-        seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, WARP_SPEC)
-        dq = _attn_bwd_dq_inner(dq, q, do, m, log2_l, delta, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
-                                stride_vd, offs_m, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right, qk_scale,
-                                HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                HAS_LEFT, HAS_RIGHT, WARP_SPEC or seg != 1, FP32_DOT, TMA, cap_in, cap_out, slope,
-                                SOFTCAP, ALIBI,
-                                seed, rng_offset, bh, threshold, drop_scale, DROPOUT, MASK_TABLE, MASK_SLOTS, mrow,
-                                MASK_BITS, block_q, block_k, LISTED, h, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                                SCORE_ARGS, MASK_MOD, MASK_ARGS, DBIAS, stride_dbs, BIAS_GRAD, WARP_SPEC)
+    Kh = _at_rows(K, b64 * sk[0] + hk64 * sk[1] + k0 * sk[2], seqlen_k, sk[2], C.HEAD_DIM, C.BLOCK_N, C.BLOCK_D,
+                  C.TMA)
+    Vh = _at_rows(V, b64 * sv[0] + hk64 * sv[1] + k0 * sv[2], seqlen_k, sv[2], C.HEAD_DIM_V, C.BLOCK_N, C.BLOCK_DV,
+                  C.TMA)
+    left, right = seqs.left, seqs.right
+    mrow, lo, full_lo, full_hi, hi = _key_walk(blocks, b64, h64, start_m, seqlen_q, seqlen_k, offset, left, right,
+                                               C, F)
+    slope = _slope(mods.SLOPES, b, h, mods.slope_strides[0], mods.slope_strides[1], qk_scale, F.ALIBI)
+    seed, rng_offset = _rng(mods.RNG, F.DROPOUT)
+    if F.BIAS_GRAD:
+        DBIAS += b64 * sdb[0] + h64 * sdb[1]
+    kv = (b, hk, (sk[2], sk[3]), (sv[2], sv[3]))
+    seq = (seqlen_q, seqlen_k, offset, left, right)
+    rows = (h, bh, slope, seed, rng_offset)
+    for seg in tl.static_range(1 if C.WARP_SPEC else 3):  # as the forward's segments
+        seg_lo, seg_hi = _segment_range(seg, lo, full_lo, full_hi, hi, C.WARP_SPEC)
+        dq = _attn_bwd_dq_inner(dq, q, do, (m, log2_l, delta), Kh, Vh, kv, offs_m, seg_lo, seg_hi, seq, qk_scale,
+                                mods, rows, blocks, mrow, DBIAS, sdb[2], C, F, C.WARP_SPEC or seg != 1)
 
-    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqs, dq * scale, offs_m, offs_d,
-                stride_dqs, stride_dqd, seqlen_q, HEAD_DIM, HEAD_DIM != BLOCK_D)
+    _store_tile(DQ + b64 * sdq[0] + h64 * sdq[1] + q0 * sdq[2], dq * scale, offs_m, offs_d, sdq[2], sdq[3], seqlen_q,
+                C.HEAD_DIM, C.HEAD_DIM != C.BLOCK_D)
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
+DQ_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "VARLEN", "SOFTCAP", "ALIBI", "DROPOUT", "LISTED", "BIAS_GRAD")
+
+
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS, MASK_BITS,
-                        SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb,
-                        stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd, stride_dob,
-                        stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs, stride_dqd, stride_lb,
-                        stride_lh, stride_ab, stride_ah, head_start, head_count, n_heads, group, seqlen_q, seqlen_k,
-                        offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
-                        stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs,
-                        HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr,
-                        HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr,
-                        VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr,
-                        LISTED: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-                        SCORE_BOUNDED: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                        WARP_SPEC: tl.constexpr, PERSISTENT: tl.constexpr):
-    """dQ of one query tile per program (grid: tiles x heads), or PERSISTENT: a program per SM walking the tiles
-    (_walk_tile; dense calls only)."""
-    if PERSISTENT:
-        n_tiles = tl.cdiv(seqlen_q, BLOCK_M)
-        for t in tl.range(tl.program_id(0), n_tiles * head_count, tl.num_programs(0)):
-            start, bh = _walk_tile(t, n_tiles, head_count, head_start, BLOCK_M, REVERSE)
-            _attn_bwd_dq_tile(start, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                              MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd,
-                              stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-                              stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs,
-                              stride_dqd, stride_lb, stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q,
-                              seqlen_k, offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale,
-                              stride_tb, stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs,
-                              HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT,
-                              TMA, VARLEN, SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED,
-                              MASK_MOD, BIAS_GRAD, WARP_SPEC)
-    else:
-        start, bh = _program_tile(head_start, BLOCK_M, REVERSE)
-        _attn_bwd_dq_tile(start, bh, Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K, SLOPES, RNG, MASK_TABLE, MASK_SLOTS,
-                          MASK_BITS, SCORE_ARGS, MASK_ARGS, DBIAS, stride_qb, stride_qh, stride_qs, stride_qd,
-                          stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh, stride_vs, stride_vd,
-                          stride_dob, stride_doh, stride_dos, stride_dod, stride_dqb, stride_dqh, stride_dqs,
-                          stride_dqd, stride_lb, stride_lh, stride_ab, stride_ah, n_heads, group, seqlen_q, seqlen_k,
-                          offset, left, right, scale, qk_scale, cap_in, cap_out, threshold, drop_scale, stride_tb,
-                          stride_th, stride_tr, block_q, block_k, stride_dbb, stride_dbh, stride_dbs, HEAD_DIM,
-                          HEAD_DIM_V, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, HAS_LEFT, HAS_RIGHT, FP32_DOT, TMA, VARLEN,
-                          SOFTCAP, ALIBI, DROPOUT, LISTED, SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD, BIAS_GRAD,
-                          WARP_SPEC)
+def _attn_bwd_dq_kernel(Q, K, V, DO, STATS, DELTA, DQ, DBIAS, strides, seqs, sched, mods, blocks, scale, qk_scale,
+                        C: tl.constexpr, F: tl.constexpr):
+    """dQ of the query tiles: one per program (grid: tiles x heads), or C.PERSISTENT: a program per SM walking the
+    tiles (_walk_tile; dense calls only); one loop either way (_tiles). strides: (batch, head, row, col) of q, k, v,
+    dO, dQ; the stats' batch and head strides; DBIAS's batch, head and row strides (F.BIAS_GRAD)."""
+    n_tiles = tl.cdiv(seqs.seqlen_q, C.BLOCK_M)
+    first, end, step = _tiles(n_tiles * sched.head_count, C)
+    for t in range(first, end, step):
+        start_m, bh = _step_tile(t, n_tiles, sched, C.BLOCK_M, C)
+        _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, DBIAS, strides, seqs, sched, mods, blocks,
+                          scale, qk_scale, C, F)
 
+
+PREPROCESS_FLAGS = ("HAS_SINKS", "HAS_DLSE")
 
 
 def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, offset: int, left: int,
@@ -443,44 +341,43 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
     float32 contiguous, each row's term of the sinks' gradient (with mods.sinks); dlse: (B, Hq, Sq) float32
     contiguous, the gradient of the lse, or None."""
     (B, Sq, Sk), cu, strides = grid_dims(q, k, packed)
-    ptrs, slope_strides, values = modifier_args(mods, scale)
-    fn_args, fns = function_args(mods, blocks)
-    Hq, Hkv, D, Dv = q.shape[1], k.shape[1], q.shape[3], v.shape[3]
-    bd, bdv, f32 = head_block(D), head_block(Dv), fp32_dot(q.dtype)
+    mod_args, fns = modifier_args(mods, scale), function_args(mods, blocks)
+    Hq, Hkv, Dv = q.shape[1], k.shape[1], v.shape[3]
     c_kv, c_q = (block_tiles(c, blocks) for c in cfgs)
     # delta = rowsum(dO * O) needs no sequence bounds: over every row of the (B, Hq, S) slices, packed or not.
     sinks = None if mods is None or dsink is None else mods.sinks  # the sinks' gradient terms, where asked for
     launch_list = [(_attn_bwd_preprocess_kernel, (cdiv(q.shape[2], c_q.block_m), count),
-                    (out, do, delta, stats, sinks, dsink, dlse, *out.stride(), *do.stride(), start, Hq, q.shape[2],
-                     scale * LOG2E),
-                    dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=bdv))
+                    (out, do, delta, stats, sinks, dsink, dlse, tuple(out.stride()), tuple(do.stride()), start, Hq,
+                     q.shape[2], scale * LOG2E),
+                    dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=head_block(Dv),
+                         F=flags(PREPROCESS_FLAGS, mods=ModArgs(SINKS=sinks), DLSE=dlse)))
                    for start, count in head_chunks(q.shape[0] * Hq)]
-    shape = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_D=bd, BLOCK_DV=bdv, FP32_DOT=f32, **fns)
+    seqs = SeqArgs(*cu, Sq, Sk, offset, left, right)
     rows = strides(delta)[:2]
 
     # Key tiles: the mask transposed.
-    t_ptrs, t_values = block_args(blocks, transposed=True)
-    src, kwargs = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)
-    kwargs.update(shape)
-    passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [
-        dict(WITH_DK=True, WITH_DV=True)]
-    launch_list += [(_attn_bwd_dkdv_kernel, tile_grid(kwargs, cdiv(Sk, c_kv.block_n), count, q.device),
-                     (*src, stats, delta, dk, dv, *cu, *ptrs, *t_ptrs, *fn_args,
-                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dk), *strides(dv), *rows,
-                      *slope_strides, start, count, Hq, Hkv, Hq // Hkv, Sq, Sk, offset, left, right, scale,
-                      scale * LOG2E, *values, *t_values),
-                     dict(kwargs, **which))
-                    for which in passes for start, count in head_chunks(B * Hkv) if Sk > 0]
+    t_blocks = block_args(blocks, transposed=True)
+    src, tile, opts = tile_args(c_kv, reverse_tiles(right, left), q, k, v, do, packed is not None)
+    passes = [dict(WITH_DK=False, WITH_DV=True), dict(WITH_DK=True, WITH_DV=False)] if c_kv.split_dkdv else [{}]
+    dkdv_strides = (strides(q), strides(k), strides(v), strides(do), strides(dk), strides(dv), rows)
+    for which in passes:
+        for start, count in head_chunks(B * Hkv) if Sk > 0 else ():
+            sched = Sched(start, count, Hq, Hq // Hkv)
+            f = flags(DKDV_FLAGS, fns, seqs=seqs, mods=mod_args, blocks=t_blocks)
+            launch_list.append((_attn_bwd_dkdv_kernel, tile_grid(tile, cdiv(Sk, c_kv.block_n), count, q.device),
+                                (*src, stats, delta, dk, dv, dkdv_strides, seqs, sched, mod_args, t_blocks, scale,
+                                 scale * LOG2E), dict(C=tile._replace(**which), F=f, **opts)))
 
-    mask_ptrs, mask_values = block_args(blocks)
-    src, kwargs = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
-    kwargs.update(shape)
-    launch_list += [(_attn_bwd_dq_kernel, tile_grid(kwargs, cdiv(Sq, c_q.block_m), count, q.device),
-                     (*src, stats, delta, dq, *cu, *ptrs, *mask_ptrs, *fn_args, dbias,
-                      *strides(q), *strides(k), *strides(v), *strides(do), *strides(dq), *rows, *slope_strides,
-                      start, count, Hq, Hq // Hkv, Sq, Sk, offset, left, right, scale, scale * LOG2E, *values,
-                      *mask_values, *(dbias.stride()[:3] if dbias is not None else (0, 0, 0))), kwargs)
-                    for start, count in head_chunks(B * Hq) if Sq > 0]
+    mask_args = block_args(blocks)
+    src, tile, opts = tile_args(c_q, reverse_tiles(left, right), q, k, v, do, packed is not None)
+    dq_strides = (strides(q), strides(k), strides(v), strides(do), strides(dq), rows,
+                  tuple(dbias.stride()[:3]) if dbias is not None else (0, 0, 0))
+    for start, count in head_chunks(B * Hq) if Sq > 0 else ():
+        sched = Sched(start, count, Hq, Hq // Hkv)
+        f = flags(DQ_FLAGS, fns, seqs=seqs, mods=mod_args, blocks=mask_args, DBIAS=dbias)
+        launch_list.append((_attn_bwd_dq_kernel, tile_grid(tile, cdiv(Sq, c_q.block_m), count, q.device),
+                            (*src, stats, delta, dq, dbias, dq_strides, seqs, sched, mod_args, mask_args, scale,
+                             scale * LOG2E), dict(C=tile, F=f, **opts)))
     return launch_list
 
 

@@ -10,42 +10,37 @@ from .launch import run
 
 
 @triton.jit
-def _write_rows(X, CACHE, SCALE, t, page, slot, stride_xt, stride_xh, stride_xd, stride_cp, stride_cs, stride_ch,
-                stride_cd, stride_st, stride_sh, n_heads, fp8_max, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+def _write_rows(rows, t, page, slot, n_heads, fp8_max, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_D: tl.constexpr, QUANT: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
-    """CACHE[page, slot, :, :] = X[t] (divided by SCALE per head and clamped into the FP8 range if QUANT)."""
+    """CACHE[page, slot, :, :] = X[t] (divided by SCALE per head and clamped into the FP8 range if QUANT), rows =
+    (X, CACHE, SCALE, X's (token, head, col) strides, CACHE's (page, slot, head, col) strides, SCALE's (token,
+    head) strides)."""
+    X, CACHE, SCALE, sx, sc, ss = rows
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_D)[None, :]
     ok = (heads < n_heads) & (cols < HEAD_DIM)
-    x = tl.load(X + t * stride_xt + heads * stride_xh + cols * stride_xd, mask=ok, other=0.0)
+    x = tl.load(X + t * sx[0] + heads * sx[1] + cols * sx[2], mask=ok, other=0.0)
     if QUANT:
-        x = x.to(tl.float32) / tl.load(SCALE + t * stride_st + heads * stride_sh, mask=heads < n_heads, other=1.0)
+        x = x.to(tl.float32) / tl.load(SCALE + t * ss[0] + heads * ss[1], mask=heads < n_heads, other=1.0)
         x = _fp8_round(x, MANTISSA, MIN_EXP, fp8_max)
-    tl.store(CACHE + page * stride_cp + slot * stride_cs + heads * stride_ch + cols * stride_cd,
-             x.to(CACHE.dtype.element_ty), mask=ok)
+    tl.store(CACHE + page * sc[0] + slot * sc[1] + heads * sc[2] + cols * sc[3], x.to(CACHE.dtype.element_ty),
+             mask=ok)
 
 
 @triton.jit
-def _write_kv_kernel(KEY, VALUE, K_CACHE, V_CACHE, SLOTS, K_SCALE, V_SCALE, page_size, n_heads, fp8_max,
-                     stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
-                     stride_kp, stride_ks, stride_kch, stride_kcd, stride_vp, stride_vs, stride_vch, stride_vcd,
-                     stride_kst, stride_ksh, stride_vst, stride_vsh,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, QUANT: tl.constexpr, MANTISSA: tl.constexpr,
-                     MIN_EXP: tl.constexpr):
-    """Token t = program_id(0) to slot SLOTS[t] = page * page_size + offset; slot -1 (padding): nothing."""
+def _write_kv_kernel(SLOTS, keys, values, page_size, n_heads, fp8_max, HEAD_DIM: tl.constexpr,
+                     HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     QUANT: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
+    """Token t = program_id(0) to slot SLOTS[t] = page * page_size + offset; slot -1 (padding): nothing. keys /
+    values: _write_rows's bundles."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     if slot < 0:
         return
     page = slot // page_size
     slot = slot % page_size
-    _write_rows(KEY, K_CACHE, K_SCALE, t, page, slot, stride_kt, stride_kh, stride_kd, stride_kp, stride_ks,
-                stride_kch, stride_kcd, stride_kst, stride_ksh, n_heads, fp8_max, HEAD_DIM, BLOCK_H, BLOCK_D, QUANT,
-                MANTISSA, MIN_EXP)
-    _write_rows(VALUE, V_CACHE, V_SCALE, t, page, slot, stride_vt, stride_vh, stride_vd, stride_vp, stride_vs,
-                stride_vch, stride_vcd, stride_vst, stride_vsh, n_heads, fp8_max, HEAD_DIM_V, BLOCK_H, BLOCK_DV, QUANT,
-                MANTISSA, MIN_EXP)
+    _write_rows(keys, t, page, slot, n_heads, fp8_max, HEAD_DIM, BLOCK_H, BLOCK_D, QUANT, MANTISSA, MIN_EXP)
+    _write_rows(values, t, page, slot, n_heads, fp8_max, HEAD_DIM_V, BLOCK_H, BLOCK_DV, QUANT, MANTISSA, MIN_EXP)
 
 
 # FP8 cache types: (stored mantissa bits, smallest normal exponent, largest finite value).
@@ -66,11 +61,12 @@ def write_launches(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
     if T == 0:
         return []
     mantissa, min_exp, fp8_max = FP8.get(k_cache.dtype, (0, 0, 0.0))
-    scale_strides = (lambda s: (0, 0) if s is None or s.numel() == 1 else ((0,) + s.stride())[-2:])
+    scale_strides = (lambda s: (0, 0) if s is None or s.numel() == 1 else ((0,) + tuple(s.stride()))[-2:])
     return [(_write_kv_kernel, (T,),
-             (key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale, k_cache.shape[1], H, fp8_max,
-              *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(), *scale_strides(k_scale),
-              *scale_strides(v_scale)),
+             (slot_mapping, (key, k_cache, k_scale, tuple(key.stride()), tuple(k_cache.stride()),
+                             scale_strides(k_scale)),
+              (value, v_cache, v_scale, tuple(value.stride()), tuple(v_cache.stride()), scale_strides(v_scale)),
+              k_cache.shape[1], H, fp8_max),
              dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=next_power_of_2(H),
                   BLOCK_D=head_block(key.shape[2]), BLOCK_DV=head_block(value.shape[2]), QUANT=k_cache.dtype in FP8,
                   MANTISSA=mantissa, MIN_EXP=min_exp))]

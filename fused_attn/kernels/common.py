@@ -44,38 +44,38 @@ def _bounded(i, j, seqlen_q, seqlen_k):
 
 
 @triton.jit
-def _score(s, i, j, offset, cap_in, cap_out, slope, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-           b, h, seqlen_q, seqlen_k, qk_scale, SCORE_MOD: tl.constexpr, SCORE_GRAD: tl.constexpr,
-           SCORE_BOUNDED: tl.constexpr, SCORE_ARGS):
+def _score(s, i, j, offset, slope, b, h, seqlen_q, seqlen_k, qk_scale, mods, F: tl.constexpr):
     """Raw scores s = q.k of rows i, columns j (broadcastable, either orientation) of batch row b, query head h ->
-    (the modified score divided by the softmax scale, d(it) / ds). Keeping the kernels' unit (score / scale) leaves
-    the online softmax, the stats and P = exp2((s - m) * scale * log2 e - log2 l) as they are without modifiers:
+    (the modified score divided by the softmax scale, d(it) / ds), the modifiers' values from `mods` (a ModArgs:
+    cap_in, cap_out, SCORE_ARGS) and the rows' slope, each on where its flag F says. Keeping the kernels' unit
+    (score / scale) leaves the online softmax, the stats and P = exp2((s - m) * scale * log2 e - log2 l) as they
+    are without modifiers:
 
         softcap (cap_in = scale / softcap, cap_out = softcap / scale):  s -> cap_out * tanh(cap_in * s)
         ALiBi (slope already divided by the scale):                     s -> s - slope * |i + offset - j|
         SCORE_MOD (a @triton.jit function, FlexAttention's score_mod):  x = s * scale -> SCORE_MOD(x, b, h, i, j,
-            *SCORE_ARGS) / scale, its derivative SCORE_GRAD(x, b, h, i, j, *SCORE_ARGS) (None: 1)
+            *mods.SCORE_ARGS) / scale, its derivative SCORE_GRAD(x, b, h, i, j, *mods.SCORE_ARGS) (None: 1)
 
     The derivative is the product of 1 - tanh^2 (softcap) and SCORE_GRAD's, else 1 (and unused). SCORE_BOUNDED:
     SCORE_MOD sees the indices clamped into [0, seqlen) (a tile's rows and columns past the ends, masked anyway,
     index nothing outside the tables it reads); else as they are, which keeps them contiguous, so that a function
     loading a tile along them (a bias, which masks its own loads) gets vectorized, pipelined loads."""
     ds = 1.0
-    if SOFTCAP:
-        t = _tanh(s * cap_in)
-        s = cap_out * t
+    if F.SOFTCAP:
+        t = _tanh(s * mods.cap_in)
+        s = mods.cap_out * t
         ds = 1.0 - t * t
-    if ALIBI:
+    if F.ALIBI:
         s = s - slope * tl.abs(i + offset - j).to(tl.float32)
-    if SCORE_MOD is not None:
+    if F.SCORE_MOD is not None:
         scale = qk_scale * 0.6931471805599453
         qi, kj = i, j
-        if SCORE_BOUNDED:
+        if F.SCORE_BOUNDED:
             qi, kj = _bounded(i, j, seqlen_q, seqlen_k)
         x = s * scale
-        s = SCORE_MOD(x, b, h, qi, kj, *SCORE_ARGS) * (1.0 / scale)
-        if SCORE_GRAD is not None:
-            ds = ds * SCORE_GRAD(x, b, h, qi, kj, *SCORE_ARGS)
+        s = F.SCORE_MOD(x, b, h, qi, kj, *mods.SCORE_ARGS) * (1.0 / scale)
+        if F.SCORE_GRAD is not None:
+            ds = ds * F.SCORE_GRAD(x, b, h, qi, kj, *mods.SCORE_ARGS)
     return s, ds
 
 
@@ -347,11 +347,12 @@ def _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols,
 
 
 @triton.jit
-def _tile_pages(PAGES, start, page_size, n_rows, BLOCK_R: tl.constexpr, PAGED: tl.constexpr):
-    """The page numbers of key rows [start, start + BLOCK_R) in the block table PAGES (row j: page PAGES[j //
+def _tile_pages(pages, start, page_size, n_rows, BLOCK_R: tl.constexpr, PAGED: tl.constexpr):
+    """The page numbers of key rows [start, start + BLOCK_R) in the block table pages[0] (row j: page PAGES[j //
     page_size], slot j % page_size): one number where the page size (constexpr) is a multiple of BLOCK_R (the tile
-    lies in one page), else one per row; 0 (nothing loaded) where not PAGED or past n_rows."""
+    lies in one page), else one per row; 0 (nothing loaded) where not PAGED (pages None) or past n_rows."""
     if PAGED:
+        PAGES = pages[0]
         if page_size % BLOCK_R == 0:
             return tl.load(PAGES + start // page_size, mask=start < n_rows, other=0).to(tl.int64)
         else:
@@ -362,14 +363,17 @@ def _tile_pages(PAGES, start, page_size, n_rows, BLOCK_R: tl.constexpr, PAGED: t
 
 
 @triton.jit
-def _load_kv(X, page, b, h, start, stride_r, stride_c, stride_page, page_size, n_rows, n_cols,
-             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr,
-             TMA: tl.constexpr, PAGED: tl.constexpr):
-    """Key / value rows [start, start + BLOCK_R): _load_block, or (PAGED) from a paged cache, page the tile's page
-    numbers (_tile_pages; X at the head, stride_page apart), so any page size works. The caller loads the page
-    numbers one tile ahead: Triton divides a loop's load latency among the loads a tile load's address depends on,
-    so an address behind a load of the same iteration halves the tile's buffering (the compile-time gate)."""
+def _load_kv(X, page, pages, WHICH: tl.constexpr, b, h, start, strides, page_size, n_rows, n_cols,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr, TMA: tl.constexpr,
+             PAGED: tl.constexpr):
+    """Key / value rows [start, start + BLOCK_R) of X, strides = its (row, col) strides: _load_block, or (PAGED)
+    from a paged cache, page the tile's page numbers (_tile_pages; X at the head, its pages pages[WHICH] apart), so
+    any page size works. The caller loads the page numbers one tile ahead: Triton divides a loop's load latency
+    among the loads a tile load's address depends on, so an address behind a load of the same iteration halves the
+    tile's buffering (the compile-time gate)."""
+    stride_r, stride_c = strides
     if PAGED:
+        stride_page = pages[WHICH]
         rows = start + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         ok = rows < n_rows
@@ -380,7 +384,7 @@ def _load_kv(X, page, b, h, start, stride_r, stride_c, stride_page, page_size, n
         return tl.load(ptrs + cols[None, :] * stride_c, mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
     else:
         return _load_block(X, b, h, start, stride_r, stride_c, n_rows, n_cols, BLOCK_R, BLOCK_C, CHECK_ROWS,
-                           CHECK_COLS, TMA)
+                           n_cols != BLOCK_C, TMA)
 
 
 @triton.jit
@@ -447,31 +451,64 @@ def _listed_range(TABLE, per):
 
 
 @triton.jit
-def _key_walk(MASK_TABLE, b64, h64, start_m, stride_tb, stride_th, stride_tr, block_q, block_k, seqlen_q, seqlen_k,
-              offset, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-              HAS_RIGHT: tl.constexpr, LISTED: tl.constexpr):
-    """(row, lo, full_lo, full_hi, hi): the key tiles a query tile at start_m walks -- on a block mask (LISTED) its
-    query block's list, `row` the list's offset in the tables; else the band's range (_block_range), row 0."""
-    if LISTED:
-        row = b64 * stride_tb + h64 * stride_th + (start_m // block_q) * stride_tr
-        lo, full_lo, full_hi, hi = _listed_range(MASK_TABLE + row, block_k)
+def _key_walk(blocks, b64, h64, start_m, seqlen_q, seqlen_k, offset, left, right, C: tl.constexpr,
+              F: tl.constexpr):
+    """(row, lo, full_lo, full_hi, hi): the key tiles a query tile at start_m walks -- on a block mask (F.LISTED)
+    its query block's list in `blocks` (a MaskArgs), `row` the list's offset in the tables; else the band's range
+    (_block_range), row 0."""
+    if F.LISTED:
+        row = b64 * blocks.strides[0] + h64 * blocks.strides[1] + (start_m // blocks.block_q) * blocks.strides[2]
+        lo, full_lo, full_hi, hi = _listed_range(blocks.TABLE + row, blocks.block_k)
     else:
         row = b64 * 0
-        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right, BLOCK_M, BLOCK_N,
-                                                HAS_LEFT, HAS_RIGHT)
+        lo, full_lo, full_hi, hi = _block_range(start_m, seqlen_q, seqlen_k, offset, left, right, C.BLOCK_M,
+                                                C.BLOCK_N, F.HAS_LEFT, F.HAS_RIGHT)
     return row, lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _tile_at(pos, TABLE, row, per, LISTED: tl.constexpr):
+def _tile_at(pos, blocks, row, KEYS: tl.constexpr, LISTED: tl.constexpr):
     """(first row / column of the tile at loop position pos, its list entry): pos itself on a range walk; on a list
-    walk (LISTED) position pos lies in entry pos // per of the list at TABLE + row, whose block starts at
-    TABLE[row + 3 + entry] * per."""
+    walk (LISTED) position pos lies in entry pos // per of the list at blocks.TABLE + row, whose block starts at
+    TABLE[row + 3 + entry] * per, per = the keys (KEYS) or queries a mask block spans."""
     if LISTED:
+        per = blocks.block_k if KEYS else blocks.block_q
         entry = pos // per
-        return tl.load(TABLE + row + 3 + entry) * per + pos % per, entry
+        return tl.load(blocks.TABLE + row + 3 + entry) * per + pos % per, entry
     else:
         return pos, pos
+
+
+@triton.jit
+def _tile_mask(i, j, seq, blocks, mrow, entry, b, h, F: tl.constexpr):
+    """Which pairs (rows i, columns j, broadcastable, either orientation) of a masked tile take part: the band of
+    seq = (seqlen_q, seqlen_k, offset, left, right), and on a block mask (F.LISTED) its bits or F.MASK_MOD."""
+    seqlen_q, seqlen_k, offset, left, right = seq
+    ok = _visible(i, j, seqlen_q, seqlen_k, offset, left, right, F.HAS_LEFT, F.HAS_RIGHT)
+    if F.LISTED:
+        ok = ok & _block_bits(blocks.SLOTS, mrow, blocks.BITS, entry, i, j, blocks.block_q, blocks.block_k, b, h,
+                              seqlen_q, seqlen_k, F.MASK_MOD, blocks.MASK_ARGS)
+    return ok
+
+
+@triton.jit
+def _tiles(n_steps, C: tl.constexpr):
+    """(first, end, step) of a program's steps over n_steps (tile, head) steps: PERSISTENT, steps program_id,
+    program_id + programs, ...; else the one step of the program's own tile (a loop of one, folded away)."""
+    if C.PERSISTENT:
+        return tl.program_id(0), n_steps, tl.num_programs(0)
+    else:
+        return 0, 1, 1
+
+
+@triton.jit
+def _step_tile(t, n_tiles, sched, BLOCK: tl.constexpr, C: tl.constexpr):
+    """(first row, head index) of step t (_tiles): a persistent walk's (_walk_tile) or the program's own tile
+    (_program_tile)."""
+    if C.PERSISTENT:
+        return _walk_tile(t, n_tiles, sched.head_count, sched.head_start, BLOCK, C.REVERSE)
+    else:
+        return _program_tile(sched.head_start, BLOCK, C.REVERSE)
 
 
 @triton.jit

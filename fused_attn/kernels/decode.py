@@ -25,7 +25,7 @@ from .common import (_block_range, _clamp, _join_sink, _merge_partial, _partial,
 from .configs import (capability, cdiv, head_block, interpreter_active, invariant_config, next_power_of_2,
                       smem_limit)
 from .forward import _attn_fwd_inner
-from .launch import LOG2E, features, fp32_dot, modifier_args, run, sm_count
+from .launch import LOG2E, SeqArgs, Sched, Tile, flags, fp32_dot, modifier_args, run, sm_count
 
 
 @triton.jit
@@ -75,64 +75,62 @@ def _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN: tl.c
     return q0, k0, seqlen_q, seqlen_k
 
 
-@features("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS",
-          "FP8_KV", "INVARIANT")
+SPLIT_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_CU_K", "SOFTCAP", "ALIBI", "HAS_SINKS",
+               "FP8_KV", "INVARIANT")
+
+
 @triton.jit
-def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K, SEQLENS_K, PAGES, SLOPES, SINKS,
-                           K_DESCALE, V_DESCALE,
-                           stride_qb, stride_qh, stride_qs, stride_qd,
-                           stride_kb, stride_kh, stride_ks, stride_kd,
-                           stride_vb, stride_vh, stride_vs, stride_vd,
-                           stride_ob, stride_oh, stride_os, stride_od,
-                           stride_lb, stride_lh, stride_pb, stride_ab, stride_ah, stride_db, stride_dh,
-                           n_main, n_seqs, tiles, max_splits, min_tiles, part_rows,
-                           n_heads, group, seqlen_q, seqlen_k, left, right, qk_scale, cap_in, cap_out, split_keys,
-                           HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PACK: tl.constexpr,
-                           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, FP32_DOT: tl.constexpr,
-                           PAGED: tl.constexpr, HAS_SEQLENS: tl.constexpr, VARLEN: tl.constexpr,
-                           HAS_CU_K: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                           HAS_SINKS: tl.constexpr, FP8_KV: tl.constexpr, COMBINE: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, INVARIANT: tl.constexpr):
+def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, work, scratch, qk_scale,
+                           C: tl.constexpr, F: tl.constexpr):
     """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
-    when the sequence is not split (sinks folded in), else as fp32 partials (O_PART (splits, n_seqs * part_rows,
-    Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq)) for the combine kernel, SPLITS[b] the split count.
-    K, V: (B, Hkv, S, D)-indexed (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv,
-    page_size, D)-indexed with PAGES the (B, max_pages) block table, PAGE_SIZE keys per page (a constant: a few
-    values in practice, and a multiple of BLOCK_N makes each tile one page). FP8_KV: K and V hold FP8, dequantized by
-    K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all). INVARIANT (the batch-invariant
-    mode): the keys cut at multiples of split_keys, as the forward cuts them -- a split sequence's program j runs
-    split j, any other program all of its splits, merged in key order (_merge_partial)."""
-    b, tile, split = _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, VARLEN)
-    q0, k0, seqlen_q, seqlen_k = _serving_sequence(CU_Q, CU_K, SEQLENS_K, b, seqlen_q, seqlen_k, VARLEN, HAS_CU_K,
-                                                   HAS_SEQLENS)
+    when the sequence is not split (sinks folded in), else as fp32 partials (scratch = (O_PART (splits, n_seqs *
+    part_rows, Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq), SPLITS[b] the split count)) for the combine
+    kernel. strides: (batch, head, row, col) of q, k, v, out; lse's batch and head. K, V: (B, Hkv, S, D)-indexed
+    (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv, page_size, D)-indexed (F.PAGED)
+    with cache = (SEQLENS_K: keys per sequence (F.HAS_SEQLENS), PAGES: the (B, max_pages) block table, its row
+    stride), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of BLOCK_N makes each
+    tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows): the work items (module
+    docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0
+    where one value serves all). F.INVARIANT (the batch-invariant mode): the keys cut at multiples of
+    sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
+    of its splits, merged in key order (_merge_partial)."""
+    sq, sk, sv, so, sl = strides
+    SEQLENS_K, PAGES, stride_pb = cache
+    n_main, n_seqs, tiles, max_splits, min_tiles, part_rows = work
+    BLOCK_Q: tl.constexpr = C.BLOCK_Q
+    BLOCK_M: tl.constexpr = C.BLOCK_M
+    BLOCK_N: tl.constexpr = C.BLOCK_N
+    PACK: tl.constexpr = C.PACK
+    b, tile, split = _work_item(seqs.CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, F.VARLEN)
+    q0, k0, seqlen_q, seqlen_k = _serving_sequence(seqs.CU_Q, seqs.CU_K, SEQLENS_K, b, seqs.seqlen_q, seqs.seqlen_k,
+                                                   F.VARLEN, F.HAS_CU_K, F.HAS_SEQLENS)
     pos_start = tile * BLOCK_Q
     if pos_start >= seqlen_q:  # the items cover each sequence's tiles rounded up
         return
     offset = seqlen_k - seqlen_q  # bottom-right per sequence
+    left, right = seqs.left, seqs.right
     lo, full_lo, full_hi, hi = _block_range(pos_start, seqlen_q, seqlen_k, offset, left, right, BLOCK_Q, BLOCK_N,
-                                            HAS_LEFT, HAS_RIGHT)
+                                            F.HAS_LEFT, F.HAS_RIGHT)
     # A sequence of one tile splits its key tiles into ranges of at least min_tiles; depends on the sequence alone
     # and the launch's max_splits, which caps it (num_splits where given: then a sequence splits the same alone or in
     # any batch; else the plan's choice, which follows the batch). INVARIANT: the mode's splits, one per program
     # (all in one program where the launch has fewer).
     n_parts = 1  # the mode's splits this program runs
-    if INVARIANT:
-        n_parts = _split_count(lo, hi, split_keys)
+    if F.INVARIANT:
+        n_parts = _split_count(lo, hi, sched.split_keys)
     n_split = 1
-    if COMBINE:
-        if INVARIANT:
+    if C.COMBINE:
+        if F.INVARIANT:
             n_split = tl.where((seqlen_q <= BLOCK_Q) & (n_parts <= max_splits), n_parts, 1)
         else:
             n_split = tl.where(seqlen_q <= BLOCK_Q, _clamp((hi - lo) // BLOCK_N // min_tiles, 1, max_splits), 1)
         if split >= n_split:
             return
         if (split == 0) & (tl.program_id(1) == 0):
-            tl.store(SPLITS + b, n_split)
+            tl.store(scratch[2] + b, n_split)
     first_part = 0
     s_lo, s_hi = lo, hi
-    if INVARIANT:
+    if F.INVARIANT:
         first_part = tl.where(n_split > 1, split, 0)
         n_parts = tl.where(n_split > 1, 1, n_parts)
     else:
@@ -141,89 +139,85 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, O_PART, LSE_PART, SPLITS, CU_Q, CU_K
         s_hi = tl.minimum(s_lo + per_split, hi)
 
     h0 = tl.program_id(1) * PACK
-    hk = h0 // group
+    hk = h0 // sched.group
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
     rows = tl.arange(0, BLOCK_M)
     pos = pos_start + rows // PACK
     heads = h0 + rows % PACK
     row_ok = (rows < BLOCK_Q * PACK) & (pos < seqlen_q)
-    offs_d = tl.arange(0, BLOCK_D)
-    Q += b64 * stride_qb + q0 * stride_qs  # at the sequence's first row: offsets within it stay 32-bit
-    O += b64 * stride_ob + q0 * stride_os
-    LSE += b64 * stride_lb + q0
-    q_ptrs = (Q + heads.to(tl.int64)[:, None] * stride_qh + pos[:, None] * stride_qs
-              + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if PAGED:
-        Kh = K + hk64 * stride_kh
-        Vh = V + hk64 * stride_vh
-        PAGES += b64 * stride_pb
+    offs_d = tl.arange(0, C.BLOCK_D)
+    Q += b64 * sq[0] + q0 * sq[2]  # at the sequence's first row: offsets within it stay 32-bit
+    O += b64 * so[0] + q0 * so[2]
+    LSE += b64 * sl[0] + q0
+    q_ptrs = Q + heads.to(tl.int64)[:, None] * sq[1] + pos[:, None] * sq[2] + offs_d[None, :] * sq[3]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < C.HEAD_DIM), other=0.0)
+    if F.PAGED:  # K and V at the head; the pages sk[0] / sv[0] apart
+        Kh = K + hk64 * sk[1]
+        Vh = V + hk64 * sv[1]
+        kv = (b, hk, (sk[2], sk[3]), (sv[2], sv[3]), (PAGES + b64 * stride_pb, sk[0], sv[0]))
     else:
-        Kh = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_ks
-        Vh = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vs
+        Kh = K + b64 * sk[0] + hk64 * sk[1] + k0 * sk[2]
+        Vh = V + b64 * sv[0] + hk64 * sv[1] + k0 * sv[2]
+        kv = (b, hk, (sk[2], sk[3]), (sv[2], sv[3]), None)
 
     k_descale = tl.full([], 1.0, tl.float32)
     v_descale = k_descale
-    if FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
-        k_descale = tl.load(K_DESCALE + b64 * stride_db + hk64 * stride_dh)
-        v_descale = tl.load(V_DESCALE + b64 * stride_db + hk64 * stride_dh)
-    slope = _slope(SLOPES, b, heads, stride_ab, stride_ah, qk_scale, ALIBI)  # one per row: heads are packed
-    if ALIBI:
+    if F.FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
+        d = b64 * mods.descale_strides[0] + hk64 * mods.descale_strides[1]
+        k_descale = tl.load(mods.K_DESCALE + d)
+        v_descale = tl.load(mods.V_DESCALE + d)
+    slope = _slope(mods.SLOPES, b, heads, mods.slope_strides[0], mods.slope_strides[1], qk_scale,
+                   F.ALIBI)  # one per row: heads are packed
+    if F.ALIBI:
         slope = slope[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc = tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32)
     o_all, lse_all = acc, m_i  # the splits merged so far (INVARIANT)
+    seq = (seqlen_q, seqlen_k, offset, left, right)
+    head_rows = (heads, 0, slope, 0, 0, k_descale)  # no dropout: inference only
     for step in range(n_parts):
-        if INVARIANT:
-            s_lo, s_hi = _split_range(first_part + step, lo, hi, split_keys)
+        if F.INVARIANT:
+            s_lo, s_hi = _split_range(first_part + step, lo, hi, sched.split_keys)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+            acc = tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32)
         for seg in tl.static_range(3):  # masked edge, unmasked middle, masked edge -- within this split's range
             seg_lo = s_lo if seg == 0 else _clamp(full_lo if seg == 1 else full_hi, s_lo, s_hi)
             seg_hi = _clamp(full_lo, s_lo, s_hi) if seg == 0 else (_clamp(full_hi, s_lo, s_hi) if seg == 1 else s_hi)
-            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, b, hk, stride_ks, stride_kd, stride_vs,
-                                            stride_vd, pos, seg_lo, seg_hi, seqlen_q, seqlen_k, offset, left, right,
-                                            qk_scale,
-                                            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                            HAS_LEFT, HAS_RIGHT, seg != 1, FP32_DOT, False,
-                                            PAGES, PAGE_SIZE, stride_kb, stride_vb, PAGED,
-                                            cap_in, cap_out, slope, SOFTCAP, ALIBI, 0, 0, 0, 0, False,
-                                            None, None, 0, None, 1, 1, False, heads, None, None, False, (), None,
-                                            (), k_descale, FP8_KV, False)
-        if INVARIANT:
-            if FP8_KV:
+            acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, Kh, Vh, kv, pos, seg_lo, seg_hi, seq, qk_scale, mods,
+                                            head_rows, None, 0, C, F, seg != 1)
+        if F.INVARIANT:
+            if F.FP8_KV:
                 acc = acc * v_descale
             o_s, lse_s = _partial(acc, l_i, m_i, qk_scale)
             o_all, lse_all = _merge_partial(o_all, lse_all, o_s, lse_s)
 
-    if INVARIANT:  # the sinks join as a split of output 0, here or in the combine kernel
+    if F.INVARIANT:  # the sinks join as a split of output 0, here or in the combine kernel
         out, lse = o_all, lse_all
-        if HAS_SINKS:
+        if F.HAS_SINKS:
             if n_split == 1:
-                out, lse = _merge_partial(out, lse, 0.0, _sink(SINKS, heads, 1.4426950408889634, HAS_SINKS))
+                out, lse = _merge_partial(out, lse, 0.0, _sink(mods.SINKS, heads, 1.4426950408889634, True))
     else:
-        if FP8_KV:
+        if F.FP8_KV:
             acc = acc * v_descale
-        if HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
+        if F.HAS_SINKS:  # the sinks join the rows of a sequence not split (the combine kernel adds them otherwise)
             if n_split == 1:
-                acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(SINKS, heads, qk_scale, HAS_SINKS), qk_scale)
+                acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(mods.SINKS, heads, qk_scale, True), qk_scale)
         out, lse = _partial(acc, l_i, m_i, qk_scale)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    offs_dv = tl.arange(0, C.BLOCK_DV)
+    mask = row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V)
     # The partials' branch only where COMBINE says the launch has them: n_split is a runtime value, and a branch
     # the compiler keeps must not touch O_PART / LSE_PART, which are None without splits.
-    if COMBINE:
+    if C.COMBINE:
         if n_split == 1:
-            _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, stride_os, stride_od,
-                        stride_lh)
+            _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, so[1], so[2], so[3], sl[1])
         else:
-            part = ((split * n_seqs + b64) * part_rows + pos) * n_heads + heads
-            tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
-            tl.store(LSE_PART + part, lse, mask=row_ok)
+            part = ((split * n_seqs + b64) * part_rows + pos) * sched.n_heads + heads
+            tl.store(scratch[0] + part[:, None] * C.HEAD_DIM_V + offs_dv[None, :], out, mask=mask)
+            tl.store(scratch[1] + part, lse, mask=row_ok)
     else:
-        _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, stride_os, stride_od, stride_lh)
+        _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, so[1], so[2], so[3], sl[1])
 
 
 @triton.jit
@@ -235,20 +229,21 @@ def _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, stride_oh, 
     tl.store(LSE + heads64 * stride_lh + pos, lse, mask=row_ok)
 
 
-@features("VARLEN", "HAS_SINKS")
+COMBINE_FLAGS = ("VARLEN", "HAS_SINKS", "INVARIANT")
+
+
 @triton.jit
-def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, n_heads, seqlen_q, part_rows,
-                         stride_ob, stride_oh, stride_os, stride_od, stride_lb, stride_lh,
+def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, n_heads, seqlen_q, part_rows, so, sl,
                          HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, VARLEN: tl.constexpr, HAS_SINKS: tl.constexpr,
-                         INVARIANT: tl.constexpr):
+                         BLOCK_Q: tl.constexpr, F: tl.constexpr):
     """Sequence b = program_id(0), query head h = program_id(1), if it was split: lse = log sum_s exp(lse_s),
     out = sum_s exp(lse_s - lse) out_s, in fp32 and in split order (merge_attention's formula), exp(sink) of the
-    head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf. INVARIANT: the
-    same sum as the batch-invariant forward's left fold, one split after another (_merge_partial)."""
+    head joining the sum as a split whose output is 0; rows empty everywhere get out 0, lse -inf. F.INVARIANT: the
+    same sum as the batch-invariant forward's left fold, one split after another (_merge_partial). so / sl: out's
+    (batch, head, row, col) and lse's (batch, head) strides."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    q0, _, seqlen_q, _ = _serving_sequence(CU_Q, None, None, b, seqlen_q, 0, VARLEN, False, False)
+    q0, _, seqlen_q, _ = _serving_sequence(CU_Q, None, None, b, seqlen_q, 0, F.VARLEN, False, False)
     if (seqlen_q == 0) | (seqlen_q > BLOCK_Q):  # no rows, or a sequence of several tiles: never split
         return
     n_split = tl.load(SPLITS + b)
@@ -260,8 +255,8 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
     b64 = b.to(tl.int64)
     part = (b64 * part_rows + pos) * n_heads + h  # split 0's row
     step = (b64 * 0 + n_seqs) * part_rows * n_heads
-    sink = _sink(SINKS, h, 1.4426950408889634, HAS_SINKS)  # in natural-log units
-    if INVARIANT:
+    sink = _sink(SINKS, h, 1.4426950408889634, F.HAS_SINKS)  # in natural-log units
+    if F.INVARIANT:
         out = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         lse = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for s in range(n_split):
@@ -269,7 +264,7 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
                                       tl.load(O_PART + (s * step + part)[:, None] * HEAD_DIM_V + offs_dv[None, :],
                                               mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0),
                                       tl.load(LSE_PART + s * step + part, mask=m_ok, other=float("-inf")))
-        if HAS_SINKS:
+        if F.HAS_SINKS:
             out, lse = _merge_partial(out, lse, 0.0, sink)
     else:
         m = tl.maximum(tl.full([BLOCK_M], float("-inf"), tl.float32), sink)
@@ -284,15 +279,15 @@ def _attn_combine_kernel(O_PART, LSE_PART, O, LSE, SPLITS, CU_Q, SINKS, n_seqs, 
                         mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
             acc += w[:, None] * o
             l_i += w
-        if HAS_SINKS:
+        if F.HAS_SINKS:
             l_i += tl.exp(sink - m_sub)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_sub + tl.log(tl.where(empty, 1.0, l_i)))
-    row = b64 * stride_ob + h.to(tl.int64) * stride_oh + (q0 + pos) * stride_os
-    tl.store(O + row[:, None] + offs_dv[None, :] * stride_od, out.to(O.dtype.element_ty),
+    row = b64 * so[0] + h.to(tl.int64) * so[1] + (q0 + pos) * so[2]
+    tl.store(O + row[:, None] + offs_dv[None, :] * so[3], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q0 + pos, lse, mask=m_ok)
+    tl.store(LSE + b64 * sl[0] + h * sl[1] + q0 + pos, lse, mask=m_ok)
 
 
 # Tiles: decode is memory-bound, so a program's rows are a kv group's query heads at BLOCK_Q positions, up to ROWS
@@ -447,34 +442,32 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
                            None if packed is None else q.shape[2], cc, split_keys=split_keys)
     splits, combine = plan.splits, plan.splits > 1
     o_part, lse_part, split_counts = plan.scratch
-    bd, bdv = head_block(D), head_block(Dv)
     paged = block_table is not None
     batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
     kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
-    kwargs = dict(HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_Q=plan.block_q,
-                  BLOCK_D=bd, BLOCK_DV=bdv, PACK=plan.pack, FP32_DOT=fp32_dot(q.dtype), COMBINE=combine,
-                  PAGE_SIZE=page_size if paged else 0, num_warps=plan.warps, num_stages=plan.stages)
-    (slopes, _), slope_strides, (cap_in, cap_out, *_) = modifier_args(mods, scale)
-    sinks = None if mods is None else mods.sinks
-    k_descale, v_descale = (None, None) if mods is None else (mods.k_descale, mods.v_descale)
+    tile = Tile(D, Dv, plan.block_m, plan.block_n, head_block(D), head_block(Dv), fp32_dot(q.dtype),
+                BLOCK_Q=plan.block_q, PACK=plan.pack, COMBINE=combine, PAGE_SIZE=page_size if paged else 0)
+    mod_args = modifier_args(mods, scale)
     if mods is not None and mods.q_descale is not None:
         raise ValueError("the split-KV kernels take FP8 caches with 16/32-bit queries, not FP8 queries")
-    descale_strides = (0, 0) if k_descale is None else k_descale.stride()
     lse_strides = batch0(lse)[:2]
     part_rows = plan.part_rows
     n_main = n_seqs * plan.tiles if packed is None else q.shape[2] // plan.block_q + n_seqs
+    seqs = SeqArgs(cu_q, cu_k, seqlen_q, max_seqlen_k, 0, left, right)
+    sched = Sched(0, Hq, Hq, group, plan.split_keys)
+    f = flags(SPLIT_FLAGS, seqs=seqs, sched=sched, mods=mod_args, PAGES=block_table, SEQLENS_K=seqlens_k)
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // plan.pack),
-                    (q, k, v, out, lse, o_part, lse_part, split_counts, cu_q, cu_k, seqlens_k, block_table, slopes,
-                     sinks, k_descale, v_descale, *batch0(q), *kv_strides(k), *kv_strides(v), *batch0(out),
-                     *lse_strides, block_table.stride(0) if paged else 0, *slope_strides,
-                     *descale_strides, n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows, Hq, group,
-                     seqlen_q, max_seqlen_k, left, right, scale * LOG2E, cap_in, cap_out, plan.split_keys), kwargs)]
+                    (q, k, v, out, lse, (batch0(q), kv_strides(k), kv_strides(v), batch0(out), lse_strides), seqs,
+                     (seqlens_k, block_table, block_table.stride(0) if paged else 0), sched, mod_args,
+                     (n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows), plan.scratch, scale * LOG2E),
+                    dict(C=tile, F=f, num_warps=plan.warps, num_stages=plan.stages))]
     if combine:
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
-                            (o_part, lse_part, out, lse, split_counts, cu_q, sinks, n_seqs, Hq, seqlen_q, part_rows,
-                             *batch0(out), *lse_strides),
-                            dict(HEAD_DIM_V=Dv, BLOCK_M=next_power_of_2(part_rows), BLOCK_DV=bdv,
-                                 BLOCK_Q=plan.block_q, INVARIANT=plan.split_keys > 0)))
+                            (o_part, lse_part, out, lse, split_counts, cu_q, mod_args.SINKS, n_seqs, Hq, seqlen_q,
+                             part_rows, batch0(out), lse_strides),
+                            dict(HEAD_DIM_V=Dv, BLOCK_M=next_power_of_2(part_rows), BLOCK_DV=head_block(Dv),
+                                 BLOCK_Q=plan.block_q, F=flags(COMBINE_FLAGS, seqs=seqs, mods=mod_args,
+                                                               sched=sched))))
     return launch_list
 
 

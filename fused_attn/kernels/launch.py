@@ -1,12 +1,13 @@
-"""What every launcher shares: the bundles of optional inputs (packed sequences, modifiers), the constexpr flags
-they turn into (one @triton.heuristics table for every kernel), tile sources (pointer or TMA), grid dimensions,
-and `run`, which launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
+"""What every launcher shares: the bundles of optional inputs (packed sequences, modifiers, block masks) and the
+bundles the kernels take as they are (named tuples: Tile and Flags, constexpr; SeqArgs, Sched, ModArgs, MaskArgs),
+the one FEATURES table the Flags come from, tile sources (pointer or TMA), grid dimensions, and `run`, which
+launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
 import contextlib
 import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -96,14 +97,166 @@ class BlockTables:
     mask_args: tuple = ()
 
 
-def block_args(blocks: Optional[BlockTables], transposed: bool = False):
-    """A kernel's block-mask arguments: pointers (table, slots, bits) -- None turns LISTED off -- and (its
-    batch, head and row strides (0 where broadcast), block_q, block_k); transposed: the per-key-block tables."""
+class Tile(NamedTuple):
+    """A kernel's shape and schedule, its constexpr `C`: head dims and their power-of-two blocks, tile rows and keys,
+    fp32 dots, the load path (TMA: False pointers, True host descriptors, 2 descriptors made in the kernel), the tile
+    order and schedule (REVERSE, PERSISTENT, WARP_SPEC); the dK/dV pass (WITH_DK / WITH_DV); the split-KV kernel's
+    rows (BLOCK_Q positions x PACK heads), COMBINE (split partials) and PAGE_SIZE."""
+    HEAD_DIM: int
+    HEAD_DIM_V: int
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_D: int
+    BLOCK_DV: int
+    FP32_DOT: bool = False
+    TMA: object = False
+    REVERSE: bool = False
+    PERSISTENT: bool = False
+    WARP_SPEC: bool = False
+    WITH_DK: bool = True
+    WITH_DV: bool = True
+    BLOCK_Q: int = 1
+    PACK: int = 1
+    COMBINE: bool = False
+    PAGE_SIZE: int = 0
+
+
+class Flags(NamedTuple):
+    """The optional features a launch uses, its constexpr `F` (`flags` fills it): each off by default, so a kernel
+    compiles only the features it was given; the @triton.jit score and mask functions (None: off)."""
+    HAS_LEFT: bool = False
+    HAS_RIGHT: bool = False
+    VARLEN: bool = False
+    PAGED: bool = False
+    HAS_SEQLENS: bool = False
+    HAS_CU_K: bool = False
+    SOFTCAP: bool = False
+    ALIBI: bool = False
+    DROPOUT: bool = False
+    LISTED: bool = False
+    BIAS_GRAD: bool = False
+    HAS_SINKS: bool = False
+    HAS_DLSE: bool = False
+    FP8_KV: bool = False
+    FP8: bool = False
+    INVARIANT: bool = False
+    SCORE_MOD: object = None
+    SCORE_GRAD: object = None
+    SCORE_BOUNDED: bool = True
+    MASK_MOD: object = None
+
+
+class SeqArgs(NamedTuple):
+    """The sequences, kernel argument `seqs`: packed offsets (CU_Q / CU_K, None: dense), the launch's lengths, the
+    diagonal offset and the window's left / right (-1: unbounded)."""
+    CU_Q: object
+    CU_K: object
+    seqlen_q: int
+    seqlen_k: int
+    offset: int
+    left: int
+    right: int
+
+
+class Sched(NamedTuple):
+    """Which heads a launch covers (b * H + h from head_start, head_count of them), query heads per kv head, and
+    the batch-invariant mode's keys per split (0: off), kernel argument `sched`."""
+    head_start: int
+    head_count: int
+    n_heads: int
+    group: int
+    split_keys: int = 0
+
+
+class ModArgs(NamedTuple):
+    """Score modifiers, dropout, sinks and FP8 dequantization, kernel argument `mods` (modifier_args): a None
+    pointer or a zero softcap turns its feature off."""
+    SLOPES: object = None
+    slope_strides: tuple = (0, 0)
+    RNG: object = None
+    cap_in: float = 0.0
+    cap_out: float = 0.0
+    threshold: int = 0
+    drop_scale: float = 1.0
+    SINKS: object = None
+    SCORE_ARGS: tuple = ()
+    Q_DESCALE: object = None
+    K_DESCALE: object = None
+    V_DESCALE: object = None
+    descale_strides: tuple = (0, 0)
+
+
+class MaskArgs(NamedTuple):
+    """A block mask's tables as a kernel walks them, kernel argument `blocks` (block_args): list, slots, bits, the
+    list's (batch, head, row) strides (0 where broadcast), the block sizes and the mask function's arguments."""
+    TABLE: object = None
+    SLOTS: object = None
+    BITS: object = None
+    strides: tuple = (0, 0, 0)
+    block_q: int = 1
+    block_k: int = 1
+    MASK_ARGS: tuple = ()
+
+
+# The optional features' constexpr flags, from the kernel arguments that carry them; each kernel names the ones it
+# implements, so a flag is defined once for the forward, dK/dV, dQ, split-KV and combine kernels.
+FEATURES = {
+    "HAS_LEFT": lambda a: a["seqs"].left >= 0,
+    "HAS_RIGHT": lambda a: a["seqs"].right >= 0,
+    "VARLEN": lambda a: a["seqs"].CU_Q is not None,
+    "PAGED": lambda a: a["PAGES"] is not None,
+    "HAS_SEQLENS": lambda a: a["SEQLENS_K"] is not None,
+    "HAS_CU_K": lambda a: a["seqs"].CU_K is not None,
+    "SOFTCAP": lambda a: a["mods"].cap_out > 0,
+    "ALIBI": lambda a: a["mods"].SLOPES is not None,
+    "DROPOUT": lambda a: a["mods"].RNG is not None,
+    "LISTED": lambda a: a["blocks"].TABLE is not None,
+    "BIAS_GRAD": lambda a: a["DBIAS"] is not None,
+    "HAS_SINKS": lambda a: a["mods"].SINKS is not None,
+    "HAS_DLSE": lambda a: a["DLSE"] is not None,
+    "FP8_KV": lambda a: a["mods"].K_DESCALE is not None,
+    "FP8": lambda a: a["mods"].Q_DESCALE is not None,
+    "INVARIANT": lambda a: a["sched"].split_keys > 0,
+}
+
+
+def flags(names, fns=None, **args) -> Flags:
+    """A kernel's Flags: the named FEATURES of its arguments (`args`, by parameter name), and the score / mask
+    functions (`fns`, from function_args) where it takes them."""
+    return Flags(**{n: FEATURES[n](args) for n in names}, **(fns or {}))
+
+
+def modifier_args(mods: Optional[Modifiers], scale: float) -> ModArgs:
+    """A kernel's ModArgs: the slopes and their (batch, head) strides, dropout's rng and constants, the softcap's
+    scale factors, the sinks, the score function's arguments (score_args) and the descales -- the FP8 forward's q,
+    k, v ones, or an FP8 cache's k, v ones -- with their (batch, kv head) strides."""
+    if mods is None:
+        return ModArgs()
+    slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
+    strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
+        0, slopes.stride(0))
+    drop = mods.dropout
+    descale = mods.k_descale if mods.q_descale is None else mods.q_descale
+    return ModArgs(slopes, strides, mods.rng if drop else None, scale / cap if cap else 0.0,
+                   cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0, 1.0 / (1.0 - p) if drop else 1.0,
+                   mods.sinks, score_args(mods), mods.q_descale, mods.k_descale, mods.v_descale,
+                   (0, 0) if descale is None else tuple(descale.stride()))
+
+
+def score_args(mods: Modifiers) -> tuple:
+    """The score function's arguments: a bias and its strides and sizes (common._add_bias), or the score_mod's."""
+    if mods.bias is not None:
+        return (mods.bias, *mods.bias.stride(), *mods.bias.shape[2:])
+    return tuple(mods.score_args)
+
+
+def block_args(blocks: Optional[BlockTables], transposed: bool = False) -> MaskArgs:
+    """A kernel's MaskArgs (None turns LISTED off); transposed: the per-key-block tables."""
     if blocks is None:
-        return (None, None, None), (0, 0, 0, 1, 1)
+        return MaskArgs()
     table, slots = (blocks.q, blocks.q_slots) if transposed else (blocks.kv, blocks.kv_slots)
     strides = tuple(0 if n == 1 else s for n, s in zip(table.shape[:2], table.stride()[:2])) + (table.stride(2),)
-    return (table, slots, blocks.bits), strides + (blocks.block_q, blocks.block_k)
+    return MaskArgs(table, slots, blocks.bits, strides, blocks.block_q, blocks.block_k, tuple(blocks.mask_args))
 
 
 def block_tiles(cfg, blocks: Optional[BlockTables]):
@@ -113,65 +266,14 @@ def block_tiles(cfg, blocks: Optional[BlockTables]):
     return dataclasses.replace(cfg, block_m=min(cfg.block_m, blocks.block_q), block_n=min(cfg.block_n, blocks.block_k))
 
 
-# The optional features' constexpr flags, from the launch arguments that carry them; each kernel takes the ones it
-# implements (`features`), so a flag is defined once for the forward, dK/dV, dQ and split-KV kernels.
-FEATURES = {
-    "HAS_LEFT": lambda args: args["left"] >= 0,
-    "HAS_RIGHT": lambda args: args["right"] >= 0,
-    "VARLEN": lambda args: args["CU_Q"] is not None,
-    "PAGED": lambda args: args["PAGES"] is not None,
-    "HAS_SEQLENS": lambda args: args["SEQLENS_K"] is not None,
-    "HAS_CU_K": lambda args: args["CU_K"] is not None,
-    "SOFTCAP": lambda args: args["cap_out"] > 0,
-    "ALIBI": lambda args: args["SLOPES"] is not None,
-    "DROPOUT": lambda args: args["RNG"] is not None,
-    "LISTED": lambda args: args["MASK_TABLE"] is not None,
-    "BIAS_GRAD": lambda args: args["DBIAS"] is not None,
-    "HAS_SINKS": lambda args: args["SINKS"] is not None,
-    "HAS_DLSE": lambda args: args["DLSE"] is not None,
-    "FP8_KV": lambda args: args["K_DESCALE"] is not None,
-    "FP8": lambda args: args["Q_DESCALE"] is not None,
-    "INVARIANT": lambda args: args["split_keys"] > 0,
-}
-
-
-def features(*names):
-    """@triton.heuristics for the named FEATURES."""
-    return triton.heuristics({n: FEATURES[n] for n in names})
-
-
-def modifier_args(mods: Optional[Modifiers], scale: float):
-    """A kernel's modifier arguments: pointers (SLOPES, RNG), slope strides (batch, head), and (cap_in, cap_out,
-    threshold, drop_scale); a None pointer / softcap 0 turns its constexpr flag off."""
-    mods = mods or Modifiers()
-    slopes, cap, p = mods.alibi_slopes, mods.softcap, mods.dropout_p
-    strides = (0, 0) if slopes is None else (slopes.stride(0), slopes.stride(1)) if slopes.dim() == 2 else (
-        0, slopes.stride(0))
-    drop = mods.dropout
-    return ((slopes, mods.rng if drop else None), strides,
-            (scale / cap if cap else 0.0, cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0,
-             1.0 / (1.0 - p) if drop else 1.0))
-
-
-def function_args(mods: Optional[Modifiers], blocks: Optional[BlockTables]):
-    """A kernel's @triton.jit functions: the argument tuples (SCORE_ARGS, MASK_ARGS) and the constexpr kwargs that
-    name the functions (SCORE_MOD, SCORE_GRAD, MASK_MOD; None: off). A bias is the built-in score function
-    common._add_bias over the bias and its four strides."""
-    mods = mods or Modifiers()
-    score, args = mods.score_mod, mods.score_args
-    if mods.bias is not None:
-        score, args = ScoreMod(_add_bias, _unit_grad, bounded=False), (mods.bias, *mods.bias.stride(),
-                                                                        *mods.bias.shape[2:])
-    mask_mod, mask_args = (None, ()) if blocks is None else (blocks.mask_mod, blocks.mask_args)
-    return (tuple(args), tuple(mask_args)), dict(SCORE_MOD=score and score.fn, SCORE_GRAD=score and score.grad,
-                                                 SCORE_BOUNDED=score is None or score.bounded, MASK_MOD=mask_mod)
-
-
-def fp8_args(mods: Optional[Modifiers]):
-    """The FP8 forward's descale pointers (Q, K, V; None turns FP8 off) and their (batch, kv head) strides."""
-    if mods is None or mods.q_descale is None:
-        return (None, None, None), (0, 0)
-    return (mods.q_descale, mods.k_descale, mods.v_descale), mods.q_descale.stride()
+def function_args(mods: Optional[Modifiers], blocks: Optional[BlockTables]) -> dict:
+    """The Flags fields that name a kernel's @triton.jit functions (SCORE_MOD, SCORE_GRAD, SCORE_BOUNDED, MASK_MOD;
+    None: off). A bias is the built-in score function common._add_bias (its arguments: score_args)."""
+    score = None if mods is None else mods.score_mod
+    if mods is not None and mods.bias is not None:
+        score = ScoreMod(_add_bias, _unit_grad, bounded=False)
+    return dict(SCORE_MOD=score and score.fn, SCORE_GRAD=score and score.grad,
+                SCORE_BOUNDED=score is None or score.bounded, MASK_MOD=None if blocks is None else blocks.mask_mod)
 
 
 def dropout_threshold(p: float) -> int:
@@ -199,13 +301,13 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
 
 
 def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
-    """One kernel's tile sources and launch kwargs from its config: q (and dO) read in block_m rows, k and v in
-    block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the pointer
-    path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks for
-    longest-first (or is persistent) and `reverse` says the last tiles are the heaviest; PERSISTENT where cfg asks
-    and the call is not packed (a packed grid's tiles depend on the sequences). WARP_SPEC where cfg asks and the
-    inputs qualify for TMA: the sources stay tensors, the kernel makes one descriptor per head (TMA == 2), the form
-    Triton's warp specialization splits between consumer groups."""
+    """One kernel's tile sources, Tile and launch options from its config: q (and dO) read in block_m rows, k and v
+    in block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the
+    pointer path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks
+    for longest-first (or is persistent) and `reverse` says the last tiles are the heaviest; PERSISTENT where cfg
+    asks and the call is not packed (a packed grid's tiles depend on the sequences). WARP_SPEC where cfg asks and
+    the inputs qualify for TMA: the sources stay tensors, the kernel makes one descriptor per head (TMA == 2), the
+    form Triton's warp specialization splits between consumer groups."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
     qualify = not packed and tma_ok(*tensors)
     ws = cfg.warp_specialize and qualify
@@ -213,9 +315,10 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     rows = (cfg.block_m, cfg.block_n, cfg.block_n, cfg.block_m)
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
     persistent = cfg.persistent and not packed
-    return src, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=2 if ws else tma, PERSISTENT=persistent,
-                     WARP_SPEC=ws, REVERSE=(cfg.longest_first or persistent) and reverse, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages)
+    D, Dv = q.shape[3], v.shape[3]
+    return src, Tile(D, Dv, cfg.block_m, cfg.block_n, head_block(D), head_block(Dv), fp32_dot(q.dtype),
+                     2 if ws else tma, (cfg.longest_first or persistent) and reverse, persistent, ws), dict(
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # Programs of a persistent launch where the kernels run through the interpreter (few, so that each walks several
@@ -223,10 +326,11 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
 INTERPRETER_PROGRAMS, DEFAULT_PROGRAMS = 3, 132
 
 
-def tile_grid(kwargs, n_tiles: int, head_count: int, device):
+def tile_grid(tile: Tile, n_tiles: int, head_count: int, device):
     """The grid of a tiled kernel over n_tiles tiles of head_count heads: one program per tile (n_tiles,
-    head_count), or, where kwargs say PERSISTENT, one per SM (programs, 1), each walking tiles (common._walk_tile)."""
-    if not kwargs["PERSISTENT"]:
+    head_count), or, where the tile says PERSISTENT, one per SM (programs, 1), each walking tiles
+    (common._walk_tile)."""
+    if not tile.PERSISTENT:
         return (n_tiles, head_count)
     if interpreter_active():
         programs = INTERPRETER_PROGRAMS
@@ -259,10 +363,6 @@ def grid_dims(q, k, packed: Optional[Packed]):
             (packed.cu_seqlens_q, packed.cu_seqlens_k), lambda t: (0, *t.stride()[1:]))
 
 
-def _kernel_name(kernel) -> str:
-    return getattr(kernel, "__name__", None) or kernel.fn.__name__  # under @triton.heuristics: .fn
-
-
 @contextlib.contextmanager
 def _scratch(needed: bool, tensor):
     """Global scratch memory for kernels that make tensor descriptors (TMA == 2): Triton asks its allocator at
@@ -288,7 +388,8 @@ _stubbed = None  # inside stubbed_launches(): the list it yields
 def stubbed_launches():
     """Inside the block, `run` builds and counts every launch but launches nothing: what a call costs on the host
     in our own Python (`python -m bench --host`). The kernels' outputs are left unwritten. Yields a list that gets
-    (kernel name, number of positional launch arguments) per launch not made."""
+    (kernel name, the values the launch passes: its arguments with the bundles' fields counted one by one) per
+    launch not made."""
     global _stubbed
     before, _stubbed = _stubbed, []
     try:
@@ -297,20 +398,34 @@ def stubbed_launches():
         _stubbed = before
 
 
+_NO_TILE = Tile(0, 0, 0, 0, 0, 0)
+
+
+def launch_values(args) -> int:
+    """The values a launch passes (tuples flattened): what Triton's launcher binds and packs per call."""
+    return sum(launch_values(a) if isinstance(a, tuple) else 1 for a in args)
+
+
+def tile_of(kwargs) -> Tile:
+    """A launch's Tile (kwargs["C"]), or one with every path flag off for kernels that take none."""
+    return kwargs.get("C", _NO_TILE)
+
+
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
     path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
     own name. An empty list launches and counts nothing."""
     for kernel, grid, args, kwargs in launch_list:
         if _stubbed is not None:
-            _stubbed.append((_kernel_name(kernel), len(args)))
+            _stubbed.append((kernel.__name__, launch_values(args)))
         else:
-            with _scratch(kwargs.get("TMA") == 2, args[0]):
+            with _scratch(tile_of(kwargs).TMA == 2, args[0]):
                 kernel[grid](*args, **kwargs)
-        launches[_kernel_name(kernel)] += 1
+        launches[kernel.__name__] += 1
     if launch_list:
         launches[name] += 1
-        launches[f"{name}:{'tma' if any(kw.get('TMA') for *_, kw in launch_list) else 'ptr'}"] += 1
+        tiles = [tile_of(kw) for *_, kw in launch_list]
+        launches[f"{name}:{'tma' if any(t.TMA for t in tiles) else 'ptr'}"] += 1
         for flag in ("PERSISTENT", "WARP_SPEC"):
-            if any(kw.get(flag) for *_, kw in launch_list):
+            if any(getattr(t, flag) for t in tiles):
                 launches[f"{name}:{flag.lower()}"] += 1
