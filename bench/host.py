@@ -12,7 +12,7 @@ import torch
 
 import fused_attn
 from fused_attn._args import without_value_checks
-from fused_attn.kernels.launch import stubbed_launches
+from fused_attn.kernels.launch import launch_values, stubbed_launches
 
 CALLS = 300  # timed calls per entry (after WARMUP)
 WARMUP = 20
@@ -109,7 +109,7 @@ def measure(device=None, calls: int = CALLS) -> list:
             for _ in range(WARMUP):
                 fn()
             rows.append(dict(entry=name, first_us=first, launches=len(launches),
-                             max_args=max((n for _, n in launches), default=0), stubbed=cpu))
+                             max_args=max((launch_values(args) for _, args in launches), default=0), stubbed=cpu))
         per_round = max(1, calls // ROUNDS)
         rounds = [[time_call(fn, per_round) for fn in entries.values()] for _ in range(ROUNDS)]
     for i, row in enumerate(rows):  # the best round's median: the machine's noise only ever adds time

@@ -7,7 +7,7 @@ from . import ops
 from ._args import (FP8_DTYPES, check_args, check_descales, check_kernel_inputs, check_kvcache, check_kvcache_values,
                     check_modifiers, check_rotary, check_write_kv, reads_values)
 from .ops import Call
-from .schedule import check_metadata
+from .schedule import check_metadata, replayable
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, page, rows=None, descales=(None, None)):
@@ -124,6 +124,25 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     cache_seqlens + S_new <= the cache's capacity, and every block_table entry a row uses naming a page that exists.
     """
     meta = check_metadata(scheduler_metadata, "attention_with_kvcache")
+    args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale, num_splits, softcap,
+            alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx, cache_leftpad,
+            k_descale, v_descale, meta)
+    if (k is None and rotary_cos is None and cache_batch_idx is None and cache_leftpad is None
+            and replayable(meta, window_size)):
+        # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replay).
+        key = ("kvcache", type(causal), causal, window_size, type(scale), scale, type(num_splits), num_splits,
+               type(softcap), softcap)
+        out, lse = meta.replay(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
+                                     v_descale), lambda: _with_kvcache(*args))
+    else:
+        out, lse = _with_kvcache(*args)
+    return (out, lse) if return_lse else out
+
+
+def _with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale, num_splits,
+                  softcap, alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx,
+                  cache_leftpad, k_descale, v_descale, meta):
+    """attention_with_kvcache's checked path: (out (B, Sq, Hq, Dv), lse)."""
     cache_seqlens, capacity, page = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, num_splits,
                                                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad)
     if meta is not None:
@@ -162,5 +181,4 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             seqlens_k, page = seqlens_k - start.to(torch.int32), 1
         out, lse = ops.attention_decode(a.q, keys, values, Call.of(a, mods), seqlens_k=seqlens_k, block_table=table,
                                         page_size=page, num_splits=num_splits, plan=meta and meta.plan)
-    out = out.transpose(1, 2)
-    return (out, lse) if return_lse else out
+    return out.transpose(1, 2), lse

@@ -9,7 +9,7 @@ from ._args import (check_descales, check_fp8, check_kernel_inputs, check_modifi
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
-from .schedule import check_metadata
+from .schedule import check_metadata, replayable
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False,
@@ -92,10 +92,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if q_descale is not None or out_dtype is not None:
             raise ValueError("q_descale / out_dtype (FP8 queries) are not implemented over a KV cache; FP8 caches "
                              "take k_descale / v_descale with 16/32-bit queries")
-        out, lse = _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table,
-                            num_splits, dict(causal=causal, window_size=window_size, scale=scale),
-                            dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
-                            (k_descale, v_descale), check_metadata(scheduler_metadata, "attention_varlen"))
+        meta = check_metadata(scheduler_metadata, "attention_varlen")
+        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
+                dict(causal=causal, window_size=window_size, scale=scale),
+                dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
+                (k_descale, v_descale), meta)
+        if replayable(meta, window_size):
+            # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replay).
+            key = ("serving", type(max_seqlen_q), max_seqlen_q, type(max_seqlen_k), max_seqlen_k, type(causal),
+                   causal, window_size, type(scale), scale, type(num_splits), num_splits, type(softcap), softcap,
+                   type(dropout_p), dropout_p)
+            out, lse = meta.replay(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+                                         sinks, k_descale, v_descale), lambda: _serving(*args))
+        else:
+            out, lse = _serving(*args)
         return (out, lse) if return_lse else out
     if scheduler_metadata is not None:
         raise ValueError("scheduler_metadata plans calls over a KV cache (seqused_k / block_table); this call has "

@@ -138,3 +138,43 @@ def test_scheduler_metadata_errors_name_the_value():
     if DEVICE == "cpu":  # values are read where they are on the CPU
         with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, max_seqlen_k = 35\]"):
             fused_attn.get_scheduler_metadata(2, 3, 35, 4, 2, 16, used)
+
+
+def test_plan_replays_its_first_call_on_new_tensors(monkeypatch):
+    """A plan records a per-layer call's launches once (SchedulerMetadata.replay) and makes them again on the next
+    calls' tensors -- new queries, cache contents, lengths, sinks: the same bits as a call checked and planned anew.
+    A call of another layout is a new key: checked, and refused where it does not match the plan."""
+    checked = []
+    for module, name in ((fused_attn.varlen, "_serving"), (fused_attn.decode, "_with_kvcache")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: checked.append(name) or fn(*a))
+    q, kc, vc, cu, used, table = make_serving_inputs([1, 3, 2], [300, 40, 77], 4, 2, 16, torch.float32, DEVICE, 16,
+                                                     seed=6)
+    plan = (lambda: fused_attn.get_scheduler_metadata(3, 3, 300, 4, 2, 16, used, qkv_dtype=torch.float32,
+                                                      cu_seqlens_q=cu, page_size=16))
+    meta = plan()
+    qd, kcd, vcd, tabled, _, _ = make_kvcache_inputs(2, 1, 4, 2, 16, 320, 1, torch.float32, DEVICE, page=16)
+    lens = torch.tensor([300, 12], dtype=torch.int32, device=DEVICE)
+    step_plan = (lambda: fused_attn.get_scheduler_metadata(2, 1, 320, 4, 2, 16, lens, qkv_dtype=torch.float32,
+                                                           page_size=16))
+    step = step_plan()
+    for layer in range(3):
+        g = torch.Generator(device="cpu").manual_seed(layer)
+        new = (lambda t: torch.randn(t.shape, generator=g).to(DEVICE, t.dtype))
+        sinks = new(torch.empty(4))
+        kw = dict(seqused_k=(used - 7 * layer).clamp(min=0), block_table=table.flip(1), causal=True, sinks=sinks,
+                  return_lse=True)
+        args = (new(q), new(kc), new(vc), cu, None, 3, 300)
+        for x, y in zip(fused_attn.attention_varlen(*args, **kw, scheduler_metadata=meta),
+                        fused_attn.attention_varlen(*args, **kw, scheduler_metadata=plan())):
+            assert torch.equal(x, y)
+        args, kw = (new(qd), new(kcd), new(vcd)), dict(cache_seqlens=lens - layer, block_table=tabled, sinks=sinks,
+                                                       window_size=(50, 0), return_lse=True)
+        for x, y in zip(fused_attn.attention_with_kvcache(*args, **kw, scheduler_metadata=step),
+                        fused_attn.attention_with_kvcache(*args, **kw, scheduler_metadata=step_plan())):
+            assert torch.equal(x, y)
+    assert len(meta.replays) == 1 and len(step.replays) == 1
+    assert checked.count("_serving") == 1 + 3 and checked.count("_with_kvcache") == 1 + 3  # the plan's first + anew
+    with pytest.raises(ValueError, match=r"num_heads_q 2 \(the plan's: 4\)"):
+        fused_attn.attention_varlen(q[:, :2], kc, vc, cu, None, 3, 300, seqused_k=used, block_table=table,
+                                    scheduler_metadata=meta)

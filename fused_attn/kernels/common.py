@@ -272,8 +272,13 @@ def _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, offset, VARLEN: tl.constexpr):
 @triton.jit
 def _dot(a, b, FP32_DOT: tl.constexpr):
     """tl.dot with fp32 inputs in IEEE precision (no TF32), or on fp32 copies of the operands where the
-    interpreter cannot multiply bf16 (it multiplies raw bit patterns)."""
-    if FP32_DOT:
+    interpreter cannot multiply bf16 (it multiplies raw bit patterns). FP32_DOT == 2 (the interpreter in the
+    batch-invariant mode): each row's products summed on their own, so that a row's result does not depend on its
+    place in the tile -- the interpreter's tl.dot is NumPy's matmul, whose BLAS kernels (OpenBLAS on AMD Zen, for
+    one) round a row differently by its position."""
+    if FP32_DOT == 2:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], 1)
+    elif FP32_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)

@@ -445,7 +445,8 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     paged = block_table is not None
     batch0 = (lambda t: (0, *t.stride()[1:])) if packed is not None else (lambda t: tuple(t.stride()))
     kv_strides = (lambda t: tuple(t.stride())) if paged else batch0
-    tile = Tile(D, Dv, plan.block_m, plan.block_n, head_block(D), head_block(Dv), fp32_dot(q.dtype),
+    tile = Tile(D, Dv, plan.block_m, plan.block_n, head_block(D), head_block(Dv),
+                fp32_dot(q.dtype, plan.split_keys > 0),
                 BLOCK_Q=plan.block_q, PACK=plan.pack, COMBINE=combine, PAGE_SIZE=page_size if paged else 0)
     mod_args = modifier_args(mods, scale)
     if mods is not None and mods.q_descale is not None:

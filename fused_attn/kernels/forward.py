@@ -198,12 +198,14 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     mod_args, mask_args = modifier_args(mods, scale), block_args(blocks)
     cfg = block_tiles(cfg, blocks)
     Hq, Hkv = q.shape[1], k.shape[1]
-    src, tile, opts = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None)
+    src, tile, opts = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None,
+                                invariant=split_keys > 0)
+    split_keys = 0 if blocks is not None else split_keys
     seqs = SeqArgs(*cu, Sq, Sk, offset, left, right)
     all_strides = (strides(q), strides(k), strides(v), strides(out), strides(lse)[:2])
     launch_list = []
     for start, count in head_chunks(B * Hq) if Sq > 0 else ():
-        sched = Sched(start, count, Hq, Hq // Hkv, 0 if blocks is not None else split_keys)
+        sched = Sched(start, count, Hq, Hq // Hkv, split_keys)
         args = dict(seqs=seqs, sched=sched, mods=mod_args, blocks=mask_args)
         launch_list.append((_attn_fwd_kernel, tile_grid(tile, cdiv(Sq, cfg.block_m), count, q.device),
                             (*src, out, lse, stats, all_strides, seqs, sched, mod_args, mask_args, scale * LOG2E),

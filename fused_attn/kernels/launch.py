@@ -281,8 +281,11 @@ def dropout_threshold(p: float) -> int:
     return round(p * 2 ** 24)
 
 
-def fp32_dot(dtype: torch.dtype) -> bool:
-    """fp32 inputs get IEEE dots; bf16 and FP8 under the interpreter get fp32 dots (see common._dot)."""
+def fp32_dot(dtype: torch.dtype, invariant: bool = False):
+    """fp32 inputs get IEEE dots; bf16 and FP8 under the interpreter get fp32 dots; the interpreter in the
+    batch-invariant mode (`invariant`), row-by-row fp32 dots, 2 (see common._dot)."""
+    if invariant and interpreter_active():
+        return 2
     return dtype == torch.float32 or (dtype.itemsize < 2 or dtype == torch.bfloat16) and interpreter_active()
 
 
@@ -300,14 +303,15 @@ def tile_source(t, tma: bool, block_rows: int, block_cols: int):
     return t
 
 
-def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
+def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False, invariant: bool = False):
     """One kernel's tile sources, Tile and launch options from its config: q (and dO) read in block_m rows, k and v
     in block_n rows, through TMA descriptors where cfg asks and all qualify (tma_ok; packed sequences take the
     pointer path, whose loads stop at each sequence's end), else as pointers; the tile order reversed where cfg asks
     for longest-first (or is persistent) and `reverse` says the last tiles are the heaviest; PERSISTENT where cfg
     asks and the call is not packed (a packed grid's tiles depend on the sequences). WARP_SPEC where cfg asks and
     the inputs qualify for TMA: the sources stay tensors, the kernel makes one descriptor per head (TMA == 2), the
-    form Triton's warp specialization splits between consumer groups."""
+    form Triton's warp specialization splits between consumer groups. invariant: the batch-invariant mode's
+    launch (its dots: fp32_dot)."""
     tensors = (q, k, v) if do is None else (q, k, v, do)
     qualify = not packed and tma_ok(*tensors)
     ws = cfg.warp_specialize and qualify
@@ -316,7 +320,7 @@ def tile_args(cfg, reverse: bool, q, k, v, do=None, packed: bool = False):
     src = tuple(tile_source(t, tma, r, head_block(t.shape[3])) for t, r in zip(tensors, rows))
     persistent = cfg.persistent and not packed
     D, Dv = q.shape[3], v.shape[3]
-    return src, Tile(D, Dv, cfg.block_m, cfg.block_n, head_block(D), head_block(Dv), fp32_dot(q.dtype),
+    return src, Tile(D, Dv, cfg.block_m, cfg.block_n, head_block(D), head_block(Dv), fp32_dot(q.dtype, invariant),
                      2 if ws else tma, (cfg.longest_first or persistent) and reverse, persistent, ws), dict(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -388,8 +392,7 @@ _stubbed = None  # inside stubbed_launches(): the list it yields
 def stubbed_launches():
     """Inside the block, `run` builds and counts every launch but launches nothing: what a call costs on the host
     in our own Python (`python -m bench --host`). The kernels' outputs are left unwritten. Yields a list that gets
-    (kernel name, the values the launch passes: its arguments with the bundles' fields counted one by one) per
-    launch not made."""
+    (kernel name, its arguments) per launch not made (launch_values counts what the launch would pass)."""
     global _stubbed
     before, _stubbed = _stubbed, []
     try:
@@ -411,21 +414,53 @@ def tile_of(kwargs) -> Tile:
     return kwargs.get("C", _NO_TILE)
 
 
+_recording = None  # inside recording(): the list run() adds each (name, launch list) it runs to
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside the block, `run` also records what it launches: yields a list of (name, launch list) per run() call,
+    for a plan to make the same launches again on other tensors (schedule.SchedulerMetadata's replays)."""
+    global _recording
+    before, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = before
+
+
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
     path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
     own name. An empty list launches and counts nothing."""
+    if _recording is not None:
+        _recording.append((name, launch_list))
+    _launch(launch_list)
+    launches.update(counted(launch_list, name))
+
+
+def counted(launch_list, name: str) -> list:
+    """The launch counter's keys a run of launch_list adds (see run)."""
+    keys = [kernel.__name__ for kernel, *_ in launch_list]
+    if launch_list:
+        tiles = [tile_of(kw) for *_, kw in launch_list]
+        keys += [name, f"{name}:{'tma' if any(t.TMA for t in tiles) else 'ptr'}"]
+        keys += [f"{name}:{flag.lower()}" for flag in ("PERSISTENT", "WARP_SPEC") if any(getattr(t, flag) for t in tiles)]
+    return keys
+
+
+def _launch(launch_list):
     for kernel, grid, args, kwargs in launch_list:
         if _stubbed is not None:
-            _stubbed.append((kernel.__name__, launch_values(args)))
-        else:
-            with _scratch(tile_of(kwargs).TMA == 2, args[0]):
+            _stubbed.append((kernel.__name__, args))
+        elif tile_of(kwargs).TMA == 2:
+            with _scratch(True, args[0]):
                 kernel[grid](*args, **kwargs)
-        launches[kernel.__name__] += 1
-    if launch_list:
-        launches[name] += 1
-        tiles = [tile_of(kw) for *_, kw in launch_list]
-        launches[f"{name}:{'tma' if any(t.TMA for t in tiles) else 'ptr'}"] += 1
-        for flag in ("PERSISTENT", "WARP_SPEC"):
-            if any(getattr(t, flag) for t in tiles):
-                launches[f"{name}:{flag.lower()}"] += 1
+        else:
+            kernel.run(*args, grid=grid, warmup=False, **kwargs)
+
+
+def relaunch(launch_list, keys: list):
+    """Launch a list as run() does, its counter keys (`counted`) given: a plan's replay, on the host's lean path."""
+    _launch(launch_list)
+    launches.update(keys)
