@@ -165,8 +165,10 @@ def _attn_bwd_dkdv_tile(start_n, bhk, Q, K, V, DO, STATS, DELTA, DK, DV, strides
     if C.WITH_DK:
         v = _load_block(Vh, b, hk, start_n, sv[2], sv[3], seqlen_k, C.HEAD_DIM_V, BLOCK_N, C.BLOCK_DV,
                         True, C.HEAD_DIM_V != C.BLOCK_DV, C.TMA)
-    dk = tl.zeros([BLOCK_N, C.BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, C.BLOCK_DV], tl.float32)
+    BLOCK_D: tl.constexpr = C.BLOCK_D  # named: Triton 3.6 takes no tuple field in a shape list
+    BLOCK_DV: tl.constexpr = C.BLOCK_DV
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
     left, right = seqs.left, seqs.right
     if not F.LISTED:  # query tiles that see this key tile: the mask transposed (offset -> -offset, left <-> right)
@@ -288,7 +290,8 @@ def _attn_bwd_dq_tile(start_m, bh, Q, K, V, DO, STATS, DELTA, DQ, DBIAS, strides
     m = tl.load(STATS + 2 * (row + offs_m), mask=m_ok, other=0.0)
     log2_l = tl.load(STATS + 2 * (row + offs_m) + 1, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, C.BLOCK_D], tl.float32)
+    BLOCK_D: tl.constexpr = C.BLOCK_D  # named: Triton 3.6 takes no tuple field in a shape list
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     Kh = _at_rows(K, b64 * sk[0] + hk64 * sk[1] + k0 * sk[2], seqlen_k, sk[2], C.HEAD_DIM, C.BLOCK_N, C.BLOCK_D,
                   C.TMA)

@@ -172,7 +172,8 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, w
         slope = slope[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32)
+    BLOCK_DV: tl.constexpr = C.BLOCK_DV  # named: Triton 3.6 takes no tuple field in a shape list
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     o_all, lse_all = acc, m_i  # the splits merged so far (INVARIANT)
     seq = (seqlen_q, seqlen_k, offset, left, right)
     head_rows = (heads, 0, slope, 0, 0, k_descale)  # no dropout: inference only
@@ -181,7 +182,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, w
             s_lo, s_hi = _split_range(first_part + step, lo, hi, sched.split_keys)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for seg in tl.static_range(3):  # masked edge, unmasked middle, masked edge -- within this split's range
             seg_lo = s_lo if seg == 0 else _clamp(full_lo if seg == 1 else full_hi, s_lo, s_hi)
             seg_hi = _clamp(full_lo, s_lo, s_hi) if seg == 0 else (_clamp(full_hi, s_lo, s_hi) if seg == 1 else s_hi)
