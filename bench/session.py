@@ -29,7 +29,7 @@ SMOKE = [  # (pytest arguments) -- GPU-only parameters (bf16, large shapes) are 
     ["tests/test_paths.py"],
     ["tests/test_fp8.py"],
     ["tests/test_serving.py", "tests/test_host_path.py", "-k",
-     "mixed or alone or cuda_graph or scheduler_metadata_made_once or compiled_equal"],
+     "mixed or alone or cuda_graph or scheduler_metadata_made_once or compiled_equal or replays_its_first_call"],
     # the batch-invariant mode, bitwise across paths and batch compositions, compiled (bf16 and a long sequence)
     ["tests/test_batch_invariant.py", "-k", "not api"],
 ]

@@ -25,10 +25,11 @@ def entries():
 
 def test_per_layer_calls_make_no_host_sync(entries):
     """With the CPU-only value checks off (as a GPU tensor skips them) and the launches stubbed, not one op of a
-    per-layer call reads a value on the host."""
+    per-layer call reads a value on the host -- each call twice: with a plan, the second is its replay."""
     with stubbed_launches(), without_value_checks():
         for name in PER_LAYER:
             with Syncs() as syncs:
+                entries[name]()
                 entries[name]()
             assert syncs.seen == [], (name, syncs.seen)
 
@@ -95,6 +96,21 @@ def test_decode_step_replays_in_a_cuda_graph():
         graph.replay()
         want = fused_attn.attention_with_kvcache(q, kc_e, vc_e, k, v, cache_seqlens=lens, block_table=table)
         assert torch.equal(out, want) and torch.equal(kc, kc_e)
+    # A layer's call with the step's plan: recorded eagerly, its replay captured.
+    meta = fused_attn.get_scheduler_metadata(4, 1, 512, 8, 2, 64, lens, qkv_dtype=torch.bfloat16, page_size=16)
+    fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table, scheduler_metadata=meta)
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table,
+                                                scheduler_metadata=meta)
+    torch.cuda.current_stream().wait_stream(stream)
+    for step in range(2):
+        lens.copy_(torch.randint(0, 500, (4,), device="cuda", dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        assert torch.equal(out, fused_attn.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=table,
+                                                                  scheduler_metadata=meta))
 
 
 def test_scheduler_metadata_made_once_serves_every_layer():

@@ -35,12 +35,12 @@ def _write_kv_kernel(SLOTS, keys, values, page_size, n_heads, fp8_max, HEAD_DIM:
     values: _write_rows's bundles."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
-    if slot < 0:
-        return
-    page = slot // page_size
-    slot = slot % page_size
-    _write_rows(keys, t, page, slot, n_heads, fp8_max, HEAD_DIM, BLOCK_H, BLOCK_D, QUANT, MANTISSA, MIN_EXP)
-    _write_rows(values, t, page, slot, n_heads, fp8_max, HEAD_DIM_V, BLOCK_H, BLOCK_DV, QUANT, MANTISSA, MIN_EXP)
+    if slot >= 0:  # not an early return: after one, Triton 3.6 lost a tuple argument's unit stride (a constant)
+        page = slot // page_size
+        slot = slot % page_size
+        _write_rows(keys, t, page, slot, n_heads, fp8_max, HEAD_DIM, BLOCK_H, BLOCK_D, QUANT, MANTISSA, MIN_EXP)
+        _write_rows(values, t, page, slot, n_heads, fp8_max, HEAD_DIM_V, BLOCK_H, BLOCK_DV, QUANT, MANTISSA,
+                    MIN_EXP)
 
 
 # FP8 cache types: (stored mantissa bits, smallest normal exponent, largest finite value).

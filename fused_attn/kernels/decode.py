@@ -82,6 +82,16 @@ SPLIT_FLAGS = ("HAS_LEFT", "HAS_RIGHT", "PAGED", "HAS_SEQLENS", "VARLEN", "HAS_C
 @triton.jit
 def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, work, scratch, qk_scale,
                            C: tl.constexpr, F: tl.constexpr):
+    """The split-KV kernel: one work item (sequence, query tile, split; _work_item) per program along grid axis 0,
+    one query-head group per program along axis 1 (_attn_fwd_split_item), as the forward kernel runs its tiles."""
+    b, tile, split = _work_item(seqs.CU_Q, work[0], work[1], work[2], work[3], C.BLOCK_Q, F.VARLEN)
+    _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, sched, mods, work, scratch, qk_scale,
+                         C, F)
+
+
+@triton.jit
+def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, sched, mods, work, scratch,
+                         qk_scale, C: tl.constexpr, F: tl.constexpr):
     """One work item of one query-head group: out and lse of its rows over its key range -- written as they are
     when the sequence is not split (sinks folded in), else as fp32 partials (scratch = (O_PART (splits, n_seqs *
     part_rows, Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq), SPLITS[b] the split count)) for the combine
@@ -95,13 +105,14 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, w
     sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
     of its splits, merged in key order (_merge_partial)."""
     sq, sk, sv, so, sl = strides
+    # Read before the early exits below: after them Triton 3.6 lost this tuple's unit stride (a constant) here.
+    descale_b, descale_h = mods.descale_strides
     SEQLENS_K, PAGES, stride_pb = cache
     n_main, n_seqs, tiles, max_splits, min_tiles, part_rows = work
     BLOCK_Q: tl.constexpr = C.BLOCK_Q
     BLOCK_M: tl.constexpr = C.BLOCK_M
     BLOCK_N: tl.constexpr = C.BLOCK_N
     PACK: tl.constexpr = C.PACK
-    b, tile, split = _work_item(seqs.CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q, F.VARLEN)
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(seqs.CU_Q, seqs.CU_K, SEQLENS_K, b, seqs.seqlen_q, seqs.seqlen_k,
                                                    F.VARLEN, F.HAS_CU_K, F.HAS_SEQLENS)
     pos_start = tile * BLOCK_Q
@@ -163,7 +174,7 @@ def _attn_fwd_split_kernel(Q, K, V, O, LSE, strides, seqs, cache, sched, mods, w
     k_descale = tl.full([], 1.0, tl.float32)
     v_descale = k_descale
     if F.FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
-        d = b64 * mods.descale_strides[0] + hk64 * mods.descale_strides[1]
+        d = b64 * descale_b + hk64 * descale_h
         k_descale = tl.load(mods.K_DESCALE + d)
         v_descale = tl.load(mods.V_DESCALE + d)
     slope = _slope(mods.SLOPES, b, heads, mods.slope_strides[0], mods.slope_strides[1], qk_scale,
