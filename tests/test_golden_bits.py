@@ -2,9 +2,11 @@
 outputs), recorded under the interpreter into tests/golden_bits.json as SHA-256 digests of their bytes, are
 compared bit for bit. A refactor of the call path or of the kernels' arguments must leave every digest as it is.
 
-The bits depend on the machine's floating-point path (numpy's BLAS under the interpreter, torch and Triton
-versions), so the file records the environment it was made in and the test runs where that matches (it says
-why it skipped elsewhere). Record again, on purpose only, with
+The bits depend on the machine's floating-point path (numpy's BLAS under the interpreter -- OpenBLAS picks its
+kernels by the CPU's instruction sets, so two "AMD EPYC" machines can differ --, torch and Triton versions), so
+the file holds one record per environment it was made in, and the test runs where one matches (it says why it
+skipped elsewhere). Record this environment's entry (added, or replacing its old one), on purpose only and from
+the code before a change, with
 
     python tests/test_golden_bits.py --record
 """
@@ -33,8 +35,13 @@ F16, F32 = torch.float16, torch.float32
 def environment() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    try:  # the vector instruction sets numpy (and its OpenBLAS) dispatch on
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        features = {}
+    simd = sorted(f for f, on in features.items() if on and f.startswith(("AVX", "FMA")))
     return dict(torch=torch.__version__, triton=triton.__version__, numpy=numpy.__version__,
-                machine=platform.machine(), cpu=cpu)
+                machine=platform.machine(), cpu=cpu, simd=simd)
 
 
 def digest(t: torch.Tensor) -> str:
@@ -125,9 +132,10 @@ def record() -> dict:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="recorded under the interpreter on the CPU")
 @pytest.mark.parametrize("name", list(CALLS))
 def test_bits_as_recorded(name):
-    golden = json.loads(FILE.read_text())
-    if golden["environment"] != environment():
-        pytest.skip(f"recorded in {golden['environment']}, this is {environment()}")
+    here = environment()
+    golden = next((r for r in json.loads(FILE.read_text())["records"] if r["environment"] == here), None)
+    if golden is None:
+        pytest.skip(f"no record made in this environment ({here})")
     got = {k: digest(t) for k, t in CALLS[name]().items()}
     moved = sorted(k for k in golden["calls"][name] if got.get(k) != golden["calls"][name][k])
     assert set(got) == set(golden["calls"][name]) and not moved, f"{name}: bits moved in {moved}"
@@ -136,5 +144,7 @@ def test_bits_as_recorded(name):
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
         sys.exit(__doc__)
-    FILE.write_text(json.dumps(record(), indent=1, sort_keys=True) + "\n")
-    print(f"wrote {FILE}")
+    records = json.loads(FILE.read_text())["records"] if FILE.exists() else []
+    records = [r for r in records if r["environment"] != environment()] + [record()]
+    FILE.write_text(json.dumps(dict(records=records), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {FILE}: {len(records)} environments")

@@ -178,7 +178,9 @@ def test_padding_with_holes_runs_its_mask_on_the_kernels(caplog):
     with torch.no_grad(), caplog.at_level("DEBUG", logger="fused_attn"):
         got = fused(input_ids=ids, attention_mask=mask).logits
         pt = eager(input_ids=ids, attention_mask=mask).logits
-        want = ref(input_ids=ids, attention_mask=mask).logits
+        # The float64 reference takes the float mask in its own dtype: given a float32 one, transformers 5.25
+        # (torch 2.13, CPU) computed other logits (0.32 away from the same mask in float64).
+        want = ref(input_ids=ids, attention_mask=mask.double() if kind == "float" else mask).logits
     assert kernels.launches["fwd"] == before + 2  # one per layer
     assert "mask function's block lists" in caplog.text
     keep = mask.bool()
@@ -284,7 +286,9 @@ def test_user_supplied_4d_mask_runs_on_the_kernels(kind):
     with torch.no_grad():
         got = fused(input_ids=ids, attention_mask=mask).logits
         pt = sdpa(input_ids=ids, attention_mask=mask).logits
-        want = ref(input_ids=ids, attention_mask=mask).logits
+        # The float64 reference takes the float mask in its own dtype: given a float32 one, transformers 5.25
+        # (torch 2.13, CPU) computed other logits (0.32 away from the same mask in float64).
+        want = ref(input_ids=ids, attention_mask=mask.double() if kind == "float" else mask).logits
         causal_only = sdpa(input_ids=ids).logits
     assert kernels.launches["fwd"] - before == 2
     assert Metric.measure(got, want, pt, DTYPE, 2.0).ok
