@@ -355,7 +355,7 @@ def backward_launches(do, q, k, v, out, stats, dq, dk, dv, delta, scale: float, 
                     dict(HEAD_DIM_V=Dv, BLOCK_M=c_q.block_m, BLOCK_DV=head_block(Dv),
                          F=flags(PREPROCESS_FLAGS, mods=ModArgs(SINKS=sinks), DLSE=dlse)))
                    for start, count in head_chunks(q.shape[0] * Hq)]
-    seqs = SeqArgs(*cu, Sq, Sk, offset, left, right)
+    seqs = SeqArgs(Sq, Sk, offset, left, right, *cu)
     rows = strides(delta)[:2]
 
     # Key tiles: the mask transposed.

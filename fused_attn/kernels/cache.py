@@ -13,9 +13,9 @@ from .launch import run
 def _write_rows(rows, t, page, slot, n_heads, fp8_max, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_D: tl.constexpr, QUANT: tl.constexpr, MANTISSA: tl.constexpr, MIN_EXP: tl.constexpr):
     """CACHE[page, slot, :, :] = X[t] (divided by SCALE per head and clamped into the FP8 range if QUANT), rows =
-    (X, CACHE, SCALE, X's (token, head, col) strides, CACHE's (page, slot, head, col) strides, SCALE's (token,
-    head) strides)."""
-    X, CACHE, SCALE, sx, sc, ss = rows
+    (X's (token, head, col) strides, CACHE's (page, slot, head, col) strides, SCALE's (token, head) strides, X,
+    CACHE, SCALE): numbers before the pointers (launch.SeqArgs says why)."""
+    sx, sc, ss, X, CACHE, SCALE = rows
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_D)[None, :]
     ok = (heads < n_heads) & (cols < HEAD_DIM)
@@ -35,7 +35,7 @@ def _write_kv_kernel(SLOTS, keys, values, page_size, n_heads, fp8_max, HEAD_DIM:
     values: _write_rows's bundles."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
-    if slot >= 0:  # not an early return: after one, Triton 3.6 lost a tuple argument's unit stride (a constant)
+    if slot >= 0:
         page = slot // page_size
         slot = slot % page_size
         _write_rows(keys, t, page, slot, n_heads, fp8_max, HEAD_DIM, BLOCK_H, BLOCK_D, QUANT, MANTISSA, MIN_EXP)
@@ -63,9 +63,9 @@ def write_launches(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_s
     mantissa, min_exp, fp8_max = FP8.get(k_cache.dtype, (0, 0, 0.0))
     scale_strides = (lambda s: (0, 0) if s is None or s.numel() == 1 else ((0,) + tuple(s.stride()))[-2:])
     return [(_write_kv_kernel, (T,),
-             (slot_mapping, (key, k_cache, k_scale, tuple(key.stride()), tuple(k_cache.stride()),
-                             scale_strides(k_scale)),
-              (value, v_cache, v_scale, tuple(value.stride()), tuple(v_cache.stride()), scale_strides(v_scale)),
+             (slot_mapping, (tuple(key.stride()), tuple(k_cache.stride()), scale_strides(k_scale), key, k_cache,
+                             k_scale),
+              (tuple(value.stride()), tuple(v_cache.stride()), scale_strides(v_scale), value, v_cache, v_scale),
               k_cache.shape[1], H, fp8_max),
              dict(HEAD_DIM=key.shape[2], HEAD_DIM_V=value.shape[2], BLOCK_H=next_power_of_2(H),
                   BLOCK_D=head_block(key.shape[2]), BLOCK_DV=head_block(value.shape[2]), QUANT=k_cache.dtype in FP8,

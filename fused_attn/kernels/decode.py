@@ -97,17 +97,15 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     part_rows, Hq, Dv), LSE_PART (splits, n_seqs * part_rows, Hq), SPLITS[b] the split count)) for the combine
     kernel. strides: (batch, head, row, col) of q, k, v, out; lse's batch and head. K, V: (B, Hkv, S, D)-indexed
     (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv, page_size, D)-indexed (F.PAGED)
-    with cache = (SEQLENS_K: keys per sequence (F.HAS_SEQLENS), PAGES: the (B, max_pages) block table, its row
-    stride), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of BLOCK_N makes each
+    with cache = (the block table's row stride, SEQLENS_K: keys per sequence (F.HAS_SEQLENS), PAGES: the
+    (B, max_pages) block table), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of BLOCK_N makes each
     tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows): the work items (module
     docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0
     where one value serves all). F.INVARIANT (the batch-invariant mode): the keys cut at multiples of
     sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
     of its splits, merged in key order (_merge_partial)."""
     sq, sk, sv, so, sl = strides
-    # Read before the early exits below: after them Triton 3.6 lost this tuple's unit stride (a constant) here.
-    descale_b, descale_h = mods.descale_strides
-    SEQLENS_K, PAGES, stride_pb = cache
+    stride_pb, SEQLENS_K, PAGES = cache
     n_main, n_seqs, tiles, max_splits, min_tiles, part_rows = work
     BLOCK_Q: tl.constexpr = C.BLOCK_Q
     BLOCK_M: tl.constexpr = C.BLOCK_M
@@ -174,7 +172,7 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     k_descale = tl.full([], 1.0, tl.float32)
     v_descale = k_descale
     if F.FP8_KV:  # an FP8 cache: this sequence's and kv head's dequantization factors
-        d = b64 * descale_b + hk64 * descale_h
+        d = b64 * mods.descale_strides[0] + hk64 * mods.descale_strides[1]
         k_descale = tl.load(mods.K_DESCALE + d)
         v_descale = tl.load(mods.V_DESCALE + d)
     slope = _slope(mods.SLOPES, b, heads, mods.slope_strides[0], mods.slope_strides[1], qk_scale,
@@ -466,12 +464,12 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     lse_strides = batch0(lse)[:2]
     part_rows = plan.part_rows
     n_main = n_seqs * plan.tiles if packed is None else q.shape[2] // plan.block_q + n_seqs
-    seqs = SeqArgs(cu_q, cu_k, seqlen_q, max_seqlen_k, 0, left, right)
+    seqs = SeqArgs(seqlen_q, max_seqlen_k, 0, left, right, cu_q, cu_k)
     sched = Sched(0, Hq, Hq, group, plan.split_keys)
     f = flags(SPLIT_FLAGS, seqs=seqs, sched=sched, mods=mod_args, PAGES=block_table, SEQLENS_K=seqlens_k)
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // plan.pack),
                     (q, k, v, out, lse, (batch0(q), kv_strides(k), kv_strides(v), batch0(out), lse_strides), seqs,
-                     (seqlens_k, block_table, block_table.stride(0) if paged else 0), sched, mod_args,
+                     (block_table.stride(0) if paged else 0, seqlens_k, block_table), sched, mod_args,
                      (n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows), plan.scratch, scale * LOG2E),
                     dict(C=tile, F=f, num_warps=plan.warps, num_stages=plan.stages))]
     if combine:

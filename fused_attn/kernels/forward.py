@@ -201,7 +201,7 @@ def forward_launches(q, k, v, out, lse, stats, scale: float, offset: int, left: 
     src, tile, opts = tile_args(cfg, reverse_tiles(left, right), q, k, v, packed=packed is not None,
                                 invariant=split_keys > 0)
     split_keys = 0 if blocks is not None else split_keys
-    seqs = SeqArgs(*cu, Sq, Sk, offset, left, right)
+    seqs = SeqArgs(Sq, Sk, offset, left, right, *cu)
     all_strides = (strides(q), strides(k), strides(v), strides(out), strides(lse)[:2])
     launch_list = []
     for start, count in head_chunks(B * Hq) if Sq > 0 else ():

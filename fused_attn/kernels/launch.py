@@ -147,15 +147,17 @@ class Flags(NamedTuple):
 
 
 class SeqArgs(NamedTuple):
-    """The sequences, kernel argument `seqs`: packed offsets (CU_Q / CU_K, None: dense), the launch's lengths, the
-    diagonal offset and the window's left / right (-1: unbounded)."""
-    CU_Q: object
-    CU_K: object
+    """The sequences, kernel argument `seqs`: the launch's lengths, the diagonal offset, the window's left / right
+    (-1: unbounded), and the packed offsets (CU_Q / CU_K, None: dense). In this bundle and the others, numbers come
+    before pointers that may be None: Triton 3.6 misplaces a unit value (a constant: a stride of 1, a length of 1)
+    that follows a None in a tuple argument."""
     seqlen_q: int
     seqlen_k: int
     offset: int
     left: int
     right: int
+    CU_Q: object = None
+    CU_K: object = None
 
 
 class Sched(NamedTuple):
@@ -170,31 +172,31 @@ class Sched(NamedTuple):
 
 class ModArgs(NamedTuple):
     """Score modifiers, dropout, sinks and FP8 dequantization, kernel argument `mods` (modifier_args): a None
-    pointer or a zero softcap turns its feature off."""
-    SLOPES: object = None
+    pointer or a zero softcap turns its feature off. Numbers first (SeqArgs says why)."""
     slope_strides: tuple = (0, 0)
-    RNG: object = None
+    descale_strides: tuple = (0, 0)
     cap_in: float = 0.0
     cap_out: float = 0.0
     threshold: int = 0
     drop_scale: float = 1.0
+    SLOPES: object = None
+    RNG: object = None
     SINKS: object = None
-    SCORE_ARGS: tuple = ()
     Q_DESCALE: object = None
     K_DESCALE: object = None
     V_DESCALE: object = None
-    descale_strides: tuple = (0, 0)
+    SCORE_ARGS: tuple = ()
 
 
 class MaskArgs(NamedTuple):
-    """A block mask's tables as a kernel walks them, kernel argument `blocks` (block_args): list, slots, bits, the
-    list's (batch, head, row) strides (0 where broadcast), the block sizes and the mask function's arguments."""
-    TABLE: object = None
-    SLOTS: object = None
-    BITS: object = None
+    """A block mask's tables as a kernel walks them, kernel argument `blocks` (block_args): the list's (batch, head,
+    row) strides (0 where broadcast), the block sizes, list, slots, bits and the mask function's arguments."""
     strides: tuple = (0, 0, 0)
     block_q: int = 1
     block_k: int = 1
+    TABLE: object = None
+    SLOTS: object = None
+    BITS: object = None
     MASK_ARGS: tuple = ()
 
 
@@ -237,10 +239,11 @@ def modifier_args(mods: Optional[Modifiers], scale: float) -> ModArgs:
         0, slopes.stride(0))
     drop = mods.dropout
     descale = mods.k_descale if mods.q_descale is None else mods.q_descale
-    return ModArgs(slopes, strides, mods.rng if drop else None, scale / cap if cap else 0.0,
-                   cap / scale if cap else 0.0, dropout_threshold(p) if drop else 0, 1.0 / (1.0 - p) if drop else 1.0,
-                   mods.sinks, score_args(mods), mods.q_descale, mods.k_descale, mods.v_descale,
-                   (0, 0) if descale is None else tuple(descale.stride()))
+    return ModArgs(slope_strides=strides, descale_strides=(0, 0) if descale is None else tuple(descale.stride()),
+                   cap_in=scale / cap if cap else 0.0, cap_out=cap / scale if cap else 0.0,
+                   threshold=dropout_threshold(p) if drop else 0, drop_scale=1.0 / (1.0 - p) if drop else 1.0,
+                   SLOPES=slopes, RNG=mods.rng if drop else None, SINKS=mods.sinks, Q_DESCALE=mods.q_descale,
+                   K_DESCALE=mods.k_descale, V_DESCALE=mods.v_descale, SCORE_ARGS=score_args(mods))
 
 
 def score_args(mods: Modifiers) -> tuple:
@@ -256,7 +259,7 @@ def block_args(blocks: Optional[BlockTables], transposed: bool = False) -> MaskA
         return MaskArgs()
     table, slots = (blocks.q, blocks.q_slots) if transposed else (blocks.kv, blocks.kv_slots)
     strides = tuple(0 if n == 1 else s for n, s in zip(table.shape[:2], table.stride()[:2])) + (table.stride(2),)
-    return MaskArgs(table, slots, blocks.bits, strides, blocks.block_q, blocks.block_k, tuple(blocks.mask_args))
+    return MaskArgs(strides, blocks.block_q, blocks.block_k, table, slots, blocks.bits, tuple(blocks.mask_args))
 
 
 def block_tiles(cfg, blocks: Optional[BlockTables]):
