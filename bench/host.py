@@ -80,13 +80,15 @@ def _entries(device):
 ROUNDS = 5  # the entries are timed round after round, interleaved, so a slow spell of the machine hits them all
 
 
-def time_call(fn, calls: int = CALLS) -> float:
-    """Median microseconds of one call (each timed alone: the median ignores the machine's hiccups)."""
+def time_call(fn, calls: int = CALLS, after=lambda: None) -> float:
+    """Median microseconds of one call (each timed alone: the median ignores the machine's hiccups); after() runs
+    between calls, untimed (the stub's log emptied: a log growing through the loop costs the garbage collector)."""
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        after()
     return statistics.median(times) * 1e6
 
 
@@ -111,7 +113,7 @@ def measure(device=None, calls: int = CALLS) -> list:
             rows.append(dict(entry=name, first_us=first, launches=len(launches),
                              max_args=max((launch_values(args) for _, args in launches), default=0), stubbed=cpu))
         per_round = max(1, calls // ROUNDS)
-        rounds = [[time_call(fn, per_round) for fn in entries.values()] for _ in range(ROUNDS)]
+        rounds = [[time_call(fn, per_round, log.clear) for fn in entries.values()] for _ in range(ROUNDS)]
     for i, row in enumerate(rows):  # the best round's median: the machine's noise only ever adds time
         row["us"] = min(r[i] for r in rounds)
     base = rows[0]["us"]
