@@ -10,6 +10,7 @@ import torch
 from ._args import check_attn_mask, check_modifiers, kernel_args, refuse_fp8
 from .function import _attention, attention, attention_probs, masked, with_keep_mask
 from .reference import row_slopes
+from .replay import CALLS, key_of
 from .decode import attention_with_kvcache
 from .varlen import attention_varlen
 
@@ -90,6 +91,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     probability dropped with probability dropout_p, kept ones scaled by 1 / (1 - dropout_p)) but not the same random
     bits: the kernels draw theirs with Philox from a seed taken from torch's generator (fused_attn.dropout_mask shows
     the mask), so a given seed gives another mask than torch's SDPA does."""
+    checked = (lambda: _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa))
+    if attn_mask is None and not dropout_p and not torch.compiler.is_compiling() and not log.isEnabledFor(
+            logging.DEBUG):
+        # A layout's later calls: its recorded launches again (fused_attn/replay.py); calls torch's SDPA takes are
+        # never recorded (no launch made their output).
+        return CALLS(key_of("sdpa", is_causal, scale, enable_gqa), (query, key, value), checked)
+    return checked()
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """scaled_dot_product_attention's checked path."""
     plan, reason = _sdpa_plan(query, key, value, attn_mask, dropout_p, scale, enable_gqa, is_causal)
     if reason is not None:
         _debug("scaled_dot_product_attention -> torch: %s", reason)

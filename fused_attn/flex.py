@@ -6,6 +6,7 @@ from ._args import check_mod_args, kernel_args
 from .blockmask import as_block_mask, is_jit
 from .function import _attention
 from .kernels import Modifiers, ScoreMod
+from .replay import CALLS, key_of
 
 _HOW = ("write it as a @triton.jit function score_mod(score, b, h, q_idx, kv_idx, *mod_args) -> score over Triton "
         "tensors (tables it reads go in mod_args, as tensors) and pass fused_attn.ScoreMod(score_mod, grad=dscore) "
@@ -59,6 +60,40 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     differentiable, as PyTorch's (a loss that uses it gets its gradient through q and k).
     Rows that see no key get out 0 and lse -inf (and no gradient). Calls with a @triton.jit function launch the
     kernels directly, not through the custom ops: torch.compile breaks its graph there."""
+    checked = (lambda: _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, mod_args))
+    if torch.compiler.is_compiling() or type(mod_args) is not tuple:
+        return checked()
+    # A layout's later calls: its recorded launches again (fused_attn/replay.py), keyed also by the score
+    # function, the mask's blocks and function and the arguments that are not tensors.
+    values, tensors = _split(mod_args)
+    mask = () if block_mask is None else _mask_key(block_mask)
+    if mask is None:
+        return checked()
+    return CALLS(key_of("flex", score_mod, scale, enable_gqa, return_lse, values, mask[:-1]),
+                 (query, key, value, *tensors, *mask[-1]), checked)
+
+
+def _split(values: tuple):
+    """(the values that are not tensors, with None where a tensor is; the tensors)."""
+    return (tuple(None if isinstance(x, torch.Tensor) else (type(x), x) for x in values),
+            tuple(x for x in values if isinstance(x, torch.Tensor)))
+
+
+def _mask_key(block_mask):
+    """A block mask as a replay's key sees it: (its sizes, blocks, mask function and non-tensor arguments, its
+    tensors), or None where it is not a BlockMask (the checked path says why)."""
+    try:
+        bm = as_block_mask(block_mask)
+    except TypeError:
+        return None
+    tables = bm.tables
+    values, tensors = _split(tuple(tables.mask_args))
+    return (tables.block_q, tables.block_k, tables.mask_mod, values, bm.shape,
+            (tables.kv, tables.kv_slots, tables.q, tables.q_slots, tables.bits, *tensors))
+
+
+def _flex(query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, mod_args):
+    """flex_attention's checked path."""
     if not isinstance(enable_gqa, bool) or not isinstance(return_lse, bool):
         raise TypeError(f"enable_gqa and return_lse must be bools, got {enable_gqa!r}, {return_lse!r}")
     if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)) and \

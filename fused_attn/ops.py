@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import batch_invariant, kernels
 from .kernels import BlockTables, Modifiers, Packed
+from .kernels.launch import fresh
 
 
 @dataclass(frozen=True)
@@ -180,19 +181,17 @@ def _out_lse(q, v, layout, packed: bool = False, dtype=None):
     shape = (B, Hq, Sq, v.shape[-1])
     if packed:
         order = (0, 2, 1, 3) if layout == "bshd" else (0, 1, 2, 3)
-        out = q.new_zeros([shape[d] for d in order], dtype=dtype).permute(*order)
-    else:
-        order = (*sorted(range(3), key=lambda d: -q.stride(d)), 3)  # stable: ties keep (B, H, S)
-        out = torch.empty_permuted(shape, order, dtype=dtype or q.dtype, device=q.device)
-    lse = q.new_empty(B, Hq, Sq, dtype=torch.float32)
-    if packed:
-        lse.fill_(float("-inf"))
-    return out, lse
+        out = fresh(q.new_zeros([shape[d] for d in order], dtype=dtype), 0.0).permute(*order)
+        return out, fresh(q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32), float("-inf"))
+    order = (*sorted(range(3), key=lambda d: -q.stride(d)), 3)  # stable: ties keep (B, H, S)
+    out = torch.empty_permuted(shape, order, dtype=dtype or q.dtype, device=q.device)
+    return fresh(out), fresh(q.new_empty(B, Hq, Sq, dtype=torch.float32))
 
 
 def _forward_buffers(q, v, layout, packed: bool, dtype=None):
     new = q.new_zeros if packed else q.new_empty
-    stats = new(*q.shape[:3], 2, dtype=torch.float32)  # packed: defined on rows no kernel writes, like every output
+    # packed: defined on rows no kernel writes, like every output
+    stats = fresh(new(*q.shape[:3], 2, dtype=torch.float32), 0.0 if packed else None)
     return (*_out_lse(q, v, layout, packed, dtype), stats)
 
 

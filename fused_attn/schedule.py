@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from . import batch_invariant
-from .kernels import launch
+from .replay import Replays
 from ._args import (DTYPES, _check_cu_seqlens, _check_int32_rows, _check_length, _check_num_splits,
                     _check_window, check_cu_values, reads_values)
 from .kernels.decode import DecodePlan, decode_plan
@@ -32,30 +32,18 @@ class SchedulerMetadata:
     packed: bool  # made with cu_seqlens_q: the packed (varlen / serving) call; else attention_with_kvcache's
     page_size: int  # 0: contiguous caches
     plan: DecodePlan
-    replays: dict = field(default_factory=dict, compare=False, repr=False)  # key -> _Replay (replay)
+    replays: Replays = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "replays", Replays(MAX_REPLAYS, sightings=0, fixed=self.plan.scratch))
 
     def replay(self, key: tuple, inputs: tuple, call):
         """(out, lse) of a per-layer call: `call()` (the checked path) the first time a call of this key comes, its
         launches recorded; after that the same launches again with this call's tensors in place of the first one's
-        and new outputs of the same layout -- nothing checked, planned or built but the key. key: the call's
-        arguments that are not tensors; inputs: its tensors (None where not given), each standing for its shape,
-        strides, dtype and device in the full key, and for its data pointer in the launches (a kernel reads
-        nothing else of a tensor). The same launches on the same data give the same bits (tests/test_host_path.py)."""
-        full = (key, batch_invariant.split_keys(), *[(t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                                                      if isinstance(t, torch.Tensor) else t for t in inputs])
-        r = self.replays.get(full)
-        if r is not None:
-            return r.run(inputs, self.packed)
-        with launch.recording() as runs:
-            out, lse = call()
-        # Not remembered: a call with a tensor that requires grad (the checked path refuses it or joins the output
-        # to the inputs' graph), and beyond MAX_REPLAYS layouts.
-        if len(self.replays) < MAX_REPLAYS and not any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                       for t in inputs):
-            r = _Replay.of(runs, inputs, (out, lse), self.plan.scratch)
-            if r is not None:
-                self.replays[full] = r
-        return out, lse
+        and new outputs of the same layout -- nothing checked, planned or built but the key (fused_attn/replay.py;
+        the plan's scratch is kept by every replay). key: the call's arguments that are not tensors; inputs: its
+        tensors (None where not given)."""
+        return self.replays(key, inputs, call)
 
     @property
     def split_keys(self) -> int:
@@ -85,72 +73,6 @@ def replayable(meta, window_size) -> bool:
 
 
 MAX_REPLAYS = 64  # distinct call layouts a plan remembers (a model's layers share one or a few)
-
-
-class _Replay:
-    """A recorded call: its runs (name, launch list, counter keys) with, per launch, the places (argument, field of
-    a tuple argument or None) that take the call's inputs (index i) or outputs (index -1 - j), and the outputs'
-    shapes, strides, dtypes and device."""
-
-    def __init__(self, runs, outputs):
-        self.runs, self.outputs = runs, outputs
-
-    @classmethod
-    def of(cls, runs, inputs, outputs, scratch):
-        """The replay of recorded runs, or None where a launch holds a tensor that is neither an input, an output
-        nor the plan's scratch (made by the call: its next call would need its own), or two inputs share data."""
-        where = {}
-        for i, t in enumerate(inputs):
-            if isinstance(t, torch.Tensor):
-                if t.data_ptr() in where:
-                    return None
-                where[t.data_ptr()] = (i, t.dtype)
-        for j, t in enumerate(outputs):
-            where[t.data_ptr()] = (-1 - j, t.dtype)
-        fixed = {t.data_ptr() for t in scratch if t is not None}
-        recorded = []
-        for name, launch_list in runs:
-            bound = []
-            for kernel, grid, args, kwargs in launch_list:
-                places = []
-                for a, arg in enumerate(args):
-                    for f, x in ([(None, arg)] if not isinstance(arg, tuple) else enumerate(arg)):
-                        if isinstance(x, tuple) and any(isinstance(y, torch.Tensor) for y in x):
-                            return None  # tensors two levels down: not a layout the kernels take
-                        if not isinstance(x, torch.Tensor) or x.data_ptr() in fixed:
-                            continue
-                        i, dtype = where.get(x.data_ptr(), (None, None))
-                        if i is None or dtype != x.dtype:
-                            return None
-                        places.append((a, f, i))
-                bound.append((kernel, grid, args, kwargs, places))
-            recorded.append((bound, launch.counted(launch_list, name)))
-        return cls(recorded, [(t.shape, t.stride(), t.dtype, t.device) for t in outputs])
-
-    def run(self, inputs, packed: bool):
-        """The recorded launches on `inputs`, into new outputs (packed calls: out 0 and lse -inf where no sequence
-        writes, as the checked path makes them): (out, lse)."""
-        (o_shape, o_stride, o_dtype, device), (l_shape, l_stride, l_dtype, _) = self.outputs
-        out = torch.empty_strided(o_shape, o_stride, dtype=o_dtype, device=device)
-        lse = torch.empty_strided(l_shape, l_stride, dtype=l_dtype, device=device)
-        if packed:
-            out.zero_()
-            lse.fill_(float("-inf"))
-        values = (*inputs, lse, out)  # index -1: out, -2: lse
-        for bound, keys in self.runs:
-            launch_list = []
-            for kernel, grid, args, kwargs, places in bound:
-                args = list(args)
-                for a, f, i in places:
-                    if f is None:
-                        args[a] = values[i]
-                    else:
-                        parts = list(args[a])
-                        parts[f] = values[i]
-                        args[a] = args[a]._make(parts) if hasattr(args[a], "_make") else tuple(parts)
-                launch_list.append((kernel, grid, args, kwargs))
-            launch.relaunch(launch_list, keys)
-        return out, lse
 
 
 def get_scheduler_metadata(batch_size, max_seqlen_q, max_seqlen_k, num_heads_q, num_heads_kv, headdim,

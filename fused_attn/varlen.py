@@ -93,19 +93,19 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             raise ValueError("q_descale / out_dtype (FP8 queries) are not implemented over a KV cache; FP8 caches "
                              "take k_descale / v_descale with 16/32-bit queries")
         meta = check_metadata(scheduler_metadata, "attention_varlen")
-        args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
-                dict(causal=causal, window_size=window_size, scale=scale),
-                dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, sinks=sinks),
-                (k_descale, v_descale), meta)
+        checked = (lambda: _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                    block_table, num_splits, dict(causal=causal, window_size=window_size, scale=scale),
+                                    dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                         sinks=sinks), (k_descale, v_descale), meta))
         if replayable(meta, window_size):
             # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replay).
             key = ("serving", type(max_seqlen_q), max_seqlen_q, type(max_seqlen_k), max_seqlen_k, type(causal),
                    causal, window_size, type(scale), scale, type(num_splits), num_splits, type(softcap), softcap,
                    type(dropout_p), dropout_p)
             out, lse = meta.replay(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
-                                         sinks, k_descale, v_descale), lambda: _serving(*args))
+                                         sinks, k_descale, v_descale), checked)
         else:
-            out, lse = _serving(*args)
+            out, lse = checked()
         return (out, lse) if return_lse else out
     if scheduler_metadata is not None:
         raise ValueError("scheduler_metadata plans calls over a KV cache (seqused_k / block_table); this call has "

@@ -45,3 +45,10 @@ def pytest_pyfunc_call(pyfuncitem):
     args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     _padded_call(lambda: pyfuncitem.obj(**args))  # noqa: F821 (defined by the exec above)
     return True
+
+
+@pytest.fixture(autouse=True)
+def _fresh_replays():
+    """Each test starts with no recorded attention / flex_attention call (fused_attn/replay.py): a test that
+    patches a kernel table or a limit sees its own calls checked."""
+    fused_attn.replay.clear()

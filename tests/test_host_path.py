@@ -2,8 +2,13 @@
 by torch.compile(fullgraph=True), the same bits through the custom ops (torch.compile's path) as through the direct
 eager path, and `python -m bench --host` measuring every entry point. On a GPU: a decode step captured in a CUDA
 graph and replayed with new cache contents and lengths."""
+import gc
+import weakref
+
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fused_attn
 from bench import host
@@ -194,3 +199,85 @@ def test_plan_replays_its_first_call_on_new_tensors(monkeypatch):
     with pytest.raises(ValueError, match=r"num_heads_q 2 \(the plan's: 4\)"):
         fused_attn.attention_varlen(q[:, :2], kc, vc, cu, None, 3, 300, seqused_k=used, block_table=table,
                                     scheduler_metadata=meta)
+
+
+REPLAYED = [  # (entry point, its keyword arguments, the inputs' shapes (q, k, v), extra tensors by keyword)
+    pytest.param("attention", dict(causal=True), [(1, 4, 40, 16), (1, 2, 40, 16), (1, 2, 40, 16)], {}, id="causal"),
+    pytest.param("attention", dict(window_size=(5, 3), layout="bshd", return_lse=True, softcap=2.0),
+                 [(2, 33, 2, 16), (2, 47, 2, 16), (2, 47, 2, 8)], dict(alibi_slopes=(2,), sinks=(2,)),
+                 id="bshd-window-lse-alibi-sinks"),
+    pytest.param("attention", dict(causal=True, layout="bshd"), [(1, 3, 4, 16), (1, 700, 2, 16), (1, 700, 2, 16)],
+                 {}, id="split-kv-decode"),
+    pytest.param("flex", dict(enable_gqa=True, return_lse=True), [(1, 4, 64, 16), (1, 2, 64, 16), (1, 2, 64, 16)],
+                 {}, id="flex-blockmask-scoremod"),
+    pytest.param("sdpa", dict(is_causal=True, enable_gqa=True), [(2, 4, 24, 16), (2, 2, 40, 16), (2, 2, 40, 16)],
+                 {}, id="sdpa-dropin"),
+]
+
+
+@fused_attn.ScoreMod
+@triton.jit
+def _shifted(score, b, h, q_idx, kv_idx, SHIFT):
+    return score + tl.load(SHIFT + h)
+
+
+@pytest.mark.parametrize("entry, kw, shapes, extra", REPLAYED)
+def test_later_calls_replay_the_checked_launches(entry, kw, shapes, extra, monkeypatch):
+    """attention / flex_attention / the SDPA drop-in remember a layout's launches from its second call on
+    (fused_attn/replay.py): the next calls on new tensors give the bits (and strides) of a call checked anew, the
+    checked path runs twice for four calls, and no tensor of a recorded call is kept alive."""
+    checked = []
+    for module, name in ((fused_attn.function, "kernel_args"), (fused_attn.flex, "kernel_args"),
+                         (fused_attn.dropin, "kernel_args")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, **k: checked.append(1) or fn(*a, **k))
+    mask = fused_attn.create_block_mask(lambda b, h, i, j: i >= j, 1, 1, 64, 64, device=DEVICE, BLOCK_SIZE=32)
+    call = {"attention": fused_attn.attention, "sdpa": fused_attn.scaled_dot_product_attention,
+            "flex": lambda *t, **k: fused_attn.flex_attention(*t, score_mod=_shifted, block_mask=mask, **k)}[entry]
+
+    def inputs(seed):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        new = (lambda s: torch.randn(s, generator=g).to(DEVICE))
+        more = {name: new(s).abs() for name, s in extra.items()}
+        return [new(s) for s in shapes], (dict(mod_args=(new((4,)),)) if entry == "flex" else {}), more
+
+    def results(fresh: bool):
+        out, queries = [], []
+        for seed in range(4):
+            if fresh:
+                fused_attn.replay.clear()
+            tensors, flex_args, more = inputs(seed)
+            r = call(*tensors, **kw, **flex_args, **more)
+            out.append(r if isinstance(r, tuple) else (r,))
+            queries.append(weakref.ref(tensors[0]))
+        return out, queries
+
+    expected, _ = results(fresh=True)
+    fused_attn.replay.clear()
+    checked.clear()
+    got, queries = results(fresh=False)
+    for x, y in zip(sum(got, ()), sum(expected, ())):
+        assert torch.equal(x, y) and x.stride() == y.stride()
+    assert len(checked) == 2 and len(fused_attn.replay.CALLS) == 1
+    assert isinstance(next(iter(fused_attn.replay.CALLS.calls.values())), fused_attn.replay._Replay)
+    gc.collect()
+    assert queries[1]() is None  # the recorded call's query
+
+
+def test_calls_autograd_records_or_with_per_call_tensors_are_not_replayed():
+    """Inputs that require grad get outputs joined to the graph every time; a mask (classified per call) or
+    dropout (a seed per call) is never recorded: each call stays checked, with its own values."""
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    for _ in range(3):
+        fused_attn.attention(q, k, v, causal=True).sum().backward()
+    assert q.grad is not None and len(fused_attn.replay.CALLS) == 0
+    with torch.no_grad():
+        masks = [torch.rand(24, 24, device=DEVICE) > p for p in (0.2, 0.5, 0.8)]
+        outs = [fused_attn.scaled_dot_product_attention(q, k, v, attn_mask=m) for m in masks]
+        for m, out in zip(masks, outs):
+            ref = fused_attn.reference.attention(q.double(), k.double(), v.double(), attn_mask=m).float()
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE) for _ in range(3))
+    outs = [fused_attn.attention(q, k, v, dropout_p=0.5) for _ in range(3)]
+    assert not torch.equal(outs[1], outs[2])
+    assert all(isinstance(e, int) or e is fused_attn.replay.REFUSED for e in fused_attn.replay.CALLS.calls.values())

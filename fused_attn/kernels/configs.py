@@ -91,6 +91,11 @@ _override = contextvars.ContextVar("fused_attn_config_override", default={})
 OPTIONS = ("tma", "longest_first", "persistent", "warp_specialize")
 
 
+def overrides() -> tuple:
+    """What `use` set here, as (option, value) pairs: part of a replayed call's key (fused_attn/replay.py)."""
+    return tuple(_override.get().items())
+
+
 @contextlib.contextmanager
 def use(*, tma=None, longest_first=None, persistent=None, warp_specialize=None):
     """Within the block, kernels launched with the default configs take the TMA (tma=True) or pointer (False) load

@@ -25,7 +25,7 @@ from .common import (_block_range, _clamp, _join_sink, _merge_partial, _partial,
 from .configs import (capability, cdiv, head_block, interpreter_active, invariant_config, next_power_of_2,
                       smem_limit)
 from .forward import _attn_fwd_inner
-from .launch import LOG2E, SeqArgs, Sched, Tile, flags, fp32_dot, modifier_args, run, sm_count
+from .launch import LOG2E, SeqArgs, Sched, Tile, flags, fp32_dot, fresh, modifier_args, run, sm_count
 
 
 @triton.jit
@@ -407,9 +407,9 @@ def _scratch(splits: int, n_seqs: int, part_rows: int, heads_q: int, Dv: int, de
     if splits == 1:
         return None, None, None
     f32 = torch.float32
-    return (torch.empty(splits, n_seqs * part_rows, heads_q, Dv, device=device, dtype=f32),
-            torch.empty(splits, n_seqs * part_rows, heads_q, device=device, dtype=f32),
-            torch.empty(n_seqs, device=device, dtype=torch.int32))
+    return (fresh(torch.empty(splits, n_seqs * part_rows, heads_q, Dv, device=device, dtype=f32)),
+            fresh(torch.empty(splits, n_seqs * part_rows, heads_q, device=device, dtype=f32)),
+            fresh(torch.empty(n_seqs, device=device, dtype=torch.int32)))
 
 
 def _invariant_plan(heads_q, heads_kv, D, Dv, dtype, device, n_seqs, seqlen_q, max_seqlen_k, packed, cc,

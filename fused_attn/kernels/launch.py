@@ -3,6 +3,7 @@ bundles the kernels take as they are (named tuples: Tile and Flags, constexpr; S
 the one FEATURES table the Flags come from, tile sources (pointer or TMA), grid dimensions, and `run`, which
 launches a list of (kernel, grid, args, kwargs) and counts what it launched."""
 import contextlib
+import contextvars
 import dataclasses
 import math
 from collections import Counter
@@ -417,27 +418,46 @@ def tile_of(kwargs) -> Tile:
     return kwargs.get("C", _NO_TILE)
 
 
-_recording = None  # inside recording(): the list run() adds each (name, launch list) it runs to
+class Recording:
+    """What a call launched (`runs`: (name, launch list) per run() call) and the buffers it made for its kernels to
+    write (`buffers`: data pointer -> (tensor, fill), from `fresh`), for a replay (fused_attn/replay.py) to make the
+    same launches again on other tensors."""
+
+    def __init__(self):
+        self.runs, self.buffers = [], {}
+
+
+# Inside recording(): its Recording. Context-local, so a call recorded in one thread never takes in another's launches.
+_recording = contextvars.ContextVar("fused_attn_recording", default=None)
 
 
 @contextlib.contextmanager
 def recording():
-    """Inside the block, `run` also records what it launches: yields a list of (name, launch list) per run() call,
-    for a plan to make the same launches again on other tensors (schedule.SchedulerMetadata's replays)."""
-    global _recording
-    before, _recording = _recording, []
+    """Inside the block, `run` also records what it launches and `fresh` the buffers made for it: yields the
+    Recording."""
+    token = _recording.set(Recording())
     try:
-        yield _recording
+        yield _recording.get()
     finally:
-        _recording = before
+        _recording.reset(token)
+
+
+def fresh(t: torch.Tensor, fill=None) -> torch.Tensor:
+    """t, a buffer made by this call for its kernels to write, as it starts: uninitialized (fill None) or filled
+    with `fill`. Noted where a call is recorded: its replays make a new one of the same layout per call."""
+    rec = _recording.get()
+    if rec is not None and t.numel():
+        rec.buffers[t.data_ptr()] = (t, fill)
+    return t
 
 
 def run(launch_list, name: str):
     """Launch each (kernel, grid, args, kwargs) and count what ran: the launcher call under `name` and its load
     path (`name:tma` / `name:ptr`), `name:persistent` / `name:warp_spec` where a kernel ran so, each kernel under its
     own name. An empty list launches and counts nothing."""
-    if _recording is not None:
-        _recording.append((name, launch_list))
+    rec = _recording.get()
+    if rec is not None:
+        rec.runs.append((name, launch_list))
     _launch(launch_list)
     launches.update(counted(launch_list, name))
 

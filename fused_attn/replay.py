@@ -1,0 +1,255 @@
+"""Replays: a call made again as its checked path made it, without the checks, plans and launch building.
+
+The checked path of a call whose inputs have the layout of an earlier one (shapes, strides, dtypes, device, 16-byte
+alignment) and whose other arguments are equal makes the same launches with other tensors in them: the same kernels,
+grids, constants, the same buffers to write. A `Replays` table remembers, per call key, what the checked path
+launched (launch.recording) and the buffers it made for the kernels (launch.fresh), and makes the next such call by
+allocating new buffers of the same layout and launching the recorded launches with this call's tensors in place of
+the first one's -- matched by data pointer and dtype (a kernel reads nothing else of a tensor). The same launches on
+the same data give the same bits (tests/test_host_path.py). Used by `attention` and `flex_attention` (the table
+`CALLS`, from a layout's second call on) and by a step's plan (schedule.SchedulerMetadata, from its first call).
+
+Not remembered (the checked path runs every time): a call with an input that requires grad while grad is enabled
+(its output joins autograd's graph), a launch holding a tensor the call made that is not one of its fresh buffers
+(e.g. a mask classified into tables, a dropout seed: per-call values), a result that is not a view of a fresh buffer,
+two inputs sharing data, and calls under torch.compile (the entry points check that)."""
+import dataclasses
+import math
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from . import batch_invariant
+from .kernels import launch
+from .kernels.configs import overrides
+
+REFUSED = False  # a key whose calls cannot be replayed (their launches hold per-call tensors)
+
+
+class Replays:
+    """Call key -> what its checked path launched. `sightings`: calls of a key that run checked before one is
+    recorded (0: the first is; 1: the second -- so a key seen once, e.g. a sequence length that grows every step,
+    costs no recording); at most `limit` keys (the oldest forgotten first). `fixed`: tensors every replay keeps (a
+    plan's scratch)."""
+
+    def __init__(self, limit: int, sightings: int = 1, fixed=()):
+        self.limit, self.sightings = limit, sightings
+        self.fixed = {t.data_ptr() for t in fixed if t is not None}
+        self.calls = {}
+
+    def __call__(self, key: tuple, inputs: tuple, call):
+        """call()'s result: by its replay where this key has one, else by call() (recorded where due). key: the
+        call's arguments that are not tensors, hashable (with their types, so that 1 and True differ); inputs: its
+        tensors (None where not given)."""
+        full = [key, batch_invariant.split_keys(), overrides()]
+        grad = torch.is_grad_enabled()
+        for t in inputs:
+            if t is None:
+                full.append(None)
+                continue
+            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter or grad and t.requires_grad:
+                return call()  # not a tensor (the checked path says so), or a call autograd records
+            full.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
+        full = tuple(full)
+        try:
+            entry = self.calls.get(full, 0)
+        except TypeError:  # an argument that is no key (a list, say): nothing remembered
+            return call()
+        if entry.__class__ is _Replay:
+            return entry.run(inputs)
+        if entry is REFUSED:
+            return call()
+        if entry < self.sightings:
+            self._put(full, entry + 1)
+            return call()
+        with launch.recording() as rec:
+            result = call()
+        replay = _Replay.of(rec, inputs, result, self.fixed)
+        if replay is not None or not _shared(inputs):  # shared inputs: another call of the key may not share
+            self._put(full, REFUSED if replay is None else replay)
+        return result
+
+    def _put(self, key, entry):
+        if key not in self.calls and len(self.calls) >= self.limit:
+            del self.calls[next(iter(self.calls))]
+        self.calls[key] = entry
+
+    def clear(self):
+        self.calls.clear()
+
+    def __len__(self):
+        return len(self.calls)
+
+
+def _shared(inputs) -> bool:
+    ptrs = [t.data_ptr() for t in inputs if t is not None]
+    return len(set(ptrs)) < len(ptrs)
+
+
+class _Replay:
+    """A recorded call: per run its launches, each with the places that take the call's tensors (path into the
+    arguments, index into inputs + new buffers, the TensorDescriptor's fields where the place is a descriptor's
+    base; its other fields), the counter keys; the buffers to make (shape, stride, dtype, device, fill) and how the result is made
+    of them."""
+
+    def __init__(self, runs, buffers, result):
+        self.runs, self.buffers, self.result = runs, buffers, result
+
+    @classmethod
+    def of(cls, rec: launch.Recording, inputs, result, fixed):
+        """The replay of a recording, or None where it cannot be made (see the module's docstring)."""
+        where = {}
+        for i, t in enumerate(inputs):
+            if t is not None:
+                if t.data_ptr() in where:
+                    return None
+                where[t.data_ptr()] = (i, t.dtype)
+        buffers = []
+
+        def index(x):
+            """x's index among inputs + buffers, -1 for a fixed tensor, None where it has none."""
+            ptr = x.data_ptr()
+            if ptr in fixed:
+                return -1
+            i, dtype = where.get(ptr, (None, None))
+            if i is None:
+                if ptr not in rec.buffers:
+                    return None
+                made, fill = rec.buffers[ptr]
+                i, dtype = where[ptr] = len(inputs) + len(buffers), made.dtype
+                buffers.append((made.shape, made.stride(), made.dtype, made.device, fill))
+            return i if dtype == x.dtype else None
+
+        def places(obj, path, found):
+            """Adds obj's tensor places under `path` to found; False where one has no index."""
+            if isinstance(obj, torch.Tensor):
+                i = index(obj)
+                if i is None:
+                    return False
+                if i >= 0:
+                    found.append((path, i, None))
+            elif isinstance(obj, TensorDescriptor):
+                i = index(obj.base)
+                if i is None:
+                    return False
+                if i >= 0:
+                    found.append((path, i, tuple(getattr(obj, f.name) for f in dataclasses.fields(obj)[1:])))
+            elif isinstance(obj, tuple):
+                return all(places(x, path + (f,), found) for f, x in enumerate(obj))
+            return True
+
+        runs = []
+        for name, launch_list in rec.runs:
+            bound = []
+            for kernel, grid, args, kwargs in launch_list:
+                found = []
+                if not all(places(arg, (a,), found) for a, arg in enumerate(args)):
+                    return None
+                kept, patches = list(args), {}
+                for path, i, desc in found:  # hold no tensor of this call (its memory is the caller's)
+                    kept[path[0]] = _put(kept[path[0]], path[1:], None)
+                    patches.setdefault(path[0], []).append((path[1:], i, desc))
+                bound.append((kernel, grid, tuple(kept), kwargs, tuple(patches.items())))
+            runs.append((bound, launch.counted(launch_list, name)))
+
+        def shape_of(x):
+            """How the result is made: a buffer's index with the view's shape and strides, or x itself."""
+            if isinstance(x, tuple):
+                made = [shape_of(y) for y in x]
+                return None if None in made else ("tuple", made)
+            if not isinstance(x, torch.Tensor):
+                return ("value", x)
+            i = index(x)
+            if i is None or i < len(inputs):  # a result is a fresh buffer's view
+                return None
+            return ("tensor", i, x.shape, x.stride())
+
+        made = shape_of(result)
+        if made is None:
+            return None
+        return cls(runs, buffers, _as_viewed(made, buffers, len(inputs), set()))
+
+    def run(self, inputs):
+        """The recorded launches on `inputs` and new buffers; the result made of them."""
+        values = list(inputs)
+        for shape, stride, dtype, device, fill in self.buffers:
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+            values.append(t if fill is None else t.fill_(fill))
+        for bound, keys in self.runs:
+            launch_list = []
+            for kernel, grid, args, kwargs, patches in bound:
+                args = list(args)
+                for a, places in patches:
+                    args[a] = _patched(args[a], places, values)
+                launch_list.append((kernel, grid, args, kwargs))
+            launch.relaunch(launch_list, keys)
+        return _made(self.result, values)
+
+
+def _put(obj, path, x):
+    """obj (a value, or a tuple nested along path) with x at path."""
+    if not path:
+        return x
+    parts = list(obj)
+    parts[path[0]] = _put(parts[path[0]], path[1:], x)
+    return tuple.__new__(obj.__class__, parts)  # a named tuple stays one
+
+
+def _patched(obj, places, values):
+    """obj with this call's tensors at its places ((path, index, descriptor fields or None); path () is obj)."""
+    parts = None
+    for path, i, desc in places:
+        x = values[i] if desc is None else TensorDescriptor(values[i], *desc)
+        if not path:
+            return x
+        if parts is None:
+            parts = list(obj)
+        parts[path[0]] = _put(parts[path[0]], path[1:], x)
+    return tuple.__new__(obj.__class__, parts)
+
+
+def _as_viewed(how, buffers, first: int, done: set):
+    """`how` with the buffers a result tensor views whole (a permutation, a squeeze) made in the view's own shape
+    and strides, returned as they are ("buffer"): the kernels read only the data pointer."""
+    if how[0] == "tuple":
+        return ("tuple", [_as_viewed(h, buffers, first, done) for h in how[1]])
+    if how[0] == "tensor" and how[1] not in done:
+        _, i, shape, stride = how
+        made_shape, made_stride, dtype, device, fill = buffers[i - first]
+        if _extent(shape, stride) == _extent(made_shape, made_stride) == math.prod(made_shape) == math.prod(shape):
+            buffers[i - first] = (shape, stride, dtype, device, fill)
+            done.add(i)
+            return ("buffer", i)
+    return how
+
+
+def _extent(shape, stride) -> int:
+    """Elements from a dense view's first to one past its last."""
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+
+
+def _made(how, values):
+    kind = how[0]
+    if kind == "buffer":
+        return values[how[1]]
+    if kind == "tensor":
+        _, i, shape, stride = how
+        t = values[i]
+        return t if t.shape == shape and t.stride() == stride else t.as_strided(shape, stride)
+    if kind == "tuple":
+        return tuple(_made(h, values) for h in how[1])
+    return how[1]
+
+
+# attention / flex_attention calls: a layout's replay from its second call on.
+CALLS = Replays(limit=256)
+
+
+def key_of(*values) -> tuple:
+    """A call key of plain values (numbers, strings, dtypes, tuples of them, functions) and their types."""
+    return values, tuple(map(type, values))
+
+
+def clear():
+    """Forget every recorded attention / flex_attention call (e.g. after changing kernel tables by hand)."""
+    CALLS.clear()
