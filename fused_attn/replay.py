@@ -24,6 +24,7 @@ from .kernels import launch
 from .kernels.configs import overrides
 
 REFUSED = False  # a key whose calls cannot be replayed (their launches hold per-call tensors)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class Replays:
@@ -41,26 +42,22 @@ class Replays:
         """call()'s result: by its replay where this key has one, else by call() (recorded where due). key: the
         call's arguments that are not tensors, hashable (with their types, so that 1 and True differ); inputs: its
         tensors (None where not given)."""
-        full = [key, batch_invariant.split_keys(), overrides()]
-        grad = torch.is_grad_enabled()
-        for t in inputs:
-            if t is None:
-                full.append(None)
-                continue
-            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter or grad and t.requires_grad:
-                return call()  # not a tensor (the checked path says so), or a call autograd records
-            full.append((t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16))
-        full = tuple(full)
         try:
+            full = (key, batch_invariant.split_keys(), overrides(), torch.is_grad_enabled(), *[
+                t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15,
+                                     t.requires_grad) for t in inputs])
             entry = self.calls.get(full, 0)
-        except TypeError:  # an argument that is no key (a list, say): nothing remembered
-            return call()
+        except (AttributeError, TypeError):  # an input that is no tensor, an argument that is no key: the
+            return call()  # checked path says what is wrong, if anything
         if entry.__class__ is _Replay:
             return entry.run(inputs)
         if entry is REFUSED:
             return call()
         if entry < self.sightings:
             self._put(full, entry + 1)
+            return call()
+        if not all(t is None or t.__class__ in _PLAIN and not (full[3] and t.requires_grad) for t in inputs):
+            self._put(full, REFUSED)  # a tensor subclass, or a call autograd records (its output joins the graph)
             return call()
         with launch.recording() as rec:
             result = call()
@@ -167,7 +164,10 @@ class _Replay:
         made = shape_of(result)
         if made is None:
             return None
-        return cls(runs, buffers, _as_viewed(made, buffers, len(inputs), set()))
+        made = _as_viewed(made, buffers, len(inputs), set())
+        if made[0] == "tuple" and all(h[0] == "buffer" for h in made[1]):
+            made = ("buffers", [h[1] for h in made[1]])
+        return cls(runs, buffers, made)
 
     def run(self, inputs):
         """The recorded launches on `inputs` and new buffers; the result made of them."""
@@ -232,6 +232,8 @@ def _made(how, values):
     kind = how[0]
     if kind == "buffer":
         return values[how[1]]
+    if kind == "buffers":
+        return tuple([values[i] for i in how[1]])
     if kind == "tensor":
         _, i, shape, stride = how
         t = values[i]
