@@ -11,7 +11,7 @@ cu_seqlens_q / cu_seqlens_k with the max lengths; rows past the last sequence ar
 buffers start as out 0, lse -inf and gradients 0."""
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -156,13 +156,10 @@ def attention_decode(q, k, v, c: Call, seqlens_k=None, block_table=None, page_si
     kernels.DecodePlan (get_scheduler_metadata), used in eager mode (under torch.compile the op plans)."""
     if c.mods.dropout_p or c.blocks is not None or c.mods.bias is not None or c.mods.score_mod is not None:
         raise ValueError("the split-KV kernels take neither dropout, block masks, biases nor score functions")
-    p = c.packed or Packed(None, None, 0, 0)
-    max_seqlen_k = p.max_seqlen_k if c.packed is not None else (
-        k.shape[2] if block_table is None else block_table.shape[1] * page_size)
-    args = (q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, c.scale, c.left, c.right, num_splits,
-            c.layout, c.mods.softcap, c.mods.alibi_slopes, c.mods.sinks, p.cu_seqlens_q, p.cu_seqlens_k,
-            p.max_seqlen_q, c.mods.k_descale, c.mods.v_descale, c.split_keys)
-    return decode(*args) if torch.compiler.is_compiling() else _run_decode(*args, plan=plan)
+    if not torch.compiler.is_compiling():
+        return _decode(q, k, v, c, seqlens_k, block_table, page_size, num_splits, plan)
+    return decode(q, k, v, *_flat(c), seqlens_k, block_table, page_size, num_splits, c.layout, c.mods.k_descale,
+                  c.mods.v_descale)
 
 
 def draw_rng(device) -> Tensor:
@@ -280,42 +277,46 @@ def _(dout, q, k, v, out, stats, *fields, **kwargs):
     return _grad_buffers(q, k, v, c.packed is not None, _dbias_shape(q, k, bias_grad), c.mods.sinks is not None)
 
 
-def _decode(q: Tensor, k: Tensor, v: Tensor, seqlens_k: Optional[Tensor], block_table: Optional[Tensor],
-           page_size: int, max_seqlen_k: int, scale: float, left: int, right: int, num_splits: int,
-           layout: str, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-           sinks: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
-           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: int = 0, k_descale: Optional[Tensor] = None,
-           v_descale: Optional[Tensor] = None, split_keys: int = 0) -> Tuple[Tensor, Tensor]:
-    """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as `layout`), lse.
+def _decode(q, k, v, c: Call, seqlens_k, block_table, page_size: int, num_splits: int, plan=None):
+    """Split-KV attention (kernels.attention_decode): (B, Hq, Sq, D)-indexed q -> out (laid out as c.layout), lse.
     k, v: (B, Hkv, S, D)-indexed contiguous caches, or (pages, Hkv, page_size, D) with block_table. Packed
-    sequences (cu_seqlens_q): B = 1, out 0 and lse -inf on rows no sequence covers. FP8 k, v: k_descale /
-    v_descale (B, Hkv) float32; out in q's dtype. split_keys > 0: the batch-invariant mode's splits."""
-    return _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits,
-                       layout, softcap, alibi_slopes, sinks, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, k_descale,
-                       v_descale, split_keys)
-
-
-def _run_decode(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout,
-                softcap=0.0, alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-                k_descale=None, v_descale=None, split_keys=0, plan=None):
-    packed = None if cu_seqlens_q is None else Packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out, lse = _out_lse(q, v, layout, packed is not None)
+    sequences (c.packed): B = 1, out 0 and lse -inf on rows no sequence covers. FP8 k, v: c.mods' k_descale /
+    v_descale (B, Hkv) float32; out in q's dtype. c.split_keys > 0: the batch-invariant mode's splits."""
+    p = c.packed
+    max_seqlen_k = p.max_seqlen_k if p is not None else (
+        k.shape[2] if block_table is None else block_table.shape[1] * page_size)
+    out, lse = _out_lse(q, v, c.layout, p is not None)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
-                             max_seqlen_k=max_seqlen_k, scale=scale, left=left, right=right, num_splits=num_splits,
-                             mods=Modifiers(softcap, alibi_slopes, sinks=sinks, k_descale=k_descale,
-                                            v_descale=v_descale), packed=packed, plan=plan,
-                             split_keys=split_keys)
+                             max_seqlen_k=max_seqlen_k, scale=c.scale, left=c.left, right=c.right,
+                             num_splits=num_splits, mods=c.mods, packed=p, plan=plan, split_keys=c.split_keys)
     return out, lse
 
 
-decode = torch.library.custom_op("fused_attn::decode", mutates_args=())(_decode)  # torch.compile's path
+# The decode op's own rows after CALL_FIELDS: the cache's lengths and pages, the split count, the output's layout
+# and an FP8 cache's descales.
+_DECODE_EXTRA = [("seqlens_k", "Tensor?", None), ("block_table", "Tensor?", None), ("page_size", "int", 0),
+                 ("num_splits", "int", 0), ("layout", "str", "bhsd"), ("k_descale", "Tensor?", None),
+                 ("v_descale", "Tensor?", None)]
+
+
+def _decode_op(q, k, v, *fields, **kwargs):
+    """The op fused_attn::decode (torch.compile's path): q, k, v, the Call's fields (CALL_FIELDS), then
+    _DECODE_EXTRA -> out, lse (_decode)."""
+    *values, seqlens_k, block_table, page_size, num_splits, layout, k_descale, v_descale = _bind(
+        fields, kwargs, _DECODE_EXTRA)
+    c = _unflat(values, layout)
+    c = dataclasses.replace(c, mods=dataclasses.replace(c.mods, k_descale=k_descale, v_descale=v_descale))
+    return _decode(q, k, v, c, seqlens_k, block_table, page_size, num_splits)
+
+
+decode = torch.library.custom_op("fused_attn::decode", _decode_op, mutates_args=(), schema=_schema(
+    "Tensor q, Tensor k, Tensor v", _DECODE_EXTRA, "(Tensor, Tensor)"))
 
 
 @decode.register_fake
-def _(q, k, v, seqlens_k, block_table, page_size, max_seqlen_k, scale, left, right, num_splits, layout, softcap=0.0,
-      alibi_slopes=None, sinks=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, k_descale=None,
-      v_descale=None, split_keys=0):
-    return _out_lse(q, v, layout, cu_seqlens_q is not None)
+def _(q, k, v, *fields, **kwargs):
+    *values, layout, _, _ = _bind(fields, kwargs, _DECODE_EXTRA)
+    return _out_lse(q, v, layout, _unflat(values[:len(CALL_FIELDS)]).packed is not None)
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

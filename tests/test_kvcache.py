@@ -216,7 +216,8 @@ def test_opcheck_decode():
     q, kc, vc, table, _, _ = make(2, 2, 4, 2, 32, 64, 0, F32, page=16)
     lens = torch.tensor([10, 62], dtype=torch.int32, device=DEVICE)
     kv = (lambda t: t.transpose(1, 2))
-    torch.library.opcheck(ops.decode, (kv(q), kv(kc), kv(vc), lens, table, 16, 64, 0.2, -1, 0, 2, "bshd"))
+    torch.library.opcheck(ops.decode, (kv(q), kv(kc), kv(vc), 0.2, 0, -1, 0),
+                          dict(seqlens_k=lens, block_table=table, page_size=16, num_splits=2, layout="bshd"))
 
 
 def test_combine_kernel_agrees_with_merge_attention():
