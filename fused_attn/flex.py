@@ -66,11 +66,11 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     # A layout's later calls: its recorded launches again (fused_attn/replay.py), keyed also by the score
     # function, the mask's blocks and function and the arguments that are not tensors.
     values, tensors = _split(mod_args)
-    mask = () if block_mask is None else _mask_key(block_mask)
+    mask = ((), ()) if block_mask is None else _mask_key(block_mask)
     if mask is None:
         return checked()
-    return CALLS(key_of("flex", score_mod, scale, enable_gqa, return_lse, values, mask[:-1]),
-                 (query, key, value, *tensors, *mask[-1]), checked)
+    return CALLS(key_of("flex", score_mod, scale, enable_gqa, return_lse, values, mask[0]),
+                 (query, key, value, *tensors, *mask[1]), checked)
 
 
 def _split(values: tuple):
@@ -80,7 +80,7 @@ def _split(values: tuple):
 
 
 def _mask_key(block_mask):
-    """A block mask as a replay's key sees it: (its sizes, blocks, mask function and non-tensor arguments, its
+    """A block mask as a replay's key sees it: ((its sizes, blocks, mask function and non-tensor arguments), its
     tensors), or None where it is not a BlockMask (the checked path says why)."""
     try:
         bm = as_block_mask(block_mask)
@@ -88,7 +88,7 @@ def _mask_key(block_mask):
         return None
     tables = bm.tables
     values, tensors = _split(tuple(tables.mask_args))
-    return (tables.block_q, tables.block_k, tables.mask_mod, values, bm.shape,
+    return ((tables.block_q, tables.block_k, tables.mask_mod, values, bm.shape),
             (tables.kv, tables.kv_slots, tables.q, tables.q_slots, tables.bits, *tensors))
 
 
