@@ -129,10 +129,10 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             k_descale, v_descale, meta)
     if (k is None and rotary_cos is None and cache_batch_idx is None and cache_leftpad is None
             and replayable(meta, window_size)):
-        # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replay).
+        # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
         key = ("kvcache", type(causal), causal, window_size, type(scale), scale, type(num_splits), num_splits,
                type(softcap), softcap)
-        out, lse = meta.replay(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
+        out, lse = meta.replays(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
                                      v_descale), lambda: _with_kvcache(*args))
     else:
         out, lse = _with_kvcache(*args)

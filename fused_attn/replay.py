@@ -31,10 +31,11 @@ class Replays:
     """Call key -> what its checked path launched. `sightings`: calls of a key that run checked before one is
     recorded (0: the first is; 1: the second -- so a key seen once, e.g. a sequence length that grows every step,
     costs no recording); at most `limit` keys (the oldest forgotten first). `fixed`: tensors every replay keeps (a
-    plan's scratch)."""
+    plan's scratch). `aligned`: the leading inputs whose 16-byte alignment is in the key (q, k, v where the
+    launchers choose TMA descriptors by it, kernels.launch.tma_ok; nothing else on the host reads a pointer)."""
 
-    def __init__(self, limit: int, sightings: int = 1, fixed=()):
-        self.limit, self.sightings = limit, sightings
+    def __init__(self, limit: int, sightings: int = 1, fixed=(), aligned: int = 0):
+        self.limit, self.sightings, self.aligned = limit, sightings, aligned
         self.fixed = {t.data_ptr() for t in fixed if t is not None}
         self.calls = {}
 
@@ -44,8 +45,10 @@ class Replays:
         tensors (None where not given)."""
         try:
             full = (key, batch_invariant.split_keys(), overrides(), torch.is_grad_enabled(), *[
-                t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15,
-                                     t.requires_grad) for t in inputs])
+                t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                for t in inputs])
+            if self.aligned:
+                full += tuple([t.data_ptr() & 15 for t in inputs[:self.aligned]])
             entry = self.calls.get(full, 0)
         except (AttributeError, TypeError):  # an input that is no tensor, an argument that is no key: the
             return call()  # checked path says what is wrong, if anything
@@ -86,7 +89,7 @@ def _shared(inputs) -> bool:
 class _Replay:
     """A recorded call: per run its launches, each with the places that take the call's tensors (path into the
     arguments, index into inputs + new buffers, the TensorDescriptor's fields where the place is a descriptor's
-    base; its other fields), the counter keys; the buffers to make (shape, stride, dtype, device, fill) and how the result is made
+    base; its other fields), the counter keys; the buffers to make (shape, stride, an empty tensor of their dtype and device, fill) and how the result is made
     of them."""
 
     def __init__(self, runs, buffers, result):
@@ -114,7 +117,7 @@ class _Replay:
                     return None
                 made, fill = rec.buffers[ptr]
                 i, dtype = where[ptr] = len(inputs) + len(buffers), made.dtype
-                buffers.append((made.shape, made.stride(), made.dtype, made.device, fill))
+                buffers.append((made.shape, made.stride(), made.new_empty(0), fill))
             return i if dtype == x.dtype else None
 
         def places(obj, path, found):
@@ -172,9 +175,9 @@ class _Replay:
     def run(self, inputs):
         """The recorded launches on `inputs` and new buffers; the result made of them."""
         values = list(inputs)
-        for shape, stride, dtype, device, fill in self.buffers:
-            t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-            values.append(t if fill is None else t.fill_(fill))
+        for shape, stride, like, fill in self.buffers:  # like: an empty tensor of the dtype and device
+            t = like.new_empty_strided(shape, stride)
+            values.append(t if fill is None else t.zero_() if fill == 0 else t.fill_(fill))
         for bound, keys in self.runs:
             launch_list = []
             for kernel, grid, args, kwargs, patches in bound:
@@ -215,9 +218,9 @@ def _as_viewed(how, buffers, first: int, done: set):
         return ("tuple", [_as_viewed(h, buffers, first, done) for h in how[1]])
     if how[0] == "tensor" and how[1] not in done:
         _, i, shape, stride = how
-        made_shape, made_stride, dtype, device, fill = buffers[i - first]
+        made_shape, made_stride, like, fill = buffers[i - first]
         if _extent(shape, stride) == _extent(made_shape, made_stride) == math.prod(made_shape) == math.prod(shape):
-            buffers[i - first] = (shape, stride, dtype, device, fill)
+            buffers[i - first] = (shape, stride, like, fill)
             done.add(i)
             return ("buffer", i)
     return how
@@ -243,8 +246,8 @@ def _made(how, values):
     return how[1]
 
 
-# attention / flex_attention calls: a layout's replay from its second call on.
-CALLS = Replays(limit=256)
+# attention / flex_attention / SDPA drop-in calls: a layout's replay from its second call on (q, k, v lead).
+CALLS = Replays(limit=256, aligned=3)
 
 
 def key_of(*values) -> tuple:

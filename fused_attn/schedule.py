@@ -32,18 +32,14 @@ class SchedulerMetadata:
     packed: bool  # made with cu_seqlens_q: the packed (varlen / serving) call; else attention_with_kvcache's
     page_size: int  # 0: contiguous caches
     plan: DecodePlan
+    # The per-layer calls' replays (fused_attn/replay.py): `meta.replays(key, tensors, checked_call)` runs the
+    # checked call the first time a layout comes, its launches recorded, and after that the same launches on the
+    # next calls' tensors, into new outputs -- nothing checked, planned or built but the key; the plan's scratch
+    # is kept by every replay.
     replays: Replays = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "replays", Replays(MAX_REPLAYS, sightings=0, fixed=self.plan.scratch))
-
-    def replay(self, key: tuple, inputs: tuple, call):
-        """(out, lse) of a per-layer call: `call()` (the checked path) the first time a call of this key comes, its
-        launches recorded; after that the same launches again with this call's tensors in place of the first one's
-        and new outputs of the same layout -- nothing checked, planned or built but the key (fused_attn/replay.py;
-        the plan's scratch is kept by every replay). key: the call's arguments that are not tensors; inputs: its
-        tensors (None where not given)."""
-        return self.replays(key, inputs, call)
 
     @property
     def split_keys(self) -> int:
@@ -67,7 +63,7 @@ class SchedulerMetadata:
 
 
 def replayable(meta, window_size) -> bool:
-    """Whether a call may take its plan's replay (SchedulerMetadata.replay): it has a plan, a window as a tuple (a
+    """Whether a call may take its plan's replay (SchedulerMetadata.replays): it has a plan, a window as a tuple (a
     list is not a key), and runs eagerly (torch.compile traces the custom ops)."""
     return meta is not None and type(window_size) is tuple and not torch.compiler.is_compiling()
 

@@ -98,11 +98,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                     dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                          sinks=sinks), (k_descale, v_descale), meta))
         if replayable(meta, window_size):
-            # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replay).
+            # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
             key = ("serving", type(max_seqlen_q), max_seqlen_q, type(max_seqlen_k), max_seqlen_k, type(causal),
                    causal, window_size, type(scale), scale, type(num_splits), num_splits, type(softcap), softcap,
                    type(dropout_p), dropout_p)
-            out, lse = meta.replay(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
+            out, lse = meta.replays(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                          sinks, k_descale, v_descale), checked)
         else:
             out, lse = checked()

@@ -162,7 +162,7 @@ def test_scheduler_metadata_errors_name_the_value():
 
 
 def test_plan_replays_its_first_call_on_new_tensors(monkeypatch):
-    """A plan records a per-layer call's launches once (SchedulerMetadata.replay) and makes them again on the next
+    """A plan records a per-layer call's launches once (SchedulerMetadata.replays) and makes them again on the next
     calls' tensors -- new queries, cache contents, lengths, sinks: the same bits as a call checked and planned anew.
     A call of another layout is a new key: checked, and refused where it does not match the plan."""
     checked = []

@@ -93,7 +93,8 @@ OPTIONS = ("tma", "longest_first", "persistent", "warp_specialize")
 
 def overrides() -> tuple:
     """What `use` set here, as (option, value) pairs: part of a replayed call's key (fused_attn/replay.py)."""
-    return tuple(_override.get().items())
+    given = _override.get()
+    return tuple(given.items()) if given else ()
 
 
 @contextlib.contextmanager
