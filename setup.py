@@ -14,7 +14,8 @@ setup(
     # tqdm: the progress of long runs (check, bench).
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "transformers>=5.20,<6", "matplotlib>=3.5", "streamlit>=1.40"],
+        "test": ["pytest>=7", "pytest-xdist>=3.6", "hypothesis>=6", "transformers>=5.20,<6", "matplotlib>=3.5",
+                 "streamlit>=1.40"],
         "hf": ["transformers>=5.20,<6"],
         "bench": ["matplotlib>=3.5"],
         "app": ["streamlit>=1.40", "transformers>=5.20,<6", "matplotlib>=3.5"],

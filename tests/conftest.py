@@ -52,3 +52,18 @@ def _fresh_replays():
     """Each test starts with no recorded attention / flex_attention call (fused_attn/replay.py): a test that
     patches a kernel table or a limit sees its own calls checked."""
     fused_attn.replay.clear()
+
+
+def pytest_collection_modifyitems(items):
+    """The compile-time gate's file first (stable otherwise): under `-n 2` its worker starts the longest test --
+    two compiler processes of its own -- while the other worker runs the rest of the suite beside it."""
+    items.sort(key=lambda item: item.path.name != "test_compile.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (`-n 2`): whole files per worker (module-scoped fixtures, e.g. the distributed tests' process
+    groups, run once), taken in collection order (the gate first) rather than xdist's largest-file-first."""
+    from xdist.scheduler import LoadFileScheduling
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
