@@ -164,7 +164,10 @@ def _not_implemented(fn: str, **others):
 
 def _fa_window(causal, window_size):
     """flash_attn's window: any pair of integers; causal=True sets the right side to 0."""
-    left, right = flash_attn_window(window_size)
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is type(window_size[1]) is int:
+        left, right = max(window_size[0], -1), max(window_size[1], -1)  # the common form, on the host's lean path
+    else:
+        left, right = flash_attn_window(window_size)
     return (left, 0) if causal else (left, right)
 
 
@@ -225,7 +228,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
     q_descale FP8 q, k, v (FlashAttention-3's FP8 forward, packed). fa_version (2 or 3) selects nothing: one
     implementation serves both. scheduler_metadata: the step's plan (fused_attn.get_scheduler_metadata, made once
     and passed to every layer). Not implemented (NotImplementedError, by name): q_v."""
-    _not_implemented("flash_attn_varlen_func", q_v=q_v)
+    if q_v is not None:
+        _not_implemented("flash_attn_varlen_func", q_v=q_v)
     if fa_version not in (None, 2, 3):
         raise ValueError(f"fa_version must be None, 2 or 3, got {fa_version!r}")
     serving = block_table is not None or seqused_k is not None
@@ -240,8 +244,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                                 softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux, seqused_k=seqused_k,
                                 block_table=block_table, num_splits=num_splits, k_descale=k_descale,
                                 v_descale=v_descale, q_descale=q_descale, scheduler_metadata=scheduler_metadata)
-    shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k) if return_attn_probs else None
-    (result, lse), keep = with_keep_mask(call, dropout_p if return_attn_probs else 0.0, q.device, shape)
+    if return_attn_probs:
+        shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+        (result, lse), keep = with_keep_mask(call, dropout_p, q.device, shape)
+    else:
+        result, lse = call()
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
             raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "
@@ -273,7 +280,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     FlashAttention-2's semantics, k_descale / v_descale for FP8 caches (FlashAttention-3's;
     fused_attn.attention_with_kvcache), scheduler_metadata (FlashAttention-3's: the step's plan from
     fused_attn.get_scheduler_metadata). Not implemented (NotImplementedError): q_descale (FP8 queries)."""
-    _not_implemented("flash_attn_with_kvcache", q_descale=q_descale)
+    if q_descale is not None:
+        _not_implemented("flash_attn_with_kvcache", q_descale=q_descale)
     out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                                       causal=causal, window_size=_fa_window(causal, window_size),
                                       scale=softmax_scale, num_splits=num_splits, return_lse=True, softcap=softcap,
