@@ -6,8 +6,9 @@ grids, constants, the same buffers to write. A `Replays` table remembers, per ca
 launched (launch.recording) and the buffers it made for the kernels (launch.fresh), and makes the next such call by
 allocating new buffers of the same layout and launching the recorded launches with this call's tensors in place of
 the first one's -- matched by data pointer and dtype (a kernel reads nothing else of a tensor). The same launches on
-the same data give the same bits (tests/test_host_path.py). Used by `attention` and `flex_attention` (the table
-`CALLS`, from a layout's second call on) and by a step's plan (schedule.SchedulerMetadata, from its first call).
+the same data give the same bits (tests/test_host_path.py). Used by `attention`, `flex_attention` and the SDPA drop-in
+(the table `CALLS`: a layout's second call recorded, replays from its third) and by a step's plan
+(schedule.SchedulerMetadata: its first call recorded).
 
 Not remembered (the checked path runs every time): a call with an input that requires grad while grad is enabled
 (its output joins autograd's graph), a launch holding a tensor the call made that is not one of its fresh buffers
@@ -246,7 +247,7 @@ def _made(how, values):
     return how[1]
 
 
-# attention / flex_attention / SDPA drop-in calls: a layout's replay from its second call on (q, k, v lead).
+# attention / flex_attention / SDPA drop-in calls: a layout's second call recorded (q, k, v lead the inputs).
 CALLS = Replays(limit=256, aligned=3)
 
 
