@@ -7,6 +7,7 @@ from . import ops
 from ._args import (FP8_DTYPES, check_args, check_descales, check_kernel_inputs, check_kvcache, check_kvcache_values,
                     check_modifiers, check_rotary, check_write_kv, reads_values)
 from .ops import Call
+from .replay import key_of
 from .schedule import check_metadata, replayable
 
 
@@ -130,8 +131,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     if (k is None and rotary_cos is None and cache_batch_idx is None and cache_leftpad is None
             and replayable(meta, window_size)):
         # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
-        key = ("kvcache", type(causal), causal, window_size, type(scale), scale, type(num_splits), num_splits,
-               type(softcap), softcap)
+        key = key_of("kvcache", causal, *window_size, scale, num_splits, softcap)
         out, lse = meta.replays(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
                                      v_descale), lambda: _with_kvcache(*args))
     else:

@@ -63,11 +63,12 @@ class Replays:
         if not all(t is None or t.__class__ in _PLAIN and not (full[3] and t.requires_grad) for t in inputs):
             self._put(full, REFUSED)  # a tensor subclass, or a call autograd records (its output joins the graph)
             return call()
+        if _shared(inputs):  # not recorded, nor refused: another call of this key may not share
+            return call()
         with launch.recording() as rec:
             result = call()
         replay = _Replay.of(rec, inputs, result, self.fixed)
-        if replay is not None or not _shared(inputs):  # shared inputs: another call of the key may not share
-            self._put(full, REFUSED if replay is None else replay)
+        self._put(full, REFUSED if replay is None else replay)
         return result
 
     def _put(self, key, entry):
@@ -89,22 +90,18 @@ def _shared(inputs) -> bool:
 
 class _Replay:
     """A recorded call: per run its launches, each with the places that take the call's tensors (path into the
-    arguments, index into inputs + new buffers, the TensorDescriptor's fields where the place is a descriptor's
-    base; its other fields), the counter keys; the buffers to make (shape, stride, an empty tensor of their dtype and device, fill) and how the result is made
-    of them."""
+    arguments, index into inputs + new buffers, and where the place is a TensorDescriptor's base its other fields),
+    the counter keys; the buffers to make (shape, stride, an empty tensor of their dtype and device, fill) and how
+    the result is made of them."""
 
     def __init__(self, runs, buffers, result):
         self.runs, self.buffers, self.result = runs, buffers, result
 
     @classmethod
     def of(cls, rec: launch.Recording, inputs, result, fixed):
-        """The replay of a recording, or None where it cannot be made (see the module's docstring)."""
-        where = {}
-        for i, t in enumerate(inputs):
-            if t is not None:
-                if t.data_ptr() in where:
-                    return None
-                where[t.data_ptr()] = (i, t.dtype)
+        """The replay of a recording, or None where it cannot be made (see the module's docstring). The inputs share
+        no data (Replays checks that first)."""
+        where = {t.data_ptr(): (i, t.dtype) for i, t in enumerate(inputs) if t is not None}
         buffers = []
 
         def index(x):

@@ -9,6 +9,7 @@ from ._args import (check_descales, check_fp8, check_kernel_inputs, check_modifi
 from .function import _attention
 from .kernels import Packed
 from .ops import Call
+from .replay import key_of
 from .schedule import check_metadata, replayable
 
 
@@ -99,9 +100,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                                          sinks=sinks), (k_descale, v_descale), meta))
         if replayable(meta, window_size):
             # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
-            key = ("serving", type(max_seqlen_q), max_seqlen_q, type(max_seqlen_k), max_seqlen_k, type(causal),
-                   causal, window_size, type(scale), scale, type(num_splits), num_splits, type(softcap), softcap,
-                   type(dropout_p), dropout_p)
+            key = key_of("serving", max_seqlen_q, max_seqlen_k, causal, *window_size, scale, num_splits, softcap,
+                         dropout_p)
             out, lse = meta.replays(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
                                          sinks, k_descale, v_descale), checked)
         else:
