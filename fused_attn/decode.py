@@ -124,6 +124,16 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     CPU tensors (reading them from a GPU would synchronize it) and trusted on a GPU, as in FlashAttention:
     cache_seqlens + S_new <= the cache's capacity, and every block_table entry a row uses naming a page that exists.
     """
+    out, lse = kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale,
+                            num_splits, softcap, alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved,
+                            cache_batch_idx, cache_leftpad, k_descale, v_descale, scheduler_metadata)
+    return (out, lse) if return_lse else out
+
+
+def kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale, num_splits,
+                 softcap, alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx,
+                 cache_leftpad, k_descale, v_descale, scheduler_metadata):
+    """attention_with_kvcache's arguments in order, positionally (the drop-in's lean path) -> (out, lse)."""
     meta = check_metadata(scheduler_metadata, "attention_with_kvcache")
     args = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale, num_splits, softcap,
             alibi_slopes, sinks, rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx, cache_leftpad,
@@ -132,11 +142,9 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
             and replayable(meta, window_size)):
         # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
         key = key_of("kvcache", causal, *window_size, scale, num_splits, softcap)
-        out, lse = meta.replays(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
-                                     v_descale), lambda: _with_kvcache(*args))
-    else:
-        out, lse = _with_kvcache(*args)
-    return (out, lse) if return_lse else out
+        return meta.replays(key, (q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes, sinks, k_descale,
+                                  v_descale), _with_kvcache, args)
+    return _with_kvcache(*args)
 
 
 def _with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal, window_size, scale, num_splits,

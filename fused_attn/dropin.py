@@ -11,8 +11,8 @@ from ._args import check_attn_mask, check_modifiers, kernel_args, refuse_fp8
 from .function import _attention, attention, attention_probs, masked, with_keep_mask
 from .reference import row_slopes
 from .replay import CALLS, key_of
-from .decode import attention_with_kvcache
-from .varlen import attention_varlen
+from .decode import kvcache_call
+from .varlen import attention_varlen, serving_call
 
 log = logging.getLogger("fused_attn")
 
@@ -237,25 +237,23 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
         raise NotImplementedError("flash_attn_varlen_func does not implement return_attn_probs over a KV cache "
                                   "(block_table / seqused_k)")
     window_size = _fa_window(causal, window_size)
-
-    def call():
-        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
-                                window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
-                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux, seqused_k=seqused_k,
-                                block_table=block_table, num_splits=num_splits, k_descale=k_descale,
-                                v_descale=v_descale, q_descale=q_descale, scheduler_metadata=scheduler_metadata)
-    if return_attn_probs:
-        shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
-        (result, lse), keep = with_keep_mask(call, dropout_p, q.device, shape)
-    else:
-        result, lse = call()
-    if out is not None:
-        if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
-            raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
-        result = out.copy_(result)
-    if not return_attn_probs:
+    if serving and q_descale is None:  # attention_varlen over a KV cache, on the host's lean path
+        result, lse = _into(out, *serving_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                               seqused_k, block_table, num_splits, causal, window_size, softmax_scale,
+                                               softcap, alibi_slopes, dropout_p, s_aux, k_descale, v_descale,
+                                               scheduler_metadata))
         return (result, lse) if return_softmax_lse else result
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    kw = dict(causal=causal, window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
+              softcap=softcap, alibi_slopes=alibi_slopes, sinks=s_aux, seqused_k=seqused_k, block_table=block_table,
+              num_splits=num_splits, k_descale=k_descale, v_descale=v_descale, q_descale=q_descale,
+              scheduler_metadata=scheduler_metadata)
+    if not return_attn_probs:
+        result, lse = _into(out, *attention_varlen(*args, **kw))
+        return (result, lse) if return_softmax_lse else result
+    shape = (cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
+    (result, lse), keep = with_keep_mask(lambda: attention_varlen(*args, **kw), dropout_p, q.device, shape)
+    result, lse = _into(out, result, lse)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     probs = lse.new_zeros(len(cq) - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
     for b, (q0, q1, k0, k1) in enumerate(zip(cq, cq[1:], ck, ck[1:])):
@@ -265,6 +263,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                 window_size=window_size, scale=softmax_scale, layout="bshd", softcap=softcap,
                 alibi_slopes=row_slopes(alibi_slopes, b), sinks=s_aux)[0]
     return result, lse, _signed(probs, keep)
+
+
+def _into(out, result, lse):
+    """(result copied into `out` where one is given, lse): flash_attn_varlen_func's out=."""
+    if out is None:
+        return result, lse
+    if not isinstance(out, torch.Tensor) or out.shape != result.shape or out.dtype != result.dtype:
+        raise ValueError(f"out must be a {result.dtype} tensor of shape {tuple(result.shape)}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}")
+    return out.copy_(result), lse
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -282,12 +290,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     fused_attn.get_scheduler_metadata). Not implemented (NotImplementedError): q_descale (FP8 queries)."""
     if q_descale is not None:
         _not_implemented("flash_attn_with_kvcache", q_descale=q_descale)
-    out, lse = attention_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                                      causal=causal, window_size=_fa_window(causal, window_size),
-                                      scale=softmax_scale, num_splits=num_splits, return_lse=True, softcap=softcap,
-                                      alibi_slopes=alibi_slopes, sinks=s_aux, rotary_cos=rotary_cos,
-                                      rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
-                                      cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                                      k_descale=k_descale, v_descale=v_descale,
-                                      scheduler_metadata=scheduler_metadata)
+    out, lse = kvcache_call(q, k_cache, v_cache, k, v, cache_seqlens, block_table, causal,
+                            _fa_window(causal, window_size), softmax_scale, num_splits, softcap, alibi_slopes, s_aux,
+                            rotary_cos, rotary_sin, rotary_interleaved, cache_batch_idx, cache_leftpad, k_descale,
+                            v_descale, scheduler_metadata)
     return (out, lse) if return_softmax_lse else out

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import batch_invariant, kernels
 from .kernels import BlockTables, Modifiers, Packed
+from .kernels.decode import launches_rows
 from .kernels.launch import fresh
 
 
@@ -285,7 +286,9 @@ def _decode(q, k, v, c: Call, seqlens_k, block_table, page_size: int, num_splits
     p = c.packed
     max_seqlen_k = p.max_seqlen_k if p is not None else (
         k.shape[2] if block_table is None else block_table.shape[1] * page_size)
-    out, lse = _out_lse(q, v, c.layout, p is not None)
+    # Packed: rows no sequence covers are 0 / -inf, written by the kernels where they launch.
+    filled = p is not None and not launches_rows(p.cu_seqlens_q.shape[0] - 1, p.max_seqlen_q, q.shape[2])
+    out, lse = _out_lse(q, v, c.layout, filled)
     kernels.attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size=page_size,
                              max_seqlen_k=max_seqlen_k, scale=c.scale, left=c.left, right=c.right,
                              num_splits=num_splits, mods=c.mods, packed=p, plan=plan, split_keys=c.split_keys)

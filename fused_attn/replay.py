@@ -40,10 +40,10 @@ class Replays:
         self.fixed = {t.data_ptr() for t in fixed if t is not None}
         self.calls = {}
 
-    def __call__(self, key: tuple, inputs: tuple, call):
-        """call()'s result: by its replay where this key has one, else by call() (recorded where due). key: the
-        call's arguments that are not tensors, hashable (with their types, so that 1 and True differ); inputs: its
-        tensors (None where not given)."""
+    def __call__(self, key: tuple, inputs: tuple, call, args=()):
+        """call(*args)'s result: by its replay where this key has one, else by the call (recorded where due). key:
+        the call's arguments that are not tensors, hashable (with their types, so that 1 and True differ); inputs:
+        its tensors (None where not given)."""
         try:
             full = (key, batch_invariant.split_keys(), overrides(), torch.is_grad_enabled(), *[
                 t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
@@ -52,21 +52,21 @@ class Replays:
                 full += tuple([t.data_ptr() & 15 for t in inputs[:self.aligned]])
             entry = self.calls.get(full, 0)
         except (AttributeError, TypeError):  # an input that is no tensor, an argument that is no key: the
-            return call()  # checked path says what is wrong, if anything
+            return call(*args)  # checked path says what is wrong, if anything
         if entry.__class__ is _Replay:
             return entry.run(inputs)
         if entry is REFUSED:
-            return call()
+            return call(*args)
         if entry < self.sightings:
             self._put(full, entry + 1)
-            return call()
+            return call(*args)
         if not all(t is None or t.__class__ in _PLAIN and not (full[3] and t.requires_grad) for t in inputs):
             self._put(full, REFUSED)  # a tensor subclass, or a call autograd records (its output joins the graph)
-            return call()
+            return call(*args)
         if _shared(inputs):  # not recorded, nor refused: another call of this key may not share
-            return call()
+            return call(*args)
         with launch.recording() as rec:
-            result = call()
+            result = call(*args)
         replay = _Replay.of(rec, inputs, result, self.fixed)
         self._put(full, REFUSED if replay is None else replay)
         return result
@@ -143,11 +143,20 @@ class _Replay:
                 found = []
                 if not all(places(arg, (a,), found) for a, arg in enumerate(args)):
                     return None
-                kept, patches = list(args), {}
+                kept, direct, patches = list(args), [], {}
                 for path, i, desc in found:  # hold no tensor of this call (its memory is the caller's)
                     kept[path[0]] = _put(kept[path[0]], path[1:], None)
-                    patches.setdefault(path[0], []).append((path[1:], i, desc))
-                bound.append((kernel, grid, tuple(kept), kwargs, tuple(patches.items())))
+                    if len(path) == 1 and desc is None:  # an argument that is a tensor: put as it is
+                        direct.append((path[0], i))
+                    else:
+                        patches.setdefault(path[0], []).append((path[1:], i, desc))
+                # A tuple argument holding tensors only as its own fields (a bundle): its fields' list, refilled
+                # per call; deeper places and descriptors go through _patched.
+                shallow = [(a, kept[a].__class__, list(kept[a]), tuple((p[0], i) for p, i, _ in places))
+                           for a, places in patches.items()
+                           if all(len(p) == 1 and desc is None for p, _, desc in places)]
+                deep = tuple((a, places) for a, places in patches.items() if a not in {x[0] for x in shallow})
+                bound.append((kernel, grid, kept, kwargs, tuple(direct), tuple(shallow), deep))
             runs.append((bound, launch.counted(launch_list, name)))
 
         def shape_of(x):
@@ -172,15 +181,22 @@ class _Replay:
 
     def run(self, inputs):
         """The recorded launches on `inputs` and new buffers; the result made of them."""
-        values = list(inputs)
+        values = [*inputs]
         for shape, stride, like, fill in self.buffers:  # like: an empty tensor of the dtype and device
             t = like.new_empty_strided(shape, stride)
             values.append(t if fill is None else t.zero_() if fill == 0 else t.fill_(fill))
         for bound, keys in self.runs:
             launch_list = []
-            for kernel, grid, args, kwargs, patches in bound:
-                args = list(args)
-                for a, places in patches:
+            for kernel, grid, args, kwargs, direct, shallow, deep in bound:
+                args = args.copy()
+                for a, i in direct:
+                    args[a] = values[i]
+                for a, cls, fields, places in shallow:
+                    fields = fields.copy()
+                    for f, i in places:
+                        fields[f] = values[i]
+                    args[a] = tuple.__new__(cls, fields)
+                for a, places in deep:
                     args[a] = _patched(args[a], places, values)
                 launch_list.append((kernel, grid, args, kwargs))
             launch.relaunch(launch_list, keys)

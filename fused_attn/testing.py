@@ -1,6 +1,7 @@
 """The numerics cases and their harness, shared by the test suite and `python -m fused_attn check`: a case's inputs,
 one run of the kernels (with the dropout mask it drew), and its measurement against the float64 reference under the
 rule of fused_attn/numerics.py."""
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -322,14 +323,27 @@ def make_serving_inputs(lens_q, lens_k, Hq, Hkv, D, dtype, device, page, seed=0,
             torch.tensor(lens_k, dtype=torch.int32, device=device), table.to(device))
 
 
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Inside the block, torch.empty and its kin return NaN-filled float tensors (torch's deterministic mode
+    fills uninitialized memory): a row the kernels leave unwritten shows, whatever the allocator hands back."""
+    mode, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn)
+
+
 def evaluate_serving(q, k_cache, v_cache, cu_seqlens_q, seqused_k, block_table, num_splits=0, **kw):
-    """attention_varlen over a paged cache against the float64 reference (each sequence's keys gathered from its
-    pages): ((out, lse), {"out": Metric, "lse": Metric})."""
+    """attention_varlen over a paged cache (its buffers NaN where unwritten: nan_filled_empty) against the float64
+    reference (each sequence's keys gathered from its pages): ((out, lse), {"out": Metric, "lse": Metric})."""
     args = (q, k_cache, v_cache, cu_seqlens_q, None, int(torch.diff(cu_seqlens_q).max()), int(seqused_k.max()))
     ref_kw = dict(seqused_k=seqused_k, block_table=block_table, return_lse=True, **kw)
     ref = reference.attention_varlen(*args, upcast=torch.float64, **ref_kw)
     pt = reference.attention_varlen(*args, upcast=None, **ref_kw)
-    got = attention_varlen(*args, num_splits=num_splits, **ref_kw)
+    with nan_filled_empty():
+        got = attention_varlen(*args, num_splits=num_splits, **ref_kw)
     return got, {n: Metric.measure(x, r, p, q.dtype, FACTORS[n]) for n, x, r, p in zip(("out", "lse"), got, ref, pt)}
 
 

@@ -93,19 +93,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         if q_descale is not None or out_dtype is not None:
             raise ValueError("q_descale / out_dtype (FP8 queries) are not implemented over a KV cache; FP8 caches "
                              "take k_descale / v_descale with 16/32-bit queries")
-        meta = check_metadata(scheduler_metadata, "attention_varlen")
-        checked = (lambda: _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
-                                    block_table, num_splits, dict(causal=causal, window_size=window_size, scale=scale),
-                                    dict(softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                         sinks=sinks), (k_descale, v_descale), meta))
-        if replayable(meta, window_size):
-            # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
-            key = key_of("serving", max_seqlen_q, max_seqlen_k, causal, *window_size, scale, num_splits, softcap,
-                         dropout_p)
-            out, lse = meta.replays(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes,
-                                         sinks, k_descale, v_descale), checked)
-        else:
-            out, lse = checked()
+        out, lse = serving_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                block_table, num_splits, causal, window_size, scale, softcap, alibi_slopes, dropout_p,
+                                sinks, k_descale, v_descale, scheduler_metadata)
         return (out, lse) if return_lse else out
     if scheduler_metadata is not None:
         raise ValueError("scheduler_metadata plans calls over a KV cache (seqused_k / block_table); this call has "
@@ -126,20 +116,39 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse[0]) if return_lse else out
 
 
+def serving_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
+                 causal, window_size, scale, softcap, alibi_slopes, dropout_p, sinks, k_descale, v_descale,
+                 scheduler_metadata):
+    """attention_varlen over a KV cache, its arguments in order, positionally (the drop-in's lean path) -> (out,
+    lse); its plan's replay where it may take one."""
+    meta = check_metadata(scheduler_metadata, "attention_varlen")
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
+            causal, window_size, scale, softcap, alibi_slopes, dropout_p, sinks, k_descale, v_descale, meta)
+    if replayable(meta, window_size):
+        # A step's per-layer call: the plan replays what the first such call launched (SchedulerMetadata.replays).
+        key = key_of("serving", max_seqlen_q, max_seqlen_k, causal, *window_size, scale, num_splits, softcap,
+                     dropout_p)
+        return meta.replays(key, (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, alibi_slopes, sinks,
+                                  k_descale, v_descale), _serving, args)
+    return _serving(*args)
+
+
 def _serving(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, block_table, num_splits,
-             mask: dict, modifiers: dict, descales, meta=None):
+             causal, window_size, scale, softcap, alibi_slopes, dropout_p, sinks, k_descale, v_descale, meta):
     """attention_varlen over a KV cache (seqused_k / block_table): the split-KV kernels, forward only. meta: the
-    step's SchedulerMetadata (its values checked when it was made)."""
+    step's SchedulerMetadata (its values checked when it was made) or None."""
     a, packed, page, seqused_k = check_serving_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                       max_seqlen_k, seqused_k, block_table, num_splits,
-                                                      values=meta is None, **mask)
+                                                      values=meta is None, causal=causal, window_size=window_size,
+                                                      scale=scale)
     if meta is not None:
         meta.check("attention_varlen", q, k, cu_seqlens_q.shape[0] - 1, True, page, packed.max_seqlen_q)
     check_kernel_inputs(a, Packed(cu_seqlens_q, cu_seqlens_k, packed.max_seqlen_q,
                                   page if page else packed.max_seqlen_k))
     batch = cu_seqlens_q.shape[0] - 1
-    mods = check_modifiers(batch, q.shape[1], q.device, **modifiers)
-    k_descale, v_descale = check_descales(dict(zip(("k_descale", "v_descale"), descales)), k.dtype, batch,
+    mods = check_modifiers(batch, q.shape[1], q.device, softcap=softcap, alibi_slopes=alibi_slopes,
+                           dropout_p=dropout_p, sinks=sinks)
+    k_descale, v_descale = check_descales(dict(k_descale=k_descale, v_descale=v_descale), k.dtype, batch,
                                           a.k.shape[1], q.device)
     mods = dataclasses.replace(mods, k_descale=k_descale, v_descale=v_descale)
     if mods.dropout_p:

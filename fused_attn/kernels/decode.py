@@ -9,8 +9,9 @@ GQA packing: a program holds the `pack` query heads of one kv group for BLOCK_Q 
 
 Work items (grid axis 0): first every (sequence, query tile) -- packed sequences in order, sequence b's tiles
 starting at item cu_seqlens_q[b] // BLOCK_Q + b (found by binary search), so the grid is sized by the total query
-rows, not batch x longest -- then, per sequence, splits 1 .. max_splits - 1 of its one tile. Grid axis 1: the
-query-head groups.
+rows, not batch x longest; packed, the rows past the last sequence (cu_seqlens_q[-1] .. the tensor's end) follow as
+sequence n_seqs, written 0 with lse -inf, so that out and lse need no fill first -- then, per sequence, splits
+1 .. max_splits - 1 of its one tile. Grid axis 1: the query-head groups.
 """
 
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ def _work_item(CU_Q, n_main, n_seqs, tiles, max_splits, BLOCK_Q: tl.constexpr, V
     """(sequence b, query tile, split) of this program's work item (module docstring)."""
     t = tl.program_id(0)
     if t < n_main:
-        if VARLEN:  # the last b whose first item cu_q[b] // BLOCK_Q + b is <= t (they strictly increase)
+        if VARLEN:  # the last b <= n_seqs whose first item cu_q[b] // BLOCK_Q + b is <= t (they strictly increase)
             lo = t * 0
-            hi = lo + n_seqs
+            hi = lo + n_seqs + 1
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 ok = tl.load(CU_Q + mid) // BLOCK_Q + mid <= t
@@ -99,18 +100,32 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv, page_size, D)-indexed (F.PAGED)
     with cache = (the block table's row stride, SEQLENS_K: keys per sequence (F.HAS_SEQLENS), PAGES: the
     (B, max_pages) block table), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of BLOCK_N makes each
-    tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows): the work items (module
+    tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows: q's rows): the work items (module
     docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0
     where one value serves all). F.INVARIANT (the batch-invariant mode): the keys cut at multiples of
     sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
     of its splits, merged in key order (_merge_partial)."""
     sq, sk, sv, so, sl = strides
     stride_pb, SEQLENS_K, PAGES = cache
-    n_main, n_seqs, tiles, max_splits, min_tiles, part_rows = work
+    n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows = work
     BLOCK_Q: tl.constexpr = C.BLOCK_Q
     BLOCK_M: tl.constexpr = C.BLOCK_M
     BLOCK_N: tl.constexpr = C.BLOCK_N
     PACK: tl.constexpr = C.PACK
+    rows = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, C.BLOCK_DV)
+    h0 = tl.program_id(1) * PACK
+    heads = h0 + rows % PACK
+    if F.VARLEN:
+        if b == n_seqs:  # the rows past the last sequence (module docstring): out 0, lse -inf
+            q0 = tl.load(seqs.CU_Q + b).to(tl.int64)
+            pos = tile * BLOCK_Q + rows // PACK
+            row_ok = (rows < BLOCK_Q * PACK) & (pos < n_rows - q0)
+            _store_rows(O + q0 * so[2], LSE + q0, tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32),
+                        tl.full([BLOCK_M], float("-inf"), tl.float32), heads, pos,
+                        row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V), row_ok, offs_dv, so[1], so[2], so[3],
+                        sl[1])
+            return
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(seqs.CU_Q, seqs.CU_K, SEQLENS_K, b, seqs.seqlen_q, seqs.seqlen_k,
                                                    F.VARLEN, F.HAS_CU_K, F.HAS_SEQLENS)
     pos_start = tile * BLOCK_Q
@@ -147,12 +162,9 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
         s_lo = tl.minimum(lo + split * per_split, hi)
         s_hi = tl.minimum(s_lo + per_split, hi)
 
-    h0 = tl.program_id(1) * PACK
     hk = h0 // sched.group
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
-    rows = tl.arange(0, BLOCK_M)
     pos = pos_start + rows // PACK
-    heads = h0 + rows % PACK
     row_ok = (rows < BLOCK_Q * PACK) & (pos < seqlen_q)
     offs_d = tl.arange(0, C.BLOCK_D)
     Q += b64 * sq[0] + q0 * sq[2]  # at the sequence's first row: offsets within it stay 32-bit
@@ -215,7 +227,6 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
             if n_split == 1:
                 acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(mods.SINKS, heads, qk_scale, True), qk_scale)
         out, lse = _partial(acc, l_i, m_i, qk_scale)
-    offs_dv = tl.arange(0, C.BLOCK_DV)
     mask = row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V)
     # The partials' branch only where COMBINE says the launch has them: n_split is a runtime value, and a branch
     # the compiler keeps must not touch O_PART / LSE_PART, which are None without splits.
@@ -445,7 +456,7 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
     else:
         n_seqs, seqlen_q = packed.cu_seqlens_q.shape[0] - 1, packed.max_seqlen_q
         cu_q, cu_k = packed.cu_seqlens_q, packed.cu_seqlens_k
-    if n_seqs == 0 or seqlen_q == 0 or q.shape[2] == 0:
+    if not launches_rows(n_seqs, seqlen_q, q.shape[2]):
         return []
     if plan is None:
         plan = decode_plan(Hq, Hkv, D, Dv, q.dtype, q.device, n_seqs, seqlen_q, max_seqlen_k, num_splits,
@@ -463,14 +474,16 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
         raise ValueError("the split-KV kernels take FP8 caches with 16/32-bit queries, not FP8 queries")
     lse_strides = batch0(lse)[:2]
     part_rows = plan.part_rows
-    n_main = n_seqs * plan.tiles if packed is None else q.shape[2] // plan.block_q + n_seqs
+    # Packed: one more item for the rows past the last sequence (module docstring).
+    n_main = n_seqs * plan.tiles if packed is None else q.shape[2] // plan.block_q + n_seqs + 1
     seqs = SeqArgs(seqlen_q, max_seqlen_k, 0, left, right, cu_q, cu_k)
     sched = Sched(0, Hq, Hq, group, plan.split_keys)
     f = flags(SPLIT_FLAGS, seqs=seqs, sched=sched, mods=mod_args, PAGES=block_table, SEQLENS_K=seqlens_k)
     launch_list = [(_attn_fwd_split_kernel, (n_main + (n_seqs * (splits - 1) if combine else 0), Hq // plan.pack),
                     (q, k, v, out, lse, (batch0(q), kv_strides(k), kv_strides(v), batch0(out), lse_strides), seqs,
                      (block_table.stride(0) if paged else 0, seqlens_k, block_table), sched, mod_args,
-                     (n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows), plan.scratch, scale * LOG2E),
+                     (n_main, n_seqs, plan.tiles, splits, plan.min_tiles, part_rows, q.shape[2]), plan.scratch,
+                     scale * LOG2E),
                     dict(C=tile, F=f, num_warps=plan.warps, num_stages=plan.stages))]
     if combine:
         launch_list.append((_attn_combine_kernel, (n_seqs, Hq),
@@ -480,6 +493,12 @@ def decode_launches(q, k, v, out, lse, seqlens_k, block_table, page_size: int, m
                                  BLOCK_Q=plan.block_q, F=flags(COMBINE_FLAGS, seqs=seqs, mods=mod_args,
                                                                sched=sched))))
     return launch_list
+
+
+def launches_rows(n_seqs: int, seqlen_q: int, rows: int) -> bool:
+    """Whether split-KV launches run for n_seqs sequences of at most seqlen_q queries in `rows` query rows; where
+    they do, they write every row of out and lse (a packed batch's rows past its last sequence too)."""
+    return n_seqs > 0 and seqlen_q > 0 and rows > 0
 
 
 def attention_decode(q, k, v, out, lse, seqlens_k, block_table, page_size: int, max_seqlen_k: int, scale: float,
