@@ -238,10 +238,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_
                                   "(block_table / seqused_k)")
     window_size = _fa_window(causal, window_size)
     if serving and q_descale is None:  # attention_varlen over a KV cache, on the host's lean path
-        result, lse = _into(out, *serving_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                               seqused_k, block_table, num_splits, causal, window_size, softmax_scale,
-                                               softcap, alibi_slopes, dropout_p, s_aux, k_descale, v_descale,
-                                               scheduler_metadata))
+        result, lse = serving_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                                   block_table, num_splits, causal, window_size, softmax_scale, softcap, alibi_slopes,
+                                   dropout_p, s_aux, k_descale, v_descale, scheduler_metadata)
+        if out is not None:
+            result, lse = _into(out, result, lse)
         return (result, lse) if return_softmax_lse else result
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     kw = dict(causal=causal, window_size=window_size, scale=softmax_scale, return_lse=True, dropout_p=dropout_p,
