@@ -99,9 +99,9 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     kernel. strides: (batch, head, row, col) of q, k, v, out; lse's batch and head. K, V: (B, Hkv, S, D)-indexed
     (packed: B = 1, sequence b from row cu_seqlens_k[b]), or paged (pages, Hkv, page_size, D)-indexed (F.PAGED)
     with cache = (the block table's row stride, SEQLENS_K: keys per sequence (F.HAS_SEQLENS), PAGES: the
-    (B, max_pages) block table), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of BLOCK_N makes each
-    tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows: q's rows): the work items (module
-    docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0
+    (B, max_pages) block table), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of
+    BLOCK_N makes each tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows: q's
+    rows): the work items (module docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE / V_DESCALE (B, Hkv)-indexed (strides 0
     where one value serves all). F.INVARIANT (the batch-invariant mode): the keys cut at multiples of
     sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
     of its splits, merged in key order (_merge_partial)."""
@@ -112,19 +112,10 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     BLOCK_M: tl.constexpr = C.BLOCK_M
     BLOCK_N: tl.constexpr = C.BLOCK_N
     PACK: tl.constexpr = C.PACK
-    rows = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, C.BLOCK_DV)
-    h0 = tl.program_id(1) * PACK
-    heads = h0 + rows % PACK
+    BLOCK_DV: tl.constexpr = C.BLOCK_DV  # named: Triton 3.6 takes no tuple field in a shape list
     if F.VARLEN:
-        if b == n_seqs:  # the rows past the last sequence (module docstring): out 0, lse -inf
-            q0 = tl.load(seqs.CU_Q + b).to(tl.int64)
-            pos = tile * BLOCK_Q + rows // PACK
-            row_ok = (rows < BLOCK_Q * PACK) & (pos < n_rows - q0)
-            _store_rows(O + q0 * so[2], LSE + q0, tl.zeros([BLOCK_M, C.BLOCK_DV], tl.float32),
-                        tl.full([BLOCK_M], float("-inf"), tl.float32), heads, pos,
-                        row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V), row_ok, offs_dv, so[1], so[2], so[3],
-                        sl[1])
+        if b == n_seqs:  # the rows past the last sequence (module docstring)
+            _store_empty_rows(O, LSE, tl.load(seqs.CU_Q + b).to(tl.int64), n_rows, tile, so, sl, C)
             return
     q0, k0, seqlen_q, seqlen_k = _serving_sequence(seqs.CU_Q, seqs.CU_K, SEQLENS_K, b, seqs.seqlen_q, seqs.seqlen_k,
                                                    F.VARLEN, F.HAS_CU_K, F.HAS_SEQLENS)
@@ -162,9 +153,12 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
         s_lo = tl.minimum(lo + split * per_split, hi)
         s_hi = tl.minimum(s_lo + per_split, hi)
 
+    h0 = tl.program_id(1) * PACK
     hk = h0 // sched.group
     b64, hk64 = b.to(tl.int64), hk.to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
     pos = pos_start + rows // PACK
+    heads = h0 + rows % PACK
     row_ok = (rows < BLOCK_Q * PACK) & (pos < seqlen_q)
     offs_d = tl.arange(0, C.BLOCK_D)
     Q += b64 * sq[0] + q0 * sq[2]  # at the sequence's first row: offsets within it stay 32-bit
@@ -193,7 +187,6 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
         slope = slope[:, None]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    BLOCK_DV: tl.constexpr = C.BLOCK_DV  # named: Triton 3.6 takes no tuple field in a shape list
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     o_all, lse_all = acc, m_i  # the splits merged so far (INVARIANT)
     seq = (seqlen_q, seqlen_k, offset, left, right)
@@ -227,6 +220,7 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
             if n_split == 1:
                 acc, l_i, m_i = _join_sink(acc, l_i, m_i, _sink(mods.SINKS, heads, qk_scale, True), qk_scale)
         out, lse = _partial(acc, l_i, m_i, qk_scale)
+    offs_dv = tl.arange(0, BLOCK_DV)
     mask = row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V)
     # The partials' branch only where COMBINE says the launch has them: n_split is a runtime value, and a branch
     # the compiler keeps must not touch O_PART / LSE_PART, which are None without splits.
@@ -239,6 +233,21 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
             tl.store(scratch[1] + part, lse, mask=row_ok)
     else:
         _store_rows(O, LSE, out, lse, heads, pos, mask, row_ok, offs_dv, so[1], so[2], so[3], sl[1])
+
+
+@triton.jit
+def _store_empty_rows(O, LSE, q0, n_rows, tile, so, sl, C: tl.constexpr):
+    """Query tile `tile` of the rows q0 .. n_rows - 1 of a packed batch (those past its last sequence), this
+    program's query-head group: out 0, lse -inf."""
+    BLOCK_M: tl.constexpr = C.BLOCK_M
+    BLOCK_DV: tl.constexpr = C.BLOCK_DV
+    rows = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    pos = tile * C.BLOCK_Q + rows // C.PACK
+    row_ok = (rows < C.BLOCK_Q * C.PACK) & (pos < n_rows - q0)
+    _store_rows(O + q0 * so[2], LSE + q0, tl.zeros([BLOCK_M, BLOCK_DV], tl.float32),
+                tl.full([BLOCK_M], float("-inf"), tl.float32), tl.program_id(1) * C.PACK + rows % C.PACK, pos,
+                row_ok[:, None] & (offs_dv[None, :] < C.HEAD_DIM_V), row_ok, offs_dv, so[1], so[2], so[3], sl[1])
 
 
 @triton.jit
