@@ -165,7 +165,8 @@ def _not_implemented(fn: str, **others):
 def _fa_window(causal, window_size):
     """flash_attn's window: any pair of integers; causal=True sets the right side to 0."""
     if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is type(window_size[1]) is int:
-        left, right = max(window_size[0], -1), max(window_size[1], -1)  # the common form, on the host's lean path
+        left, right = window_size  # the common form, on the host's lean path; below -1: none, as -1
+        left, right = left if left > -1 else -1, right if right > -1 else -1
     else:
         left, right = flash_attn_window(window_size)
     return (left, 0) if causal else (left, right)
