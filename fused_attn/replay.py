@@ -8,7 +8,10 @@ allocating new buffers of the same layout and launching the recorded launches wi
 the first one's -- matched by data pointer and dtype (a kernel reads nothing else of a tensor). The same launches on
 the same data give the same bits (tests/test_host_path.py). Used by `attention`, `flex_attention` and the SDPA drop-in
 (the table `CALLS`: a layout's second call recorded, replays from its third) and by a step's plan
-(schedule.SchedulerMetadata: its first call recorded).
+(schedule.SchedulerMetadata: its first call recorded). A replay is two small functions written as straight-line
+Python when it is recorded (`_Code`): `run` makes the buffers and the launches with the call's tensors in place,
+`matches` tests a call's key field by field; the table tries its last replay's `matches` before it builds and
+hashes the key (a step's layers repeat one layout). `_Replay.source` holds their text.
 
 Not remembered (the checked path runs every time): a call with an input that requires grad while grad is enabled
 (its output joins autograd's graph), a launch holding a tensor the call made that is not one of its fresh buffers
@@ -39,24 +42,27 @@ class Replays:
         self.limit, self.sightings, self.aligned = limit, sightings, aligned
         self.fixed = {t.data_ptr() for t in fixed if t is not None}
         self.calls = {}
-        self.last = (None, None)  # the last replayed key and its replay: a step's layers repeat one layout
+        self.last = None  # the last replay run: a step's layers repeat one layout, tried first by its own test
 
     def __call__(self, key: tuple, inputs: tuple, call, args=()):
         """call(*args)'s result: by its replay where this key has one, else by the call (recorded where due). key:
         the call's arguments that are not tensors, hashable (with their types, so that 1 and True differ); inputs:
         its tensors (None where not given)."""
+        split, given, grad, last = batch_invariant.split_keys(), overrides(), torch.is_grad_enabled(), self.last
         try:
-            full = (key, batch_invariant.split_keys(), overrides(), torch.is_grad_enabled(), *[
-                t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-                for t in inputs])
-            if self.aligned:
-                full += tuple([t.data_ptr() & 15 for t in inputs[:self.aligned]])
-            last, replay = self.last
-            entry = replay if full == last else self.calls.get(full, 0)  # == costs less than hashing anew
-        except (AttributeError, TypeError):  # an input that is no tensor, an argument that is no key: the
-            return call(*args)  # checked path says what is wrong, if anything
+            if last is not None and last.matches(key, inputs, split, given, grad):
+                entry = last
+            else:
+                full = (key, split, given, grad, *[
+                    t if t is None else (t.__class__, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+                    for t in inputs])
+                if self.aligned:
+                    full += tuple([t.data_ptr() & 15 for t in inputs[:self.aligned]])
+                entry = self.calls.get(full, 0)
+        except (AttributeError, TypeError, RuntimeError):  # an input that is no tensor, an argument that is no
+            return call(*args)  # key: the checked path says what is wrong, if anything
         if entry.__class__ is _Replay:
-            self.last = full, entry
+            self.last = entry
             return entry.run(inputs)
         if entry is REFUSED:
             return call(*args)
@@ -70,7 +76,7 @@ class Replays:
             return call(*args)
         with launch.recording() as rec:
             result = call(*args)
-        replay = _Replay.of(rec, inputs, result, self.fixed)
+        replay = _Replay.of(rec, inputs, result, self.fixed, full, self.aligned)
         self._put(full, REFUSED if replay is None else replay)
         return result
 
@@ -81,7 +87,7 @@ class Replays:
 
     def clear(self):
         self.calls.clear()
-        self.last = (None, None)
+        self.last = None
 
     def __len__(self):
         return len(self.calls)
@@ -93,18 +99,19 @@ def _shared(inputs) -> bool:
 
 
 class _Replay:
-    """A recorded call: per run its launches, each with the places that take the call's tensors (path into the
-    arguments, index into inputs + new buffers, and where the place is a TensorDescriptor's base its other fields),
-    the counter keys; the buffers to make (shape, stride, an empty tensor of their dtype and device, fill) and how
-    the result is made of them."""
+    """A recorded call, as a function of the call's tensors: it makes the buffers (their layouts, fills), the
+    launches with the tensors in place and the result, in straight-line Python written once per recording
+    (`_source`; `source` holds its text): a replay runs on the host's lean path, so no loop walks the recording per
+    call."""
 
-    def __init__(self, runs, buffers, result):
-        self.runs, self.buffers, self.result = runs, buffers, result
+    def __init__(self, run: "_Code", matches: "_Code"):
+        self.source = run.text + "\n" + matches.text
+        self.run, self.matches = run.function(), matches.function()
 
     @classmethod
-    def of(cls, rec: launch.Recording, inputs, result, fixed):
-        """The replay of a recording, or None where it cannot be made (see the module's docstring). The inputs share
-        no data (Replays checks that first)."""
+    def of(cls, rec: launch.Recording, inputs, result, fixed, full: tuple, aligned: int):
+        """The replay of a recording of a call of key `full` (Replays), or None where it cannot be made (see the
+        module's docstring). The inputs share no data (Replays checks that first)."""
         where = {t.data_ptr(): (i, t.dtype) for i, t in enumerate(inputs) if t is not None}
         buffers = []
 
@@ -147,20 +154,7 @@ class _Replay:
                 found = []
                 if not all(places(arg, (a,), found) for a, arg in enumerate(args)):
                     return None
-                kept, direct, patches = list(args), [], {}
-                for path, i, desc in found:  # hold no tensor of this call (its memory is the caller's)
-                    kept[path[0]] = _put(kept[path[0]], path[1:], None)
-                    if len(path) == 1 and desc is None:  # an argument that is a tensor: put as it is
-                        direct.append((path[0], i))
-                    else:
-                        patches.setdefault(path[0], []).append((path[1:], i, desc))
-                # A tuple argument holding tensors only as its own fields (a bundle): its fields' list, refilled
-                # per call; deeper places and descriptors go through _patched.
-                shallow = [(a, kept[a].__class__, list(kept[a]), tuple((p[0], i) for p, i, _ in places))
-                           for a, places in patches.items()
-                           if all(len(p) == 1 and desc is None for p, _, desc in places)]
-                deep = tuple((a, places) for a, places in patches.items() if a not in {x[0] for x in shallow})
-                bound.append((kernel, grid, kept, kwargs, tuple(direct), tuple(shallow), deep))
+                bound.append((kernel, grid, args, kwargs, found))
             runs.append((bound, launch.counted(launch_list, name)))
 
         def shape_of(x):
@@ -179,54 +173,110 @@ class _Replay:
         if made is None:
             return None
         made = _as_viewed(made, buffers, len(inputs), set())
-        if made[0] == "tuple" and all(h[0] == "buffer" for h in made[1]):
-            made = ("buffers", [h[1] for h in made[1]])
-        return cls(runs, buffers, made)
-
-    def run(self, inputs):
-        """The recorded launches on `inputs` and new buffers; the result made of them."""
-        values = [*inputs]
-        for shape, stride, like, fill in self.buffers:  # like: an empty tensor of the dtype and device
-            t = like.new_empty_strided(shape, stride)
-            values.append(t if fill is None else t.zero_() if fill == 0 else t.fill_(fill))
-        for bound, keys in self.runs:
-            launch_list = []
-            for kernel, grid, args, kwargs, direct, shallow, deep in bound:
-                args = args.copy()
-                for a, i in direct:
-                    args[a] = values[i]
-                for a, cls, fields, places in shallow:
-                    fields = fields.copy()
-                    for f, i in places:
-                        fields[f] = values[i]
-                    args[a] = tuple.__new__(cls, fields)
-                for a, places in deep:
-                    args[a] = _patched(args[a], places, values)
-                launch_list.append((kernel, grid, args, kwargs))
-            launch.relaunch(launch_list, keys)
-        return _made(self.result, values)
+        return cls(_run(len(inputs), runs, buffers, made), _matches(full, len(inputs), aligned))
 
 
-def _put(obj, path, x):
-    """obj (a value, or a tuple nested along path) with x at path."""
-    if not path:
-        return x
-    parts = list(obj)
-    parts[path[0]] = _put(parts[path[0]], path[1:], x)
-    return tuple.__new__(obj.__class__, parts)  # a named tuple stays one
+
+class _Code:
+    """A function written once per recording as straight-line Python: its lines, and its constants by name."""
+
+    def __init__(self, name: str, params: str, constants=()):
+        self.name, self.lines, self.constants = name, [f"def {name}({params}):"], dict(constants)
+
+    def const(self, x) -> str:
+        name = f"c{len(self.constants)}"
+        self.constants[name] = x
+        return name
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+    def function(self):
+        namespace = dict(self.constants)
+        exec(compile(self.text, f"<fused_attn replay {self.name}>", "exec"), namespace)
+        return namespace[self.name]
 
 
-def _patched(obj, places, values):
-    """obj with this call's tensors at its places ((path, index, descriptor fields or None); path () is obj)."""
-    parts = None
-    for path, i, desc in places:
-        x = values[i] if desc is None else TensorDescriptor(values[i], *desc)
-        if not path:
-            return x
-        if parts is None:
-            parts = list(obj)
-        parts[path[0]] = _put(parts[path[0]], path[1:], x)
-    return tuple.__new__(obj.__class__, parts)
+def _unpacked(n_inputs: int) -> list:
+    return ["    " + "".join(f"i{i}, " for i in range(n_inputs)) + "= inputs"] if n_inputs else []
+
+
+def _run(n_inputs: int, runs, buffers, made) -> _Code:
+    """`run(inputs)` of a recording: inputs i0.., new buffers b0.. (shape, strides, an empty tensor of their dtype
+    and device, fill), per run its launches -- each argument rebuilt around the places that take the call's tensors
+    ((path, index, a TensorDescriptor's other fields or None), found by _Replay.of), everything else a constant --
+    and the counter keys (launch.relaunch), then the result (`made`)."""
+    code = _Code("run", "inputs", {"_new": tuple.__new__, "_relaunch": launch.relaunch,
+                                   "_descriptor": TensorDescriptor, "_view": _view})
+    const = code.const
+
+    def value(i):
+        return f"i{i}" if i < n_inputs else f"b{i - n_inputs}"
+
+    def expr(obj, places):
+        """obj with the call's tensors at `places` (paths relative to obj)."""
+        if not places:
+            return const(obj)
+        for path, i, desc in places:
+            if not path:
+                return value(i) if desc is None else f"_descriptor({value(i)}, *{const(desc)})"
+        parts = [expr(x, [(p[1:], i, d) for p, i, d in places if p[0] == f]) for f, x in enumerate(obj)]
+        items = "(" + "".join(part + ", " for part in parts) + ")"
+        return items if obj.__class__ is tuple else f"_new({const(obj.__class__)}, {items})"
+
+    def result(how):
+        kind = how[0]
+        if kind == "buffer":
+            return value(how[1])
+        if kind == "tensor":
+            return f"_view({value(how[1])}, {const(how[2])}, {const(how[3])})"
+        if kind == "tuple":
+            return "(" + "".join(result(h) + ", " for h in how[1]) + ")"
+        return const(how[1])
+
+    code.lines += _unpacked(n_inputs)
+    for j, (shape, stride, like, fill) in enumerate(buffers):
+        code.lines.append(f"    b{j} = {const(like.new_empty_strided)}({const(shape)}, {const(stride)})")
+        if fill is not None:
+            code.lines.append(f"    b{j}.zero_()" if fill == 0 else f"    b{j}.fill_({const(fill)})")
+    for bound, keys in runs:
+        launches = [f"({const(kernel)}, {const(grid)}, {expr(args, found)}, {const(kwargs)})"
+                    for kernel, grid, args, kwargs, found in bound]
+        code.lines.append(f"    _relaunch([{', '.join(launches)}], {const(keys)})")
+    code.lines.append(f"    return {result(made)}")
+    return code
+
+
+def _matches(full: tuple, n_inputs: int, aligned: int) -> _Code:
+    """`matches(key, inputs, split, given, grad)`: whether a call's key is `full` (Replays' key: the call's key, the
+    batch-invariant split, the config overrides, the grad mode, per input its class, shape, strides, dtype, device
+    and requires_grad or None, the alignment of the first `aligned`), field by field without building it."""
+    code = _Code("matches", "key, inputs, split, given, grad")
+    const = code.const
+    key, split, given, grad = full[:4]
+    code.lines.append(f"    if key != {const(key)} or len(inputs) != {n_inputs} or split != {const(split)} or "
+                      f"given != {const(given)} or grad is not {grad}:")
+    code.lines.append("        return False")
+    code.lines += _unpacked(n_inputs)
+    tests = []
+    for i, sig in enumerate(full[4:4 + n_inputs]):
+        if sig is None:
+            tests.append(f"i{i} is None")
+        else:
+            cls, shape, stride, dtype, device, requires_grad = sig
+            tests.append(f"i{i}.__class__ is {const(cls)} and i{i}.shape == {const(shape)} and "
+                         f"i{i}.stride() == {const(stride)} and i{i}.dtype is {const(dtype)} and "
+                         f"i{i}.device == {const(device)} and i{i}.requires_grad is {requires_grad}")
+    tests += [f"i{i}.data_ptr() & 15 == {a}" for i, a in enumerate(full[4 + n_inputs:])]
+    code.lines.append("    return (" + "\n            and ".join(tests or ["True"]) + ")")
+    return code
+
+
+def _view(t, shape, stride):
+    """A result that views a buffer in another shape or strides (a buffer made in its own layout is returned as it
+    is: _as_viewed)."""
+    return t if t.shape == shape and t.stride() == stride else t.as_strided(shape, stride)
 
 
 def _as_viewed(how, buffers, first: int, done: set):
@@ -247,21 +297,6 @@ def _as_viewed(how, buffers, first: int, done: set):
 def _extent(shape, stride) -> int:
     """Elements from a dense view's first to one past its last."""
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-
-
-def _made(how, values):
-    kind = how[0]
-    if kind == "buffer":
-        return values[how[1]]
-    if kind == "buffers":
-        return tuple([values[i] for i in how[1]])
-    if kind == "tensor":
-        _, i, shape, stride = how
-        t = values[i]
-        return t if t.shape == shape and t.stride() == stride else t.as_strided(shape, stride)
-    if kind == "tuple":
-        return tuple(_made(h, values) for h in how[1])
-    return how[1]
 
 
 # attention / flex_attention / SDPA drop-in calls: a layout's second call recorded (q, k, v lead the inputs).

@@ -283,3 +283,31 @@ def test_calls_autograd_records_or_with_per_call_tensors_are_not_replayed():
     outs = [fused_attn.attention(q, k, v, dropout_p=0.5) for _ in range(3)]
     assert not torch.equal(outs[1], outs[2])
     assert all(isinstance(e, int) or e is fused_attn.replay.REFUSED for e in fused_attn.replay.CALLS.calls.values())
+
+
+def test_a_call_one_field_away_from_the_last_replay_is_not_made_by_it():
+    """The last replay is tried first (its `matches`, field by field): a call differing from it in one field of the
+    key -- an argument, strides, dtype, alignment, requires_grad -- gets the result of a call checked anew."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    new = (lambda *s: torch.randn(*s, generator=g).to(DEVICE))
+    q, k, v = new(1, 2, 24, 16), new(1, 2, 24, 16), new(1, 2, 24, 16)
+    unaligned = new(q.numel() + 1)[1:].view_as(q).copy_(q)  # 4 bytes past a 16-byte boundary
+    variants = {
+        "argument": ((q, k, v), dict(causal=False)),
+        "strides": ((new(1, 24, 2, 16).transpose(1, 2), k, v), dict(causal=True)),
+        "dtype": ((q.half(), k.half(), v.half()), dict(causal=True)),
+        "alignment": ((unaligned, k, v), dict(causal=True)),
+        "requires_grad": ((q.clone().requires_grad_(), k, v), dict(causal=True)),
+    }
+    expected = {}
+    for name, (tensors, kw) in variants.items():
+        fused_attn.replay.clear()
+        expected[name] = fused_attn.attention(*tensors, **kw)
+    fused_attn.replay.clear()
+    for name, (tensors, kw) in variants.items():
+        for _ in range(3):  # q, k, v's layout replayed, the last replay
+            fused_attn.attention(q, k, v, causal=True)
+        assert isinstance(fused_attn.replay.CALLS.last, fused_attn.replay._Replay)
+        got = fused_attn.attention(*tensors, **kw)
+        assert torch.equal(got, expected[name]) and got.dtype == expected[name].dtype, name
+        assert (got.grad_fn is not None) == (name == "requires_grad"), name
