@@ -311,3 +311,37 @@ def test_a_call_one_field_away_from_the_last_replay_is_not_made_by_it():
         got = fused_attn.attention(*tensors, **kw)
         assert torch.equal(got, expected[name]) and got.dtype == expected[name].dtype, name
         assert (got.grad_fn is not None) == (name == "requires_grad"), name
+
+
+def _fake_kernel():
+    """Stands for a kernel in a launch list that stubbed_launches records and never runs."""
+
+
+def test_replays_rebuild_descriptors_and_bundles_on_the_new_tensors():
+    """The TMA path's arguments (no TMA under the interpreter, so a stubbed launch): a TensorDescriptor over an
+    input, a bundle holding a fresh buffer beside a constant, a result that views the buffer -- replayed on other
+    tensors, every place takes the new call's tensor and the constants stay."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    from fused_attn.kernels import launch
+    from fused_attn.replay import Replays, _Replay, key_of
+
+    checked = []
+
+    def call(x):
+        checked.append(x)
+        out = launch.fresh(torch.empty(2, 8, 8), float("-inf"))
+        launch.run([(_fake_kernel, (3,), (TensorDescriptor.from_tensor(x, [4, 8]), (out, 7), 0.5), {})], "fake")
+        return out[0].t()
+
+    table = Replays(limit=4, sightings=0)
+    with stubbed_launches() as log:
+        a, b = torch.randn(8, 8), torch.randn(8, 8)
+        table(key_of("fake"), (a,), call, (a,))
+        assert isinstance(next(iter(table.calls.values())), _Replay)
+        del log[:]
+        got = table(key_of("fake"), (b,), call, (b,))
+        (name, (desc, (buffer, seven), half)), = log
+    assert len(checked) == 1 and name == "_fake_kernel" and seven == 7 and half == 0.5  # the second call replayed
+    assert desc.base is b and list(desc.strides) == [8, 1] and list(desc.block_shape) == [4, 8]
+    assert buffer.shape == (2, 8, 8) and torch.isneginf(buffer).all()
+    assert got.shape == (8, 8) and got.stride() == (1, 8) and got.data_ptr() == buffer.data_ptr()
