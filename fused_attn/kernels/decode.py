@@ -102,9 +102,9 @@ def _attn_fwd_split_item(b, tile, split, Q, K, V, O, LSE, strides, seqs, cache, 
     (B, max_pages) block table), C.PAGE_SIZE keys per page (a constant: a few values in practice, and a multiple of
     BLOCK_N makes each tile one page). work = (n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows: q's
     rows): the work items (module docstring). F.FP8_KV: K and V hold FP8, dequantized by mods.K_DESCALE /
-    V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all). F.INVARIANT (the batch-invariant mode): the keys cut at multiples of
-    sched.split_keys, as the forward cuts them -- a split sequence's program j runs split j, any other program all
-    of its splits, merged in key order (_merge_partial)."""
+    V_DESCALE (B, Hkv)-indexed (strides 0 where one value serves all). F.INVARIANT (the batch-invariant mode): the
+    keys cut at multiples of sched.split_keys, as the forward cuts them -- a split sequence's program j runs split
+    j, any other program all of its splits, merged in key order (_merge_partial)."""
     sq, sk, sv, so, sl = strides
     stride_pb, SEQLENS_K, PAGES = cache
     n_main, n_seqs, tiles, max_splits, min_tiles, part_rows, n_rows = work
