@@ -99,10 +99,10 @@ def _shared(inputs) -> bool:
 
 
 class _Replay:
-    """A recorded call, as a function of the call's tensors: it makes the buffers (their layouts, fills), the
-    launches with the tensors in place and the result, in straight-line Python written once per recording
-    (`_source`; `source` holds its text): a replay runs on the host's lean path, so no loop walks the recording per
-    call."""
+    """A recorded call, as two functions written once per recording in straight-line Python (`source` holds their
+    text): `run(inputs)` makes the buffers (their layouts, fills), the launches with the call's tensors in place and
+    the result (_run); `matches(...)` tests a call's key against the recorded one (_matches). A replay runs on the
+    host's lean path, so no loop walks the recording per call."""
 
     def __init__(self, run: "_Code", matches: "_Code"):
         self.source = run.text + "\n" + matches.text

@@ -484,7 +484,8 @@ def _launch(launch_list):
 
 
 def relaunch(launch_list, keys: list):
-    """Launch a list as run() does, its counter keys (`counted`) given: a plan's replay, on the host's lean path."""
+    """Launch a list as run() does, its counter keys (`counted`) given: a replay (fused_attn/replay.py), on the
+    host's lean path."""
     _launch(launch_list)
     for key in keys:  # Counter.update's own checks cost more than these few keys
         launches[key] += 1
